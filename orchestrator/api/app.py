@@ -1,0 +1,99 @@
+"""The FastAPI app factory: routes wired to a catalog, a backend and settings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from orchestrator.api.backend import Backend
+from orchestrator.api.errors import install_error_handlers
+from orchestrator.api.generation import generate
+from orchestrator.api.middleware import RequestContext
+from orchestrator.catalog import Catalog, ModelSpec
+from orchestrator.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from orchestrator.protocol.openai import ModelPricing
+from orchestrator.settings import Settings
+
+
+def model_card(spec: ModelSpec, created: int) -> ModelCard:
+    """Returns the public description of a catalog model."""
+    return ModelCard(
+        id=spec.name,
+        created=created,
+        aliases=list(spec.aliases),
+        backend_id=spec.backend_id,
+        description=spec.description,
+        context_window=spec.context_window,
+        pricing=ModelPricing(
+            input_per_million=spec.pricing.input_per_million,
+            output_per_million=spec.pricing.output_per_million,
+        ),
+        capabilities=spec.capabilities.model_dump(),
+    )
+
+
+def _body_schema(model: type[Any]) -> dict[str, Any]:
+    # Bodies are read by hand (for our own error envelope); this documents them in OpenAPI.
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
+
+def create_app(
+    catalog: Catalog, backend: Backend, settings: Settings, *, clock: Callable[[], float] = time.time
+) -> FastAPI:
+    """Builds the OpenAI-compatible HTTP app.
+
+    Args:
+        catalog: the models to serve.
+        backend: runs generations (Ray Serve handles in production, a fake in unit tests).
+        settings: limits and stream timing.
+        clock: wall clock for the ``created`` fields.
+    """
+    app = FastAPI(title="vLLM orchestrator", version="0.1.0", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    created = int(clock())
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        """Chat completion, streaming (SSE) when `stream` is true."""
+        return await generate("chat", request, catalog=catalog, backend=backend, settings=settings)
+
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(request: Request) -> Response:
+        """Text completion, streaming (SSE) when `stream` is true."""
+        return await generate("completion", request, catalog=catalog, backend=backend, settings=settings)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        """Every catalog model, under its display name."""
+        return ModelList(data=[model_card(s, created) for s in catalog])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str) -> ModelCard:
+        """One model, by display name, alias or backend id."""
+        return model_card(catalog.resolve(model_id), created)
+
+    @app.get("/v1/model/info")
+    async def model_info(model: str = Query(description="Display name, alias or backend id.")) -> dict[str, Any]:
+        """The model's card plus its serving configuration (resources, autoscaling, parsers)."""
+        spec = catalog.resolve(model)
+        return {
+            **model_card(spec, created).model_dump(mode="json"),
+            "tool_call_parser": spec.tool_call_parser,
+            "reasoning_parser": spec.reasoning_parser,
+            "resources": spec.resources.model_dump(mode="json") | {"gpus": spec.resources.gpus},
+            "autoscaling": spec.autoscaling.model_dump(mode="json"),
+        }
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 when every model has a healthy replica, else 503; per-model detail."""
+        models = await backend.health()
+        ok = all(models.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "models": models}, status_code=200 if ok else 503)
+
+    return app

@@ -1,0 +1,49 @@
+"""What the HTTP layer needs from whatever runs the models.
+
+In production this is the Router deployment talking to ModelServer replicas through Ray
+Serve handles; unit tests use a small deterministic fake (tests/fakes.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Literal, Protocol
+
+from orchestrator.catalog import ModelSpec
+
+Kind = Literal["chat", "completion"]
+
+
+class ChunkStream(Protocol):
+    """Batches of SSE frames (``"data: {...}\\n\\n"`` strings) from one generation.
+
+    The stream never yields ``data: [DONE]`` (the edge adds it) and always yields the
+    usage chunk last. Failures are raised as :class:`~orchestrator.errors.OrchestratorError`.
+    """
+
+    def __aiter__(self) -> AsyncIterator[list[str]]: ...
+
+    def __anext__(self) -> Any: ...
+
+    def cancel(self) -> None:
+        """Stops the generation upstream (the engine aborts the request)."""
+
+
+class Backend(Protocol):
+    """Runs generations on catalog models."""
+
+    async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """Returns the whole OpenAI response body (``id`` = ``gen-<request_id>``).
+
+        Raises:
+            OrchestratorError: on bad input (4xx codes) or engine failure (5xx codes).
+        """
+        ...
+
+    def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> ChunkStream:
+        """Starts a streaming generation; see :class:`ChunkStream`."""
+        ...
+
+    async def health(self) -> dict[str, bool]:
+        """Returns, per model display name, whether its replicas are healthy."""
+        ...

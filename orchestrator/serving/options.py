@@ -1,0 +1,95 @@
+"""Ray Serve deployment options for a catalog model: resources, placement and scaling.
+
+Pure functions of the catalog entry (no ray import), so the GPU paths, which cannot run on
+a CPU-only machine, are unit-tested here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.catalog import ModelSpec
+from orchestrator.settings import Settings
+
+# Replicas get time to finish in-flight streams on scale-down or redeploy.
+GRACEFUL_SHUTDOWN_S = 30.0
+HEALTH_CHECK_PERIOD_S = 10.0
+HEALTH_CHECK_TIMEOUT_S = 30.0
+# Engine start loads weights (and compiles on GPU): allow it the time it needs.
+STARTUP_TIMEOUT_S = 1800.0
+
+
+def engine_env(spec: ModelSpec, settings: Settings) -> dict[str, str]:
+    """Environment variables for the engine's processes."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if spec.resources.device == "cpu":
+        # On the CPU, vLLM's KV cache is host RAM; the GPU default (0.92 of it) fails.
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_gb:g}"
+    return env
+
+
+def placement(spec: ModelSpec) -> dict[str, Any]:
+    """Returns the resource part of the deployment options.
+
+    * CPU: the replica actor reserves ``cpus``.
+    * One GPU: the replica actor itself holds the GPU (``num_gpus=1``), pinned to the
+      accelerator type when one is given.
+    * Tensor parallel (N GPUs): a placement group with one bundle for the replica (CPU
+      only) and one ``{"GPU": 1}`` bundle per shard, packed onto one node
+      (``STRICT_PACK``: tensor parallelism needs the GPUs' fast interconnect). vLLM's Ray
+      executor then places one worker in each GPU bundle.
+    """
+    res = spec.resources
+    actor: dict[str, Any] = {"num_cpus": res.cpus}
+    if res.memory_gb:
+        actor["memory"] = int(res.memory_gb * 1024**3)
+    accel = {f"accelerator_type:{res.accelerator_type}": 0.001} if res.accelerator_type else {}
+    if res.device == "cpu":
+        return {"ray_actor_options": actor}
+    if res.tensor_parallel_size == 1:
+        actor["num_gpus"] = 1
+        if accel:
+            actor["accelerator_type"] = res.accelerator_type
+        return {"ray_actor_options": actor}
+    replica_bundle: dict[str, float] = {"CPU": res.cpus}
+    gpu_bundle: dict[str, float] = {"GPU": 1, **accel}
+    return {
+        "ray_actor_options": actor,
+        "placement_group_bundles": [replica_bundle] + [dict(gpu_bundle) for _ in range(res.tensor_parallel_size)],
+        "placement_group_strategy": "STRICT_PACK",
+    }
+
+
+def model_deployment_options(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
+    """Returns the full ``Deployment.options(...)`` for the model's ModelServer."""
+    options = placement(spec)
+    options["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(spec, settings)}
+    scale = spec.autoscaling
+    options.update(
+        name=spec.deployment_name,
+        # vLLM batches internally; the router may send many requests at once per replica.
+        max_ongoing_requests=max(64, int(scale.target_queue_depth * 8)),
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+    )
+    if scale.min_replicas == scale.max_replicas:
+        options["num_replicas"] = scale.max_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": scale.min_replicas,
+            "max_replicas": scale.max_replicas,
+            "target_ongoing_requests": scale.target_queue_depth,
+        }
+    return options
+
+
+def router_deployment_options(settings: Settings) -> dict[str, Any]:
+    """Returns the Router deployment's options."""
+    return {
+        "name": "router",
+        "num_replicas": settings.router_replicas,
+        "max_ongoing_requests": settings.router_max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": 0.1},
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
+    }

@@ -1,0 +1,34 @@
+"""Settings: the only place environment variables are read (prefix ``ORCH_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "orchestrator"
+
+
+class Settings(BaseSettings):
+    """Process-wide settings. Every field can be set as ``ORCH_<FIELD>`` in the environment,
+    or passed explicitly (Serve config ``args.settings``), which wins."""
+
+    model_config = SettingsConfigDict(env_prefix="ORCH_", extra="forbid", frozen=True)
+
+    catalog: list[str] = Field(default_factory=lambda: ["catalog"], description="Catalog files or folders.")
+    host: str = Field(default="127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    cache_dir: Path = Field(default_factory=_default_cache, description="Where prepared weights are cached.")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    keepalive_seconds: float = Field(default=15.0, gt=0, description="SSE keep-alive comment interval.")
+    stream_batch_ms: float = Field(
+        default=50.0, ge=0, description="After the first chunk, stream chunks are sent in batches this often."
+    )
+    router_replicas: int = Field(default=1, ge=1, description="Router deployment replicas.")
+    router_max_ongoing_requests: int = Field(default=256, ge=1, description="Concurrent requests per router.")
+    kv_cache_gb: float = Field(
+        default=1.0, gt=0, description="CPU engines only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )

@@ -1,0 +1,107 @@
+"""A small deterministic fake engine and an in-process backend for fast unit tests.
+
+The fake produces OpenAI-shaped SSE frames like the real engine does (role frame, one
+delta per word, finish frame, usage chunk) with failure knobs; integration tests use real
+vLLM instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.api.backend import Kind
+from orchestrator.api.sse import frame
+from orchestrator.catalog import ModelSpec
+from orchestrator.engine.batching import batch_frames
+from orchestrator.errors import ErrorCode, OrchestratorError
+
+
+@dataclass
+class FakeEngine:
+    """Answers with ``words`` (one per token); knobs make it fail or stall."""
+
+    words: list[str] = field(default_factory=lambda: ["hello", "from", "the", "fake"])
+    token_delay_s: float = 0.0
+    first_delay_s: float = 0.0
+    fail_before_first: OrchestratorError | None = None
+    fail_after: int | None = None
+    running: int = 0
+    aborted: int = 0
+
+    def _usage(self, body: dict[str, Any]) -> dict[str, Any]:
+        prompt = len(json.dumps(body.get("messages") or body.get("prompt")).split())
+        return {"prompt_tokens": prompt, "completion_tokens": len(self.words),
+                "total_tokens": prompt + len(self.words),
+                "prompt_tokens_details": {"cached_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0}}
+
+    async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        if self.fail_before_first:
+            raise self.fail_before_first
+        text = " ".join(self.words)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                  if kind == "chat" else {"index": 0, "text": text, "finish_reason": "stop"})
+        return {"id": f"gen-{request_id}", "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": body["model"], "choices": [choice], "usage": self._usage(body)}
+
+    async def stream(self, kind: Kind, body: dict[str, Any], request_id: str) -> AsyncIterator[str]:
+        if self.fail_before_first:
+            raise self.fail_before_first
+        self.running += 1
+        base = {"id": f"gen-{request_id}", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
+        try:
+            await asyncio.sleep(self.first_delay_s)
+            yield frame({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            for i, word in enumerate(self.words):
+                if self.fail_after is not None and i >= self.fail_after:
+                    raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "engine died")
+                await asyncio.sleep(self.token_delay_s)
+                yield frame({**base, "choices": [{"index": 0, "delta": {"content": word + " "}}]})
+            yield frame({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            yield frame({**base, "choices": [], "usage": self._usage(body)})
+        except (asyncio.CancelledError, GeneratorExit):
+            self.aborted += 1
+            raise
+        finally:
+            self.running -= 1
+
+
+class _Stream:
+    def __init__(self, source: AsyncIterator[list[str]]) -> None:
+        self._source = source
+        self.cancelled = False
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> list[str]:
+        return await anext(self._source)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        asyncio.ensure_future(self._source.aclose())  # type: ignore[attr-defined]
+
+
+class LocalBackend:
+    """Runs fake engines in-process, batching frames like a ModelServer does."""
+
+    def __init__(self, engines: dict[str, FakeEngine], batch_s: float = 0.0) -> None:
+        self.engines = engines
+        self.batch_s = batch_s
+        self.streams: list[_Stream] = []
+
+    async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        return await self.engines[spec.name].complete(kind, body, request_id)
+
+    def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _Stream:
+        stream = _Stream(batch_frames(self.engines[spec.name].stream(kind, body, request_id), self.batch_s))
+        self.streams.append(stream)
+        return stream
+
+    async def health(self) -> dict[str, bool]:
+        return {name: True for name in self.engines}

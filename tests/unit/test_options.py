@@ -1,0 +1,52 @@
+"""GPU placement cannot run on this machine, so its configuration is checked here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.catalog import load_catalog
+from orchestrator.serving.options import model_deployment_options, router_deployment_options
+from orchestrator.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+GPU = load_catalog([REPO / "deployments" / "gpu-catalog"])
+CPU = load_catalog([REPO / "catalog"])
+SETTINGS = Settings(kv_cache_gb=0.5)
+
+
+def test_cpu_model_reserves_cpus_and_sets_kv_cache() -> None:
+    opts = model_deployment_options(CPU.resolve("tiny-random"), SETTINGS)
+    actor = opts["ray_actor_options"]
+    assert actor["num_cpus"] == 1 and "num_gpus" not in actor
+    assert actor["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "0.5"
+    assert "placement_group_bundles" not in opts
+    assert opts["name"] == "model-tiny-random" and opts["num_replicas"] == 1
+
+
+def test_single_gpu_model_holds_one_gpu_of_its_type() -> None:
+    opts = model_deployment_options(GPU.resolve("qwen3-8b"), SETTINGS)
+    actor = opts["ray_actor_options"]
+    assert actor["num_gpus"] == 1 and actor["accelerator_type"] == "L4"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in actor["runtime_env"]["env_vars"]
+    assert "placement_group_bundles" not in opts
+
+
+def test_tensor_parallel_model_gets_packed_bundle_per_shard() -> None:
+    opts = model_deployment_options(GPU.resolve("llama-70b"), SETTINGS)
+    bundles = opts["placement_group_bundles"]
+    assert bundles[0] == {"CPU": 8}
+    assert bundles[1:] == [{"GPU": 1, "accelerator_type:A100": 0.001}] * 4
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
+    assert "num_gpus" not in opts["ray_actor_options"]
+
+
+def test_autoscaling_bounds_become_serve_autoscaling_config() -> None:
+    opts = model_deployment_options(GPU.resolve("qwen3-8b"), SETTINGS)
+    assert opts["autoscaling_config"]["min_replicas"] == 1
+    assert opts["autoscaling_config"]["max_replicas"] == 8
+    assert "num_replicas" not in opts
+
+
+def test_router_options() -> None:
+    opts = router_deployment_options(Settings(router_replicas=3))
+    assert opts["num_replicas"] == 3 and opts["name"] == "router"
