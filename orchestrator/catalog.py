@@ -23,8 +23,16 @@ _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 # Engine arguments the catalog sets from its own fields; writing them in `engine_args`
 # would let the two disagree, so they are refused.
 RESERVED_ENGINE_ARGS = frozenset(
-    {"model", "served_model_name", "max_model_len", "tensor_parallel_size",
-     "tool_call_parser", "reasoning_parser", "enable_auto_tool_choice", "tokenizer"}
+    {
+        "model",
+        "served_model_name",
+        "max_model_len",
+        "tensor_parallel_size",
+        "tool_call_parser",
+        "reasoning_parser",
+        "enable_auto_tool_choice",
+        "tokenizer",
+    }
 )
 
 
@@ -145,7 +153,9 @@ class ModelSpec(_Frozen):
     )
     description: str = Field(default="", description="One line for humans.")
     source: WeightsSource = Field(description="Where the weights come from.")
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments, by vLLM's names.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM engine arguments, by vLLM's names."
+    )
     context_window: int = Field(ge=16, description="Max prompt + output tokens; becomes vLLM's max_model_len.")
     pricing: Pricing = Field(default_factory=Pricing, description="Per-million-token prices in USD.")
     capabilities: Capabilities = Field(default_factory=Capabilities, description="What the model supports.")
@@ -171,7 +181,9 @@ class ModelSpec(_Frozen):
             object.__setattr__(self, "backend_id", _default_backend_id(self.source, self.name))
         reserved = sorted(RESERVED_ENGINE_ARGS & self.engine_args.keys())
         if reserved:
-            raise ValueError(f"engine_args may not set {', '.join(reserved)}: the catalog sets them from its own fields")
+            raise ValueError(
+                f"engine_args may not set {', '.join(reserved)}: the catalog sets them from its own fields"
+            )
         if self.capabilities.tools and not self.tool_call_parser:
             raise ValueError("capabilities.tools needs tool_call_parser")
         if self.capabilities.reasoning and not self.reasoning_parser:
@@ -257,8 +269,9 @@ def _check_engine_args(spec: ModelSpec, known: Collection[str], file: str, prefi
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(
-                CatalogProblem(file=file, field=_loc(["engine_args", key], prefix),
-                               message=f"unknown vLLM engine argument{hint}")
+                CatalogProblem(
+                    file=file, field=_loc(["engine_args", key], prefix), message=f"unknown vLLM engine argument{hint}"
+                )
             )
     return problems
 
@@ -305,9 +318,13 @@ def load_catalog(paths: Sequence[str | Path], *, engine_arg_names: Collection[st
                 problems.extend(_check_engine_args(spec, engine_arg_names, str(path), prefix))
             for name in dict.fromkeys(n.lower() for n in spec.names):
                 if name in owner and owner[name] != spec.name:
-                    problems.append(CatalogProblem(
-                        file=str(path), field=_loc(["name"], prefix),
-                        message=f"name {name!r} already used by model {owner[name]!r}"))
+                    problems.append(
+                        CatalogProblem(
+                            file=str(path),
+                            field=_loc(["name"], prefix),
+                            message=f"name {name!r} already used by model {owner[name]!r}",
+                        )
+                    )
                 owner.setdefault(name, spec.name)
             specs.append(spec)
     if problems:

@@ -138,6 +138,16 @@ class OrchestratorError(Exception):
             code = ErrorCode.INTERNAL_ERROR
         return cls(code, str(err.get("message", "")), param=err.get("param"))
 
+    @classmethod
+    def from_validation(cls, exc: Any) -> OrchestratorError:
+        """Turns a pydantic ``ValidationError`` into ``invalid_request`` naming the parameter."""
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
+        param = ".".join(loc) or None
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        text = f"Invalid parameter {param}: {message}" if param else f"Invalid request: {message}"
+        return cls(ErrorCode.INVALID_REQUEST, text, param=param)
+
     def __reduce__(self) -> tuple[Any, ...]:
         # Keep the error picklable across Ray so a replica's raise arrives intact.
         return (_rebuild, (self.code.value, self.message, self.param, self.headers))
@@ -146,7 +156,5 @@ class OrchestratorError(Exception):
         return f"OrchestratorError({self.code.value!r}, {self.message!r}, param={self.param!r})"
 
 
-def _rebuild(
-    code: str, message: str, param: str | None, headers: dict[str, str]
-) -> OrchestratorError:
+def _rebuild(code: str, message: str, param: str | None, headers: dict[str, str]) -> OrchestratorError:
     return OrchestratorError(ErrorCode(code), message, param=param, headers=headers)

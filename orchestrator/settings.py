@@ -29,6 +29,6 @@ class Settings(BaseSettings):
     )
     router_replicas: int = Field(default=1, ge=1, description="Router deployment replicas.")
     router_max_ongoing_requests: int = Field(default=256, ge=1, description="Concurrent requests per router.")
-    kv_cache_gb: float = Field(
-        default=1.0, gt=0, description="CPU engines only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    kv_cache_gb: int = Field(
+        default=1, ge=1, description="CPU engines only: KV cache per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
     )

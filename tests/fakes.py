@@ -35,19 +35,31 @@ class FakeEngine:
 
     def _usage(self, body: dict[str, Any]) -> dict[str, Any]:
         prompt = len(json.dumps(body.get("messages") or body.get("prompt")).split())
-        return {"prompt_tokens": prompt, "completion_tokens": len(self.words),
-                "total_tokens": prompt + len(self.words),
-                "prompt_tokens_details": {"cached_tokens": 0},
-                "completion_tokens_details": {"reasoning_tokens": 0}}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": len(self.words),
+            "total_tokens": prompt + len(self.words),
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
 
     async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         if self.fail_before_first:
             raise self.fail_before_first
         text = " ".join(self.words)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                  if kind == "chat" else {"index": 0, "text": text, "finish_reason": "stop"})
-        return {"id": f"gen-{request_id}", "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": body["model"], "choices": [choice], "usage": self._usage(body)}
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            if kind == "chat"
+            else {"index": 0, "text": text, "finish_reason": "stop"}
+        )
+        return {
+            "id": f"gen-{request_id}",
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [choice],
+            "usage": self._usage(body),
+        }
 
     async def stream(self, kind: Kind, body: dict[str, Any], request_id: str) -> AsyncIterator[str]:
         if self.fail_before_first:
@@ -84,7 +96,7 @@ class _Stream:
 
     def cancel(self) -> None:
         self.cancelled = True
-        asyncio.ensure_future(self._source.aclose())  # type: ignore[attr-defined]
+        self.closing = asyncio.ensure_future(self._source.aclose())  # type: ignore[attr-defined]
 
 
 class LocalBackend:

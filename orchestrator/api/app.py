@@ -38,7 +38,14 @@ def model_card(spec: ModelSpec, created: int) -> ModelCard:
 
 def _body_schema(model: type[Any]) -> dict[str, Any]:
     # Bodies are read by hand (for our own error envelope); this documents them in OpenAPI.
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
+            },
+        }
+    }
 
 
 def create_app(

@@ -7,7 +7,6 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.errors import ErrorCode, OrchestratorError
@@ -24,19 +23,6 @@ def error_response(error: OrchestratorError, request_id: str | None) -> JSONResp
     return JSONResponse(error.to_dict(request_id), status_code=error.status, headers=error.headers)
 
 
-def invalid_request(exc: ValidationError | RequestValidationError) -> OrchestratorError:
-    """Turns a pydantic validation failure into ``invalid_request`` naming the parameter."""
-    first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
-    param = ".".join(loc) or None
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return OrchestratorError(
-        ErrorCode.INVALID_REQUEST,
-        f"Invalid parameter {param}: {message}" if param else f"Invalid request: {message}",
-        param=param,
-    )
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Registers handlers so that every failure leaves as the error envelope."""
 
@@ -46,14 +32,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(invalid_request(exc), request_id_of(request))
+        return error_response(OrchestratorError.from_validation(exc), request_id_of(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
             exc.status_code, ErrorCode.INVALID_REQUEST
         )
-        message = f"No route {request.method} {request.url.path}" if code is not ErrorCode.INVALID_REQUEST else str(exc.detail)
+        message = str(exc.detail)
+        if code is not ErrorCode.INVALID_REQUEST:
+            message = f"No route {request.method} {request.url.path}"
         return error_response(OrchestratorError(code, message), request_id_of(request))
 
     @app.exception_handler(Exception)

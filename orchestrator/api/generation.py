@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from orchestrator.api.backend import Backend, Kind
-from orchestrator.api.errors import invalid_request
 from orchestrator.api.sse import StreamHead, drive
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
@@ -53,7 +52,7 @@ def admit(kind: Kind, body: dict[str, Any], catalog: Catalog) -> ModelSpec:
     try:
         parsed = _SCHEMAS[kind].model_validate(body)
     except ValidationError as exc:
-        raise invalid_request(exc) from None
+        raise OrchestratorError.from_validation(exc) from None
     spec = catalog.resolve(parsed.model)
     budget = parsed.output_budget()
     if budget is not None and budget >= spec.context_window:
@@ -67,9 +66,7 @@ def admit(kind: Kind, body: dict[str, Any], catalog: Catalog) -> ModelSpec:
     return spec
 
 
-async def generate(
-    kind: Kind, request: Request, *, catalog: Catalog, backend: Backend, settings: Settings
-) -> Response:
+async def generate(kind: Kind, request: Request, *, catalog: Catalog, backend: Backend, settings: Settings) -> Response:
     """Runs one generation request end to end and returns its HTTP response."""
     request_id: str = request.state.request_id
     body = await read_json(request)

@@ -53,9 +53,13 @@ class RequestContext:
 
     async def _too_large(self, send: Any, request_id: str) -> None:
         body = json.dumps(_too_large_error(self.max_body_bytes).to_dict(request_id)).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

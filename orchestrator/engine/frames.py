@@ -1,0 +1,65 @@
+"""Pure helpers that adapt vLLM's OpenAI output to the orchestrator's contract
+(``gen-`` ids, the error taxonomy, a complete usage block). No vllm import."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from orchestrator.errors import ErrorCode, OrchestratorError
+
+_CONTEXT = re.compile(r"context length|max_model_len|maximum model length|too long", re.IGNORECASE)
+
+
+def map_engine_error(status: int, message: str, param: str | None = None) -> OrchestratorError:
+    """Maps an error vLLM's serving layer reported to the stable taxonomy."""
+    if status == 400 and _CONTEXT.search(message):
+        code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
+    elif 400 <= status < 500 and status != 404:
+        code = ErrorCode.INVALID_REQUEST
+    elif status == 404:
+        code = ErrorCode.MODEL_NOT_FOUND
+    elif status == 429:
+        code = ErrorCode.PROVIDER_RATE_LIMIT
+    elif status == 504:
+        code = ErrorCode.PROVIDER_TIMEOUT
+    elif status == 503:
+        code = ErrorCode.PROVIDER_OVERLOADED
+    else:
+        code = ErrorCode.PROVIDER_UNAVAILABLE
+    return OrchestratorError(code, message, param=param)
+
+
+def error_from_frame(frame: str) -> OrchestratorError | None:
+    """Returns the error an SSE frame carries, or None for an ordinary frame."""
+    if not frame.startswith('data: {"error"'):
+        return None
+    try:
+        err = json.loads(frame[6:])["error"]
+        return map_engine_error(int(err.get("code") or 500), str(err.get("message", "")), err.get("param"))
+    except (ValueError, KeyError, TypeError):
+        return OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The engine failed while generating.")
+
+
+def complete_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """Fills the usage block so it always carries cached and reasoning token counts."""
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    prompt_details.setdefault("cached_tokens", 0)
+    usage["prompt_tokens_details"] = prompt_details
+    completion_details = usage.get("completion_tokens_details") or {}
+    completion_details.setdefault("reasoning_tokens", 0)
+    usage["completion_tokens_details"] = completion_details
+    return usage
+
+
+def is_usage_frame(frame: str) -> bool:
+    """True for the final usage chunk (empty choices, usage set)."""
+    return '"choices":[]' in frame and '"usage":{' in frame
+
+
+def patch_usage_frame(frame: str) -> str:
+    """Returns the usage frame with a complete usage block."""
+    data = json.loads(frame[6:])
+    complete_usage(data["usage"])
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"

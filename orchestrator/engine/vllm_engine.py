@@ -1,0 +1,228 @@
+"""The vLLM engine: ``AsyncLLM`` plus vLLM's own OpenAI serving layer.
+
+vLLM's serving classes give chat templates, stop, n, seed, logprobs, penalties, guided
+JSON and the tool-call and reasoning parsers exactly as ``vllm serve`` has them; this
+module only adapts their output to the orchestrator's contract (``gen-`` ids, one error
+taxonomy, a usage chunk on every stream). This is the only module that imports vllm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import typing
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+from vllm.entrypoints.openai.models.protocol import BaseModelPath
+from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+from vllm.renderers.online_renderer import OnlineRenderer
+from vllm.usage.usage_lib import UsageContext
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from orchestrator.catalog import ModelSpec
+from orchestrator.engine.base import Kind
+from orchestrator.engine.frames import (
+    complete_usage,
+    error_from_frame,
+    is_usage_frame,
+    map_engine_error,
+    patch_usage_frame,
+)
+from orchestrator.engine.weights import prepare_weights
+from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_ID_PREFIX: dict[Kind, str] = {"chat": "chatcmpl-", "completion": "cmpl-"}
+
+
+def _typed_engine_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Turns YAML mappings into vLLM's config dataclasses (e.g. structured_outputs_config)."""
+    hints = typing.get_type_hints(AsyncEngineArgs)
+    out = {}
+    for key, value in args.items():
+        if isinstance(value, dict) and key in hints:
+            value = TypeAdapter(hints[key]).validate_python(value)
+        out[key] = value
+    return out
+
+
+def engine_args_for(spec: ModelSpec, model_path: str) -> dict[str, Any]:
+    """Returns vLLM ``AsyncEngineArgs`` keyword arguments for a catalog entry."""
+    args: dict[str, Any] = {
+        "disable_log_stats": False,
+        **spec.engine_args,
+        "model": model_path,
+        "served_model_name": [spec.name],
+        "max_model_len": spec.context_window,
+        "tensor_parallel_size": spec.resources.tensor_parallel_size,
+    }
+    if spec.resources.tensor_parallel_size > 1:
+        # Shards run as Ray actors in the replica's placement group bundles.
+        args.setdefault("distributed_executor_backend", "ray")
+    if spec.reasoning_parser:
+        args["reasoning_parser"] = spec.reasoning_parser
+    return args
+
+
+def _check_window(serving: Any, request: Any, engine_inputs: list[Any]) -> None:
+    # vLLM silently shortens max_tokens when prompt + max_tokens exceeds the window; an
+    # OpenAI client expects a 400 instead, so the budget is checked once the prompt is known.
+    budget = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    if budget is None:
+        return
+    window = serving.model_config.max_model_len
+    for engine_input in engine_inputs:
+        prompt = serving._extract_prompt_len(engine_input)
+        if prompt + budget > window:
+            raise OrchestratorError(
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                f"This model's context window is {window} tokens, but the prompt has {prompt} tokens "
+                f"and max_tokens asks for {budget} more. Shorten the prompt or lower max_tokens.",
+                param="max_tokens" if request.max_tokens == budget else "max_completion_tokens",
+            )
+
+
+class _StrictChat(OpenAIServingChat):  # type: ignore[misc]
+    async def render_chat_request(self, request: Any) -> Any:
+        result = await super().render_chat_request(request)
+        if isinstance(result, tuple):
+            _check_window(self, request, result[1])
+        return result
+
+
+class _StrictCompletion(OpenAIServingCompletion):  # type: ignore[misc]
+    async def render_completion_request(self, request: Any) -> Any:
+        result = await super().render_completion_request(request)
+        if isinstance(result, list):
+            _check_window(self, request, result)
+        return result
+
+
+class VLLMEngine:
+    """One vLLM engine serving one catalog model. No I/O until :meth:`start`."""
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self._llm: Any = None
+        self._chat: Any = None
+        self._completion: Any = None
+
+    async def start(self) -> None:
+        path = await asyncio.to_thread(prepare_weights, self.spec.source, self.settings.cache_dir)
+        args = AsyncEngineArgs(**_typed_engine_args(engine_args_for(self.spec, path)))
+        self._llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        models = OpenAIServingModels(
+            engine_client=self._llm,
+            base_model_paths=[BaseModelPath(name=self.spec.name, model_path=path)],
+            lora_modules=None,
+        )
+        await models.init_static_loras()
+        renderer = OnlineRenderer(
+            model_config=self._llm.model_config,
+            renderer=self._llm.renderer,
+            request_logger=None,
+            chat_template=self.spec.chat_template,
+            chat_template_content_format="auto",
+            enable_auto_tools=bool(self.spec.tool_call_parser),
+            tool_parser=self.spec.tool_call_parser,
+            reasoning_parser=self.spec.reasoning_parser,
+        )
+        renderer.warmup()
+        common = {"online_renderer": renderer, "request_logger": None, "enable_prompt_tokens_details": True}
+        self._chat = _StrictChat(
+            self._llm,
+            models,
+            "assistant",
+            chat_template=self.spec.chat_template,
+            chat_template_content_format="auto",
+            reasoning_parser=self.spec.reasoning_parser or "",
+            enable_auto_tools=bool(self.spec.tool_call_parser),
+            tool_parser=self.spec.tool_call_parser,
+            **common,
+        )
+        self._completion = _StrictCompletion(self._llm, models, **common)
+
+    def _request(self, kind: Kind, body: dict[str, Any], request_id: str, stream: bool) -> Any:
+        cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
+        data = {**body, "model": self.spec.name, "request_id": request_id, "stream": stream}
+        if stream:
+            data["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        try:
+            return cls.model_validate(data)
+        except ValueError as exc:  # vLLM's own checks raise VLLMValidationError (a ValueError)
+            if not isinstance(exc, ValidationError):
+                raise self._map(exc) from None
+            raise OrchestratorError.from_validation(exc) from None
+
+    async def _call(self, kind: Kind, request: Any) -> Any:
+        if self._llm is None:
+            raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The engine is not started.")
+        try:
+            if kind == "chat":
+                result = await self._chat.create_chat_completion(request, raw_request=None)
+            else:
+                result = await self._completion.create_completion(request, raw_request=None)
+        except OrchestratorError:
+            raise
+        except Exception as exc:  # vLLM raises most input errors rather than returning them
+            raise self._map(exc) from None
+        error = getattr(result, "error", None)
+        if error is not None and hasattr(error, "code"):
+            raise map_engine_error(int(error.code), error.message, error.param)
+        return result
+
+    def _map(self, exc: Exception) -> OrchestratorError:
+        response = OpenAIServingChat.create_error_response(exc)
+        if response.error.code >= 500:
+            logger.exception("engine failure for %s", self.spec.name, exc_info=exc)
+        return map_engine_error(int(response.error.code), response.error.message, response.error.param)
+
+    async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        result = await self._call(kind, self._request(kind, body, request_id, stream=False))
+        data: dict[str, Any] = result.model_dump(mode="json", exclude_none=True)
+        data["id"] = f"gen-{request_id}"
+        complete_usage(data.setdefault("usage", {}))
+        return data
+
+    async def stream(self, kind: Kind, body: dict[str, Any], request_id: str) -> AsyncIterator[str]:
+        frames = await self._call(kind, self._request(kind, body, request_id, stream=True))
+        old, new = _ID_PREFIX[kind] + request_id, "gen-" + request_id
+        try:
+            async for frame in frames:
+                if frame.startswith("data: [DONE]"):
+                    break
+                error = error_from_frame(frame)
+                if error is not None:
+                    raise error
+                frame = frame.replace(old, new, 1)
+                if is_usage_frame(frame):
+                    frame = patch_usage_frame(frame)
+                yield frame
+        finally:
+            # Closing vLLM's generator cancels its engine generator, which aborts the request.
+            await frames.aclose()
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise RuntimeError("engine not started")
+        await self._llm.check_health()
+
+    def num_unfinished_requests(self) -> int:
+        return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            self._chat = self._completion = None
+            # shutdown() blocks for up to ~5 s while worker processes stop.
+            await asyncio.to_thread(llm.shutdown)

@@ -1,0 +1,81 @@
+"""The app builder: the one place where ``serve.deployment`` is applied.
+
+``orchestrator.serving:build_app`` is what Serve configs import; its ``args`` are
+:class:`AppArgs`. The classes it deploys stay plain Python.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from orchestrator.catalog import Catalog, load_catalog
+from orchestrator.serving.model_server import ServedModelServer
+from orchestrator.serving.options import model_deployment_options, router_deployment_options
+from orchestrator.serving.router import RouterDeployment
+from orchestrator.settings import Settings
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class AppArgs(BaseModel):
+    """Serve config ``args`` for :func:`build_app`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    catalog: list[str] | None = Field(
+        default=None, description="Catalog files or folders (default: settings, i.e. ORCH_CATALOG or `catalog`)."
+    )
+    settings: dict[str, Any] = Field(default_factory=dict, description="Settings overrides (see Settings).")
+
+
+def resolve_paths(paths: list[str]) -> list[str]:
+    """Resolves relative catalog paths against the working directory, else the project
+    root (Serve builds apps in a worker whose working directory is not the checkout)."""
+    out = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if not p.is_absolute() and not p.exists() and (PROJECT_ROOT / p).exists():
+            p = PROJECT_ROOT / p
+        out.append(str(p.resolve()))
+    return out
+
+
+def load_validated_catalog(paths: list[str]) -> Catalog:
+    """Loads the catalog and checks ``engine_args`` against the installed vLLM.
+
+    Raises:
+        CatalogError: every problem, with file and field.
+    """
+    from orchestrator.engine.vllm_args import engine_arg_names
+
+    return load_catalog(resolve_paths(paths), engine_arg_names=engine_arg_names())
+
+
+def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
+    """Builds the Serve application: one ModelServer deployment per catalog model and the
+    Router ingress holding a handle to each.
+
+    Raises:
+        CatalogError: the catalog is invalid (nothing is deployed).
+    """
+    args = AppArgs.model_validate(args or {}) if not isinstance(args, AppArgs) else args
+    overrides = dict(args.settings)
+    if args.catalog is not None:
+        overrides["catalog"] = args.catalog
+    settings = Settings(**overrides)
+    catalog = load_validated_catalog(settings.catalog)
+    settings_data = settings.model_dump(mode="json")
+    models = {
+        spec.name: serve.deployment(ServedModelServer)
+        .options(**model_deployment_options(spec, settings))
+        .bind(spec.model_dump(mode="json", by_alias=True), settings_data)
+        for spec in catalog
+    }
+    specs = [spec.model_dump(mode="json", by_alias=True) for spec in catalog]
+    router = serve.deployment(RouterDeployment).options(**router_deployment_options(settings))
+    return router.bind(specs, settings_data, models)

@@ -1,0 +1,92 @@
+"""The ModelServer deployment: one per catalog model, wrapping one engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from orchestrator.catalog import ModelSpec
+from orchestrator.engine.base import Engine, Kind
+from orchestrator.engine.batching import batch_frames
+from orchestrator.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _vllm_engine(spec: ModelSpec, settings: Settings) -> Engine:
+    from orchestrator.engine.vllm_engine import VLLMEngine
+
+    return VLLMEngine(spec, settings)
+
+
+class ModelServer:
+    """Serves one catalog model. The constructor does no I/O; :meth:`start` loads the engine.
+
+    Args:
+        spec: the catalog entry as a plain dict.
+        settings: settings as a plain dict.
+        engine_factory: builds the engine (vLLM by default; tests may inject another).
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        settings: dict[str, Any],
+        engine_factory: Callable[[ModelSpec, Settings], Engine] = _vllm_engine,
+    ) -> None:
+        self.spec = ModelSpec.model_validate(spec)
+        self.settings = Settings(**settings)
+        self.engine = engine_factory(self.spec, self.settings)
+        self._batch_s = self.settings.stream_batch_ms / 1000.0
+
+    async def start(self) -> None:
+        """Loads the weights and starts the engine."""
+        await self.engine.start()
+        logger.info("model %s ready", self.spec.name)
+
+    async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """Returns the whole response body; raises ``OrchestratorError`` on failure."""
+        return await self.engine.complete(kind, body, request_id)
+
+    async def stream(self, kind: Kind, body: dict[str, Any], request_id: str) -> AsyncIterator[list[str]]:
+        """Yields batches of SSE frames: the first frame alone, then one batch per interval.
+
+        Cancelling the caller (client disconnect) closes this generator, which aborts the
+        request inside the engine.
+        """
+        async for batch in batch_frames(self.engine.stream(kind, body, request_id), self._batch_s):
+            yield batch
+
+    async def health(self) -> bool:
+        """Returns True when the engine answers its health check."""
+        try:
+            await self.engine.check_health()
+        except Exception:
+            return False
+        return True
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: raising marks the replica unhealthy, and Serve
+        replaces it (a dead engine cannot recover in place)."""
+        await self.engine.check_health()
+
+    def num_unfinished_requests(self) -> int:
+        """Returns the requests waiting or running in the engine."""
+        return self.engine.num_unfinished_requests()
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()
+
+
+class ServedModelServer(ModelServer):
+    """What Serve instantiates: Serve awaits an async constructor before routing traffic
+    to the replica, so the engine is started there."""
+
+    async def __init__(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[misc]
+        super().__init__(*args, **kwargs)
+        await self.start()
+
+    async def __del__(self) -> None:  # type: ignore[misc]
+        # Serve calls __del__ on graceful replica shutdown; stop the engine processes.
+        await self.shutdown()
