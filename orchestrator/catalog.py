@@ -262,11 +262,14 @@ def _documents(path: Path) -> tuple[list[tuple[str, Any]], list[CatalogProblem]]
     return [], [CatalogProblem(file=str(path), field="", message="expected a model mapping or `models:` list")]
 
 
-def _check_engine_args(spec: ModelSpec, known: Collection[str], file: str, prefix: str) -> list[CatalogProblem]:
+def _check_engine_args(entry: Any, known: Collection[str], file: str, prefix: str) -> list[CatalogProblem]:
+    args = entry.get("engine_args") if isinstance(entry, dict) else None
+    if not isinstance(args, dict):
+        return []
     problems = []
-    for key in spec.engine_args:
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
+    for key in args:
+        if key not in known and key not in RESERVED_ENGINE_ARGS:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(
                 CatalogProblem(
@@ -307,6 +310,8 @@ def load_catalog(paths: Sequence[str | Path], *, engine_arg_names: Collection[st
         docs, doc_problems = _documents(path)
         problems.extend(doc_problems)
         for prefix, entry in docs:
+            if engine_arg_names is not None:
+                problems.extend(_check_engine_args(entry, engine_arg_names, str(path), prefix))
             try:
                 spec = ModelSpec.model_validate(entry, context={"base_dir": path.parent.resolve()})
             except ValidationError as exc:
@@ -314,8 +319,6 @@ def load_catalog(paths: Sequence[str | Path], *, engine_arg_names: Collection[st
                     msg = err["msg"].removeprefix("Value error, ")
                     problems.append(CatalogProblem(file=str(path), field=_loc(err["loc"], prefix), message=msg))
                 continue
-            if engine_arg_names is not None:
-                problems.extend(_check_engine_args(spec, engine_arg_names, str(path), prefix))
             for name in dict.fromkeys(n.lower() for n in spec.names):
                 if name in owner and owner[name] != spec.name:
                     problems.append(

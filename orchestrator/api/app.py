@@ -49,7 +49,12 @@ def _body_schema(model: type[Any]) -> dict[str, Any]:
 
 
 def create_app(
-    catalog: Catalog, backend: Backend, settings: Settings, *, clock: Callable[[], float] = time.time
+    catalog: Catalog,
+    backend: Backend,
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    echo_request_id: bool = True,
 ) -> FastAPI:
     """Builds the OpenAI-compatible HTTP app.
 
@@ -58,10 +63,12 @@ def create_app(
         backend: runs generations (Ray Serve handles in production, a fake in unit tests).
         settings: limits and stream timing.
         clock: wall clock for the ``created`` fields.
+        echo_request_id: add ``X-Request-Id`` to responses (off behind Ray Serve's proxy,
+            which adds it itself).
     """
     app = FastAPI(title="vLLM orchestrator", version="0.1.0", docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, echo_header=echo_request_id)
     created = int(clock())
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -11,24 +12,34 @@ from orchestrator.errors import ErrorCode, OrchestratorError
 Scope = dict[str, Any]
 
 
+_SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
 class RequestContext:
     """Gives every request an id (``X-Request-Id`` on every response) and refuses bodies
-    over ``max_body_bytes`` with 413 ``payload_too_large``, also for chunked uploads."""
+    over ``max_body_bytes`` with 413 ``payload_too_large``, also for chunked uploads.
 
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
+    An incoming ``X-Request-Id`` is kept when it is a sane token: behind Ray Serve the proxy
+    has already chosen the id and echoes it on the response itself, so there
+    ``echo_header=False`` avoids a second header.
+    """
+
+    def __init__(self, app: Any, max_body_bytes: int, echo_header: bool = True) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.echo_header = echo_header
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex
+        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        request_id = incoming.decode() if _SANE_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
+            if self.echo_header and message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), id_header]
             await send(message)
 

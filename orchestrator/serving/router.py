@@ -39,7 +39,8 @@ class Router:
         self._health = {name: h.options(method_name="health") for name, h in handles.items()}
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.catalog, self, self.settings)
+        # Serve's proxy assigns X-Request-Id (keeping a sane client one) and echoes it.
+        return create_app(self.catalog, self, self.settings, echo_request_id=False)
 
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._complete[spec.name].remote(kind, body, request_id)

@@ -56,6 +56,13 @@ async def test_stream_ends_with_usage_then_done(client: httpx.AsyncClient) -> No
     assert json.loads(blocks[0].removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
 
 
+async def test_sane_client_request_id_is_kept(client: httpx.AsyncClient) -> None:
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "abc-123"})
+    assert resp.headers["x-request-id"] == "abc-123" and resp.json()["id"] == "gen-abc-123"
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "bad id!"})
+    assert resp.headers["x-request-id"] != "bad id!"
+
+
 async def test_unknown_model_404(client: httpx.AsyncClient) -> None:
     resp = await client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"})
     assert resp.status_code == 404

@@ -1,0 +1,167 @@
+"""One real Ray cluster and one deployed app for the whole integration session.
+
+The app is deployed the way operators deploy it: ``serve deploy`` of a Serve config file
+(``orchestrator.serving:build_app`` with catalog args) onto a cluster started with
+``ray start --head``. Everything binds to 127.0.0.1 on free ports and is torn down at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from orchestrator.engine.weights import build_tiny_llama
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DEPLOY_TIMEOUT_S = 900
+ENGINE = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "max_num_seqs": 16,
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Deployment:
+    base_url: str
+    gcs_address: str
+    env: dict[str, str]
+
+    def client(self, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, **kwargs)  # type: ignore[arg-type]
+
+
+def tiny_entry(name: str, alias: str, path: Path) -> dict[str, object]:
+    return {
+        "name": name,
+        "aliases": [alias],
+        "backend_id": f"test-org/{name}",
+        "source": {"kind": "local", "path": str(path)},
+        "context_window": 512,
+        "engine_args": ENGINE,
+        "pricing": {"input_per_million": "1", "output_per_million": "2"},
+        "resources": {"device": "cpu", "cpus": 0.5},
+    }
+
+
+def _run(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _wait_ready(base_url: str, proc_env: dict[str, str]) -> None:
+    deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+    last = ""
+    while time.monotonic() < deadline:
+        status = _run(proc_env, str(BIN / "serve"), "status", timeout=60).stdout
+        if "DEPLOY_FAILED" in status:
+            raise RuntimeError(f"deploy failed:\n{status}")
+        try:
+            resp = httpx.get(base_url + "/health", timeout=10)
+            if resp.status_code == 200:
+                return
+            last = resp.text
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(5)
+    raise TimeoutError(f"app not ready after {DEPLOY_TIMEOUT_S}s: {last}\n{status}")
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    work = tmp_path_factory.mktemp("cluster")
+    catalog = work / "catalog.yaml"
+    entries = [
+        tiny_entry("tiny-a", "a", build_tiny_llama(work / "tiny-a", seed=1)),
+        tiny_entry("tiny-b", "b", build_tiny_llama(work / "tiny-b", seed=2)),
+    ]
+    catalog.write_text(yaml.safe_dump({"models": entries}))
+    gcs_port, dash_port, http_port = free_port(), free_port(), free_port()
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "applications": [
+            {
+                "name": "orchestrator",
+                "route_prefix": "/",
+                "import_path": "orchestrator.serving:build_app",
+                "args": {
+                    "catalog": [str(catalog), str(REPO / "catalog" / "smollm2-135m-instruct.yaml")],
+                    "settings": {"keepalive_seconds": 15, "router_replicas": 1},
+                },
+            }
+        ],
+    }
+    config_path = work / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+        "RAY_DASHBOARD_ADDRESS": f"http://127.0.0.1:{dash_port}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Token auth (Ray's default) with a token private to this test cluster.
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+    }
+    started = _run(
+        env,
+        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=8",
+        "--disable-usage-stats",
+    )  # fmt: skip
+    if started.returncode != 0:
+        raise RuntimeError(f"ray start failed:\n{started.stdout}\n{started.stderr}")
+    try:
+        deployed = _run(env, str(BIN / "serve"), "deploy", str(config_path), "--address", env["RAY_DASHBOARD_ADDRESS"])
+        if deployed.returncode != 0:
+            raise RuntimeError(f"serve deploy failed:\n{deployed.stdout}\n{deployed.stderr}")
+        base_url = f"http://127.0.0.1:{http_port}"
+        _wait_ready(base_url, env)
+        yield Deployment(base_url=base_url, gcs_address=env["RAY_ADDRESS"], env=env)
+    finally:
+        _run(env, str(BIN / "serve"), "shutdown", "-y", "--address", env["RAY_DASHBOARD_ADDRESS"], timeout=120)
+        _run(env, str(BIN / "ray"), "stop", "--force", timeout=120)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def client(deployment: Deployment) -> openai.OpenAI:
+    return deployment.client(timeout=120)
+
+
+_PROBE = """
+import sys, ray
+from ray import serve
+ray.init(address=sys.argv[1], namespace="serve", logging_level="ERROR", log_to_driver=False)
+handle = serve.get_deployment_handle(sys.argv[2], app_name="orchestrator")
+print(handle.num_unfinished_requests.remote().result(timeout_s=60))
+"""
+
+
+def engine_unfinished(deployment: Deployment, model_deployment: str) -> int:
+    """Returns the requests waiting or running inside a model's engine (asked through Ray)."""
+    done = _run(deployment.env, sys.executable, "-c", _PROBE, deployment.gcs_address, model_deployment)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return int(done.stdout.strip().splitlines()[-1])

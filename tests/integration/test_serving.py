@@ -1,0 +1,169 @@
+"""Real Ray Serve + real vLLM engines on tiny models, driven by the official openai SDK."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import Deployment, engine_unfinished
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Tell me a story about a cat."}]
+
+
+def test_models_list_has_catalog_fields(client: openai.OpenAI, deployment: Deployment) -> None:
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["tiny-a", "tiny-b", "smollm2-135m-instruct"]
+    card = httpx.get(deployment.base_url + "/v1/models/test-org/tiny-b").json()
+    assert card["id"] == "tiny-b" and card["aliases"] == ["b"] and card["context_window"] == 512
+    assert card["pricing"] == {"input_per_million": "1", "output_per_million": "2"}
+
+
+def test_chat_non_streaming_dispatches_by_every_name(client: openai.OpenAI) -> None:
+    for name, expected in [("tiny-a", "tiny-a"), ("b", "tiny-b"), ("test-org/tiny-a", "tiny-a")]:
+        raw = client.chat.completions.with_raw_response.create(model=name, messages=USER, max_tokens=8)
+        resp = raw.parse()
+        assert resp.model == expected
+        assert resp.id == "gen-" + raw.headers["x-request-id"]
+        assert resp.usage is not None and resp.usage.completion_tokens <= 8
+        assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_chat_stream_role_deltas_finish_usage_done(client: openai.OpenAI, deployment: Deployment) -> None:
+    chunks = list(client.chat.completions.create(model="tiny-a", messages=USER, max_tokens=16, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert usage_chunk.usage.completion_tokens == 16
+    assert usage_chunk.usage.prompt_tokens_details.cached_tokens == 0  # type: ignore[union-attr]
+    assert usage_chunk.usage.completion_tokens_details.reasoning_tokens == 0  # type: ignore[union-attr]
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("gen-")
+    # The wire format ends with [DONE] (the SDK hides it).
+    body = {"model": "tiny-b", "messages": USER, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", deployment.base_url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        text = "".join(resp.iter_text())
+    events = [e for e in text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and '"usage"' in events[-2]
+
+
+def test_completions_stream_and_not(client: openai.OpenAI) -> None:
+    resp = client.completions.create(model="tiny-b", prompt="The quick brown fox", max_tokens=6)
+    assert resp.id.startswith("gen-") and resp.usage is not None and resp.usage.completion_tokens == 6
+    chunks = list(client.completions.create(model="tiny-b", prompt="Hello", max_tokens=6, stream=True))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_n_greater_than_one(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(model="tiny-a", messages=USER, max_tokens=5, n=3, temperature=1.0)
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2]
+
+
+def test_seed_determinism_at_temperature(client: openai.OpenAI) -> None:
+    def run(seed: int) -> str:
+        resp = client.chat.completions.create(model="tiny-a", messages=USER, max_tokens=24, temperature=1.0, seed=seed)
+        return resp.choices[0].message.content or ""
+
+    assert run(7) == run(7)
+    assert len({run(7), run(8), run(9)}) > 1
+
+
+def test_stop_sequence_cuts_output(client: openai.OpenAI) -> None:
+    full = client.completions.create(
+        model="tiny-a", prompt="Hello world", max_tokens=32, temperature=0, extra_body={"ignore_eos": True}
+    )
+    text = full.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), f"need a visible stop string from {text!r}"
+    cut = client.completions.create(
+        model="tiny-a", prompt="Hello world", max_tokens=32, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+
+
+def test_json_schema_guided_output_parses(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["answer", "score"],
+        "additionalProperties": False,
+    }
+    resp = client.chat.completions.create(
+        model="tiny-b",
+        messages=USER,
+        max_tokens=64,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}},
+    )
+    data = json.loads(resp.choices[0].message.content or "")
+    assert data["answer"] in ("yes", "no") and 0 <= data["score"] <= 9
+
+
+def test_unknown_model(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-9", messages=USER)
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("extra", "param"), [({"temperature": 5}, "temperature"), ({"n": 0}, "n")])
+def test_bad_parameters(client: openai.OpenAI, extra: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-a", messages=USER, **extra)
+    assert info.value.body["code"] == "invalid_request" and info.value.body["param"] == param  # type: ignore[index]
+
+
+def test_engine_side_validation_maps_to_invalid_request(client: openai.OpenAI) -> None:
+    # Not checked by the router: vLLM rejects it, and the code is still ours.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-a", messages=USER, extra_body={"min_p": 7})
+    assert info.value.body["code"] == "invalid_request"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_context_overflow(client: openai.OpenAI, stream: bool) -> None:
+    # ~100-token prompt + 480 output tokens > 512-token window: vLLM would silently clamp.
+    prompt = "The quick brown fox jumps over the lazy dog. " * 10
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny-a", prompt=prompt, max_tokens=480, stream=stream)
+    assert info.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": prompt * 20}])
+    assert info.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+
+
+def test_client_disconnect_aborts_engine_request(deployment: Deployment) -> None:
+    body = {
+        "model": "tiny-b",
+        "messages": USER,
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    slow = {**body, "max_tokens": 500}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", deployment.base_url + "/v1/chat/completions", json=slow) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert engine_unfinished(deployment, "model-tiny-b") >= 1
+        # Leaving the block closes the connection mid-stream.
+    deadline = time.monotonic() + 60
+    while (running := engine_unfinished(deployment, "model-tiny-b")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert running == 0
+
+
+def test_smollm2_knows_paris(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        temperature=0,
+        max_tokens=32,
+    )
+    assert "paris" in (resp.choices[0].message.content or "").lower()
