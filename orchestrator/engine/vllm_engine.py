@@ -46,7 +46,7 @@ _ID_PREFIX: dict[Kind, str] = {"chat": "chatcmpl-", "completion": "cmpl-"}
 
 def _typed_engine_args(args: dict[str, Any]) -> dict[str, Any]:
     """Turns YAML mappings into vLLM's config dataclasses (e.g. structured_outputs_config)."""
-    types = {f.name: f.type for f in dataclasses.fields(AsyncEngineArgs)}
+    types: dict[str, Any] = {f.name: f.type for f in dataclasses.fields(AsyncEngineArgs)}
     out = {}
     for key, value in args.items():
         if isinstance(value, dict) and not isinstance(types.get(key, dict), str):
@@ -138,7 +138,11 @@ class VLLMEngine:
             reasoning_parser=self.spec.reasoning_parser,
         )
         renderer.warmup()
-        common = {"online_renderer": renderer, "request_logger": None, "enable_prompt_tokens_details": True}
+        common: dict[str, Any] = {
+            "online_renderer": renderer,
+            "request_logger": None,
+            "enable_prompt_tokens_details": True,
+        }
         self._chat = _StrictChat(
             self._llm,
             models,

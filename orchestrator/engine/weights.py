@@ -133,7 +133,7 @@ def _convert_gguf_package(source: PyPIGGUFSource, dest: Path, *, progress: bool)
 
         bar.set_postfix_str(steps[3])
         # The GGUF loader marks the model as quantized; it is plain float32 now.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(dest, safe_serialization=True)
@@ -195,7 +195,7 @@ def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
         bos_token_id=hf_tok.bos_token_id,
         eos_token_id=hf_tok.eos_token_id,
         pad_token_id=hf_tok.pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

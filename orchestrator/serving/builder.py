@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
 from orchestrator.catalog import Catalog, load_catalog
 from orchestrator.serving.model_server import ServedModelServer
@@ -70,12 +71,13 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     settings = Settings(**overrides)
     catalog = load_validated_catalog(settings.catalog)
     settings_data = settings.model_dump(mode="json")
+    model_server: Deployment = serve.deployment(ServedModelServer)  # type: ignore[assignment]
     models = {
-        spec.name: serve.deployment(ServedModelServer)
-        .options(**model_deployment_options(spec, settings))
-        .bind(spec.model_dump(mode="json", by_alias=True), settings_data)
+        spec.name: model_server.options(**model_deployment_options(spec, settings)).bind(
+            spec.model_dump(mode="json", by_alias=True), settings_data
+        )
         for spec in catalog
     }
     specs = [spec.model_dump(mode="json", by_alias=True) for spec in catalog]
-    router = serve.deployment(RouterDeployment).options(**router_deployment_options(settings))
-    return router.bind(specs, settings_data, models)
+    router: Deployment = serve.deployment(RouterDeployment)  # type: ignore[assignment]
+    return router.options(**router_deployment_options(settings)).bind(specs, settings_data, models)
