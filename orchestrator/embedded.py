@@ -48,7 +48,12 @@ def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | No
     # Replicas reserve logical CPUs; vLLM's worker processes are not Ray tasks, so a small
     # machine may hold more replicas than it has cores.
     needed = sum(s.resources.cpus for s in models) + 1
+    if settings.fast_ingress:
+        # Must be set before Ray starts: its processes read them at import.
+        for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
+            os.environ.setdefault(key, "1")
     ray.init(
+        _node_ip_address="127.0.0.1",
         num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
         include_dashboard=False,
         log_to_driver=False,

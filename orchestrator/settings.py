@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     )
     router_replicas: int = Field(default=1, ge=1, description="Router deployment replicas.")
     router_max_ongoing_requests: int = Field(default=256, ge=1, description="Concurrent requests per router.")
+    fast_ingress: bool = Field(
+        default=True,
+        description=(
+            "`orchestrator serve` only: start Ray with Serve's HAProxy ingress and throughput-optimized "
+            "mode (see docs/ARCHITECTURE.md). HAProxy's stats and metrics ports listen on all interfaces."
+        ),
+    )
     kv_cache_gb: int = Field(
         default=1, ge=1, description="CPU engines only: KV cache per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
     )

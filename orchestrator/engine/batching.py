@@ -13,9 +13,16 @@ from collections.abc import AsyncIterator, Callable
 
 
 async def batch_frames(
-    frames: AsyncIterator[str], interval_s: float, *, clock: Callable[[], float] = time.monotonic
+    frames: AsyncIterator[str],
+    interval_s: float,
+    *,
+    eager: int = 1,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[list[str]]:
-    """Yields the first frame alone, then lists of frames gathered over ``interval_s``.
+    """Yields the first ``eager`` frames alone, then lists of frames gathered over ``interval_s``.
+
+    ``eager`` is 2 for chat, whose first frame only carries the role: the first token is
+    in the second frame and must not wait for a batch.
 
     A batch is sent when a frame arrives after its deadline, and at the end, so no timer
     task is needed per request; while the engine is producing tokens (the only time
@@ -24,10 +31,9 @@ async def batch_frames(
     """
     batch: list[str] = []
     deadline = 0.0
-    first = True
     async for item in frames:
-        if first:
-            first = False
+        if eager > 0:
+            eager -= 1
             yield [item]
             deadline = clock() + interval_s
             continue

@@ -50,12 +50,13 @@ class ModelServer:
         return await self.engine.complete(kind, body, request_id)
 
     async def stream(self, kind: Kind, body: dict[str, Any], request_id: str) -> AsyncIterator[list[str]]:
-        """Yields batches of SSE frames: the first frame alone, then one batch per interval.
+        """Yields batches of SSE frames: the first token at once, then one batch per interval.
 
         Cancelling the caller (client disconnect) closes this generator, which aborts the
         request inside the engine.
         """
-        async for batch in batch_frames(self.engine.stream(kind, body, request_id), self._batch_s):
+        eager = 2 if kind == "chat" else 1  # chat's first frame is the role alone
+        async for batch in batch_frames(self.engine.stream(kind, body, request_id), self._batch_s, eager=eager):
             yield batch
 
     async def health(self) -> bool:

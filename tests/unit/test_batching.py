@@ -41,3 +41,10 @@ async def test_zero_interval_sends_every_frame() -> None:
 async def test_empty_source_yields_nothing() -> None:
     clock = StepClock()
     assert await collect(batch_frames(frames(clock, 0, 0.01), 0.05, clock=clock)) == []
+
+
+async def test_eager_frames_sent_alone_before_batching() -> None:
+    clock = StepClock()
+    out = await collect(batch_frames(frames(clock, 5, 0.001), 0.05, eager=2, clock=clock))
+    assert out[:2] == [["f0"], ["f1"]]
+    assert [f for b in out for f in b] == [f"f{i}" for i in range(5)]

@@ -1,0 +1,125 @@
+"""A streaming load generator for OpenAI-compatible servers (httpx, asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class LoadResult:
+    """Figures from one load run."""
+
+    requests: int
+    errors: int
+    wall_s: float
+    output_tokens: int
+    ttft_s: list[float] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    def ttft_ms(self, q: float) -> float:
+        ordered = sorted(self.ttft_s)
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "req_per_s": round(self.rps, 2),
+            "output_tokens_per_s": round(self.tokens_per_s, 1),
+            "ttft_p50_ms": round(self.ttft_ms(0.5), 1),
+            "ttft_p99_ms": round(self.ttft_ms(0.99), 1),
+            "ttft_mean_ms": round(1000 * statistics.fmean(self.ttft_s), 1) if self.ttft_s else None,
+        }
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[float, int]:
+    start = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with client.stream("POST", url, json=body, headers=headers) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+        buffer = ""
+        async for text in resp.aiter_text():
+            # Split on the SSE event separator only: generated text may hold Unicode line
+            # separators that a line-based reader would split inside a JSON string.
+            buffer += text
+            *events, buffer = buffer.split("\n\n")
+            for event in events:
+                if not event.startswith("data: ") or event == "data: [DONE]":
+                    continue
+                data = json.loads(event[6:])
+                if "error" in data:
+                    raise RuntimeError(str(data["error"]))
+                if ttft is None and data.get("choices") and data["choices"][0].get("text"):
+                    ttft = time.perf_counter() - start
+                if data.get("usage") and not data.get("choices"):
+                    tokens = data["usage"]["completion_tokens"]
+    if ttft is None:
+        raise RuntimeError("no content")
+    return ttft, tokens
+
+
+async def run_load(
+    base_url: str,
+    model: str,
+    *,
+    prompt: list[int],
+    output_tokens: int,
+    requests: int,
+    concurrency: int,
+    headers: dict[str, str] | None = None,
+) -> LoadResult:
+    """Sends ``requests`` streaming completions, ``concurrency`` at a time."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_tokens,
+        "min_tokens": output_tokens,
+        "ignore_eos": True,
+        "temperature": 0.8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    url = base_url + "/v1/completions"
+    result = LoadResult(requests=0, errors=0, wall_s=0.0, output_tokens=0)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                try:
+                    ttft, tokens = await _one(client, url, body, headers or {})
+                except Exception as exc:  # count and keep going: a benchmark reports errors
+                    result.errors += 1
+                    if result.errors <= 3:
+                        print(f"  error: {exc}", flush=True)
+                    continue
+                result.requests += 1
+                result.output_tokens += tokens
+                result.ttft_s.append(ttft)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.wall_s = time.perf_counter() - start
+    return result
