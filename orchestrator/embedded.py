@@ -26,6 +26,11 @@ def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | No
     if port:
         overrides["port"] = port
     settings = Settings(**overrides)  # type: ignore[arg-type]
+    if settings.fast_ingress:
+        # Serve reads these when ray.serve is first imported (handle defaults are fixed
+        # then), so they are set before anything imports ray; Ray's processes inherit them.
+        for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
+            os.environ.setdefault(key, "1")
 
     from orchestrator.engine.weights import prepare_weights
     from orchestrator.serving.builder import load_validated_catalog, resolve_paths
@@ -48,10 +53,6 @@ def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | No
     # Replicas reserve logical CPUs; vLLM's worker processes are not Ray tasks, so a small
     # machine may hold more replicas than it has cores.
     needed = sum(s.resources.cpus for s in models) + 1
-    if settings.fast_ingress:
-        # Must be set before Ray starts: its processes read them at import.
-        for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
-            os.environ.setdefault(key, "1")
     ray.init(
         _node_ip_address="127.0.0.1",
         num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),

@@ -1,0 +1,69 @@
+"""ModelServer wraps an engine: batching, health, and no I/O in the constructor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from orchestrator.catalog import Catalog
+from orchestrator.engine.base import Engine
+from orchestrator.serving.model_server import ModelServer
+from orchestrator.settings import Settings
+from tests.fakes import FakeEngine
+
+
+class DyingEngine(FakeEngine):
+    started = False
+    dead = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def check_health(self) -> None:
+        if self.dead:
+            raise RuntimeError("EngineDeadError")
+
+    def num_unfinished_requests(self) -> int:
+        return self.running
+
+    async def shutdown(self) -> None:
+        self.started = False
+
+
+def server(catalog: Catalog, engine: DyingEngine, **settings: Any) -> ModelServer:
+    def factory(spec: Any, s: Settings) -> Engine:
+        return engine  # type: ignore[return-value]
+
+    spec = catalog.resolve("tiny-a").model_dump(mode="json")
+    return ModelServer(spec, Settings(**settings).model_dump(mode="json"), engine_factory=factory)
+
+
+async def test_constructor_does_no_io_and_start_starts(catalog: Catalog) -> None:
+    engine = DyingEngine()
+    srv = server(catalog, engine)
+    assert not engine.started
+    await srv.start()
+    assert engine.started
+
+
+async def test_dead_engine_fails_health_check(catalog: Catalog) -> None:
+    engine = DyingEngine()
+    srv = server(catalog, engine)
+    await srv.check_health()
+    assert await srv.health() is True
+    engine.dead = True
+    with pytest.raises(RuntimeError):
+        await srv.check_health()  # Serve marks the replica unhealthy and replaces it
+    assert await srv.health() is False
+
+
+async def test_chat_stream_sends_first_token_unbatched(catalog: Catalog) -> None:
+    engine = DyingEngine(words=["a", "b", "c", "d", "e", "f"])
+    srv = server(catalog, engine, stream_batch_ms=10_000)
+    body = {"model": "tiny-a", "messages": [{"role": "user", "content": "x"}]}
+    batches = [b async for b in srv.stream("chat", body, "r1")]
+    assert len(batches[0]) == 1 and '"role":"assistant"' in batches[0][0]
+    assert len(batches[1]) == 1 and '"content":"a "' in batches[1][0]
+    assert len(batches) == 3  # the rest arrive as one batch at the end
+    assert '"usage"' in batches[-1][-1]
