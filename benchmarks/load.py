@@ -21,6 +21,12 @@ class LoadResult:
     wall_s: float
     output_tokens: int
     ttft_s: list[float] = field(default_factory=list)
+    server_cpu_s: float = 0.0
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        """Server CPU (all its processes) per completed request, if measured."""
+        return 1000 * self.server_cpu_s / max(1, self.requests)
 
     @property
     def rps(self) -> float:
@@ -43,6 +49,7 @@ class LoadResult:
             "ttft_p50_ms": round(self.ttft_ms(0.5), 1),
             "ttft_p99_ms": round(self.ttft_ms(0.99), 1),
             "ttft_mean_ms": round(1000 * statistics.fmean(self.ttft_s), 1) if self.ttft_s else None,
+            "server_cpu_ms_per_request": round(self.cpu_ms_per_request, 1),
         }
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,11 +64,42 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def measure(base_url: str, model: str, args: argparse.Namespace) -> LoadResult:
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and all its descendants (Ray and vLLM workers
+    are descendants of the server process we start)."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def measure(base_url: str, model: str, args: argparse.Namespace, pid: int) -> LoadResult:
     prompt = [(7 * i) % 400 + 10 for i in range(args.prompt_tokens)]
     common = {"prompt": prompt, "output_tokens": args.output_tokens, "concurrency": args.concurrency}
     asyncio.run(run_load(base_url, model, requests=max(8, args.concurrency), **common))  # warm-up
-    return asyncio.run(run_load(base_url, model, requests=args.requests, **common))
+    before = tree_cpu_s(pid)
+    result = asyncio.run(run_load(base_url, model, requests=args.requests, **common))
+    # Server CPU per request varies far less than throughput on a shared machine.
+    result.server_cpu_s = tree_cpu_s(pid) - before
+    return result
+
+
+def serve_and_measure(
+    cmd: list[str], env: dict[str, str], port: int, ready_path: str, args: argparse.Namespace, log: Path
+) -> LoadResult:
+    """Starts a server, waits until ``ready_path`` answers 200, measures it, stops it."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}{ready_path}", proc)
+            return measure(f"http://127.0.0.1:{port}", "tiny", args, proc.pid)
+        finally:
+            stop(proc)
 
 
 def run_direct(model_dir: Path, args: argparse.Namespace, log: Path) -> LoadResult:
@@ -79,13 +111,7 @@ def run_direct(model_dir: Path, args: argparse.Namespace, log: Path) -> LoadResu
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/v1/models", proc)
-            return measure(f"http://127.0.0.1:{port}", "tiny", args)
-        finally:
-            stop(proc)
+    return serve_and_measure(cmd, env, port, "/v1/models", args, log)
 
 
 def run_orchestrator(model_dir: Path, args: argparse.Namespace, work: Path, log: Path) -> LoadResult:
@@ -104,13 +130,7 @@ def run_orchestrator(model_dir: Path, args: argparse.Namespace, work: Path, log:
     for pair in args.orch_env:
         key, _, value = pair.partition("=")
         env[key] = value
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/health", proc)
-            return measure(f"http://127.0.0.1:{port}", "tiny", args)
-        finally:
-            stop(proc)
+    return serve_and_measure(cmd, env, port, "/health", args, log)
 
 
 def main() -> None:
@@ -137,16 +157,18 @@ def main() -> None:
             print(json.dumps(results["orchestrator"].summary()), flush=True)
 
     print()
-    print(f"{'':14}{'req/s':>8}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}{'errors':>8}")
+    print(f"{'':14}{'req/s':>8}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}{'CPU/req':>10}{'errors':>8}")
     for name, r in results.items():
         print(
-            f"{name:14}{r.rps:8.2f}{r.tokens_per_s:11.1f}{r.ttft_ms(0.5):9.1f}ms{r.ttft_ms(0.99):8.1f}ms{r.errors:8d}"
+            f"{name:14}{r.rps:8.2f}{r.tokens_per_s:11.1f}{r.ttft_ms(0.5):9.1f}ms{r.ttft_ms(0.99):8.1f}ms"
+            f"{r.cpu_ms_per_request:8.1f}ms{r.errors:8d}"
         )
     final: dict[str, object] = {name: r.summary() for name, r in results.items()}
     if len(results) == 2:
         d, o = results["direct"], results["orchestrator"]
         final["throughput_ratio"] = round(o.tokens_per_s / d.tokens_per_s, 3)
         final["ttft_p50_added_ms"] = round(o.ttft_ms(0.5) - d.ttft_ms(0.5), 1)
+        final["server_cpu_ratio"] = round(o.cpu_ms_per_request / d.cpu_ms_per_request, 3)
     print(json.dumps(final))
 
 
