@@ -1,0 +1,100 @@
+"""Per-key requests-per-minute and tokens-per-minute limits, with reservations.
+
+At admission a request reserves one request and ``prompt + max output`` tokens in the
+key's current window; when it ends the reservation settles to what was really used.
+Windows are fixed, ``window_s`` long, starting at a key's first request after the previous
+window ended, so ``reset`` is exact and "N of N+k requests pass" holds. This class is the
+rule only: to be exact across router replicas it must run in one shared place (the
+store actor), never in each replica.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class _Window:
+    start: float
+    requests: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class LimitDecision:
+    """The outcome of an admission, with what the rate-limit headers report."""
+
+    allowed: bool
+    limit_requests: int | None
+    remaining_requests: int | None
+    limit_tokens: int | None
+    remaining_tokens: int | None
+    reset_s: float
+    window_start: float
+
+    def headers(self) -> dict[str, str]:
+        """Returns the ``x-ratelimit-*`` headers (and ``Retry-After`` when refused)."""
+        out: dict[str, str] = {}
+        reset = f"{max(self.reset_s, 0.0):.3f}s"
+        if self.limit_requests is not None:
+            out["x-ratelimit-limit-requests"] = str(self.limit_requests)
+            out["x-ratelimit-remaining-requests"] = str(self.remaining_requests)
+            out["x-ratelimit-reset-requests"] = reset
+        if self.limit_tokens is not None:
+            out["x-ratelimit-limit-tokens"] = str(self.limit_tokens)
+            out["x-ratelimit-remaining-tokens"] = str(self.remaining_tokens)
+            out["x-ratelimit-reset-tokens"] = reset
+        if not self.allowed:
+            out["Retry-After"] = str(max(1, math.ceil(self.reset_s)))
+        return out
+
+
+class RateLimiter:
+    """Fixed-window RPM/TPM limiter keyed by API key id.
+
+    Args:
+        clock: monotonic seconds (injected, so tests control time).
+        window_s: window length (60 for per-minute limits).
+    """
+
+    def __init__(self, clock: Callable[[], float], window_s: float = 60.0) -> None:
+        self._clock = clock
+        self._window_s = window_s
+        self._windows: dict[str, _Window] = {}
+
+    def _window(self, key_id: str, now: float) -> _Window:
+        window = self._windows.get(key_id)
+        if window is None or now >= window.start + self._window_s:
+            window = _Window(start=now)
+            self._windows[key_id] = window
+        return window
+
+    def admit(self, key_id: str, rpm: int | None, tpm: int | None, tokens: int) -> LimitDecision:
+        """Reserves one request and ``tokens`` tokens if both limits allow it.
+
+        A request whose reservation alone exceeds ``tpm`` is refused (it could never pass).
+        """
+        now = self._clock()
+        window = self._window(key_id, now)
+        allowed = (rpm is None or window.requests + 1 <= rpm) and (tpm is None or window.tokens + tokens <= tpm)
+        if allowed:
+            window.requests += 1
+            window.tokens += tokens
+        return LimitDecision(
+            allowed=allowed,
+            limit_requests=rpm,
+            remaining_requests=None if rpm is None else max(0, rpm - window.requests),
+            limit_tokens=tpm,
+            remaining_tokens=None if tpm is None else max(0, tpm - window.tokens),
+            reset_s=window.start + self._window_s - now,
+            window_start=window.start,
+        )
+
+    def settle(self, key_id: str, window_start: float, reserved: int, used: int) -> None:
+        """Replaces a reservation by the tokens really used (same window only: a window
+        that has rolled over has already been forgotten)."""
+        window = self._windows.get(key_id)
+        if window is not None and window.start == window_start:
+            window.tokens = max(0, window.tokens - reserved + used)
