@@ -1,0 +1,75 @@
+"""The gateway's SQL schema (SQLAlchemy Core). Changes go through a new Alembic
+migration in ``migrations/versions``; tests/unit/test_database.py fails on drift."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# USD amounts: 20 digits, 11 after the point (a billionth of a cent).
+Money = Numeric(20, 11)
+
+workspaces = Table(
+    "workspaces",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("hint", String(32), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("workspace_id", String(64), ForeignKey("workspaces.id"), nullable=False),
+    Column("models", Text, nullable=False, default="[]"),  # JSON list of names or patterns
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", Integer, nullable=True),
+    Column("credits", Money, nullable=True),  # None: no balance kept (unlimited)
+    Column("daily_limit", Money, nullable=True),
+    Column("monthly_limit", Money, nullable=True),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("key_id", String(64), nullable=True),
+    Column("workspace_id", String(64), nullable=True),
+    Column("model", String(200), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("cached_tokens", Integer, nullable=False),
+    Column("reasoning_tokens", Integer, nullable=False),
+    Column("cost", Money, nullable=False),
+    Column("ttft_ms", Float, nullable=True),
+    Column("latency_ms", Float, nullable=False),
+    Column("tokens_per_s", Float, nullable=True),
+    Column("finish_reason", String(32), nullable=True),
+    Column("streamed", Boolean, nullable=False),
+    Column("cancelled", Boolean, nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_usage_key_created", "key_id", "created_at"),
+    Index("ix_usage_model_created", "model", "created_at"),
+)
