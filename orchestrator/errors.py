@@ -129,16 +129,6 @@ class OrchestratorError(Exception):
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OrchestratorError:
-        """Rebuilds an error from :meth:`to_dict` output (crossing a deployment handle)."""
-        err = data.get("error", data)
-        try:
-            code = ErrorCode(err.get("code"))
-        except ValueError:
-            code = ErrorCode.INTERNAL_ERROR
-        return cls(code, str(err.get("message", "")), param=err.get("param"))
-
-    @classmethod
     def from_validation(cls, exc: Any) -> OrchestratorError:
         """Turns a pydantic ``ValidationError`` into ``invalid_request`` naming the parameter."""
         first = exc.errors()[0]

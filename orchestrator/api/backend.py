@@ -7,11 +7,12 @@ Serve handles; unit tests use a small deterministic fake (tests/fakes.py).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from orchestrator.catalog import ModelSpec
+from orchestrator.engine.base import Kind
 
-Kind = Literal["chat", "completion"]
+__all__ = ["Backend", "ChunkStream", "Kind"]
 
 
 class ChunkStream(Protocol):
