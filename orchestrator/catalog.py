@@ -8,7 +8,7 @@ stopping at the first, so ``orchestrator validate-catalog`` can report them all 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -147,7 +147,9 @@ class ModelSpec(_Frozen):
     """One catalog entry: everything about serving one model."""
 
     name: str = Field(pattern=_NAME_PATTERN, description="Display name clients use, e.g. `smollm2-135m-instruct`.")
-    aliases: tuple[str, ...] = Field(default=(), description="Other names that resolve to this model.")
+    aliases: tuple[Annotated[str, Field(pattern=_NAME_PATTERN)], ...] = Field(
+        default=(), description="Other names that resolve to this model."
+    )
     backend_id: str = Field(
         default="", description="Raw backend id (e.g. the HF repo id); also resolves. Defaults from the source."
     )
@@ -164,16 +166,6 @@ class ModelSpec(_Frozen):
     chat_template: str | None = Field(default=None, description="Jinja chat template overriding the tokenizer's.")
     resources: Resources = Field(default_factory=Resources, description="Per-replica cluster resources.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica bounds and target.")
-
-    @field_validator("aliases")
-    @classmethod
-    def _alias_pattern(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        import re
-
-        for alias in value:
-            if not re.match(_NAME_PATTERN, alias):
-                raise ValueError(f"alias {alias!r} is not a valid model name")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -359,7 +351,7 @@ class Catalog:
             )
         return spec
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self.specs)
 
     def __len__(self) -> int:

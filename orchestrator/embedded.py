@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -55,7 +56,7 @@ def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | No
     needed = sum(s.resources.cpus for s in models) + 1
     ray.init(
         _node_ip_address="127.0.0.1",
-        num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+        num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,

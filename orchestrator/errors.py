@@ -70,20 +70,14 @@ _STATUS: dict[ErrorCode, int] = {
 }
 
 # OpenAI SDKs only look at the status, but `type` helps humans group errors.
+_TYPE_BY_STATUS = {
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+}
 _TYPE: dict[ErrorCode, str] = {
-    code: (
-        "invalid_request_error"
-        if status in (400, 404, 405, 413)
-        else "authentication_error"
-        if status == 401
-        else "billing_error"
-        if status == 402
-        else "permission_error"
-        if status == 403
-        else "rate_limit_error"
-        if status == 429
-        else "server_error"
-    )
+    code: _TYPE_BY_STATUS.get(status, "invalid_request_error" if status < 500 else "server_error")
     for code, status in _STATUS.items()
 }
 

@@ -31,7 +31,6 @@ class FakeEngine:
     fail_before_first: OrchestratorError | None = None
     fail_after: int | None = None
     running: int = 0
-    aborted: int = 0
 
     def _usage(self, body: dict[str, Any]) -> dict[str, Any]:
         prompt = len(json.dumps(body.get("messages") or body.get("prompt")).split())
@@ -76,9 +75,6 @@ class FakeEngine:
                 yield frame({**base, "choices": [{"index": 0, "delta": {"content": word + " "}}]})
             yield frame({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
             yield frame({**base, "choices": [], "usage": self._usage(body)})
-        except (asyncio.CancelledError, GeneratorExit):
-            self.aborted += 1
-            raise
         finally:
             self.running -= 1
 
@@ -86,7 +82,6 @@ class FakeEngine:
 class _Stream:
     def __init__(self, source: AsyncIterator[list[str]]) -> None:
         self._source = source
-        self.cancelled = False
 
     def __aiter__(self) -> _Stream:
         return self
@@ -95,7 +90,6 @@ class _Stream:
         return await anext(self._source)
 
     def cancel(self) -> None:
-        self.cancelled = True
         self.closing = asyncio.ensure_future(self._source.aclose())  # type: ignore[attr-defined]
 
 
@@ -105,15 +99,12 @@ class LocalBackend:
     def __init__(self, engines: dict[str, FakeEngine], batch_s: float = 0.0) -> None:
         self.engines = engines
         self.batch_s = batch_s
-        self.streams: list[_Stream] = []
 
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         return await self.engines[spec.name].complete(kind, body, request_id)
 
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _Stream:
-        stream = _Stream(batch_frames(self.engines[spec.name].stream(kind, body, request_id), self.batch_s))
-        self.streams.append(stream)
-        return stream
+        return _Stream(batch_frames(self.engines[spec.name].stream(kind, body, request_id), self.batch_s))
 
     async def health(self) -> dict[str, bool]:
         return {name: True for name in self.engines}

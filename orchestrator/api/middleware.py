@@ -33,7 +33,8 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"")
         request_id = incoming.decode() if _SANE_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
@@ -43,7 +44,7 @@ class RequestContext:
                 message["headers"] = [*message.get("headers", []), id_header]
             await send(message)
 
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large(send_with_id, request_id)
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from orchestrator.api.backend import ChunkStream
@@ -82,8 +82,6 @@ async def drive(
     *,
     request_id: str,
     keepalive_s: float,
-    on_frames: Callable[[list[str]], None] | None = None,
-    on_end: Callable[[OrchestratorError | None, bool], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """Yields the body of a streaming response: upstream frames, keep-alives while it is
     silent, an error event if it fails part-way, and always ``data: [DONE]`` last.
@@ -92,8 +90,6 @@ async def drive(
         head: the started upstream stream.
         request_id: for the error event.
         keepalive_s: interval of keep-alive comments while the upstream is silent.
-        on_frames: sees every batch (metering reads the usage chunk here).
-        on_end: called once with (error or None, cancelled) when the stream ends.
     """
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -107,7 +103,6 @@ async def drive(
         except BaseException as exc:
             queue.put_nowait(exc)
 
-    error: OrchestratorError | None = None
     finished = False
     task = asyncio.create_task(pump())
     try:
@@ -121,11 +116,8 @@ async def drive(
             if item is _END:
                 break
             if isinstance(item, BaseException):
-                error = as_orchestrator_error(item)
-                yield error_frame(error, request_id)
+                yield error_frame(as_orchestrator_error(item), request_id)
                 break
-            if on_frames:
-                on_frames(item)
             yield "".join(item).encode()
         yield DONE
         finished = True
@@ -135,5 +127,3 @@ async def drive(
         if not finished:
             # The client went away: stop the generation inside the engine.
             head.stream.cancel()
-        if on_end:
-            on_end(error, not finished)

@@ -22,6 +22,7 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 from vllm.entrypoints.openai.models.protocol import BaseModelPath
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -127,15 +128,19 @@ class VLLMEngine:
             lora_modules=None,
         )
         await models.init_static_loras()
+        # The renderer and the chat server both need the template and tool-parser options.
+        parsing: dict[str, Any] = {
+            "chat_template": self.spec.chat_template,
+            "chat_template_content_format": "auto",
+            "enable_auto_tools": bool(self.spec.tool_call_parser),
+            "tool_parser": self.spec.tool_call_parser,
+        }
         renderer = OnlineRenderer(
             model_config=self._llm.model_config,
             renderer=self._llm.renderer,
             request_logger=None,
-            chat_template=self.spec.chat_template,
-            chat_template_content_format="auto",
-            enable_auto_tools=bool(self.spec.tool_call_parser),
-            tool_parser=self.spec.tool_call_parser,
             reasoning_parser=self.spec.reasoning_parser,
+            **parsing,
         )
         renderer.warmup()
         common: dict[str, Any] = {
@@ -144,15 +149,7 @@ class VLLMEngine:
             "enable_prompt_tokens_details": True,
         }
         self._chat = _StrictChat(
-            self._llm,
-            models,
-            "assistant",
-            chat_template=self.spec.chat_template,
-            chat_template_content_format="auto",
-            reasoning_parser=self.spec.reasoning_parser or "",
-            enable_auto_tools=bool(self.spec.tool_call_parser),
-            tool_parser=self.spec.tool_call_parser,
-            **common,
+            self._llm, models, "assistant", reasoning_parser=self.spec.reasoning_parser or "", **parsing, **common
         )
         self._completion = _StrictCompletion(self._llm, models, **common)
 
@@ -163,10 +160,10 @@ class VLLMEngine:
             data["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         try:
             return cls.model_validate(data)
-        except ValueError as exc:  # vLLM's own checks raise VLLMValidationError (a ValueError)
-            if not isinstance(exc, ValidationError):
-                raise self._map(exc) from None
+        except ValidationError as exc:
             raise OrchestratorError.from_validation(exc) from None
+        except ValueError as exc:  # vLLM's own checks raise VLLMValidationError (a ValueError)
+            raise self._map(exc) from None
 
     async def _call(self, kind: Kind, request: Any) -> Any:
         if self._llm is None:
@@ -180,9 +177,8 @@ class VLLMEngine:
             raise
         except Exception as exc:  # vLLM raises most input errors rather than returning them
             raise self._map(exc) from None
-        error = getattr(result, "error", None)
-        if error is not None and hasattr(error, "code"):
-            raise map_engine_error(int(error.code), error.message, error.param)
+        if isinstance(result, ErrorResponse):
+            raise map_engine_error(int(result.error.code), result.error.message, result.error.param)
         return result
 
     def _map(self, exc: Exception) -> OrchestratorError:

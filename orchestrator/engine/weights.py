@@ -37,13 +37,6 @@ class WeightsError(RuntimeError):
     """Weights could not be prepared (missing folder, failed download or conversion)."""
 
 
-def is_prepared(source: Source, cache_dir: Path) -> bool:
-    """Returns whether :func:`prepare_weights` would do no work for this source."""
-    if isinstance(source, HuggingFaceSource | LocalSource):
-        return True
-    return (_target(source, cache_dir) / "config.json").exists()
-
-
 def prepare_weights(source: Source, cache_dir: Path, *, progress: bool = False) -> str:
     """Returns what to pass as vLLM's ``model``: a local folder, or a Hub repo id.
 

@@ -61,6 +61,11 @@ def test_engine_arg_typo_fails_with_suggestion(tmp_path: Path) -> None:
     assert any("engine_args.max_num_seq" in p and "max_num_seqs" in p for p in found)
 
 
+def test_alias_must_be_a_valid_name(tmp_path: Path) -> None:
+    found = problems(tmp_path, {**TINY, "aliases": ["ok", "bad name!"]})
+    assert any("models.0.aliases.1" in p for p in found)
+
+
 def test_reserved_engine_args_refused(tmp_path: Path) -> None:
     found = problems(tmp_path, {**TINY, "engine_args": {"max_model_len": 10}})
     assert any("max_model_len" in p for p in found)
