@@ -12,20 +12,22 @@ from orchestrator.errors import ErrorCode, OrchestratorError
 _CONTEXT = re.compile(r"context length|max_model_len|maximum model length|too long", re.IGNORECASE)
 
 
+_BY_STATUS = {
+    404: ErrorCode.MODEL_NOT_FOUND,
+    429: ErrorCode.PROVIDER_RATE_LIMIT,
+    503: ErrorCode.PROVIDER_OVERLOADED,
+    504: ErrorCode.PROVIDER_TIMEOUT,
+}
+
+
 def map_engine_error(status: int, message: str, param: str | None = None) -> OrchestratorError:
     """Maps an error vLLM's serving layer reported to the stable taxonomy."""
     if status == 400 and _CONTEXT.search(message):
         code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
-    elif 400 <= status < 500 and status != 404:
+    elif status in _BY_STATUS:
+        code = _BY_STATUS[status]
+    elif 400 <= status < 500:
         code = ErrorCode.INVALID_REQUEST
-    elif status == 404:
-        code = ErrorCode.MODEL_NOT_FOUND
-    elif status == 429:
-        code = ErrorCode.PROVIDER_RATE_LIMIT
-    elif status == 504:
-        code = ErrorCode.PROVIDER_TIMEOUT
-    elif status == 503:
-        code = ErrorCode.PROVIDER_OVERLOADED
     else:
         code = ErrorCode.PROVIDER_UNAVAILABLE
     return OrchestratorError(code, message, param=param)

@@ -1,0 +1,66 @@
+"""Adapting vLLM's output: error mapping, error frames, the usage block."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.engine.frames import (
+    complete_usage,
+    error_from_frame,
+    is_usage_frame,
+    map_engine_error,
+    patch_usage_frame,
+)
+from orchestrator.errors import ErrorCode
+
+# Messages as vLLM 0.32 words them.
+PROMPT_TOO_LONG = (
+    "This model's maximum context length is 512 tokens. However, your prompt contains at least 513 "
+    "input tokens, which exceeds this limit even without any output tokens."
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "code"),
+    [
+        (400, PROMPT_TOO_LONG, ErrorCode.CONTEXT_LENGTH_EXCEEDED),
+        (400, "max_tokens=1000 cannot be greater than max_model_len=512.", ErrorCode.CONTEXT_LENGTH_EXCEEDED),
+        (400, "temperature must be non-negative, got -1.0.", ErrorCode.INVALID_REQUEST),
+        (422, "unprocessable", ErrorCode.INVALID_REQUEST),
+        (404, "The model `x` does not exist.", ErrorCode.MODEL_NOT_FOUND),
+        (429, "slow down", ErrorCode.PROVIDER_RATE_LIMIT),
+        (503, "queue full", ErrorCode.PROVIDER_OVERLOADED),
+        (504, "timed out", ErrorCode.PROVIDER_TIMEOUT),
+        (500, "boom", ErrorCode.PROVIDER_UNAVAILABLE),
+    ],
+)
+def test_engine_errors_map_to_taxonomy(status: int, message: str, code: ErrorCode) -> None:
+    err = map_engine_error(status, message, "param")
+    assert err.code is code and err.message == message and err.param == "param"
+
+
+def test_error_frame_detected_and_mapped() -> None:
+    frame = 'data: {"error":{"message":"engine died","type":"InternalServerError","param":null,"code":500}}\n\n'
+    err = error_from_frame(frame)
+    assert err is not None and err.code is ErrorCode.PROVIDER_UNAVAILABLE
+    text = 'data: {"id":"gen-1","choices":[{"delta":{"content":"\\"error\\""}}]}\n\n'
+    assert error_from_frame(text) is None
+
+
+def test_usage_frame_gets_cached_and_reasoning_counts() -> None:
+    frame = 'data: {"id":"gen-1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
+    assert is_usage_frame(frame)
+    assert not is_usage_frame('data: {"id":"gen-1","choices":[{"delta":{}}]}\n\n')
+    patched = patch_usage_frame(frame)
+    assert patched.startswith("data: ") and patched.endswith("\n\n")
+    usage = json.loads(patched[6:])["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": 0}
+
+
+def test_complete_usage_keeps_reported_counts() -> None:
+    usage = complete_usage({"prompt_tokens_details": {"cached_tokens": 256}, "completion_tokens_details": None})
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 256
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 0
