@@ -7,8 +7,9 @@ from decimal import Decimal
 from orchestrator.catalog import Pricing
 
 _MILLION = Decimal(1_000_000)
-# Costs are kept to a billionth of a cent; one token of a $0.01/M model is 1e-8 USD.
-COST_QUANTUM = Decimal("1e-11")
+# Costs are kept in nanodollars (1e-9 USD, the unit of the database columns); one token of
+# a $0.01/M model is 10 nanodollars.
+COST_QUANTUM = Decimal("1e-9")
 
 
 def request_cost(pricing: Pricing, prompt_tokens: int, completion_tokens: int) -> Decimal:

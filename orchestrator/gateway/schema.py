@@ -4,6 +4,7 @@ migration in ``migrations/versions``; tests/unit/test_database.py fails on drift
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -12,7 +13,6 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
-    Numeric,
     String,
     Table,
     Text,
@@ -20,8 +20,9 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
-# USD amounts: 20 digits, 11 after the point (a billionth of a cent).
-Money = Numeric(20, 11)
+# USD amounts are whole nanodollars (1e-9 USD) in a BIGINT: exact on SQLite, whose NUMERIC
+# is a float, and on PostgreSQL; up to 9.2 billion USD. Columns say so with `_nusd`.
+Money = BigInteger
 
 workspaces = Table(
     "workspaces",
@@ -43,10 +44,11 @@ api_keys = Table(
     Column("models", Text, nullable=False, default="[]"),  # JSON list of names or patterns
     Column("rpm", Integer, nullable=True),
     Column("tpm", Integer, nullable=True),
-    Column("credits", Money, nullable=True),  # None: no balance kept (unlimited)
-    Column("daily_limit", Money, nullable=True),
-    Column("monthly_limit", Money, nullable=True),
+    Column("credits_nusd", Money, nullable=True),  # None: no balance kept (unlimited)
+    Column("daily_limit_nusd", Money, nullable=True),
+    Column("monthly_limit_nusd", Money, nullable=True),
     Column("enabled", Boolean, nullable=False, default=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -61,7 +63,7 @@ usage_records = Table(
     Column("completion_tokens", Integer, nullable=False),
     Column("cached_tokens", Integer, nullable=False),
     Column("reasoning_tokens", Integer, nullable=False),
-    Column("cost", Money, nullable=False),
+    Column("cost_nusd", Money, nullable=False),
     Column("ttft_ms", Float, nullable=True),
     Column("latency_ms", Float, nullable=False),
     Column("tokens_per_s", Float, nullable=True),
@@ -69,6 +71,7 @@ usage_records = Table(
     Column("streamed", Boolean, nullable=False),
     Column("cancelled", Boolean, nullable=False),
     Column("status_code", Integer, nullable=False),
+    Column("error_code", String(64), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_usage_key_created", "key_id", "created_at"),
     Index("ix_usage_model_created", "model", "created_at"),

@@ -17,7 +17,16 @@ def test_migrations_create_schema_on_empty_database(tmp_path: Path) -> None:
     tables = set(inspect(engine).get_table_names())
     assert {"workspaces", "api_keys", "usage_records", "alembic_version"} <= tables
     key_columns = {c["name"] for c in inspect(engine).get_columns("api_keys")}
-    assert {"key_hash", "rpm", "tpm", "credits", "daily_limit", "monthly_limit", "enabled"} <= key_columns
+    assert {
+        "key_hash",
+        "rpm",
+        "tpm",
+        "credits_nusd",
+        "daily_limit_nusd",
+        "monthly_limit_nusd",
+        "enabled",
+        "revoked_at",
+    } <= key_columns
     engine.dispose()
 
 

@@ -1,0 +1,74 @@
+"""Key and workspace administration over a :class:`SQLStore` (synchronous).
+
+Shared by the ``orchestrator keys`` command, which talks to the database directly, and by
+the ledger behind ``/admin/keys``, which runs these on its database thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.keys import generate_key, hash_key, key_hint
+from orchestrator.gateway.records import CreatedKey, KeyInfo, KeyLimits, KeyRecord, Workspace
+from orchestrator.gateway.store import SQLStore
+
+DEFAULT_WORKSPACE = "default"
+
+
+def _not_found(key_id: str) -> OrchestratorError:
+    return OrchestratorError(ErrorCode.NOT_FOUND, f"No API key with id {key_id!r}.", param="id")
+
+
+def create_key(store: SQLStore, limits: KeyLimits, *, workspace: str, pepper: bytes, now: datetime) -> CreatedKey:
+    """Creates a key in ``workspace`` (created if new). Returns the plaintext key, which is
+    never stored or shown again, with the key's public record."""
+    store.ensure_workspace(workspace, now)
+    plaintext = generate_key()
+    fields = limits.model_dump(exclude_none=True)
+    record = KeyRecord(
+        id="key_" + secrets.token_hex(8),
+        key_hash=hash_key(plaintext, pepper),
+        hint=key_hint(plaintext),
+        workspace_id=workspace,
+        created_at=now,
+        **{"name": "", "enabled": True, **fields},
+    )
+    store.insert_key(record)
+    return CreatedKey(key=plaintext, info=record.info())
+
+
+def get_key(store: SQLStore, key_id: str) -> KeyInfo:
+    """Raises OrchestratorError ``not_found`` for an unknown id."""
+    record = store.key_by_id(key_id)
+    if record is None:
+        raise _not_found(key_id)
+    return record.info()
+
+
+def update_key(store: SQLStore, key_id: str, limits: KeyLimits, *, clear: frozenset[str] = frozenset()) -> KeyInfo:
+    """Sets the fields given in ``limits``; names in ``clear`` are set to unlimited (None)."""
+    changes = limits.model_dump(exclude_none=True)
+    changes.update({name: None for name in clear if name in KeyLimits.model_fields and name != "enabled"})
+    record = store.update_key(key_id, changes)
+    if record is None:
+        raise _not_found(key_id)
+    return record.info()
+
+
+def revoke_key(store: SQLStore, key_id: str, *, now: datetime) -> KeyInfo:
+    """Revokes a key for good: it then gets 401 ``invalid_api_key``. Its usage stays."""
+    record = store.update_key(key_id, {"enabled": False, "revoked_at": now})
+    if record is None:
+        raise _not_found(key_id)
+    return record.info()
+
+
+def set_workspace_enabled(store: SQLStore, workspace_id: str, enabled: bool) -> Workspace:
+    """Locks or unlocks every key of a workspace."""
+    if not store.set_workspace_enabled(workspace_id, enabled):
+        raise OrchestratorError(ErrorCode.NOT_FOUND, f"No workspace {workspace_id!r}.", param="workspace")
+    workspace = store.get_workspace(workspace_id)
+    assert workspace is not None
+    return workspace

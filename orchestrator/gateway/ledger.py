@@ -1,0 +1,414 @@
+"""The ledger: admission (keys, model lists, credits, spend and rate limits) and
+settlement (usage records, debits), with one authoritative in-memory view.
+
+One ledger serves every router replica (the serving layer runs it as a single-replica
+deployment), which is what makes limits and balances exact however many routers there
+are. Every database call runs on one dedicated thread, so the database and the ledger's
+view of it never disagree: a finished record is either still *pending* (journaled, in
+memory, counted against the key) or *committed* (in the database), never both or neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hmac
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway import admin
+from orchestrator.gateway.journal import UsageJournal
+from orchestrator.gateway.keys import hash_key
+from orchestrator.gateway.limiter import RateLimiter
+from orchestrator.gateway.records import (
+    Admission,
+    CreatedKey,
+    KeyInfo,
+    KeyLimits,
+    KeyRecord,
+    UsageRecord,
+    Workspace,
+)
+from orchestrator.gateway.store import SQLStore
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_SETTLED_MEMORY = 200_000  # request ids remembered to refuse a second settlement
+_UNKNOWN_CACHE_MAX = 10_000
+
+
+@dataclass
+class _KeyEntry:
+    record: KeyRecord | None  # None: no such key (cached to spare the database)
+    workspace_enabled: bool
+    fetched: float
+
+
+@dataclass
+class _Spend:
+    day: datetime
+    day_total: Decimal
+    month: datetime
+    month_total: Decimal
+
+
+def _day_start(now: datetime) -> datetime:
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _month_start(now: datetime) -> datetime:
+    return _day_start(now).replace(day=1)
+
+
+def model_allowed(patterns: Sequence[str], names: Sequence[str]) -> bool:
+    """True when ``patterns`` is empty or one of them matches one of the model's names."""
+    if not patterns:
+        return True
+    lowered = [n.lower() for n in names]
+    return any(fnmatch.fnmatchcase(n, p.lower()) for p in patterns for n in lowered)
+
+
+class Ledger:
+    """The gateway's state. Constructing it does no I/O; :meth:`start` opens the database,
+    replays journaled records a crash left behind and starts the background flusher.
+
+    Args:
+        store: the SQL store.
+        journal: the write-ahead journal of finished records (None: records live only in
+            memory until flushed, for tests that do not need crash safety).
+        pepper: secret mixed into key hashes.
+        clock: wall-clock seconds (record times, day and month boundaries).
+        monotonic: monotonic seconds (rate-limit windows, caches).
+        flush_interval_s: how often finished records are written to the database.
+        key_cache_s: how long a key's row is trusted before it is read again (changes made
+            by the CLI directly in the database show up within this time).
+    """
+
+    def __init__(
+        self,
+        store: SQLStore,
+        journal: UsageJournal | None = None,
+        *,
+        pepper: bytes = b"",
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        flush_interval_s: float = 0.2,
+        key_cache_s: float = 2.0,
+    ) -> None:
+        self.store = store
+        self.journal = journal
+        self._pepper = pepper
+        self._clock = clock
+        self._monotonic = monotonic
+        self._flush_interval_s = flush_interval_s
+        self._key_cache_s = key_cache_s
+        self.limiter = RateLimiter(monotonic)
+        self._lock = threading.Lock()
+        self._keys: dict[str, _KeyEntry] = {}
+        self._spend: dict[str, _Spend] = {}
+        self._pending: dict[str, UsageRecord] = {}
+        self._pending_cost: dict[str, Decimal] = {}
+        self._unsealed: list[UsageRecord] = []
+        self._batches: list[tuple[Path | None, list[UsageRecord]]] = []
+        self._settled: OrderedDict[str, None] = OrderedDict()
+        self._db: ThreadPoolExecutor | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._db is None:
+            raise RuntimeError("ledger is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+    async def start(self) -> None:
+        """Opens the store (applying migrations), replays leftover journal segments."""
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-db")
+        await self._run(self.store.open)
+        if self.journal is not None:
+            leftovers = await self._run(self.journal.open)
+            for segment in leftovers:
+                replayed = await self._run(self._replay, segment)
+                logger.warning("replayed %d usage records from %s", replayed, segment.name)
+        self._flusher = asyncio.create_task(self._flush_loop())
+
+    def _replay(self, segment: Path) -> int:
+        fresh = self.store.write_usage(list(UsageJournal.read(segment)))
+        UsageJournal.discard(segment)
+        return len(fresh)
+
+    async def stop(self) -> None:
+        """Writes every finished record to the database, then closes it."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        if self._db is None:
+            return
+        await self.flush()
+        if self.journal is not None:
+            last = self.journal.close()
+            if last is not None and not self._batches and not self._unsealed:
+                UsageJournal.discard(last)
+        await self._run(self.store.close)
+        self._db.shutdown(wait=True)
+        self._db = None
+
+    # -- keys -------------------------------------------------------------------------
+
+    def _load_key(self, key_hash: str) -> _KeyEntry:
+        # Runs on the database thread; the cache is filled there, under the lock, so a
+        # flush (same thread) can never slip between the read and the cache update.
+        record = self.store.key_by_hash(key_hash)
+        enabled = True
+        if record is not None:
+            workspace = self.store.get_workspace(record.workspace_id)
+            enabled = workspace is None or workspace.enabled
+        entry = _KeyEntry(record, enabled, self._monotonic())
+        with self._lock:
+            if record is None and len(self._keys) > _UNKNOWN_CACHE_MAX:
+                self._keys = {h: e for h, e in self._keys.items() if e.record is not None}
+            self._keys[key_hash] = entry
+        return entry
+
+    async def authenticate(self, api_key: str | None) -> KeyRecord:
+        """Returns the key's record.
+
+        Raises:
+            OrchestratorError: 401 ``invalid_api_key`` (missing, unknown or revoked key),
+            403 ``workspace_locked`` (key or workspace disabled).
+        """
+        if not api_key:
+            raise OrchestratorError(
+                ErrorCode.INVALID_API_KEY, "Missing API key. Send it as `Authorization: Bearer <key>`."
+            )
+        key_hash = hash_key(api_key, self._pepper)
+        entry = self._keys.get(key_hash)
+        if entry is None or self._monotonic() - entry.fetched > self._key_cache_s:
+            entry = await self._run(self._load_key, key_hash)
+        record = entry.record
+        # The lookup was by hash; the constant-time comparison makes the check explicit.
+        if record is None or record.revoked_at is not None or not hmac.compare_digest(record.key_hash, key_hash):
+            raise OrchestratorError(ErrorCode.INVALID_API_KEY, "Invalid API key.")
+        if not record.enabled or not entry.workspace_enabled:
+            what = "This API key is disabled." if not record.enabled else "This key's workspace is disabled."
+            raise OrchestratorError(ErrorCode.WORKSPACE_LOCKED, what)
+        return record
+
+    # -- admission --------------------------------------------------------------------
+
+    def _load_spend(self, key_id: str, now: datetime) -> _Spend:
+        day, month = _day_start(now), _month_start(now)
+        day_db = self.store.spend_since(key_id, day)
+        month_db = self.store.spend_since(key_id, month)
+        with self._lock:
+            pending = [r for r in self._pending.values() if r.key_id == key_id]
+            spend = _Spend(
+                day,
+                day_db + sum((r.cost for r in pending if r.created_at >= day), Decimal(0)),
+                month,
+                month_db + sum((r.cost for r in pending if r.created_at >= month), Decimal(0)),
+            )
+            self._spend[key_id] = spend
+        return spend
+
+    async def admit(self, api_key: str | None, model_names: Sequence[str], tokens: int, request_id: str) -> Admission:
+        """Lets a request in, reserving one request and ``tokens`` tokens, or refuses it.
+
+        Args:
+            api_key: the bearer token as sent.
+            model_names: every name of the requested model (display name, aliases, backend id).
+            tokens: prompt tokens (estimated) plus the maximum output tokens.
+            request_id: the request's id.
+
+        Returns:
+            The admission, with the ``x-ratelimit-*`` headers for the response.
+
+        Raises:
+            OrchestratorError: ``invalid_api_key`` 401, ``workspace_locked`` 403,
+            ``model_not_allowed`` 403, ``insufficient_credits`` 402, ``key_limit_exceeded``
+            402, ``rate_limit_exceeded`` 429 (with ``Retry-After``).
+        """
+        key = await self.authenticate(api_key)
+        if not model_allowed(key.models, model_names):
+            raise OrchestratorError(
+                ErrorCode.MODEL_NOT_ALLOWED, f"This API key may not use the model {model_names[0]!r}.", param="model"
+            )
+        if key.credits is not None and key.credits - self._pending_cost.get(key.id, Decimal(0)) <= 0:
+            raise OrchestratorError(ErrorCode.INSUFFICIENT_CREDITS, "This API key has no credits left.")
+        if key.daily_limit is not None or key.monthly_limit is not None:
+            now = datetime.fromtimestamp(self._clock(), UTC)
+            spend = self._spend.get(key.id)
+            if spend is None or spend.day != _day_start(now) or spend.month != _month_start(now):
+                spend = await self._run(self._load_spend, key.id, now)
+            for limit, total, period in ((key.daily_limit, spend.day_total, "daily"),
+                                         (key.monthly_limit, spend.month_total, "monthly")):  # fmt: skip
+                if limit is not None and total >= limit:
+                    raise OrchestratorError(
+                        ErrorCode.KEY_LIMIT_EXCEEDED, f"This API key reached its {period} spend limit of ${limit}."
+                    )
+        decision = self.limiter.admit(key.id, key.rpm, key.tpm, tokens)
+        headers = decision.headers()
+        if not decision.allowed:
+            which = "requests" if key.rpm is not None and decision.remaining_requests == 0 else "tokens"
+            raise OrchestratorError(
+                ErrorCode.RATE_LIMIT_EXCEEDED,
+                f"Rate limit reached for this API key ({which} per minute). Retry after {headers['Retry-After']} s.",
+                headers=headers,
+            )
+        return Admission(
+            request_id=request_id,
+            key_id=key.id,
+            workspace_id=key.workspace_id,
+            reserved_tokens=tokens,
+            window_start=decision.window_start,
+            headers=headers,
+        )
+
+    # -- settlement -------------------------------------------------------------------
+
+    async def settle(self, admission: Admission, record: UsageRecord) -> bool:
+        """Records a finished request and debits its key, exactly once per request id.
+
+        The record is journaled and visible to :meth:`generation` before this returns; the
+        database write happens in the background. Returns False for a repeated settlement.
+        """
+        rid = record.request_id
+        if rid in self._settled:
+            return False
+        self._settled[rid] = None
+        if len(self._settled) > _SETTLED_MEMORY:
+            self._settled.popitem(last=False)
+        if admission.key_id is not None:
+            used = record.prompt_tokens + record.completion_tokens
+            self.limiter.settle(admission.key_id, admission.window_start, admission.reserved_tokens, used)
+        if self.journal is not None:
+            self.journal.append(record)
+        with self._lock:
+            self._pending[rid] = record
+            self._unsealed.append(record)
+            if record.key_id is not None and record.cost:
+                self._pending_cost[record.key_id] = self._pending_cost.get(record.key_id, Decimal(0)) + record.cost
+                spend = self._spend.get(record.key_id)
+                if spend is not None and record.created_at >= spend.day:
+                    spend.day_total += record.cost
+                if spend is not None and record.created_at >= spend.month:
+                    spend.month_total += record.cost
+        return True
+
+    def _commit(self, batch: list[UsageRecord]) -> None:
+        # Database thread: write, then move the records from pending to committed in the
+        # ledger's view in one step under the lock.
+        fresh = {r.request_id for r in self.store.write_usage(batch)}
+        with self._lock:
+            for record in batch:
+                self._pending.pop(record.request_id, None)
+                if record.key_id is None or not record.cost:
+                    continue
+                self._pending_cost[record.key_id] -= record.cost
+                if self._pending_cost[record.key_id] == 0:
+                    del self._pending_cost[record.key_id]
+                if record.request_id in fresh:
+                    for entry in self._keys.values():
+                        if entry.record is not None and entry.record.id == record.key_id:
+                            credits = entry.record.credits
+                            if credits is not None:
+                                entry.record = entry.record.model_copy(update={"credits": credits - record.cost})
+
+    async def flush(self) -> None:
+        """Writes every finished record to the database now.
+
+        Raises:
+            Exception: the database failed; records stay pending (and journaled) for a retry.
+        """
+        with self._lock:
+            batch, self._unsealed = self._unsealed, []
+        if batch:
+            segment = self.journal.seal() if self.journal is not None else None
+            self._batches.append((segment, batch))
+        while self._batches:
+            segment, records = self._batches[0]
+            await self._run(self._commit, records)
+            self._batches.pop(0)
+            if segment is not None:
+                UsageJournal.discard(segment)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval_s)
+            try:
+                await self.flush()
+            except Exception:
+                logger.exception("usage flush failed; records stay journaled and will be retried")
+
+    # -- lookups ----------------------------------------------------------------------
+
+    async def generation(self, generation_id: str, api_key: str | None, *, admin: bool = False) -> UsageRecord:
+        """Returns a finished request's record to the key that made it (or to an admin).
+
+        Raises:
+            OrchestratorError: 401/403 for a bad key; 404 ``not_found`` for an unknown id or
+            another key's request (the same answer, so ids cannot be probed).
+        """
+        key_id = None if admin else (await self.authenticate(api_key)).id
+        request_id = generation_id.removeprefix("gen-")
+        record = self._pending.get(request_id) or await self._run(self.store.usage, request_id)
+        if record is None or (not admin and record.key_id != key_id):
+            raise OrchestratorError(ErrorCode.NOT_FOUND, f"No generation {generation_id!r}.", param="id")
+        return record
+
+    async def usage_report(self, **filters: Any) -> list[dict[str, Any]]:
+        """Flushes, then sums usage (see :meth:`SQLStore.usage_report`)."""
+        await self.flush()
+        return await self._run(lambda: self.store.usage_report(**filters))
+
+    # -- administration ---------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    def _forget(self, key_id: str | None = None) -> None:
+        with self._lock:
+            self._keys = {h: e for h, e in self._keys.items() if key_id is not None and (
+                e.record is None or e.record.id != key_id)}  # fmt: skip
+
+    async def create_key(self, limits: KeyLimits, workspace: str = admin.DEFAULT_WORKSPACE) -> CreatedKey:
+        created = await self._run(
+            lambda: admin.create_key(self.store, limits, workspace=workspace, pepper=self._pepper, now=self._now())
+        )
+        self._forget()  # the new key may have been cached as unknown
+        return created
+
+    async def list_keys(self) -> list[KeyInfo]:
+        return [r.info() for r in await self._run(self.store.list_keys)]
+
+    async def get_key(self, key_id: str) -> KeyInfo:
+        return await self._run(admin.get_key, self.store, key_id)
+
+    async def update_key(self, key_id: str, limits: KeyLimits, clear: frozenset[str] = frozenset()) -> KeyInfo:
+        info = await self._run(lambda: admin.update_key(self.store, key_id, limits, clear=clear))
+        self._forget(key_id)
+        return info
+
+    async def revoke_key(self, key_id: str) -> KeyInfo:
+        info = await self._run(lambda: admin.revoke_key(self.store, key_id, now=self._now()))
+        self._forget(key_id)
+        return info
+
+    async def list_workspaces(self) -> list[Workspace]:
+        return await self._run(self.store.list_workspaces)
+
+    async def set_workspace_enabled(self, workspace_id: str, enabled: bool) -> Workspace:
+        workspace = await self._run(admin.set_workspace_enabled, self.store, workspace_id, enabled)
+        self._forget()
+        return workspace

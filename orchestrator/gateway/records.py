@@ -1,0 +1,112 @@
+"""Plain-data records of the gateway: keys, admissions, usage. They cross Ray handles and
+JSON, so they are pydantic models without behaviour beyond small derived views."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Workspace(BaseModel):
+    """A group of keys that can be locked as a whole."""
+
+    id: str
+    name: str
+    enabled: bool = True
+    created_at: datetime
+
+
+class KeyLimits(BaseModel):
+    """What an admin may set on a key (create and update). ``None`` means unlimited."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200, description="Human name of the key.")
+    models: list[str] | None = Field(
+        default=None, description="Allowed model names or glob patterns (`tiny-*`); empty or unset: all models."
+    )
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute.")
+    tpm: int | None = Field(default=None, ge=1, description="Tokens (prompt + max output) per minute.")
+    credits: Decimal | None = Field(default=None, ge=0, description="Credit balance in USD; unset: no balance kept.")
+    daily_limit: Decimal | None = Field(default=None, ge=0, description="Spend limit per UTC day, USD.")
+    monthly_limit: Decimal | None = Field(default=None, ge=0, description="Spend limit per UTC month, USD.")
+    enabled: bool | None = Field(default=None, description="A disabled key gets 403 workspace_locked.")
+
+
+class KeyInfo(BaseModel):
+    """A key as admins see it: everything but the secret (only a hint of it)."""
+
+    id: str
+    hint: str
+    name: str
+    workspace_id: str
+    models: list[str] = Field(default_factory=list)
+    rpm: int | None = None
+    tpm: int | None = None
+    credits: Decimal | None = None
+    daily_limit: Decimal | None = None
+    monthly_limit: Decimal | None = None
+    enabled: bool = True
+    revoked_at: datetime | None = None
+    created_at: datetime
+
+
+class KeyRecord(KeyInfo):
+    """A key as stored: the public fields plus the keyed hash of the secret."""
+
+    key_hash: str
+
+    def info(self) -> KeyInfo:
+        return KeyInfo.model_validate(self.model_dump(exclude={"key_hash"}))
+
+
+class CreatedKey(BaseModel):
+    """The answer to a key creation: the only time the plaintext key is shown."""
+
+    key: str
+    info: KeyInfo
+
+
+class Admission(BaseModel):
+    """A request let through: who made it and what it reserved."""
+
+    request_id: str
+    key_id: str | None = None
+    workspace_id: str | None = None
+    reserved_tokens: int = 0
+    window_start: float = 0.0
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class UsageRecord(BaseModel):
+    """One request that passed admission, however it ended."""
+
+    request_id: str
+    key_id: str | None = None
+    workspace_id: str | None = None
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: Decimal = Decimal(0)
+    ttft_ms: float | None = None
+    latency_ms: float = 0.0
+    tokens_per_s: float | None = None
+    finish_reason: str | None = None
+    streamed: bool = False
+    cancelled: bool = False
+    status_code: int = 200
+    error_code: str | None = None
+    created_at: datetime
+
+    def public(self) -> dict[str, Any]:
+        """Returns the record as ``GET /v1/generation`` shows it (``id`` = ``gen-...``)."""
+        data = self.model_dump(mode="json")
+        data["id"] = "gen-" + data.pop("request_id")
+        data["cost"] = float(self.cost)
+        data["total_tokens"] = self.prompt_tokens + self.completion_tokens
+        return data

@@ -1,0 +1,190 @@
+"""The ledger against real databases (SQLite file and a throwaway PostgreSQL server)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.journal import UsageJournal
+from orchestrator.gateway.ledger import Ledger, model_allowed
+from orchestrator.gateway.records import Admission, KeyLimits, UsageRecord
+from orchestrator.gateway.store import SQLStore
+
+NAMES = ["tiny-a", "a", "org/tiny-a"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC).timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'orch.db'}"
+    # One fresh database per test on the shared server.
+    base: str = request.getfixturevalue("postgres_url")
+    from sqlalchemy import create_engine, text
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    engine = create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return base.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture
+async def ledger(db_url: str, tmp_path: Path) -> AsyncIterator[Ledger]:
+    clock = Clock()
+    ledger = Ledger(
+        SQLStore(db_url), UsageJournal(tmp_path / "journal"), clock=clock, monotonic=clock, flush_interval_s=3600
+    )
+    await ledger.start()
+    yield ledger
+    await ledger.stop()
+
+
+def record(ledger: Ledger, admission: Admission, cost: str = "0.25", **extra: object) -> UsageRecord:
+    return UsageRecord(
+        request_id=admission.request_id,
+        key_id=admission.key_id,
+        workspace_id=admission.workspace_id,
+        model="tiny-a",
+        prompt_tokens=10,
+        completion_tokens=5,
+        cost=Decimal(cost),
+        latency_ms=12.5,
+        created_at=datetime.fromtimestamp(ledger._clock(), UTC),
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+async def refused(coro: object) -> OrchestratorError:
+    with pytest.raises(OrchestratorError) as info:
+        await coro  # type: ignore[misc]
+    return info.value
+
+
+def test_model_patterns() -> None:
+    assert model_allowed([], NAMES)
+    assert model_allowed(["tiny-*"], NAMES) and model_allowed(["A"], NAMES)
+    assert not model_allowed(["smollm2", "tiny-b"], NAMES)
+
+
+async def test_key_errors(ledger: Ledger) -> None:
+    assert (await refused(ledger.admit(None, NAMES, 1, "r1"))).code is ErrorCode.INVALID_API_KEY
+    assert (await refused(ledger.admit("sk-orch-nope", NAMES, 1, "r1"))).code is ErrorCode.INVALID_API_KEY
+    created = await ledger.create_key(KeyLimits(name="k", models=["tiny-b"]))
+    error = await refused(ledger.admit(created.key, NAMES, 1, "r1"))
+    assert error.code is ErrorCode.MODEL_NOT_ALLOWED and created.key not in error.message
+    await ledger.update_key(created.info.id, KeyLimits(models=["tiny-*"]))
+    assert (await ledger.admit(created.key, NAMES, 1, "r2")).key_id == created.info.id
+    await ledger.update_key(created.info.id, KeyLimits(enabled=False))
+    assert (await refused(ledger.admit(created.key, NAMES, 1, "r3"))).code is ErrorCode.WORKSPACE_LOCKED
+    await ledger.update_key(created.info.id, KeyLimits(enabled=True))
+    await ledger.set_workspace_enabled("default", False)
+    assert (await refused(ledger.admit(created.key, NAMES, 1, "r4"))).code is ErrorCode.WORKSPACE_LOCKED
+    await ledger.set_workspace_enabled("default", True)
+    await ledger.admit(created.key, NAMES, 1, "r5")
+    await ledger.revoke_key(created.info.id)
+    assert (await refused(ledger.admit(created.key, NAMES, 1, "r6"))).code is ErrorCode.INVALID_API_KEY
+
+
+async def test_rate_limit_headers_and_retry_after(ledger: Ledger) -> None:
+    key = (await ledger.create_key(KeyLimits(rpm=2, tpm=1000))).key
+    first = await ledger.admit(key, NAMES, 100, "r1")
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-remaining-tokens"] == "900"
+    await ledger.admit(key, NAMES, 100, "r2")
+    error = await refused(ledger.admit(key, NAMES, 100, "r3"))
+    assert error.code is ErrorCode.RATE_LIMIT_EXCEEDED and error.headers["Retry-After"] == "60"
+
+
+async def test_credits_debited_once_and_exhaustion(ledger: Ledger) -> None:
+    created = await ledger.create_key(KeyLimits(credits=Decimal("0.5")))
+    first = await ledger.admit(created.key, NAMES, 10, "r1")
+    assert await ledger.settle(first, record(ledger, first))
+    assert not await ledger.settle(first, record(ledger, first))  # a second settlement is refused
+    await ledger.flush()
+    assert (await ledger.get_key(created.info.id)).credits == Decimal("0.25")
+    second = await ledger.admit(created.key, NAMES, 10, "r2")
+    await ledger.settle(second, record(ledger, second))  # balance now 0, still pending
+    error = await refused(ledger.admit(created.key, NAMES, 10, "r3"))
+    assert error.code is ErrorCode.INSUFFICIENT_CREDITS
+    await ledger.flush()
+    assert (await ledger.get_key(created.info.id)).credits == 0
+    assert (await refused(ledger.admit(created.key, NAMES, 10, "r4"))).code is ErrorCode.INSUFFICIENT_CREDITS
+
+
+async def test_daily_spend_limit_resets_next_day(ledger: Ledger) -> None:
+    created = await ledger.create_key(KeyLimits(daily_limit=Decimal("0.3"), monthly_limit=Decimal("10")))
+    for i in range(2):
+        admission = await ledger.admit(created.key, NAMES, 10, f"r{i}")
+        await ledger.settle(admission, record(ledger, admission))
+    error = await refused(ledger.admit(created.key, NAMES, 10, "r9"))
+    assert error.code is ErrorCode.KEY_LIMIT_EXCEEDED and "daily" in error.message
+    ledger._clock.now += 86_400  # type: ignore[attr-defined]
+    await ledger.flush()
+    await ledger.admit(created.key, NAMES, 10, "r10")
+
+
+async def test_generation_lookup_pending_then_committed(ledger: Ledger) -> None:
+    mine = await ledger.create_key(KeyLimits())
+    other = await ledger.create_key(KeyLimits())
+    admission = await ledger.admit(mine.key, NAMES, 10, "abc")
+    await ledger.settle(admission, record(ledger, admission, finish_reason="stop"))
+    found = await ledger.generation("gen-abc", mine.key)  # before any flush
+    assert found.finish_reason == "stop" and found.cost == Decimal("0.25")
+    assert (await refused(ledger.generation("gen-abc", other.key))).code is ErrorCode.NOT_FOUND
+    await ledger.flush()
+    assert (await ledger.generation("gen-abc", mine.key)).public()["id"] == "gen-abc"
+    assert (await ledger.generation("gen-abc", None, admin=True)).key_id == mine.info.id
+    assert (await refused(ledger.generation("gen-nope", mine.key))).code is ErrorCode.NOT_FOUND
+
+
+async def test_usage_report_groups(ledger: Ledger) -> None:
+    a = await ledger.create_key(KeyLimits(name="a"))
+    b = await ledger.create_key(KeyLimits(name="b"))
+    for i, key in enumerate([a.key, a.key, b.key]):
+        admission = await ledger.admit(key, NAMES, 10, f"r{i}")
+        await ledger.settle(admission, record(ledger, admission))
+    rows = await ledger.usage_report(group_by=["key"])
+    by_key = {r["key"]: r for r in rows}
+    assert by_key[a.info.id]["requests"] == 2 and by_key[a.info.id]["cost"] == Decimal("0.5")
+    assert by_key[b.info.id]["prompt_tokens"] == 10
+    daily = await ledger.usage_report(key_id=a.info.id, group_by=["day", "model"])
+    assert daily == [
+        {"day": "2026-11-23", "model": "tiny-a", "requests": 2, "prompt_tokens": 20, "completion_tokens": 10,
+         "cost": Decimal("0.5")}
+    ]  # fmt: skip
+
+
+async def test_journal_replayed_after_crash(db_url: str, tmp_path: Path) -> None:
+    clock = Clock()
+    first = Ledger(SQLStore(db_url), UsageJournal(tmp_path / "j"), clock=clock, monotonic=clock, flush_interval_s=3600)
+    await first.start()
+    created = await first.create_key(KeyLimits(credits=Decimal(1)))
+    admission = await first.admit(created.key, NAMES, 10, "crash-1")
+    await first.settle(admission, record(first, admission))
+    # Simulated crash: nothing flushed, nothing closed.
+    assert first._db is not None
+    first._flusher.cancel()  # type: ignore[union-attr]
+    second = Ledger(SQLStore(db_url), UsageJournal(tmp_path / "j"), clock=clock, monotonic=clock)
+    await second.start()
+    try:
+        assert (await second.generation("gen-crash-1", created.key)).cost == Decimal("0.25")
+        assert (await second.get_key(created.info.id)).credits == Decimal("0.75")
+    finally:
+        await second.stop()
+        first._db.shutdown(wait=True)
+        first.store.close()
