@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from pydantic import Field
@@ -36,6 +37,44 @@ class Settings(BaseSettings):
             "mode (see docs/ARCHITECTURE.md). HAProxy's stats and metrics ports listen on all interfaces."
         ),
     )
+    database_url: str | None = Field(
+        default=None,
+        repr=False,
+        description=(
+            "SQLAlchemy URL of the gateway database: keys, workspaces, usage. Default: a SQLite file "
+            "`orchestrator.db` in the cache folder. Clusters: `postgresql+psycopg://user:pass@host/db`."
+        ),
+    )
+    admin_key: str | None = Field(
+        default=None,
+        repr=False,
+        min_length=16,
+        description="Bearer token for `/admin/*` and for reading any generation. Required to deploy to a cluster.",
+    )
+    key_pepper: str = Field(
+        default="", repr=False, description="Secret mixed into stored key hashes (HMAC-SHA256); changing it voids keys."
+    )
+    open_access: bool = Field(
+        default=False,
+        description=(
+            "Serve without API keys: no auth, limits or metering. `orchestrator serve` turns it on when there is "
+            "no admin key and no key in the database; a cluster deploy must set it explicitly."
+        ),
+    )
+    usage_flush_ms: float = Field(default=200.0, gt=0, description="How often finished usage records are written.")
+    key_cache_seconds: float = Field(
+        default=2.0, ge=0, description="How long the gateway trusts a cached key row (CLI changes show up after this)."
+    )
     kv_cache_gb: int = Field(
         default=1, ge=1, description="CPU engines only: KV cache per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
+
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the cache folder."""
+        return self.database_url or f"sqlite:///{self.cache_dir.expanduser() / 'orchestrator.db'}"
+
+    def journal_dir(self) -> Path:
+        """Where the gateway journals finished usage records before they reach the database
+        (one folder per database, so two deployments never replay each other's records)."""
+        digest = hashlib.sha256(self.resolved_database_url().encode()).hexdigest()[:16]
+        return self.cache_dir.expanduser() / "usage-journal" / digest

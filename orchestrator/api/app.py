@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from orchestrator.api.accounting import Settler
+from orchestrator.api.admin import admin_router
+from orchestrator.api.auth import bearer_token, is_admin
 from orchestrator.api.backend import Backend
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.generation import generate
 from orchestrator.api.middleware import RequestContext
+from orchestrator.gateway.base import Gateway, OpenGateway
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from orchestrator.protocol.openai import ModelPricing
@@ -53,6 +58,7 @@ def create_app(
     backend: Backend,
     settings: Settings,
     *,
+    gateway: Gateway | None = None,
     clock: Callable[[], float] = time.time,
     echo_request_id: bool = True,
 ) -> FastAPI:
@@ -61,37 +67,60 @@ def create_app(
     Args:
         catalog: the models to serve.
         backend: runs generations (Ray Serve handles in production, a fake in unit tests).
-        settings: limits and stream timing.
+        settings: limits, stream timing, the admin key.
+        gateway: keys, limits and metering (default: open mode, no keys).
         clock: wall clock for the ``created`` fields.
         echo_request_id: add ``X-Request-Id`` to responses (off behind Ray Serve's proxy,
             which adds it itself).
     """
-    app = FastAPI(title="vLLM orchestrator", version="0.1.0", docs_url=None, redoc_url=None)
+    gate: Gateway = gateway if gateway is not None else OpenGateway()
+    settler = Settler(gate)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await settler.drain()  # settlements of abandoned requests still in flight
+
+    app = FastAPI(title="vLLM orchestrator", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, echo_header=echo_request_id)
+    app.include_router(admin_router(gate, settings.admin_key))
     created = int(clock())
+    run = {"catalog": catalog, "backend": backend, "gateway": gate, "settler": settler, "settings": settings}
+
+    async def caller(request: Request) -> None:
+        # Reading the catalog needs a valid key too (as with OpenAI); no-op in open mode.
+        await gate.authenticate(bearer_token(request))
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         """Chat completion, streaming (SSE) when `stream` is true."""
-        return await generate("chat", request, catalog=catalog, backend=backend, settings=settings)
+        return await generate("chat", request, **run)  # type: ignore[arg-type]
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         """Text completion, streaming (SSE) when `stream` is true."""
-        return await generate("completion", request, catalog=catalog, backend=backend, settings=settings)
+        return await generate("completion", request, **run)  # type: ignore[arg-type]
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/generation")
+    async def generation(request: Request, id: str = Query(description="A response id, `gen-...`.")) -> dict[str, Any]:
+        """A finished request's usage record (tokens, cost, latency): to the key that made it,
+        or to the admin key. Available as soon as its response has ended."""
+        token = bearer_token(request)
+        record = await gate.generation(id, token, admin=is_admin(token, settings.admin_key))
+        return {"data": record.public()}
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(caller)])
     async def list_models() -> ModelList:
         """Every catalog model, under its display name."""
         return ModelList(data=[model_card(s, created) for s in catalog])
 
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(caller)])
     async def get_model(model_id: str) -> ModelCard:
         """One model, by display name, alias or backend id."""
         return model_card(catalog.resolve(model_id), created)
 
-    @app.get("/v1/model/info")
+    @app.get("/v1/model/info", dependencies=[Depends(caller)])
     async def model_info(model: str = Query(description="Display name, alias or backend id.")) -> dict[str, Any]:
         """The model's card plus its serving configuration (resources, autoscaling, parsers)."""
         spec = catalog.resolve(model)

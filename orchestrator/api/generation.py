@@ -1,7 +1,9 @@
-"""``POST /v1/chat/completions`` and ``POST /v1/completions``."""
+"""``POST /v1/chat/completions`` and ``POST /v1/completions``: validate, admit through the
+gateway, run, meter, settle."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -9,10 +11,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from orchestrator.api.accounting import CLIENT_CLOSED, RequestMeter, Settler, reserved_tokens
+from orchestrator.api.auth import bearer_token
 from orchestrator.api.backend import Backend, Kind
-from orchestrator.api.sse import StreamHead, drive
+from orchestrator.api.sse import StreamHead, as_orchestrator_error, drive
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.base import Gateway
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
 from orchestrator.settings import Settings
 
@@ -39,11 +44,11 @@ async def read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-def admit(kind: Kind, body: dict[str, Any], catalog: Catalog) -> ModelSpec:
+def admit(kind: Kind, body: dict[str, Any], catalog: Catalog) -> tuple[ModelSpec, int | None]:
     """Validates a generation body and resolves its model.
 
     Returns:
-        The catalog entry the body's ``model`` names.
+        The catalog entry the body's ``model`` names, and the requested output budget.
 
     Raises:
         OrchestratorError: ``invalid_request`` (naming the parameter), ``model_not_found``,
@@ -63,26 +68,81 @@ def admit(kind: Kind, body: dict[str, Any], catalog: Catalog) -> ModelSpec:
             f"{param}={budget} leaves no room for the prompt.",
             param=param,
         )
-    return spec
+    return spec, budget
 
 
-async def generate(kind: Kind, request: Request, *, catalog: Catalog, backend: Backend, settings: Settings) -> Response:
-    """Runs one generation request end to end and returns its HTTP response."""
+class _MeteredStream:
+    """Connects a stream's endings to settlement (see :class:`~orchestrator.api.sse.StreamObserver`)."""
+
+    def __init__(self, meter: RequestMeter, settler: Settler) -> None:
+        self.meter = meter
+        self.settler = settler
+
+    def on_batch(self, batch: list[str]) -> list[str]:
+        return self.meter.on_batch(batch)
+
+    async def finish(self, error: OrchestratorError | None) -> None:
+        status = 200 if error is None else error.status
+        await self.settler.settle(self.meter.admission, self.meter.record(status, error=error))
+
+    def abandon(self) -> None:
+        self.settler.settle_later(self.meter.admission, self.meter.record(CLIENT_CLOSED, cancelled=True))
+
+
+async def generate(
+    kind: Kind,
+    request: Request,
+    *,
+    catalog: Catalog,
+    backend: Backend,
+    gateway: Gateway,
+    settler: Settler,
+    settings: Settings,
+) -> Response:
+    """Runs one generation request end to end and returns its HTTP response.
+
+    Every request that passes admission is settled exactly once, however it ends: completed,
+    failed, or abandoned by the client.
+    """
     request_id: str = request.state.request_id
-    body = await read_json(request)
-    spec = admit(kind, body, catalog)
-    body["model"] = spec.name
-    if not body.get("stream"):
-        result = await backend.complete(spec, kind, body, request_id)
-        return JSONResponse(result)
-    head = StreamHead(backend.stream(spec, kind, body, request_id))
+    api_key = bearer_token(request)
     try:
-        await head.wait(settings.keepalive_seconds)
-    except BaseException:
-        head.cancel()
+        body = await read_json(request)
+        spec, budget = admit(kind, body, catalog)
+    except OrchestratorError:
+        # A caller without a valid key learns nothing about the request: 401 comes first.
+        await gateway.authenticate(api_key)
         raise
+    admission = await gateway.admit(api_key, spec.names, reserved_tokens(body, spec, budget), request_id)
+    body["model"] = spec.name
+    stream = bool(body.get("stream"))
+    meter = RequestMeter(spec, admission, streamed=stream, first_token_batch=1 if kind == "chat" else 0)
+    try:
+        if not stream:
+            result = meter.on_response(await backend.complete(spec, kind, body, request_id))
+            await settler.settle(admission, meter.record(200))
+            return JSONResponse(result, headers=admission.headers)
+        head = StreamHead(backend.stream(spec, kind, body, request_id))
+        try:
+            await head.wait(settings.keepalive_seconds)
+        except BaseException:
+            head.cancel()
+            raise
+    except asyncio.CancelledError:
+        settler.settle_later(admission, meter.record(CLIENT_CLOSED, cancelled=True))
+        raise
+    except Exception as exc:
+        error = as_orchestrator_error(exc)
+        await settler.settle(admission, meter.record(error.status, error=error))
+        error.headers = {**admission.headers, **error.headers}
+        raise error from None
     return StreamingResponse(
-        drive(head, request_id=request_id, keepalive_s=settings.keepalive_seconds),
+        drive(
+            head,
+            request_id=request_id,
+            keepalive_s=settings.keepalive_seconds,
+            observer=_MeteredStream(meter, settler),
+        ),
         media_type="text/event-stream",
-        headers=SSE_HEADERS,
+        headers={**SSE_HEADERS, **admission.headers},
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from orchestrator.api.backend import ChunkStream
 from orchestrator.errors import ErrorCode, OrchestratorError
@@ -39,6 +39,20 @@ def as_orchestrator_error(exc: BaseException) -> OrchestratorError:
         # Ray wraps a replica's exception; the original is its `cause`.
         seen = getattr(seen, "cause", None) or seen.__cause__
     return OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The model backend failed while generating.")
+
+
+class StreamObserver(Protocol):
+    """Sees a stream pass (metering): every batch, then exactly one of its two endings."""
+
+    def on_batch(self, batch: list[str]) -> list[str]:
+        """Returns the batch as the client gets it."""
+        ...
+
+    async def finish(self, error: OrchestratorError | None) -> None:
+        """The stream ended (``error`` if it failed part-way); awaited before ``[DONE]``."""
+
+    def abandon(self) -> None:
+        """The client went away mid-stream (must not block: the task is being cancelled)."""
 
 
 class StreamHead:
@@ -82,6 +96,7 @@ async def drive(
     *,
     request_id: str,
     keepalive_s: float,
+    observer: StreamObserver | None = None,
 ) -> AsyncIterator[bytes]:
     """Yields the body of a streaming response: upstream frames, keep-alives while it is
     silent, an error event if it fails part-way, and always ``data: [DONE]`` last.
@@ -90,6 +105,8 @@ async def drive(
         head: the started upstream stream.
         request_id: for the error event.
         keepalive_s: interval of keep-alive comments while the upstream is silent.
+        observer: sees every batch; its ``finish`` completes before ``[DONE]`` is sent, so
+            whatever it records exists once the client has the whole response.
     """
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -104,6 +121,7 @@ async def drive(
             queue.put_nowait(exc)
 
     finished = False
+    error: OrchestratorError | None = None
     task = asyncio.create_task(pump())
     try:
         while True:
@@ -116,14 +134,21 @@ async def drive(
             if item is _END:
                 break
             if isinstance(item, BaseException):
-                yield error_frame(as_orchestrator_error(item), request_id)
+                error = as_orchestrator_error(item)
+                yield error_frame(error, request_id)
                 break
+            if observer is not None:
+                item = observer.on_batch(item)
             yield "".join(item).encode()
-        yield DONE
         finished = True
+        if observer is not None:
+            await observer.finish(error)
+        yield DONE
     finally:
         if not task.done():
             task.cancel()
         if not finished:
             # The client went away: stop the generation inside the engine.
             head.stream.cancel()
+            if observer is not None:
+                observer.abandon()

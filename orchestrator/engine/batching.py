@@ -28,18 +28,29 @@ async def batch_frames(
     task is needed per request; while the engine is producing tokens (the only time
     frames arrive) the added delay is at most ``interval_s`` plus one token.
     ``interval_s == 0`` sends every frame alone.
+
+    Comment frames (starting with ``:``, the usage trailer) are not sent on their own: the
+    latest one rides at the end of the next batch, and only if it is new.
     """
     batch: list[str] = []
     deadline = 0.0
+    trailer: str | None = None
     async for item in frames:
+        if item.startswith(":"):
+            trailer = item
+            continue
         if eager > 0:
             eager -= 1
-            yield [item]
+            yield [item, trailer] if trailer else [item]
+            trailer = None
             deadline = clock() + interval_s
             continue
         batch.append(item)
         now = clock()
         if now >= deadline:
+            if trailer:
+                batch.append(trailer)
+                trailer = None
             yield batch
             batch = []
             deadline = now + interval_s

@@ -65,3 +65,32 @@ def patch_usage_frame(frame: str) -> str:
     data = json.loads(frame[6:])
     complete_usage(data["usage"])
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# A stream batch may end with this SSE comment carrying the usage so far (JSON), so the
+# router can bill a stream that is cut short. The router strips it; clients never see it.
+USAGE_TRAILER = ": usage "
+
+
+def usage_trailer(usage_json: str) -> str:
+    """Returns the trailer frame for a usage object given as JSON text."""
+    return f"{USAGE_TRAILER}{usage_json}\n\n"
+
+
+def split_usage(frame: str) -> tuple[str, str | None]:
+    """Cuts the ``"usage"`` member out of a chunk frame (string operations only: this runs
+    once per token). Returns the frame without it and the usage JSON text, or the frame
+    unchanged and None."""
+    start = frame.rfind(',"usage":{')
+    if start < 0:
+        return frame, None
+    depth, i = 0, start + 9
+    for i in range(start + 9, len(frame)):
+        ch = frame[i]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                break
+    return frame[:start] + frame[i + 1 :], frame[start + 9 : i + 1]

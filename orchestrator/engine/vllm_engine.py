@@ -35,6 +35,8 @@ from orchestrator.engine.frames import (
     is_usage_frame,
     map_engine_error,
     patch_usage_frame,
+    split_usage,
+    usage_trailer,
 )
 from orchestrator.engine.weights import prepare_weights
 from orchestrator.errors import ErrorCode, OrchestratorError
@@ -157,7 +159,10 @@ class VLLMEngine:
         cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
         data = {**body, "model": self.spec.name, "request_id": request_id, "stream": stream}
         if stream:
-            data["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            # Usage on every chunk lets the stream carry a running usage trailer, so a
+            # stream cut short is still billed for what it produced.
+            options = body.get("stream_options") or {}
+            data["stream_options"] = {**options, "include_usage": True, "continuous_usage_stats": True}
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -197,6 +202,7 @@ class VLLMEngine:
     async def stream(self, kind: Kind, body: dict[str, Any], request_id: str) -> AsyncIterator[str]:
         frames = await self._call(kind, self._request(kind, body, request_id, stream=True))
         old, new = _ID_PREFIX[kind] + request_id, "gen-" + request_id
+        client_wants_usage = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
         try:
             async for frame in frames:
                 if frame.startswith("data: [DONE]"):
@@ -207,6 +213,14 @@ class VLLMEngine:
                 frame = frame.replace(old, new, 1)
                 if is_usage_frame(frame):
                     frame = patch_usage_frame(frame)
+                else:
+                    # With n > 1 the running usage is per choice, so a cut-short stream
+                    # is billed for its last choice's tokens only.
+                    stripped, usage = split_usage(frame)
+                    if usage is not None:
+                        yield usage_trailer(usage)
+                        if not client_wants_usage:
+                            frame = stripped
                 yield frame
         finally:
             # Closing vLLM's generator cancels its engine generator, which aborts the request.

@@ -181,7 +181,11 @@ class Ledger:
             self._keys[key_hash] = entry
         return entry
 
-    async def authenticate(self, api_key: str | None) -> KeyRecord:
+    async def authenticate(self, api_key: str | None) -> KeyInfo:
+        """Returns the key's public record; raises as :meth:`_authenticate`."""
+        return (await self._authenticate(api_key)).info()
+
+    async def _authenticate(self, api_key: str | None) -> KeyRecord:
         """Returns the key's record.
 
         Raises:
@@ -239,7 +243,7 @@ class Ledger:
             ``model_not_allowed`` 403, ``insufficient_credits`` 402, ``key_limit_exceeded``
             402, ``rate_limit_exceeded`` 429 (with ``Retry-After``).
         """
-        key = await self.authenticate(api_key)
+        key = await self._authenticate(api_key)
         if not model_allowed(key.models, model_names):
             raise OrchestratorError(
                 ErrorCode.MODEL_NOT_ALLOWED, f"This API key may not use the model {model_names[0]!r}.", param="model"
@@ -360,7 +364,7 @@ class Ledger:
             OrchestratorError: 401/403 for a bad key; 404 ``not_found`` for an unknown id or
             another key's request (the same answer, so ids cannot be probed).
         """
-        key_id = None if admin else (await self.authenticate(api_key)).id
+        key_id = None if admin else (await self._authenticate(api_key)).id
         request_id = generation_id.removeprefix("gen-")
         record = self._pending.get(request_id) or await self._run(self.store.usage, request_id)
         if record is None or (not admin and record.key_id != key_id):

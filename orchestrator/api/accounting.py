@@ -1,0 +1,174 @@
+"""Per-request metering on the router: token reservation at admission, usage, cost and
+timings while the response passes, and settlement with the gateway when it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from orchestrator.catalog import ModelSpec
+from orchestrator.engine.frames import USAGE_TRAILER, is_usage_frame
+from orchestrator.errors import OrchestratorError
+from orchestrator.gateway.base import Gateway
+from orchestrator.gateway.pricing import request_cost
+from orchestrator.gateway.records import Admission, UsageRecord
+
+logger = logging.getLogger(__name__)
+
+# Output tokens reserved when a request sets no max_tokens (settled to real use at the end).
+DEFAULT_OUTPUT_RESERVATION = 256
+_FINISH = re.compile(r'"finish_reason":"([a-z_]+)"')
+CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned
+
+
+def reserved_tokens(body: dict[str, Any], spec: ModelSpec, output_budget: int | None) -> int:
+    """Returns prompt tokens (estimated without a tokenizer: one per 4 bytes of text plus a
+    few per message, an overestimate for English) plus the maximum output tokens."""
+    text = body.get("messages") if "messages" in body else body.get("prompt")
+    raw = json.dumps(text, ensure_ascii=False)
+    messages = len(text) if isinstance(text, list) else 1
+    prompt = math.ceil(len(raw.encode()) / 4) + 4 * messages
+    prompt = min(prompt, spec.context_window)
+    output = output_budget or min(DEFAULT_OUTPUT_RESERVATION, max(spec.context_window - prompt, 1))
+    return prompt + output * int(body.get("n") or 1)
+
+
+class RequestMeter:
+    """Watches one response and builds its usage record.
+
+    Args:
+        spec: the model (for prices).
+        admission: who made the request.
+        streamed: whether the response is a stream.
+        first_token_batch: index of the batch with the first token (1 for chat, whose
+            first batch is the role alone).
+        clock: monotonic seconds; wall: epoch seconds (record time).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        admission: Admission,
+        *,
+        streamed: bool,
+        first_token_batch: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec = spec
+        self.admission = admission
+        self.streamed = streamed
+        self._clock = clock
+        self._wall = wall
+        self._start = clock()
+        self._first: float | None = None
+        self._batches = 0
+        self._first_token_batch = first_token_batch
+        self.usage: dict[str, Any] = {}
+        self.finish_reason: str | None = None
+
+    def _cost_into(self, usage: dict[str, Any]) -> None:
+        self.usage = usage
+        usage["cost"] = float(self.cost())
+
+    def cost(self) -> Any:
+        return request_cost(
+            self.spec.pricing, int(self.usage.get("prompt_tokens") or 0), int(self.usage.get("completion_tokens") or 0)
+        )
+
+    def on_response(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Reads a whole response's usage and finish reason; adds ``usage.cost``."""
+        self._cost_into(body.setdefault("usage", {}))
+        choices = body.get("choices") or [{}]
+        self.finish_reason = choices[-1].get("finish_reason")
+        return body
+
+    def on_batch(self, batch: list[str]) -> list[str]:
+        """Takes a batch of SSE frames on its way to the client: strips the usage trailer,
+        notes the first token and the finish reason, adds ``cost`` to the usage chunk."""
+        if self._batches == self._first_token_batch:
+            self._first = self._clock()
+        self._batches += 1
+        if batch and batch[-1].startswith(USAGE_TRAILER):
+            self.usage = json.loads(batch.pop()[len(USAGE_TRAILER) :])
+        if not batch:
+            return batch
+        last = batch[-1]
+        if is_usage_frame(last):
+            data = json.loads(last[6:])
+            self._cost_into(data["usage"])
+            batch[-1] = f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+        for frame in reversed(batch):
+            found = _FINISH.search(frame)
+            if found:
+                self.finish_reason = found.group(1)
+                break
+        return batch
+
+    def record(self, status: int, *, cancelled: bool = False, error: OrchestratorError | None = None) -> UsageRecord:
+        """Returns the usage record of the request as it ended."""
+        end = self._clock()
+        usage = self.usage
+        completion = int(usage.get("completion_tokens") or 0)
+        latency_s = end - self._start
+        ttft_s = None if self._first is None else self._first - self._start
+        gen_s = latency_s - (ttft_s or 0.0)
+        return UsageRecord(
+            request_id=self.admission.request_id,
+            key_id=self.admission.key_id,
+            workspace_id=self.admission.workspace_id,
+            model=self.spec.name,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=completion,
+            cached_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
+            reasoning_tokens=int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0),
+            cost=self.cost(),
+            ttft_ms=None if ttft_s is None else round(ttft_s * 1000, 3),
+            latency_ms=round(latency_s * 1000, 3),
+            tokens_per_s=round(completion / gen_s, 3) if completion and gen_s > 0 else None,
+            finish_reason=self.finish_reason,
+            streamed=self.streamed,
+            cancelled=cancelled,
+            status_code=status,
+            error_code=None if error is None else error.code.value,
+            created_at=datetime.fromtimestamp(self._wall(), UTC),
+        )
+
+
+class Settler:
+    """Hands finished requests to the gateway. Each settlement runs as its own task, so it
+    completes even when the request's task is cancelled (client gone) while waiting for
+    it; :meth:`drain` awaits the ones still running (shutdown)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _settle(self, admission: Admission, record: UsageRecord) -> None:
+        try:
+            await self.gateway.settle(admission, record)
+        except Exception:
+            # Never raised to the client; the record is logged so it can be replayed.
+            logger.exception("settlement failed; unrecorded usage: %s", record.model_dump_json())
+
+    def settle_later(self, admission: Admission, record: UsageRecord) -> asyncio.Task[None]:
+        """Starts the settlement without waiting for it."""
+        task = asyncio.get_running_loop().create_task(self._settle(admission, record))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def settle(self, admission: Admission, record: UsageRecord) -> None:
+        """Settles and waits; cancelling the waiter does not cancel the settlement."""
+        await asyncio.shield(self.settle_later(admission, record))
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

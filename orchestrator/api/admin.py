@@ -1,0 +1,110 @@
+"""``/admin/*``: keys, workspaces and usage reports. Every route needs the admin key."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.api.auth import AdminGuard
+from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.base import Gateway
+from orchestrator.gateway.records import CreatedKey, KeyInfo, KeyLimits, Workspace
+
+GroupBy = Literal["key", "model", "day"]
+
+
+class KeyCreate(KeyLimits):
+    """``POST /admin/keys`` body."""
+
+    workspace: str = Field(default="default", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Workspace id.")
+
+
+class KeyUpdate(KeyLimits):
+    """``PATCH /admin/keys/{id}`` body: fields given are set; names in ``clear`` become unlimited."""
+
+    clear: list[Literal["models", "rpm", "tpm", "credits", "daily_limit", "monthly_limit"]] = Field(
+        default_factory=list
+    )
+
+
+class WorkspaceUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool
+
+
+def parse_day(value: str | None, *, end: bool = False) -> datetime | None:
+    """``YYYY-MM-DD`` (a UTC day; as an upper bound the whole day is included) or an ISO time."""
+    if not value:
+        return None
+    try:
+        if len(value) == 10:
+            day = datetime.combine(date.fromisoformat(value), time(), tzinfo=None)
+            return day + timedelta(days=1) if end else day
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise OrchestratorError(
+            ErrorCode.INVALID_REQUEST, f"Invalid date {value!r}: use YYYY-MM-DD.", param="to" if end else "from"
+        ) from None
+
+
+def admin_router(gateway: Gateway, admin_key: str | None) -> APIRouter:
+    """Returns the admin routes, all behind the admin key."""
+    router = APIRouter(prefix="/admin", dependencies=[Depends(AdminGuard(admin_key))], tags=["admin"])
+
+    @router.post("/keys", status_code=201)
+    async def create_key(body: KeyCreate) -> CreatedKey:
+        """Creates a key. The plaintext key is in this response only."""
+        limits = KeyLimits.model_validate(body.model_dump(exclude={"workspace"}))
+        return await gateway.create_key(limits, body.workspace)
+
+    @router.get("/keys")
+    async def list_keys() -> dict[str, list[KeyInfo]]:
+        return {"data": await gateway.list_keys()}
+
+    @router.get("/keys/{key_id}")
+    async def show_key(key_id: str) -> KeyInfo:
+        return await gateway.get_key(key_id)
+
+    @router.patch("/keys/{key_id}")
+    async def update_key(key_id: str, body: KeyUpdate) -> KeyInfo:
+        limits = KeyLimits.model_validate(body.model_dump(exclude={"clear"}))
+        return await gateway.update_key(key_id, limits, frozenset(body.clear))
+
+    @router.delete("/keys/{key_id}")
+    async def revoke_key(key_id: str) -> KeyInfo:
+        """Revokes the key for good (401 from then on); its usage is kept."""
+        return await gateway.revoke_key(key_id)
+
+    @router.get("/workspaces")
+    async def list_workspaces() -> dict[str, list[Workspace]]:
+        return {"data": await gateway.list_workspaces()}
+
+    @router.patch("/workspaces/{workspace_id}")
+    async def update_workspace(workspace_id: str, body: WorkspaceUpdate) -> Workspace:
+        """Locks (``enabled: false``) or unlocks every key of the workspace."""
+        return await gateway.set_workspace_enabled(workspace_id, body.enabled)
+
+    @router.get("/usage")
+    async def usage(
+        key: str | None = Query(default=None, description="Key id."),
+        model: str | None = Query(default=None, description="Model display name."),
+        start: str | None = Query(default=None, alias="from", description="First UTC day, YYYY-MM-DD."),
+        end: str | None = Query(default=None, alias="to", description="Last UTC day, YYYY-MM-DD (included)."),
+        group_by: str = Query(default="key,model,day", description="Comma-separated: key, model, day."),
+    ) -> dict[str, Any]:
+        """Requests, tokens and cost (USD) per group."""
+        groups = [g.strip() for g in group_by.split(",") if g.strip()]
+        unknown = [g for g in groups if g not in ("key", "model", "day")]
+        if unknown:
+            raise OrchestratorError(
+                ErrorCode.INVALID_REQUEST, f"Unknown group_by {unknown[0]!r}: use key, model, day.", param="group_by"
+            )
+        rows = await gateway.usage_report(
+            key_id=key, model=model, start=parse_day(start), end=parse_day(end, end=True), group_by=groups
+        )
+        return {"data": [{**r, "cost": float(r["cost"])} for r in rows], "group_by": groups}
+
+    return router

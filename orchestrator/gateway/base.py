@@ -1,0 +1,90 @@
+"""The Gateway protocol: what the HTTP edge needs from the ledger.
+
+:class:`~orchestrator.gateway.ledger.Ledger` implements it in-process (unit tests, and the
+gateway deployment); the serving layer forwards it over a Serve handle; :class:`OpenGateway`
+is the keyless mode for local use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.records import Admission, CreatedKey, KeyInfo, KeyLimits, UsageRecord, Workspace
+
+
+class Gateway(Protocol):
+    """Admission, settlement, lookups and administration (see ``Ledger`` for the contract)."""
+
+    async def authenticate(self, api_key: str | None) -> KeyInfo | None: ...
+
+    async def admit(
+        self, api_key: str | None, model_names: Sequence[str], tokens: int, request_id: str
+    ) -> Admission: ...
+
+    async def settle(self, admission: Admission, record: UsageRecord) -> bool: ...
+
+    async def generation(self, generation_id: str, api_key: str | None, *, admin: bool = False) -> UsageRecord: ...
+
+    async def usage_report(self, **filters: Any) -> list[dict[str, Any]]: ...
+
+    async def create_key(self, limits: KeyLimits, workspace: str = "default") -> CreatedKey: ...
+
+    async def list_keys(self) -> list[KeyInfo]: ...
+
+    async def get_key(self, key_id: str) -> KeyInfo: ...
+
+    async def update_key(self, key_id: str, limits: KeyLimits, clear: frozenset[str] = frozenset()) -> KeyInfo: ...
+
+    async def revoke_key(self, key_id: str) -> KeyInfo: ...
+
+    async def list_workspaces(self) -> list[Workspace]: ...
+
+    async def set_workspace_enabled(self, workspace_id: str, enabled: bool) -> Workspace: ...
+
+
+def _disabled() -> OrchestratorError:
+    return OrchestratorError(
+        ErrorCode.NOT_FOUND, "This server runs without API keys (open mode): nothing is recorded or administered."
+    )
+
+
+class OpenGateway:
+    """Open mode: everyone is let in anonymously, without limits, and nothing is recorded."""
+
+    async def authenticate(self, api_key: str | None) -> KeyInfo | None:
+        return None
+
+    async def admit(self, api_key: str | None, model_names: Sequence[str], tokens: int, request_id: str) -> Admission:
+        return Admission(request_id=request_id)
+
+    async def settle(self, admission: Admission, record: UsageRecord) -> bool:
+        return False
+
+    async def generation(self, generation_id: str, api_key: str | None, *, admin: bool = False) -> UsageRecord:
+        raise _disabled()
+
+    async def usage_report(self, **filters: Any) -> list[dict[str, Any]]:
+        raise _disabled()
+
+    async def create_key(self, limits: KeyLimits, workspace: str = "default") -> CreatedKey:
+        raise _disabled()
+
+    async def list_keys(self) -> list[KeyInfo]:
+        raise _disabled()
+
+    async def get_key(self, key_id: str) -> KeyInfo:
+        raise _disabled()
+
+    async def update_key(self, key_id: str, limits: KeyLimits, clear: frozenset[str] = frozenset()) -> KeyInfo:
+        raise _disabled()
+
+    async def revoke_key(self, key_id: str) -> KeyInfo:
+        raise _disabled()
+
+    async def list_workspaces(self) -> list[Workspace]:
+        raise _disabled()
+
+    async def set_workspace_enabled(self, workspace_id: str, enabled: bool) -> Workspace:
+        raise _disabled()
