@@ -17,8 +17,8 @@ from orchestrator.api.backend import Backend
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.generation import generate
 from orchestrator.api.middleware import RequestContext
-from orchestrator.gateway.base import Gateway, OpenGateway
 from orchestrator.catalog import Catalog, ModelSpec
+from orchestrator.gateway.base import Gateway, OpenGateway
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from orchestrator.protocol.openai import ModelPricing
 from orchestrator.settings import Settings
