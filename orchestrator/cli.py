@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate-catalog", help="Check catalog files; exit 1 listing every problem.")
     validate.add_argument("paths", nargs="+", help="Catalog files or folders.")
     validate.set_defaults(func=_validate_catalog)
+
+    from orchestrator.cli_gateway import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -27,6 +27,7 @@ def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | No
     if port:
         overrides["port"] = port
     settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings = _access_mode(settings)
     if settings.fast_ingress:
         # Serve reads these when ray.serve is first imported (handle defaults are fixed
         # then), so they are set before anything imports ray; Ray's processes inherit them.
@@ -67,7 +68,7 @@ def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | No
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         print("Starting engines (about a minute on a CPU) ...", flush=True)
-        args = {"catalog": resolve_paths(settings.catalog), "settings": settings.model_dump(mode="json")}
+        args = {"catalog": resolve_paths(settings.catalog), "settings": settings.model_dump(mode="json"), "local": True}
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
         while not stop.is_set() and not _running():
             time.sleep(1)
@@ -86,6 +87,38 @@ def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | No
         finally:
             ray.shutdown()
     return 0
+
+
+OPEN_BANNER = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!! OPEN MODE: no admin key (ORCH_ADMIN_KEY) and no API keys in {db}.
+!! Anyone who can reach {host}:{port} can use every model; nothing is limited or
+!! metered. For local use only. Create a key to turn auth on:
+!!   orchestrator keys create --name me
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+def _access_mode(settings: Settings) -> Settings:
+    """Open mode when there is neither an admin key nor any API key; says so loudly."""
+    if settings.open_access:
+        print(OPEN_BANNER.format(db="(forced by ORCH_OPEN_ACCESS)", host=settings.host, port=settings.port))
+        return settings
+    if settings.admin_key is not None:
+        return settings
+    from orchestrator.gateway.store import SQLStore
+
+    store = SQLStore(settings.resolved_database_url())
+    store.open()
+    try:
+        keys = store.count_keys()
+    finally:
+        store.close()
+    if keys:
+        print(f"API keys required ({keys} in the database); the admin API is off until ORCH_ADMIN_KEY is set.")
+        return settings
+    print(OPEN_BANNER.format(db=settings.resolved_database_url(), host=settings.host, port=settings.port), flush=True)
+    return settings.model_copy(update={"open_access": True})
 
 
 def _running() -> bool:

@@ -18,6 +18,7 @@ from orchestrator.api.backend import Kind
 from orchestrator.api.sse import frame
 from orchestrator.catalog import ModelSpec
 from orchestrator.engine.batching import batch_frames
+from orchestrator.engine.frames import usage_trailer
 from orchestrator.errors import ErrorCode, OrchestratorError
 
 
@@ -67,11 +68,15 @@ class FakeEngine:
         base = {"id": f"gen-{request_id}", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
         try:
             await asyncio.sleep(self.first_delay_s)
+            usage = self._usage(body)
+            # Like the vLLM engine: a running-usage trailer before each frame it describes.
+            yield usage_trailer(json.dumps({**usage, "completion_tokens": 0}))
             yield frame({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
             for i, word in enumerate(self.words):
                 if self.fail_after is not None and i >= self.fail_after:
                     raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "engine died")
                 await asyncio.sleep(self.token_delay_s)
+                yield usage_trailer(json.dumps({**usage, "completion_tokens": i + 1}))
                 yield frame({**base, "choices": [{"index": 0, "delta": {"content": word + " "}}]})
             yield frame({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
             yield frame({**base, "choices": [], "usage": self._usage(body)})

@@ -15,8 +15,13 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from orchestrator.catalog import Catalog, load_catalog
+from orchestrator.serving.gateway_server import GatewayServer
 from orchestrator.serving.model_server import ServedModelServer
-from orchestrator.serving.options import model_deployment_options, router_deployment_options
+from orchestrator.serving.options import (
+    gateway_deployment_options,
+    model_deployment_options,
+    router_deployment_options,
+)
 from orchestrator.serving.router import RouterDeployment
 from orchestrator.settings import Settings
 
@@ -32,6 +37,14 @@ class AppArgs(BaseModel):
         default=None, description="Catalog files or folders (default: settings, i.e. ORCH_CATALOG or `catalog`)."
     )
     settings: dict[str, Any] = Field(default_factory=dict, description="Settings overrides (see Settings).")
+    local: bool = Field(
+        default=False,
+        description="Set by `orchestrator serve` on one machine: API keys may be used without an admin key.",
+    )
+
+
+class UnsafeConfigError(ValueError):
+    """The app would serve a cluster without any admin credentials."""
 
 
 def resolve_paths(paths: list[str]) -> list[str]:
@@ -63,12 +76,18 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
 
     Raises:
         CatalogError: the catalog is invalid (nothing is deployed).
+        UnsafeConfigError: no admin key, and open access was not asked for explicitly.
     """
     args = AppArgs.model_validate(args or {}) if not isinstance(args, AppArgs) else args
     overrides = dict(args.settings)
     if args.catalog is not None:
         overrides["catalog"] = args.catalog
     settings = Settings(**overrides)
+    if settings.admin_key is None and not settings.open_access and not args.local:
+        raise UnsafeConfigError(
+            "Refusing to deploy without an admin key: set ORCH_ADMIN_KEY (or settings.admin_key) to a secret of "
+            "16+ characters, or set open_access: true to serve without API keys."
+        )
     catalog = load_validated_catalog(settings.catalog)
     settings_data = settings.model_dump(mode="json")
     model_server: Deployment = serve.deployment(ServedModelServer)  # type: ignore[assignment]
@@ -79,5 +98,9 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         for spec in catalog
     }
     specs = [spec.model_dump(mode="json", by_alias=True) for spec in catalog]
+    gateway = None
+    if not settings.open_access:
+        gateway_server: Deployment = serve.deployment(GatewayServer)  # type: ignore[assignment]
+        gateway = gateway_server.options(**gateway_deployment_options(settings)).bind(settings_data)
     router: Deployment = serve.deployment(RouterDeployment)  # type: ignore[assignment]
-    return router.options(**router_deployment_options(settings)).bind(specs, settings_data, models)
+    return router.options(**router_deployment_options(settings)).bind(specs, settings_data, models, gateway)

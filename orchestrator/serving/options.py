@@ -93,3 +93,16 @@ def router_deployment_options(settings: Settings) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": 0.1},
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
     }
+
+
+def gateway_deployment_options(settings: Settings) -> dict[str, Any]:
+    """Returns the gateway deployment's options: exactly one replica (it holds the ledger
+    every router shares), restarted by Serve if it dies; it replays its journal on start."""
+    return {
+        "name": "gateway",
+        "num_replicas": 1,
+        "max_ongoing_requests": 4096,
+        "ray_actor_options": {"num_cpus": 0.1},
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+    }

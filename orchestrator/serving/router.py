@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from orchestrator.api import Kind, create_app
 from orchestrator.catalog import Catalog, ModelSpec
+from orchestrator.serving.gateway_server import RemoteGateway
 from orchestrator.settings import Settings
 
 HEALTH_TIMEOUT_S = 5.0
@@ -26,13 +27,19 @@ class Router:
         specs: catalog entries as plain dicts (``ModelSpec.model_dump``).
         settings: settings as a plain dict.
         handles: model display name -> the ModelServer deployment handle.
+        gateway: the gateway deployment's handle (None: open mode, no keys).
     """
 
     def __init__(
-        self, specs: list[dict[str, Any]], settings: dict[str, Any], handles: dict[str, DeploymentHandle]
+        self,
+        specs: list[dict[str, Any]],
+        settings: dict[str, Any],
+        handles: dict[str, DeploymentHandle],
+        gateway: DeploymentHandle | None = None,
     ) -> None:
         self.catalog = Catalog([ModelSpec.model_validate(s) for s in specs])
         self.settings = Settings(**settings)
+        self.gateway = None if gateway is None else RemoteGateway(gateway)
         self._complete = {name: h.options(method_name="complete") for name, h in handles.items()}
         # Streams come back as a generator; each item is one batch of SSE frames.
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}
@@ -40,7 +47,7 @@ class Router:
 
     def __serve_build_asgi_app__(self) -> Any:
         # Serve's proxy assigns X-Request-Id (keeping a sane client one) and echoes it.
-        return create_app(self.catalog, self, self.settings, echo_request_id=False)
+        return create_app(self.catalog, self, self.settings, gateway=self.gateway, echo_request_id=False)
 
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._complete[spec.name].remote(kind, body, request_id)

@@ -1,0 +1,198 @@
+"""The HTTP edge with the real ledger (SQLite) and fake engines: every gateway code, the
+rate-limit headers, cost, generation lookup, settlement of abandoned streams, admin API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestrator.api import create_app
+from orchestrator.api.accounting import RequestMeter, Settler
+from orchestrator.api.generation import _MeteredStream
+from orchestrator.api.sse import StreamHead, drive
+from orchestrator.catalog import Catalog
+from orchestrator.gateway.journal import UsageJournal
+from orchestrator.gateway.ledger import Ledger
+from orchestrator.gateway.records import Admission, KeyLimits
+from orchestrator.gateway.store import SQLStore
+from orchestrator.settings import Settings
+from tests.fakes import FakeEngine, LocalBackend
+
+ADMIN = "admin-key-for-tests-0123456789"
+CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
+    ledger = Ledger(SQLStore(f"sqlite:///{tmp_path / 'g.db'}"), UsageJournal(tmp_path / "j"), flush_interval_s=0.05)
+    await ledger.start()
+    yield ledger
+    await ledger.stop()
+
+
+@pytest.fixture
+def engines() -> dict[str, FakeEngine]:
+    return {"tiny-a": FakeEngine(), "tiny-b": FakeEngine(words=["bee"])}
+
+
+@pytest.fixture
+async def http(catalog: Catalog, engines: dict[str, FakeEngine], ledger: Ledger) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(catalog, LocalBackend(engines), Settings(admin_key=ADMIN), gateway=ledger)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        yield client
+
+
+async def new_key(ledger: Ledger, **limits: object) -> str:
+    return (await ledger.create_key(KeyLimits(**limits))).key  # type: ignore[arg-type]
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def code(resp: httpx.Response) -> str:
+    return str(resp.json()["error"]["code"])
+
+
+async def test_every_admission_code(http: httpx.AsyncClient, ledger: Ledger) -> None:
+    cases = [
+        ({}, 401, "invalid_api_key"),
+        (auth("sk-orch-unknown"), 401, "invalid_api_key"),
+        (auth(await new_key(ledger, models=["tiny-b"])), 403, "model_not_allowed"),
+        (auth(await new_key(ledger, enabled=False)), 403, "workspace_locked"),
+        (auth(await new_key(ledger, credits=Decimal(0))), 402, "insufficient_credits"),
+        (auth(await new_key(ledger, daily_limit=Decimal(0))), 402, "key_limit_exceeded"),
+    ]
+    for headers, status, expected in cases:
+        resp = await http.post("/v1/chat/completions", json=CHAT, headers=headers)
+        assert (resp.status_code, code(resp)) == (status, expected)
+        assert "sk-orch-unknown" not in resp.text
+
+
+async def test_locked_workspace(http: httpx.AsyncClient, ledger: Ledger) -> None:
+    key = (await ledger.create_key(KeyLimits(), "team-x")).key
+    assert (await http.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status_code == 200
+    await ledger.set_workspace_enabled("team-x", False)
+    resp = await http.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert (resp.status_code, code(resp)) == (403, "workspace_locked")
+
+
+async def test_bad_key_gets_401_before_body_errors(http: httpx.AsyncClient, ledger: Ledger) -> None:
+    resp = await http.post("/v1/chat/completions", json={"model": "nope"}, headers=auth("sk-orch-x"))
+    assert (resp.status_code, code(resp)) == (401, "invalid_api_key")
+    resp = await http.post("/v1/chat/completions", json={"model": "nope"}, headers=auth(await new_key(ledger)))
+    assert (resp.status_code, code(resp)) == (400, "invalid_request")
+    assert (await http.get("/v1/models")).status_code == 401
+
+
+async def test_rate_limit_headers_and_429(http: httpx.AsyncClient, ledger: Ledger) -> None:
+    key = await new_key(ledger, rpm=2, tpm=10_000)
+    ok = await http.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert ok.headers["x-ratelimit-limit-requests"] == "2" and ok.headers["x-ratelimit-remaining-requests"] == "1"
+    assert ok.headers["x-ratelimit-limit-tokens"] == "10000"
+    assert int(ok.headers["x-ratelimit-remaining-tokens"]) < 10_000
+    assert ok.headers["x-ratelimit-reset-requests"].endswith("s")
+    streamed = await http.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))
+    assert streamed.headers["x-ratelimit-remaining-requests"] == "0"
+    refused = await http.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert (refused.status_code, code(refused)) == (429, "rate_limit_exceeded")
+    assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_tokens_per_minute_counts_reservation(http: httpx.AsyncClient, ledger: Ledger) -> None:
+    key = await new_key(ledger, tpm=100)
+    resp = await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 200}, headers=auth(key))
+    assert (resp.status_code, code(resp)) == (429, "rate_limit_exceeded")
+
+
+async def test_cost_in_usage_and_lookup_right_after(http: httpx.AsyncClient, ledger: Ledger) -> None:
+    key = await new_key(ledger, credits=Decimal(1))
+    resp = await http.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    usage = resp.json()["usage"]
+    # catalog prices: 1.5 USD/M input, 2 USD/M output
+    expected = (Decimal("1.5") * usage["prompt_tokens"] + 2 * usage["completion_tokens"]) / 1_000_000
+    assert Decimal(str(usage["cost"])) == expected
+    gen_id = resp.json()["id"]
+    found = await http.get("/v1/generation", params={"id": gen_id}, headers=auth(key))
+    data = found.json()["data"]
+    assert data["id"] == gen_id and data["streamed"] is False and data["status_code"] == 200
+    assert Decimal(str(data["cost"])) == expected and data["finish_reason"] == "stop"
+    other = await http.get("/v1/generation", params={"id": gen_id}, headers=auth(await new_key(ledger)))
+    assert (other.status_code, code(other)) == (404, "not_found")
+    assert (await http.get("/v1/generation", params={"id": gen_id}, headers=auth(ADMIN))).status_code == 200
+
+
+async def test_stream_usage_chunk_has_cost_and_record_has_ttft(http: httpx.AsyncClient, ledger: Ledger) -> None:
+    key = await new_key(ledger)
+    resp = await http.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))
+    assert ": usage" not in resp.text  # the trailer never reaches clients
+    blocks = [b for b in resp.text.split("\n\n") if b]
+    usage = json.loads(blocks[-2].removeprefix("data: "))["usage"]
+    assert usage["cost"] > 0
+    gen_id = json.loads(blocks[0].removeprefix("data: "))["id"]
+    data = (await http.get("/v1/generation", params={"id": gen_id}, headers=auth(key))).json()["data"]
+    assert data["streamed"] is True and data["ttft_ms"] is not None and data["completion_tokens"] == 4
+
+
+async def test_engine_failure_mid_stream_is_recorded(
+    http: httpx.AsyncClient, ledger: Ledger, engines: dict[str, FakeEngine]
+) -> None:
+    engines["tiny-a"].fail_after = 2
+    key = await new_key(ledger, credits=Decimal(1))
+    resp = await http.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))
+    assert '"code":"provider_unavailable"' in resp.text and resp.text.endswith("data: [DONE]\n\n")
+    gen_id = json.loads(resp.text.split("\n\n")[0].removeprefix("data: "))["id"]
+    data = (await http.get("/v1/generation", params={"id": gen_id}, headers=auth(key))).json()["data"]
+    assert data["status_code"] == 502 and data["error_code"] == "provider_unavailable"
+    assert data["completion_tokens"] == 2 and data["cost"] > 0  # billed for what was produced
+
+
+async def test_abandoned_stream_settles_once(catalog: Catalog, ledger: Ledger) -> None:
+    key = (await ledger.create_key(KeyLimits(credits=Decimal(1)))).key
+    spec = catalog.resolve("a")
+    engine = FakeEngine(words=["w"] * 50, token_delay_s=0.01)
+    admission = await ledger.admit(key, spec.names, 100, "gone-1")
+    settler = Settler(ledger)
+    meter = RequestMeter(spec, admission, streamed=True, first_token_batch=1)
+    head = StreamHead(LocalBackend({"tiny-a": engine}).stream(spec, "chat", {**CHAT, "model": "tiny-a"}, "gone-1"))
+    body = drive(head, request_id="gone-1", keepalive_s=5, observer=_MeteredStream(meter, settler))
+    for _ in range(4):
+        await anext(body)
+    await body.aclose()  # what Starlette does when the client disconnects
+    await settler.drain()
+    record = await ledger.generation("gen-gone-1", key)
+    assert record.cancelled and record.status_code == 499 and 1 <= record.completion_tokens < 50
+    assert record.prompt_tokens > 0
+    # A late duplicate settlement (e.g. a retry) changes nothing.
+    assert not await ledger.settle(Admission(request_id="gone-1", key_id=admission.key_id), record)
+    await ledger.flush()
+    info = (await ledger.list_keys())[0]
+    assert info.credits == Decimal(1) - record.cost
+
+
+async def test_admin_api(http: httpx.AsyncClient) -> None:
+    assert code(await http.get("/admin/keys")) == "invalid_api_key"
+    assert (await http.get("/admin/keys", headers=auth("not-the-admin-key"))).status_code == 401
+    created = await http.post("/admin/keys", json={"name": "app", "rpm": 5, "credits": "2.5"}, headers=auth(ADMIN))
+    assert created.status_code == 201
+    key, info = created.json()["key"], created.json()["info"]
+    assert key.startswith("sk-orch-") and "key_hash" not in info and info["credits"] == "2.5"
+    assert (await http.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status_code == 200
+    listed = (await http.get("/admin/keys", headers=auth(ADMIN))).json()["data"]
+    assert [k["id"] for k in listed] == [info["id"]] and key not in json.dumps(listed)
+    patched = await http.patch(f"/admin/keys/{info['id']}", json={"rpm": 9, "clear": ["credits"]}, headers=auth(ADMIN))
+    assert patched.json()["rpm"] == 9 and patched.json()["credits"] is None
+    usage = (await http.get("/admin/usage", params={"group_by": "key,model"}, headers=auth(ADMIN))).json()
+    assert usage["data"][0]["key"] == info["id"] and usage["data"][0]["requests"] == 1
+    bad = await http.get("/admin/usage", params={"group_by": "colour"}, headers=auth(ADMIN))
+    assert (bad.status_code, code(bad)) == (400, "invalid_request")
+    assert (await http.delete(f"/admin/keys/{info['id']}", headers=auth(ADMIN))).json()["revoked_at"]
+    resp = await http.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert (resp.status_code, code(resp)) == (401, "invalid_api_key")
+    missing = await http.get("/admin/keys/key_nope", headers=auth(ADMIN))
+    assert (missing.status_code, code(missing)) == (404, "not_found")
