@@ -1,8 +1,11 @@
-"""One real Ray cluster and one deployed app for the whole integration session.
+"""One real Ray cluster and two deployed apps for the whole integration session.
 
-The app is deployed the way operators deploy it: ``serve deploy`` of a Serve config file
+The apps are deployed the way operators deploy them: ``serve deploy`` of a Serve config file
 (``orchestrator.serving:build_app`` with catalog args) onto a cluster started with
-``ray start --head``. Everything binds to 127.0.0.1 on free ports and is torn down at the end.
+``ray start --head``. The main app (route ``/``) keeps its gateway in a real PostgreSQL
+server and runs two router replicas; the second (route ``/sqlite``) serves one tiny model
+with the embedded SQLite default. Everything binds to 127.0.0.1 on free ports and is torn
+down at the end.
 """
 
 from __future__ import annotations
@@ -42,14 +45,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+ADMIN_KEY = "integration-admin-" + secrets.token_hex(8)
+
+
 @dataclass
 class Deployment:
     base_url: str
     gcs_address: str
     env: dict[str, str]
+    database_url: str
+    sqlite_url: str
+    api_key: str = ""
 
-    def client(self, **kwargs: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, **kwargs)  # type: ignore[arg-type]
+    @property
+    def sqlite_base_url(self) -> str:
+        return self.base_url + "/sqlite"
+
+    def client(self, api_key: str | None = None, base_url: str | None = None, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=(base_url or self.base_url) + "/v1",
+            api_key=api_key or self.api_key,
+            max_retries=0,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def admin(self, method: str, path: str, base_url: str | None = None, **kwargs: object) -> httpx.Response:
+        """Calls the admin API with the admin key."""
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        return httpx.request(method, (base_url or self.base_url) + path, headers=headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def cli(self, *args: str, database_url: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Runs the ``orchestrator`` command against a gateway database."""
+        env = {**self.env, "ORCH_DATABASE_URL": database_url or self.database_url}
+        return _run(env, str(BIN / "orchestrator"), *args, timeout=120)
+
+    def new_key(self, base_url: str | None = None, **limits: object) -> str:
+        """Creates a key through the admin API and returns it."""
+        resp = self.admin("POST", "/admin/keys", base_url=base_url, json=limits)
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["key"])
 
 
 def tiny_entry(name: str, alias: str, path: Path) -> dict[str, object]:
@@ -88,15 +122,18 @@ def _wait_ready(base_url: str, proc_env: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[Deployment]:
     work = tmp_path_factory.mktemp("cluster")
-    catalog = work / "catalog.yaml"
+    catalog, small = work / "catalog.yaml", work / "small.yaml"
     entries = [
         tiny_entry("tiny-a", "a", build_tiny_llama(work / "tiny-a", seed=1)),
         tiny_entry("tiny-b", "b", build_tiny_llama(work / "tiny-b", seed=2)),
     ]
     catalog.write_text(yaml.safe_dump({"models": entries}))
+    small.write_text(yaml.safe_dump(tiny_entry("tiny-c", "c", build_tiny_llama(work / "tiny-c", seed=3))))
+    sqlite_url = f"sqlite:///{work / 'gateway.db'}"
     gcs_port, dash_port, http_port = free_port(), free_port(), free_port()
+    gateway = {"admin_key": ADMIN_KEY, "usage_flush_ms": 100, "key_cache_seconds": 1}
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": http_port},
@@ -107,9 +144,20 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 "import_path": "orchestrator.serving:build_app",
                 "args": {
                     "catalog": [str(catalog), str(REPO / "catalog" / "smollm2-135m-instruct.yaml")],
-                    "settings": {"keepalive_seconds": 15, "router_replicas": 1},
+                    "settings": {
+                        "keepalive_seconds": 15,
+                        "router_replicas": 2,
+                        "database_url": postgres_url,
+                        **gateway,
+                    },
                 },
-            }
+            },
+            {
+                "name": "sqlite",
+                "route_prefix": "/sqlite",
+                "import_path": "orchestrator.serving:build_app",
+                "args": {"catalog": [str(small)], "settings": {"database_url": sqlite_url, **gateway}},
+            },
         ],
     }
     config_path = work / "serve.yaml"
@@ -138,7 +186,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             raise RuntimeError(f"serve deploy failed:\n{deployed.stdout}\n{deployed.stderr}")
         base_url = f"http://127.0.0.1:{http_port}"
         _wait_ready(base_url, env)
-        yield Deployment(base_url=base_url, gcs_address=env["RAY_ADDRESS"], env=env)
+        _wait_ready(base_url + "/sqlite", env)
+        deployed_app = Deployment(
+            base_url=base_url, gcs_address=env["RAY_ADDRESS"], env=env, database_url=postgres_url, sqlite_url=sqlite_url
+        )
+        deployed_app.api_key = deployed_app.new_key(name="integration")
+        yield deployed_app
     finally:
         _run(env, str(BIN / "serve"), "shutdown", "-y", "--address", env["RAY_DASHBOARD_ADDRESS"], timeout=120)
         _run(env, str(BIN / "ray"), "stop", "--force", timeout=120)

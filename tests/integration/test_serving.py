@@ -18,7 +18,8 @@ USER = [{"role": "user", "content": "Tell me a story about a cat."}]
 def test_models_list_has_catalog_fields(client: openai.OpenAI, deployment: Deployment) -> None:
     ids = [m.id for m in client.models.list().data]
     assert ids == ["tiny-a", "tiny-b", "smollm2-135m-instruct"]
-    card = httpx.get(deployment.base_url + "/v1/models/test-org/tiny-b").json()
+    headers = {"Authorization": f"Bearer {deployment.api_key}"}
+    card = httpx.get(deployment.base_url + "/v1/models/test-org/tiny-b", headers=headers).json()
     assert card["id"] == "tiny-b" and card["aliases"] == ["b"] and card["context_window"] == 512
     assert card["pricing"] == {"input_per_million": "1", "output_per_million": "2"}
 
@@ -45,7 +46,10 @@ def test_chat_stream_role_deltas_finish_usage_done(client: openai.OpenAI, deploy
     assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("gen-")
     # The wire format ends with [DONE] (the SDK hides it).
     body = {"model": "tiny-b", "messages": USER, "max_tokens": 4, "stream": True}
-    with httpx.stream("POST", deployment.base_url + "/v1/chat/completions", json=body, timeout=60) as resp:
+    headers = {"Authorization": f"Bearer {deployment.api_key}"}
+    with httpx.stream(
+        "POST", deployment.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as resp:
         text = "".join(resp.iter_text())
     events = [e for e in text.split("\n\n") if e]
     assert events[-1] == "data: [DONE]" and '"usage"' in events[-2]
@@ -141,7 +145,12 @@ def test_client_disconnect_aborts_engine_request(deployment: Deployment) -> None
     slow = {"model": "tiny-b", "messages": USER, "max_tokens": 480, "stream": True, "ignore_eos": True}
     with (
         httpx.Client(timeout=60) as http,
-        http.stream("POST", deployment.base_url + "/v1/chat/completions", json=slow) as resp,
+        http.stream(
+            "POST",
+            deployment.base_url + "/v1/chat/completions",
+            json=slow,
+            headers={"Authorization": f"Bearer {deployment.api_key}"},
+        ) as resp,
     ):
         lines = resp.iter_lines()
         assert next(lines).startswith("data: ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -62,7 +63,11 @@ async def test_chat_stream_sends_first_token_unbatched(catalog: Catalog) -> None
     engine = DyingEngine(words=["a", "b", "c", "d", "e", "f"])
     srv = server(catalog, engine, stream_batch_ms=10_000)
     body = {"model": "tiny-a", "messages": [{"role": "user", "content": "x"}]}
-    batches = [b async for b in srv.stream("chat", body, "r1")]
+    raw = [b async for b in srv.stream("chat", body, "r1")]
+    # The eager batches end with the running-usage trailer; the router strips it.
+    assert [b[-1].startswith(": usage ") for b in raw] == [True, True, False]
+    assert json.loads(raw[1][-1].removeprefix(": usage "))["completion_tokens"] == 1
+    batches = [[f for f in b if not f.startswith(":")] for b in raw]
     assert len(batches[0]) == 1 and '"role":"assistant"' in batches[0][0]
     assert len(batches[1]) == 1 and '"content":"a "' in batches[1][0]
     assert len(batches) == 3  # the rest arrive as one batch at the end

@@ -1,0 +1,192 @@
+"""The gateway through real Ray Serve (two router replicas), real vLLM tiny models, a real
+PostgreSQL server (main app) and SQLite (second app), driven by the openai SDK."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.integration.conftest import BIN, Deployment, _run, engine_unfinished
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Tell me a story about a cat."}]
+
+
+def status_and_code(exc: openai.APIStatusError) -> tuple[int, str]:
+    return exc.status_code, exc.body["code"]  # type: ignore[index]
+
+
+def refused(client: openai.OpenAI, model: str = "tiny-a") -> tuple[int, str]:
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model=model, messages=USER, max_tokens=2)
+    return status_and_code(info.value)
+
+
+def test_every_gateway_code_through_the_sdk(deployment: Deployment) -> None:
+    assert refused(deployment.client(api_key="sk-orch-not-a-key")) == (401, "invalid_api_key")
+    limited = deployment.client(api_key=deployment.new_key(models=["tiny-b", "smollm2*"]))
+    assert refused(limited) == (403, "model_not_allowed")
+    assert limited.chat.completions.create(model="b", messages=USER, max_tokens=2).choices
+    assert refused(deployment.client(api_key=deployment.new_key(enabled=False))) == (403, "workspace_locked")
+    locked = deployment.client(api_key=deployment.new_key(workspace="team-locked"))
+    assert deployment.admin("PATCH", "/admin/workspaces/team-locked", json={"enabled": False}).status_code == 200
+    assert refused(locked) == (403, "workspace_locked")
+    assert refused(deployment.client(api_key=deployment.new_key(credits="0"))) == (402, "insufficient_credits")
+    assert refused(deployment.client(api_key=deployment.new_key(daily_limit="0"))) == (402, "key_limit_exceeded")
+    with pytest.raises(openai.RateLimitError) as info:
+        deployment.client(api_key=deployment.new_key(tpm=50)).chat.completions.create(
+            model="tiny-a", messages=USER, max_tokens=100
+        )
+    assert info.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+    assert int(info.value.response.headers["retry-after"]) >= 1
+    # The key never comes back in an error.
+    assert (
+        "sk-orch-not-a-key"
+        not in httpx.post(
+            deployment.base_url + "/v1/chat/completions",
+            json={"model": "tiny-a", "messages": USER},
+            headers={"Authorization": "Bearer sk-orch-not-a-key"},
+        ).text
+    )
+
+
+def test_rate_limit_headers_and_cost_in_usage(deployment: Deployment) -> None:
+    client = deployment.client(api_key=deployment.new_key(rpm=100, tpm=100_000))
+    raw = client.chat.completions.with_raw_response.create(model="tiny-a", messages=USER, max_tokens=4)
+    headers = raw.headers
+    assert headers["x-ratelimit-limit-requests"] == "100" and headers["x-ratelimit-remaining-requests"] == "99"
+    assert headers["x-ratelimit-limit-tokens"] == "100000" and headers["x-ratelimit-reset-tokens"].endswith("s")
+    usage = raw.parse().usage
+    assert usage is not None
+    expected = Decimal(usage.prompt_tokens * 1 + usage.completion_tokens * 2) / 1_000_000  # catalog: $1/M in, $2/M out
+    assert Decimal(str(usage.model_extra["cost"])) == expected  # type: ignore[index]
+    chunks = list(client.chat.completions.create(model="tiny-a", messages=USER, max_tokens=4, stream=True))
+    assert chunks[-1].usage is not None and chunks[-1].usage.model_extra["cost"] > 0  # type: ignore[index]
+
+
+def _router_replicas(deployment: Deployment) -> int:
+    status = yaml.safe_load(_run(deployment.env, str(BIN / "serve"), "status", timeout=60).stdout)
+    router = status["applications"]["orchestrator"]["deployments"]["router"]
+    return int(router["replica_states"].get("RUNNING", 0))
+
+
+def test_limits_are_exact_across_two_router_replicas(deployment: Deployment) -> None:
+    assert _router_replicas(deployment) == 2
+    n, extra = 6, 6
+    client = deployment.client(api_key=deployment.new_key(rpm=n), timeout=120)
+
+    def one(_: int) -> int:
+        try:
+            client.completions.create(model="tiny-b", prompt="Hello", max_tokens=1)
+            return 200
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    with ThreadPoolExecutor(max_workers=n + extra) as pool:
+        statuses = list(pool.map(one, range(n + extra)))
+    assert sorted(statuses) == [200] * n + [429] * extra
+
+
+def _lookup(deployment: Deployment, gen_id: str, key: str, base_url: str | None = None) -> httpx.Response:
+    return httpx.get(
+        (base_url or deployment.base_url) + "/v1/generation",
+        params={"id": gen_id},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+
+
+def test_generation_lookup_straight_after_the_response(deployment: Deployment) -> None:
+    key, other = deployment.new_key(), deployment.new_key()
+    client = deployment.client(api_key=key)
+    resp = client.chat.completions.create(model="tiny-a", messages=USER, max_tokens=5)
+    found = _lookup(deployment, resp.id, key)
+    assert found.status_code == 200, found.text
+    data = found.json()["data"]
+    assert resp.usage is not None and data["completion_tokens"] == resp.usage.completion_tokens
+    assert data["model"] == "tiny-a" and data["streamed"] is False and data["latency_ms"] > 0
+    chunks = list(client.completions.create(model="tiny-b", prompt="Hi", max_tokens=5, stream=True))
+    streamed = _lookup(deployment, chunks[0].id, key).json()["data"]
+    assert streamed["streamed"] is True and streamed["ttft_ms"] > 0 and streamed["finish_reason"] == "length"
+    assert streamed["completion_tokens"] == 5 and streamed["tokens_per_s"] > 0
+    refused = _lookup(deployment, resp.id, other)
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+    assert deployment.admin("GET", "/v1/generation", params={"id": resp.id}).status_code == 200
+
+
+def _record(deployment: Deployment, gen_id: str) -> dict:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        resp = deployment.admin("GET", "/v1/generation", params={"id": gen_id})
+        if resp.status_code == 200:
+            return dict(resp.json()["data"])
+        time.sleep(0.2)
+    raise AssertionError(f"no record for {gen_id}")
+
+
+def test_credits_debited_once_when_the_client_disconnects(deployment: Deployment) -> None:
+    created = deployment.admin("POST", "/admin/keys", json={"credits": "1"}).json()
+    key, key_id = created["key"], created["info"]["id"]
+    slow = {"model": "tiny-b", "messages": USER, "max_tokens": 480, "stream": True, "ignore_eos": True}
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream(
+            "POST",
+            deployment.base_url + "/v1/chat/completions",
+            json=slow,
+            headers={"Authorization": f"Bearer {key}"},
+        ) as resp,
+    ):
+        lines = resp.iter_lines()
+        first = next(lines)
+        for _ in range(6):
+            next(lines)
+    gen_id = first.split('"id":"', 1)[1].split('"', 1)[0]
+    record = _record(deployment, gen_id)
+    assert record["cancelled"] is True and record["status_code"] == 499
+    assert record["prompt_tokens"] > 0 and 0 < record["completion_tokens"] < 480
+    deadline = time.monotonic() + 30
+    while engine_unfinished(deployment, "model-tiny-b") and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(1)  # the flusher runs every 100 ms
+    info = deployment.admin("GET", f"/admin/keys/{key_id}").json()
+    assert Decimal(info["credits"]) == Decimal(1) - Decimal(str(record["cost"]))
+    usage = deployment.admin("GET", "/admin/usage", params={"key": key_id, "group_by": "key"}).json()["data"]
+    assert usage[0]["requests"] == 1
+
+
+def test_cli_key_works_against_the_running_server(deployment: Deployment) -> None:
+    made = deployment.cli("keys", "create", "--name", "from-cli", "--models", "tiny-*", "--rpm", "30")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip().splitlines()[-1]
+    assert key.startswith("sk-orch-")
+    client = deployment.client(api_key=key)
+    assert client.chat.completions.create(model="a", messages=USER, max_tokens=2).choices
+    assert refused(client, "smollm2") == (403, "model_not_allowed")
+    listed = deployment.cli("keys", "list")
+    assert "from-cli" in listed.stdout and key not in listed.stdout
+    report = deployment.cli("usage", "--group-by", "model", "--json")
+    assert '"model": "tiny-a"' in report.stdout
+
+
+def test_sqlite_app_meters_and_limits(deployment: Deployment) -> None:
+    made = deployment.cli("keys", "create", "--rpm", "2", "--credits", "5", database_url=deployment.sqlite_url)
+    key = made.stdout.strip().splitlines()[-1]
+    client = deployment.client(api_key=key, base_url=deployment.sqlite_base_url)
+    resp = client.chat.completions.create(model="c", messages=USER, max_tokens=3)
+    found = _lookup(deployment, resp.id, key, base_url=deployment.sqlite_base_url)
+    assert found.status_code == 200 and found.json()["data"]["model"] == "tiny-c"
+    client.chat.completions.create(model="c", messages=USER, max_tokens=3)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="c", messages=USER, max_tokens=3)
+    # The main app's keys are not valid here: each app has its own database.
+    assert refused(deployment.client(base_url=deployment.sqlite_base_url), "c") == (401, "invalid_api_key")
+    time.sleep(1)
+    shown = deployment.cli("usage", "--group-by", "key", "--json", database_url=deployment.sqlite_url)
+    assert '"requests": 2' in shown.stdout
