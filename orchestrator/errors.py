@@ -140,5 +140,16 @@ class OrchestratorError(Exception):
         return f"OrchestratorError({self.code.value!r}, {self.message!r}, param={self.param!r})"
 
 
+def find_error(exc: BaseException) -> OrchestratorError | None:
+    """Returns the OrchestratorError ``exc`` is or wraps (Ray wraps a replica's exception and
+    keeps the original as ``cause``), or None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OrchestratorError):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
+
+
 def _rebuild(code: str, message: str, param: str | None, headers: dict[str, str]) -> OrchestratorError:
     return OrchestratorError(ErrorCode(code), message, param=param, headers=headers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 from fastapi import Request
@@ -104,7 +105,12 @@ async def generate(
     Every request that passes admission is settled exactly once, however it ends: completed,
     failed, or abandoned by the client.
     """
+    # X-Request-Id may come from the client, so it only correlates logs and errors. The
+    # generation gets an id of its own: the engine's request id, the response's `gen-` id
+    # and the billing key, so a repeated header can neither clash in the engine nor make a
+    # second request look like an already-settled one.
     request_id: str = request.state.request_id
+    generation_id = uuid.uuid4().hex
     api_key = bearer_token(request)
     try:
         body = await read_json(request)
@@ -113,16 +119,16 @@ async def generate(
         # A caller without a valid key learns nothing about the request: 401 comes first.
         await gateway.authenticate(api_key)
         raise
-    admission = await gateway.admit(api_key, spec.names, reserved_tokens(body, spec, budget), request_id)
+    admission = await gateway.admit(api_key, spec.names, reserved_tokens(body, spec, budget), generation_id)
     body["model"] = spec.name
     stream = bool(body.get("stream"))
     meter = RequestMeter(spec, admission, streamed=stream, first_token_batch=1 if kind == "chat" else 0)
     try:
         if not stream:
-            result = meter.on_response(await backend.complete(spec, kind, body, request_id))
+            result = meter.on_response(await backend.complete(spec, kind, body, generation_id))
             await settler.settle(admission, meter.record(200))
             return JSONResponse(result, headers=admission.headers)
-        head = StreamHead(backend.stream(spec, kind, body, request_id))
+        head = StreamHead(backend.stream(spec, kind, body, generation_id))
         try:
             await head.wait(settings.keepalive_seconds)
         except BaseException:

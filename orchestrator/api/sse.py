@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from orchestrator.api.backend import ChunkStream
-from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.errors import ErrorCode, OrchestratorError, find_error
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
@@ -32,12 +32,9 @@ def error_frame(error: OrchestratorError, request_id: str) -> bytes:
 
 def as_orchestrator_error(exc: BaseException) -> OrchestratorError:
     """Maps any upstream failure to the taxonomy (unknown failures: provider_unavailable)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OrchestratorError):
-            return seen
-        # Ray wraps a replica's exception; the original is its `cause`.
-        seen = getattr(seen, "cause", None) or seen.__cause__
+    found = find_error(exc)
+    if found is not None:
+        return found
     return OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The model backend failed while generating.")
 
 

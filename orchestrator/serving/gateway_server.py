@@ -11,7 +11,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import find_error
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.records import Admission, CreatedKey, KeyInfo, KeyLimits, UsageRecord, Workspace
@@ -49,16 +49,6 @@ class GatewayServer:
         return await getattr(self.ledger, method)(*args, **kwargs)
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    # Ray wraps a replica's exception; give the edge the OrchestratorError itself.
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OrchestratorError):
-            return seen
-        seen = getattr(seen, "cause", None) or seen.__cause__
-    return exc
-
-
 class RemoteGateway:
     """Implements :class:`~orchestrator.gateway.base.Gateway` over the deployment handle."""
 
@@ -69,10 +59,11 @@ class RemoteGateway:
         try:
             return await self._call.remote(method, *args, **kwargs)
         except Exception as exc:
-            unwrapped = _unwrap(exc)
-            if unwrapped is exc:
+            # Give the edge the OrchestratorError itself, not Ray's wrapper around it.
+            found = find_error(exc)
+            if found is None or found is exc:
                 raise
-            raise unwrapped from None
+            raise found from None
 
     async def authenticate(self, api_key: str | None) -> KeyInfo:
         return await self._run("authenticate", api_key)  # type: ignore[no-any-return]

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +211,18 @@ ray.init(address=sys.argv[1], namespace="serve", logging_level="ERROR", log_to_d
 handle = serve.get_deployment_handle(sys.argv[2], app_name="orchestrator")
 print(handle.num_unfinished_requests.remote().result(timeout_s=60))
 """
+
+
+@contextmanager
+def open_stream(deployment: Deployment, body: dict[str, object], key: str | None = None) -> Iterator[Iterator[str]]:
+    """Starts a streaming chat request and yields its SSE lines; leaving the block closes
+    the connection (a client disconnect when the stream has not ended)."""
+    headers = {"Authorization": f"Bearer {key or deployment.api_key}"}
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", deployment.base_url + "/v1/chat/completions", json=body, headers=headers) as resp,
+    ):
+        yield resp.iter_lines()
 
 
 def engine_unfinished(deployment: Deployment, model_deployment: str) -> int:

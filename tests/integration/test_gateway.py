@@ -12,7 +12,7 @@ import openai
 import pytest
 import yaml
 
-from tests.integration.conftest import BIN, Deployment, _run, engine_unfinished
+from tests.integration.conftest import BIN, Deployment, _run, engine_unfinished, open_stream
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Tell me a story about a cat."}]
@@ -134,16 +134,7 @@ def test_credits_debited_once_when_the_client_disconnects(deployment: Deployment
     created = deployment.admin("POST", "/admin/keys", json={"credits": "1"}).json()
     key, key_id = created["key"], created["info"]["id"]
     slow = {"model": "tiny-b", "messages": USER, "max_tokens": 480, "stream": True, "ignore_eos": True}
-    with (
-        httpx.Client(timeout=60) as http,
-        http.stream(
-            "POST",
-            deployment.base_url + "/v1/chat/completions",
-            json=slow,
-            headers={"Authorization": f"Bearer {key}"},
-        ) as resp,
-    ):
-        lines = resp.iter_lines()
+    with open_stream(deployment, slow, key) as lines:
         first = next(lines)
         for _ in range(6):
             next(lines)

@@ -196,3 +196,12 @@ async def test_admin_api(http: httpx.AsyncClient) -> None:
     assert (resp.status_code, code(resp)) == (401, "invalid_api_key")
     missing = await http.get("/admin/keys/key_nope", headers=auth(ADMIN))
     assert (missing.status_code, code(missing)) == (404, "not_found")
+
+
+async def test_repeated_request_id_header_is_billed_each_time(http: httpx.AsyncClient, ledger: Ledger) -> None:
+    key = await new_key(ledger)
+    same = {**auth(key), "x-request-id": "fixed-id"}
+    ids = [(await http.post("/v1/chat/completions", json=CHAT, headers=same)).json()["id"] for _ in range(2)]
+    assert ids[0] != ids[1]
+    rows = await ledger.usage_report(group_by=["key"])
+    assert rows[0]["requests"] == 2
