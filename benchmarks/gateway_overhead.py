@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=400)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--ray-env", action="append", default=[], help="KEY=VALUE for `ray start`'s environment")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="orch-gw-bench-") as tmp:
         work = Path(tmp)
@@ -169,6 +170,7 @@ def main() -> None:
             "RAY_USAGE_STATS_ENABLED": "0",
             "ORCH_KV_CACHE_GB": "1",
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+            **dict(pair.split("=", 1) for pair in args.ray_env),
         }
         head = ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1"]
         run(env, str(BIN / "ray"), "start", *head, f"--dashboard-port={dash}", "--num-cpus=8", "--disable-usage-stats")

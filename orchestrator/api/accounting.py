@@ -143,9 +143,10 @@ class RequestMeter:
 
 
 class Settler:
-    """Hands finished requests to the gateway. Each settlement runs as its own task, so it
-    completes even when the request's task is cancelled (client gone) while waiting for
-    it; :meth:`drain` awaits the ones still running (shutdown)."""
+    """Hands finished requests to the gateway. Each settlement runs as its own task, off
+    the response's path and safe from the request's cancellation (client gone); the ledger
+    holds lookups of admitted requests until they settle. :meth:`drain` awaits the ones
+    still running (shutdown)."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -164,10 +165,6 @@ class Settler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    async def settle(self, admission: Admission, record: UsageRecord) -> None:
-        """Settles and waits; cancelling the waiter does not cancel the settlement."""
-        await asyncio.shield(self.settle_later(admission, record))
 
     async def drain(self) -> None:
         while self._tasks:

@@ -82,9 +82,10 @@ class _MeteredStream:
     def on_batch(self, batch: list[str]) -> list[str]:
         return self.meter.on_batch(batch)
 
-    async def finish(self, error: OrchestratorError | None) -> None:
+    def finish(self, error: OrchestratorError | None) -> None:
+        # Not awaited: the ledger holds lookups of admitted requests until they settle.
         status = 200 if error is None else error.status
-        await self.settler.settle(self.meter.admission, self.meter.record(status, error=error))
+        self.settler.settle_later(self.meter.admission, self.meter.record(status, error=error))
 
     def abandon(self) -> None:
         self.settler.settle_later(self.meter.admission, self.meter.record(CLIENT_CLOSED, cancelled=True))
@@ -126,7 +127,7 @@ async def generate(
     try:
         if not stream:
             result = meter.on_response(await backend.complete(spec, kind, body, generation_id))
-            await settler.settle(admission, meter.record(200))
+            settler.settle_later(admission, meter.record(200))
             return JSONResponse(result, headers=admission.headers)
         head = StreamHead(backend.stream(spec, kind, body, generation_id))
         try:
@@ -139,7 +140,7 @@ async def generate(
         raise
     except Exception as exc:
         error = as_orchestrator_error(exc)
-        await settler.settle(admission, meter.record(error.status, error=error))
+        settler.settle_later(admission, meter.record(error.status, error=error))
         error.headers = {**admission.headers, **error.headers}
         raise error from None
     return StreamingResponse(

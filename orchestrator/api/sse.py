@@ -45,8 +45,8 @@ class StreamObserver(Protocol):
         """Returns the batch as the client gets it."""
         ...
 
-    async def finish(self, error: OrchestratorError | None) -> None:
-        """The stream ended (``error`` if it failed part-way); awaited before ``[DONE]``."""
+    def finish(self, error: OrchestratorError | None) -> None:
+        """The stream ended (``error`` if it failed part-way); called before ``[DONE]``."""
 
     def abandon(self) -> None:
         """The client went away mid-stream (must not block: the task is being cancelled)."""
@@ -102,8 +102,7 @@ async def drive(
         head: the started upstream stream.
         request_id: for the error event.
         keepalive_s: interval of keep-alive comments while the upstream is silent.
-        observer: sees every batch; its ``finish`` completes before ``[DONE]`` is sent, so
-            whatever it records exists once the client has the whole response.
+        observer: sees every batch, then ``finish`` or ``abandon``.
     """
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -139,7 +138,7 @@ async def drive(
             yield "".join(item).encode()
         finished = True
         if observer is not None:
-            await observer.finish(error)
+            observer.finish(error)
         yield DONE
     finally:
         if not task.done():

@@ -11,6 +11,7 @@ memory, counted against the key) or *committed* (in the database), never both or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import hmac
 import logging
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _SETTLED_MEMORY = 200_000  # request ids remembered to refuse a second settlement
 _UNKNOWN_CACHE_MAX = 10_000
+_INFLIGHT_MAX_AGE_S = 3600.0  # an admission never settled (its router died) is forgotten
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Ledger:
         flush_interval_s: how often finished records are written to the database.
         key_cache_s: how long a key's row is trusted before it is read again (changes made
             by the CLI directly in the database show up within this time).
+        lookup_wait_s: how long :meth:`generation` waits for an admitted request's record.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class Ledger:
         monotonic: Callable[[], float] = time.monotonic,
         flush_interval_s: float = 0.2,
         key_cache_s: float = 2.0,
+        lookup_wait_s: float = 30.0,
     ) -> None:
         self.store = store
         self.journal = journal
@@ -112,6 +116,8 @@ class Ledger:
         self._monotonic = monotonic
         self._flush_interval_s = flush_interval_s
         self._key_cache_s = key_cache_s
+        self._lookup_wait_s = lookup_wait_s
+        self._inflight: dict[str, tuple[float, asyncio.Event]] = {}
         self.limiter = RateLimiter(monotonic)
         self._lock = threading.Lock()
         self._keys: dict[str, _KeyEntry] = {}
@@ -270,6 +276,7 @@ class Ledger:
                 f"Rate limit reached for this API key ({which} per minute). Retry after {headers['Retry-After']} s.",
                 headers=headers,
             )
+        self._track(request_id)
         return Admission(
             request_id=request_id,
             key_id=key.id,
@@ -279,17 +286,29 @@ class Ledger:
             headers=headers,
         )
 
+    def _track(self, request_id: str) -> None:
+        # Admitted, not yet settled: a lookup waits for the record instead of answering 404,
+        # which lets routers settle after the response without a window of missing records.
+        now = self._monotonic()
+        if len(self._inflight) >= 10_000 and len(self._inflight) % 1000 == 0:
+            stale = [rid for rid, (t, _) in self._inflight.items() if now - t > _INFLIGHT_MAX_AGE_S]
+            for rid in stale:
+                self._inflight.pop(rid)[1].set()
+        self._inflight[request_id] = (now, asyncio.Event())
+
     # -- settlement -------------------------------------------------------------------
 
     async def settle(self, admission: Admission, record: UsageRecord) -> bool:
         """Records a finished request and debits its key, exactly once per request id.
 
-        The record is journaled and visible to :meth:`generation` before this returns; the
-        database write happens in the background. Returns False for a repeated settlement.
+        The record is journaled and visible to :meth:`generation` before this returns (and
+        lookups that arrived since admission are released); the database write happens in
+        the background. Returns False for a repeated settlement.
         """
         rid = record.request_id
         if rid in self._settled:
             return False
+        waiting = self._inflight.pop(rid, None)
         self._settled[rid] = None
         if len(self._settled) > _SETTLED_MEMORY:
             self._settled.popitem(last=False)
@@ -308,6 +327,8 @@ class Ledger:
                     spend.day_total += record.cost
                 if spend is not None and record.created_at >= spend.month:
                     spend.month_total += record.cost
+        if waiting is not None:
+            waiting[1].set()
         return True
 
     def _commit(self, batch: list[UsageRecord]) -> None:
@@ -366,6 +387,12 @@ class Ledger:
         """
         key_id = None if admin else (await self._authenticate(api_key)).id
         request_id = generation_id.removeprefix("gen-")
+        waiting = self._inflight.get(request_id)
+        if waiting is not None:
+            # Admitted but its router has not settled it yet (it does so right after the
+            # response): wait for the record rather than answer 404.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiting[1].wait(), self._lookup_wait_s)
         record = self._pending.get(request_id) or await self._run(self.store.usage, request_id)
         if record is None or (not admin and record.key_id != key_id):
             raise OrchestratorError(ErrorCode.NOT_FOUND, f"No generation {generation_id!r}.", param="id")

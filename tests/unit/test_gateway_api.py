@@ -203,5 +203,7 @@ async def test_repeated_request_id_header_is_billed_each_time(http: httpx.AsyncC
     same = {**auth(key), "x-request-id": "fixed-id"}
     ids = [(await http.post("/v1/chat/completions", json=CHAT, headers=same)).json()["id"] for _ in range(2)]
     assert ids[0] != ids[1]
+    for gen_id in ids:  # a lookup waits for the settlement
+        assert (await http.get("/v1/generation", params={"id": gen_id}, headers=auth(key))).status_code == 200
     rows = await ledger.usage_report(group_by=["key"])
     assert rows[0]["requests"] == 2

@@ -188,3 +188,15 @@ async def test_journal_replayed_after_crash(db_url: str, tmp_path: Path) -> None
         await second.stop()
         first._db.shutdown(wait=True)
         first.store.close()
+
+
+async def test_lookup_of_an_admitted_request_waits_for_its_settlement(ledger: Ledger) -> None:
+    import asyncio
+
+    key = (await ledger.create_key(KeyLimits())).key
+    admission = await ledger.admit(key, NAMES, 10, "slow-settle")
+    lookup = asyncio.create_task(ledger.generation("gen-slow-settle", key))
+    await asyncio.sleep(0.05)
+    assert not lookup.done()  # no 404 while the router has yet to settle
+    await ledger.settle(admission, record(ledger, admission))
+    assert (await lookup).request_id == "slow-settle"
