@@ -117,7 +117,10 @@ def _access_mode(settings: Settings) -> Settings:
     if keys:
         print(f"API keys required ({keys} in the database); the admin API is off until ORCH_ADMIN_KEY is set.")
         return settings
-    print(OPEN_BANNER.format(db=settings.resolved_database_url(), host=settings.host, port=settings.port), flush=True)
+    from sqlalchemy.engine import make_url
+
+    db = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
+    print(OPEN_BANNER.format(db=db, host=settings.host, port=settings.port), flush=True)
     return settings.model_copy(update={"open_access": True})
 
 
