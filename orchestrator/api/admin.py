@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.api.auth import AdminGuard
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.admin import DEFAULT_WORKSPACE, WORKSPACE_PATTERN
 from orchestrator.gateway.base import Gateway
 from orchestrator.gateway.records import CreatedKey, KeyInfo, KeyLimits, Workspace
 
@@ -19,7 +20,7 @@ GroupBy = Literal["key", "model", "day"]
 class KeyCreate(KeyLimits):
     """``POST /admin/keys`` body."""
 
-    workspace: str = Field(default="default", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Workspace id.")
+    workspace: str = Field(default=DEFAULT_WORKSPACE, pattern=WORKSPACE_PATTERN, description="Workspace id.")
 
 
 class KeyUpdate(KeyLimits):

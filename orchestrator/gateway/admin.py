@@ -6,6 +6,7 @@ the ledger behind ``/admin/keys``, which runs these on its database thread.
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import datetime
 
@@ -15,6 +16,7 @@ from orchestrator.gateway.records import CreatedKey, KeyInfo, KeyLimits, KeyReco
 from orchestrator.gateway.store import SQLStore
 
 DEFAULT_WORKSPACE = "default"
+WORKSPACE_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
 def _not_found(key_id: str) -> OrchestratorError:
@@ -23,7 +25,15 @@ def _not_found(key_id: str) -> OrchestratorError:
 
 def create_key(store: SQLStore, limits: KeyLimits, *, workspace: str, pepper: bytes, now: datetime) -> CreatedKey:
     """Creates a key in ``workspace`` (created if new). Returns the plaintext key, which is
-    never stored or shown again, with the key's public record."""
+    never stored or shown again, with the key's public record.
+
+    Raises:
+        OrchestratorError: ``invalid_request`` for a malformed workspace id.
+    """
+    if not re.match(WORKSPACE_PATTERN, workspace):
+        raise OrchestratorError(
+            ErrorCode.INVALID_REQUEST, "A workspace id is 1-64 letters, digits, '.', '_' or '-'.", param="workspace"
+        )
     store.ensure_workspace(workspace, now)
     plaintext = generate_key()
     fields = limits.model_dump(exclude_none=True)

@@ -3,6 +3,7 @@ rate-limit headers, cost, generation lookup, settlement of abandoned streams, ad
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -13,6 +14,7 @@ import pytest
 
 from orchestrator.api import create_app
 from orchestrator.api.accounting import RequestMeter, Settler
+from orchestrator.api.backend import Kind
 from orchestrator.api.generation import _MeteredStream
 from orchestrator.api.sse import StreamHead, drive
 from orchestrator.catalog import Catalog
@@ -207,3 +209,28 @@ async def test_repeated_request_id_header_is_billed_each_time(http: httpx.AsyncC
         assert (await http.get("/v1/generation", params={"id": gen_id}, headers=auth(key))).status_code == 200
     rows = await ledger.usage_report(group_by=["key"])
     assert rows[0]["requests"] == 2
+
+
+async def test_abandoned_non_streaming_request_is_recorded(
+    http: httpx.AsyncClient, ledger: Ledger, engines: dict[str, FakeEngine]
+) -> None:
+    import asyncio
+
+    started = asyncio.Event()
+
+    class Slow(FakeEngine):
+        async def complete(self, kind: Kind, body: dict, request_id: str) -> dict:  # type: ignore[override]
+            self.seen = request_id
+            started.set()
+            await asyncio.sleep(30)
+            return {}
+
+    slow = engines["tiny-a"] = Slow()
+    key = await new_key(ledger)
+    call = asyncio.create_task(http.post("/v1/chat/completions", json=CHAT, headers=auth(key)))
+    await started.wait()
+    call.cancel()  # the client gives up
+    with contextlib.suppress(asyncio.CancelledError):
+        await call
+    record = await ledger.generation("gen-" + slow.seen, key)
+    assert record.cancelled and record.status_code == 499 and not record.streamed
