@@ -214,14 +214,14 @@ print(handle.num_unfinished_requests.remote().result(timeout_s=60))
 
 
 @contextmanager
-def open_stream(deployment: Deployment, body: dict[str, object], key: str | None = None) -> Iterator[Iterator[str]]:
+def open_stream(
+    deployment: Deployment, body: dict[str, object], key: str | None = None, base_url: str | None = None
+) -> Iterator[Iterator[str]]:
     """Starts a streaming chat request and yields its SSE lines; leaving the block closes
     the connection (a client disconnect when the stream has not ended)."""
     headers = {"Authorization": f"Bearer {key or deployment.api_key}"}
-    with (
-        httpx.Client(timeout=60) as http,
-        http.stream("POST", deployment.base_url + "/v1/chat/completions", json=body, headers=headers) as resp,
-    ):
+    url = (base_url or deployment.base_url) + "/v1/chat/completions"
+    with httpx.Client(timeout=60) as http, http.stream("POST", url, json=body, headers=headers) as resp:
         yield resp.iter_lines()
 
 

@@ -3,6 +3,8 @@ PostgreSQL server (main app) and SQLite (second app), driven by the openai SDK."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -181,3 +183,56 @@ def test_sqlite_app_meters_and_limits(deployment: Deployment) -> None:
     time.sleep(1)
     shown = deployment.cli("usage", "--group-by", "key", "--json", database_url=deployment.sqlite_url)
     assert '"requests": 2' in shown.stdout
+
+
+_KILLER = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+         if a["name"].startswith("SERVE_REPLICA") and sys.argv[2] in a["name"]]
+assert len(names) == 1, names
+actor = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+print("ready", flush=True)
+sys.stdin.readline()
+ray.kill(actor, no_restart=True)
+print("killed", flush=True)
+"""
+
+
+def test_model_replica_dying_mid_stream_is_billed_once(deployment: Deployment) -> None:
+    base = deployment.sqlite_base_url
+    created = deployment.admin("POST", "/admin/keys", base_url=base, json={"credits": "1"}).json()
+    key, key_id = created["key"], created["info"]["id"]
+    killer = subprocess.Popen(
+        [sys.executable, "-c", _KILLER, deployment.gcs_address, "sqlite#model-tiny-c"],
+        env=deployment.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert killer.stdout is not None and killer.stdin is not None
+    assert killer.stdout.readline().strip() == "ready"
+    body = {"model": "c", "messages": USER, "max_tokens": 480, "stream": True, "ignore_eos": True}
+    with open_stream(deployment, body, key, base_url=base) as lines:
+        first = next(lines)
+        for _ in range(4):
+            next(lines)
+        killer.stdin.write("kill\n")
+        killer.stdin.flush()
+        assert killer.stdout.readline().strip() == "killed"
+        rest = [line for line in lines if line]
+    killer.wait(timeout=60)
+    assert rest[-1] == "data: [DONE]" and '"code":"provider_unavailable"' in rest[-2]
+    gen_id = first.split('"id":"', 1)[1].split('"', 1)[0]
+    record = _lookup(deployment, gen_id, key, base_url=base).json()["data"]
+    assert record["status_code"] == 502 and record["error_code"] == "provider_unavailable"
+    assert record["cancelled"] is False and 0 < record["completion_tokens"] < 480 and record["prompt_tokens"] > 0
+    time.sleep(1)  # flushed every 100 ms
+    info = deployment.admin("GET", f"/admin/keys/{key_id}", base_url=base).json()
+    assert Decimal(info["credits"]) == Decimal(1) - Decimal(str(record["cost"]))
+    # Serve replaces the replica; the app recovers.
+    deadline = time.monotonic() + 300
+    while httpx.get(base + "/health", timeout=10).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(3)
+    assert (
+        deployment.client(api_key=key, base_url=base)
+        .chat.completions.create(model="c", messages=USER, max_tokens=2)
+        .choices
+    )
