@@ -234,3 +234,10 @@ async def test_abandoned_non_streaming_request_is_recorded(
         await call
     record = await ledger.generation("gen-" + slow.seen, key)
     assert record.cancelled and record.status_code == 499 and not record.streamed
+
+
+async def test_anthropic_style_x_api_key_header(http: httpx.AsyncClient, ledger: Ledger) -> None:
+    key = await new_key(ledger)
+    assert (await http.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": key})).status_code == 200
+    resp = await http.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": "sk-orch-wrong"})
+    assert (resp.status_code, code(resp)) == (401, "invalid_api_key")
