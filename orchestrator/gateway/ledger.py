@@ -337,7 +337,10 @@ class Ledger:
         fresh = {r.request_id for r in self.store.write_usage(batch)}
         with self._lock:
             for record in batch:
-                self._pending.pop(record.request_id, None)
+                # A batch can be committed twice (a flush cancelled while its write ran on
+                # this thread is retried): only the first commit moves the record.
+                if self._pending.pop(record.request_id, None) is None:
+                    continue
                 if record.key_id is None or not record.cost:
                     continue
                 self._pending_cost[record.key_id] -= record.cost

@@ -200,3 +200,14 @@ async def test_lookup_of_an_admitted_request_waits_for_its_settlement(ledger: Le
     assert not lookup.done()  # no 404 while the router has yet to settle
     await ledger.settle(admission, record(ledger, admission))
     assert (await lookup).request_id == "slow-settle"
+
+
+async def test_a_batch_committed_twice_moves_its_records_once(ledger: Ledger) -> None:
+    created = await ledger.create_key(KeyLimits(credits=Decimal(1)))
+    admission = await ledger.admit(created.key, NAMES, 10, "twice")
+    await ledger.settle(admission, record(ledger, admission))
+    batch = list(ledger._unsealed)
+    await ledger.flush()
+    await ledger._run(ledger._commit, batch)  # e.g. a retried flush after a cancellation
+    assert (await ledger.get_key(created.info.id)).credits == Decimal("0.75")
+    assert (await ledger.admit(created.key, NAMES, 10, "after")).key_id == created.info.id
