@@ -129,6 +129,7 @@ class Ledger:
         self._settled: OrderedDict[str, None] = OrderedDict()
         self._db: ThreadPoolExecutor | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._flush_lock = asyncio.Lock()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -359,17 +360,20 @@ class Ledger:
         Raises:
             Exception: the database failed; records stay pending (and journaled) for a retry.
         """
-        with self._lock:
-            batch, self._unsealed = self._unsealed, []
-        if batch:
-            segment = self.journal.seal() if self.journal is not None else None
-            self._batches.append((segment, batch))
-        while self._batches:
-            segment, records = self._batches[0]
-            await self._run(self._commit, records)
-            self._batches.pop(0)
-            if segment is not None:
-                UsageJournal.discard(segment)
+        # One flush at a time (the flusher, a usage report and shutdown may all call it):
+        # two would commit the same head batch and then pop a batch nobody committed.
+        async with self._flush_lock:
+            with self._lock:
+                batch, self._unsealed = self._unsealed, []
+            if batch:
+                segment = self.journal.seal() if self.journal is not None else None
+                self._batches.append((segment, batch))
+            while self._batches:
+                segment, records = self._batches[0]
+                await self._run(self._commit, records)
+                self._batches.pop(0)
+                if segment is not None:
+                    UsageJournal.discard(segment)
 
     async def _flush_loop(self) -> None:
         while True:

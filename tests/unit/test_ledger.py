@@ -211,3 +211,18 @@ async def test_a_batch_committed_twice_moves_its_records_once(ledger: Ledger) ->
     await ledger._run(ledger._commit, batch)  # e.g. a retried flush after a cancellation
     assert (await ledger.get_key(created.info.id)).credits == Decimal("0.75")
     assert (await ledger.admit(created.key, NAMES, 10, "after")).key_id == created.info.id
+
+
+async def test_concurrent_flushes_commit_every_batch_once(ledger: Ledger) -> None:
+    import asyncio
+
+    created = await ledger.create_key(KeyLimits(credits=Decimal(10)))
+    for i in range(6):
+        admission = await ledger.admit(created.key, NAMES, 10, f"c{i}")
+        await ledger.settle(admission, record(ledger, admission))
+        if i % 2:
+            await asyncio.gather(ledger.flush(), ledger.flush(), ledger.usage_report(group_by=["key"]))
+    await ledger.flush()
+    assert not ledger._pending and not ledger._batches
+    assert (await ledger.get_key(created.info.id)).credits == Decimal(10) - 6 * Decimal("0.25")
+    assert (await ledger.usage_report(group_by=["key"]))[0]["requests"] == 6
