@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 
 from orchestrator.catalog import CatalogError
@@ -62,24 +61,27 @@ def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | No
         log_to_driver=False,
         configure_logging=False,
     )
-    stop = threading.Event()
+    # A plain flag, polled: a handler that calls threading.Event.set() can deadlock when a
+    # second signal (a double Ctrl-C, or `timeout` forwarding one) lands inside the first.
+    stop: list[bool] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: stop.append(True))
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         print("Starting engines (about a minute on a CPU) ...", flush=True)
         args = {"catalog": resolve_paths(settings.catalog), "settings": settings.model_dump(mode="json"), "local": True}
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
-        while not stop.is_set() and not _running():
+        while not stop and not _running():
             time.sleep(1)
-        if not stop.is_set():
+        if not stop:
             url = f"http://{settings.host}:{settings.port}/v1"
             print(f"\nServing OpenAI-compatible API at {url}", flush=True)
             for spec in models:
                 names = ", ".join(spec.names[1:])
                 print(f"  model {spec.name}" + (f"  (also: {names})" if names else ""), flush=True)
             print("Press Ctrl-C to stop.", flush=True)
-            stop.wait()
+            while not stop:
+                time.sleep(0.2)
     finally:
         print("\nShutting down ...", flush=True)
         try:
