@@ -1,7 +1,12 @@
 """The gateway deployment: the one ledger all router replicas share, and a client for it.
 
-A single replica holds the ledger, so rate limits and balances are exact however many
-routers run (docs/ARCHITECTURE.md says why this beats a per-router limiter or Redis here).
+A single ledger decides, so rate limits and balances are exact however many routers run
+(docs/ARCHITECTURE.md says why this beats a per-router limiter or Redis here). It lives in a
+plain Ray actor owned by the gateway deployment's one replica: Serve gives it a lifecycle
+(deploy, health checks, replacement, graceful shutdown), while routers call the actor
+directly, which costs less than half of a Serve handle call (1.5 ms against 3.4 ms here).
+The actor shares its owner's fate: if the replica dies, so does the actor, and Serve's
+replacement replica starts a new one (which replays the usage journal).
 """
 
 from __future__ import annotations
@@ -9,9 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from orchestrator.errors import find_error
+from orchestrator.errors import ErrorCode, OrchestratorError, find_error
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.records import Admission, CreatedKey, KeyInfo, KeyLimits, UsageRecord, Workspace
@@ -30,34 +38,67 @@ def ledger_for(settings: Settings) -> Ledger:
     )
 
 
-class GatewayServer:
-    """What Serve runs: the ledger, started in the async constructor (so the replica only
-    takes traffic once the database is migrated and leftover journals are replayed) and
-    flushed on graceful shutdown. Serve calls the ledger's methods through the handle."""
+class LedgerActor:
+    """The Ray actor holding the ledger; :meth:`call` runs one of its methods."""
 
-    async def __init__(self, settings: dict[str, Any]) -> None:  # type: ignore[misc]
+    def __init__(self, settings: dict[str, Any]) -> None:
         self.ledger = ledger_for(Settings(**settings))
+
+    async def start(self) -> None:
         await self.ledger.start()
 
-    async def __del__(self) -> None:  # type: ignore[misc]
+    async def stop(self) -> None:
         await self.ledger.stop()
 
+    async def ping(self) -> bool:
+        return True
+
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Runs one ledger method (the router's only entry point)."""
+        """Runs one public ledger method (the routers' only entry point)."""
         if method.startswith("_") or not hasattr(self.ledger, method):
             raise AttributeError(method)
         return await getattr(self.ledger, method)(*args, **kwargs)
+
+
+class GatewayServer:
+    """What Serve runs: starts the ledger actor in the async constructor (so the app is only
+    ready once the database is migrated and leftover journals are replayed), hands routers
+    its handle, health-checks it, and flushes it on graceful shutdown."""
+
+    async def __init__(self, settings: dict[str, Any]) -> None:  # type: ignore[misc]
+        actor_class = ray.remote(LedgerActor).options(num_cpus=0, max_concurrency=10_000)
+        self._actor: ActorHandle = actor_class.remote(settings)  # type: ignore[assignment]
+        await self._actor.start.remote()
+
+    def ledger_actor(self) -> ActorHandle:
+        """Returns the ledger actor's handle (routers call it directly)."""
+        return self._actor
+
+    async def check_health(self) -> None:
+        """Raises when the ledger actor is gone; Serve then replaces this replica."""
+        await self._actor.ping.remote()
+
+    async def __del__(self) -> None:  # type: ignore[misc]
+        await self._actor.stop.remote()
+        ray.kill(self._actor)
 
 
 class RemoteGateway:
     """Implements :class:`~orchestrator.gateway.base.Gateway` over the deployment handle."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
-        self._call = handle.options(method_name="call")
+        self._locate = handle.options(method_name="ledger_actor")
+        self._actor: ActorHandle | None = None
 
     async def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self._actor is None:
+            self._actor = await self._locate.remote()
         try:
-            return await self._call.remote(method, *args, **kwargs)
+            return await self._actor.call.remote(method, *args, **kwargs)
+        except RayActorError:
+            # Its replica died with it; the next call finds the replacement's actor.
+            self._actor = None
+            raise OrchestratorError(ErrorCode.INTERNAL_ERROR, "The gateway is restarting; retry the request.") from None
         except Exception as exc:
             # Give the edge the OrchestratorError itself, not Ray's wrapper around it.
             found = find_error(exc)
