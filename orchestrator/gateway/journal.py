@@ -28,11 +28,15 @@ class UsageJournal:
         self._seq = 0
 
     def open(self) -> list[Path]:
-        """Creates the folder and a fresh segment. Returns the segments left by an earlier
-        process (oldest first), to be replayed and then :meth:`discard`-ed."""
+        """Creates the folder and a fresh segment. Returns the segments left by processes
+        that are gone (oldest first), to be replayed and then :meth:`discard`-ed. Segments
+        of a live process are its own business: during a redeploy the old ledger still
+        runs and flushes them itself."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        leftovers = sorted(self.folder.glob("segment-*" + _SUFFIX), key=lambda p: p.stat().st_mtime_ns)
-        self._seq = max((_seq_of(p) for p in leftovers), default=0)
+        segments = sorted(self.folder.glob("segment-*" + _SUFFIX), key=lambda p: p.stat().st_mtime_ns)
+        # This process's own leftovers are an earlier ledger's here (a restarted one).
+        leftovers = [p for p in segments if _pid_of(p) == os.getpid() or not _alive(_pid_of(p))]
+        self._seq = max((_seq_of(p) for p in segments), default=0)
         self._start_segment()
         return leftovers
 
@@ -82,3 +86,22 @@ def _seq_of(path: Path) -> int:
         return int(path.stem.rsplit("-", 1)[1])
     except (IndexError, ValueError):
         return 0
+
+
+def _pid_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("-")[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -226,3 +226,19 @@ async def test_concurrent_flushes_commit_every_batch_once(ledger: Ledger) -> Non
     assert not ledger._pending and not ledger._batches
     assert (await ledger.get_key(created.info.id)).credits == Decimal(10) - 6 * Decimal("0.25")
     assert (await ledger.usage_report(group_by=["key"]))[0]["requests"] == 6
+
+
+def test_journal_replays_only_segments_of_dead_processes(tmp_path: Path) -> None:
+    import os
+
+    folder = tmp_path / "j"
+    folder.mkdir()
+    line = b'{"request_id": "x", "model": "m", "created_at": "2026-11-23T00:00:00Z"}\n'
+    live = folder / f"segment-{os.getppid()}-000000001.jsonl"  # the test runner's parent: alive
+    dead = folder / "segment-999999999-000000002.jsonl"  # no such process
+    live.write_bytes(line)
+    dead.write_bytes(line + b'{"request_id": "torn')  # a torn last line is skipped
+    journal = UsageJournal(folder)
+    assert journal.open() == [dead]
+    assert [r.request_id for r in UsageJournal.read(dead)] == ["x"]
+    journal.close()
