@@ -94,7 +94,7 @@ def _keys_show(ns: argparse.Namespace) -> int:
 
 def _keys_update(ns: argparse.Namespace) -> int:
     with _store() as store:
-        info = admin.update_key(store, ns.id, _limits(ns), clear=frozenset(ns.clear or ()))
+        info = admin.update_key(store, ns.id, _limits(ns), clear=frozenset(ns.clear or ()), add_credits=ns.add_credits)
     _print_json(info.model_dump(mode="json"))
     return 0
 
@@ -181,6 +181,7 @@ def add_commands(sub: Any) -> None:
     upd.add_argument("--enable", dest="state", action="store_const", const="enable")
     upd.add_argument("--disable", dest="state", action="store_const", const="disable")
     upd.add_argument("--clear", action="append", choices=_CLEARABLE, help="Make this limit unlimited.")
+    upd.add_argument("--add-credits", type=_usd, help="Top the balance up by this many USD (safe while serving).")
     upd.set_defaults(func=_guard(_keys_update))
     revoke = actions.add_parser("revoke", help="Revoke a key for good.")
     revoke.add_argument("id")

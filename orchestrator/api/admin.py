@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -28,6 +29,9 @@ class KeyUpdate(KeyLimits):
 
     clear: list[Literal["models", "rpm", "tpm", "credits", "daily_limit", "monthly_limit"]] = Field(
         default_factory=list
+    )
+    add_credits: Decimal | None = Field(
+        default=None, gt=0, description="USD added to the balance (atomic, safe beside running requests)."
     )
 
 
@@ -71,8 +75,8 @@ def admin_router(gateway: Gateway, admin_key: str | None) -> APIRouter:
 
     @router.patch("/keys/{key_id}")
     async def update_key(key_id: str, body: KeyUpdate) -> KeyInfo:
-        limits = KeyLimits.model_validate(body.model_dump(exclude={"clear"}))
-        return await gateway.update_key(key_id, limits, frozenset(body.clear))
+        limits = KeyLimits.model_validate(body.model_dump(exclude={"clear", "add_credits"}))
+        return await gateway.update_key(key_id, limits, frozenset(body.clear), body.add_credits)
 
     @router.delete("/keys/{key_id}")
     async def revoke_key(key_id: str) -> KeyInfo:

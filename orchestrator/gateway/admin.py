@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 from datetime import datetime
+from decimal import Decimal
 
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.keys import generate_key, hash_key, key_hint
@@ -57,11 +58,21 @@ def get_key(store: SQLStore, key_id: str) -> KeyInfo:
     return record.info()
 
 
-def update_key(store: SQLStore, key_id: str, limits: KeyLimits, *, clear: frozenset[str] = frozenset()) -> KeyInfo:
-    """Sets the fields given in ``limits``; names in ``clear`` are set to unlimited (None)."""
+def update_key(
+    store: SQLStore,
+    key_id: str,
+    limits: KeyLimits,
+    *,
+    clear: frozenset[str] = frozenset(),
+    add_credits: Decimal | None = None,
+) -> KeyInfo:
+    """Sets the fields given in ``limits``; names in ``clear`` are set to unlimited (None);
+    ``add_credits`` tops the balance up (starting a balance on a key that had none)."""
+    if add_credits is not None and add_credits <= 0:
+        raise OrchestratorError(ErrorCode.INVALID_REQUEST, "add_credits must be positive.", param="add_credits")
     changes = limits.model_dump(exclude_none=True)
     changes.update({name: None for name in clear if name in KeyLimits.model_fields and name != "enabled"})
-    record = store.update_key(key_id, changes)
+    record = store.update_key(key_id, changes, add_credits)
     if record is None:
         raise _not_found(key_id)
     return record.info()

@@ -8,6 +8,7 @@ is the keyless mode for local use.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any, Protocol
 
 from orchestrator.errors import ErrorCode, OrchestratorError
@@ -35,7 +36,13 @@ class Gateway(Protocol):
 
     async def get_key(self, key_id: str) -> KeyInfo: ...
 
-    async def update_key(self, key_id: str, limits: KeyLimits, clear: frozenset[str] = frozenset()) -> KeyInfo: ...
+    async def update_key(
+        self,
+        key_id: str,
+        limits: KeyLimits,
+        clear: frozenset[str] = frozenset(),
+        add_credits: Decimal | None = None,
+    ) -> KeyInfo: ...
 
     async def revoke_key(self, key_id: str) -> KeyInfo: ...
 
@@ -77,7 +84,13 @@ class OpenGateway:
     async def get_key(self, key_id: str) -> KeyInfo:
         raise _disabled()
 
-    async def update_key(self, key_id: str, limits: KeyLimits, clear: frozenset[str] = frozenset()) -> KeyInfo:
+    async def update_key(
+        self,
+        key_id: str,
+        limits: KeyLimits,
+        clear: frozenset[str] = frozenset(),
+        add_credits: Decimal | None = None,
+    ) -> KeyInfo:
         raise _disabled()
 
     async def revoke_key(self, key_id: str) -> KeyInfo:

@@ -433,8 +433,16 @@ class Ledger:
     async def get_key(self, key_id: str) -> KeyInfo:
         return await self._run(admin.get_key, self.store, key_id)
 
-    async def update_key(self, key_id: str, limits: KeyLimits, clear: frozenset[str] = frozenset()) -> KeyInfo:
-        info = await self._run(lambda: admin.update_key(self.store, key_id, limits, clear=clear))
+    async def update_key(
+        self,
+        key_id: str,
+        limits: KeyLimits,
+        clear: frozenset[str] = frozenset(),
+        add_credits: Decimal | None = None,
+    ) -> KeyInfo:
+        info = await self._run(
+            lambda: admin.update_key(self.store, key_id, limits, clear=clear, add_credits=add_credits)
+        )
         self._forget(key_id)
         return info
 

@@ -167,14 +167,18 @@ class SQLStore:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(api_keys)).scalar_one())
 
-    def update_key(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
-        """Applies ``changes`` (KeyRecord field names, USD amounts); returns the new record."""
+    def update_key(self, key_id: str, changes: dict[str, Any], add_credits: Decimal | None = None) -> KeyRecord | None:
+        """Applies ``changes`` (KeyRecord field names, USD amounts) and adds ``add_credits``
+        to the balance (an atomic increment, safe beside concurrent debits); returns the new
+        record."""
         values = dict(changes)
         if "models" in values:
             values["models"] = json.dumps(values["models"] or [])
         for name in _MONEY_FIELDS:
             if name in values:
                 values[name + "_nusd"] = to_nusd(values.pop(name))
+        if add_credits is not None:
+            values["credits_nusd"] = func.coalesce(api_keys.c.credits_nusd, 0) + to_nusd(add_credits)
         with self.engine.begin() as conn:
             if values:
                 conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(**values))

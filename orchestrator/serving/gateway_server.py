@@ -12,6 +12,7 @@ replacement replica starts a new one (which replays the usage journal).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
 import ray
@@ -130,8 +131,14 @@ class RemoteGateway:
     async def get_key(self, key_id: str) -> KeyInfo:
         return await self._run("get_key", key_id)  # type: ignore[no-any-return]
 
-    async def update_key(self, key_id: str, limits: KeyLimits, clear: frozenset[str] = frozenset()) -> KeyInfo:
-        return await self._run("update_key", key_id, limits, clear)  # type: ignore[no-any-return]
+    async def update_key(
+        self,
+        key_id: str,
+        limits: KeyLimits,
+        clear: frozenset[str] = frozenset(),
+        add_credits: Decimal | None = None,
+    ) -> KeyInfo:
+        return await self._run("update_key", key_id, limits, clear, add_credits)  # type: ignore[no-any-return]
 
     async def revoke_key(self, key_id: str) -> KeyInfo:
         return await self._run("revoke_key", key_id)  # type: ignore[no-any-return]

@@ -242,3 +242,19 @@ def test_journal_replays_only_segments_of_dead_processes(tmp_path: Path) -> None
     assert journal.open() == [dead]
     assert [r.request_id for r in UsageJournal.read(dead)] == ["x"]
     journal.close()
+
+
+async def test_top_up_beside_pending_debits_is_exact(ledger: Ledger) -> None:
+    created = await ledger.create_key(KeyLimits(credits=Decimal(1)))
+    admission = await ledger.admit(created.key, NAMES, 10, "t1")
+    await ledger.settle(admission, record(ledger, admission))  # 0.25 pending, not yet in the database
+    topped = await ledger.update_key(created.info.id, KeyLimits(), add_credits=Decimal(2))
+    assert topped.credits == Decimal(3)  # the database's view: the debit is still pending
+    await ledger.flush()
+    assert (await ledger.get_key(created.info.id)).credits == Decimal("2.75")
+    with pytest.raises(OrchestratorError):
+        await ledger.update_key(created.info.id, KeyLimits(), add_credits=Decimal(-1))
+    unlimited = await ledger.create_key(KeyLimits())
+    assert (await ledger.update_key(unlimited.info.id, KeyLimits(), add_credits=Decimal("0.5"))).credits == Decimal(
+        "0.5"
+    )
