@@ -16,7 +16,7 @@ from typing import Any
 from orchestrator.catalog import ModelSpec
 from orchestrator.engine.frames import USAGE_TRAILER, is_usage_frame
 from orchestrator.errors import OrchestratorError
-from orchestrator.gateway.base import Gateway
+from orchestrator.gateway.base import RequestGateway
 from orchestrator.gateway.pricing import request_cost
 from orchestrator.gateway.records import Admission, UsageRecord
 
@@ -148,7 +148,7 @@ class Settler:
     holds lookups of admitted requests until they settle. :meth:`drain` awaits the ones
     still running (shutdown)."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: RequestGateway) -> None:
         self.gateway = gateway
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.generation import generate
 from orchestrator.api.middleware import RequestContext
 from orchestrator.catalog import Catalog, ModelSpec
-from orchestrator.gateway.base import Gateway, OpenGateway
+from orchestrator.gateway.base import Gateway, OpenGateway, RequestGateway
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from orchestrator.protocol.openai import ModelPricing
 from orchestrator.settings import Settings
@@ -68,12 +69,13 @@ def create_app(
         catalog: the models to serve.
         backend: runs generations (Ray Serve handles in production, a fake in unit tests).
         settings: limits, stream timing, the admin key.
-        gateway: keys, limits and metering (default: open mode, no keys).
+        gateway: keys, limits, metering and the admin API (default: open mode, no keys,
+            nothing recorded, no ``/admin`` routes).
         clock: wall clock for the ``created`` fields.
         echo_request_id: add ``X-Request-Id`` to responses (off behind Ray Serve's proxy,
             which adds it itself).
     """
-    gate: Gateway = gateway if gateway is not None else OpenGateway()
+    gate: RequestGateway = gateway if gateway is not None else OpenGateway()
     settler = Settler(gate)
 
     @asynccontextmanager
@@ -84,9 +86,12 @@ def create_app(
     app = FastAPI(title="vLLM orchestrator", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, echo_header=echo_request_id)
-    app.include_router(admin_router(gate, settings.admin_key))
+    if gateway is not None:
+        app.include_router(admin_router(gateway, settings.admin_key))
     created = int(clock())
-    run = {"catalog": catalog, "backend": backend, "gateway": gate, "settler": settler, "settings": settings}
+    run = functools.partial(
+        generate, catalog=catalog, backend=backend, gateway=gate, settler=settler, settings=settings
+    )
 
     async def caller(request: Request) -> None:
         # Reading the catalog needs a valid key too (as with OpenAI); no-op in open mode.
@@ -95,12 +100,12 @@ def create_app(
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         """Chat completion, streaming (SSE) when `stream` is true."""
-        return await generate("chat", request, **run)  # type: ignore[arg-type]
+        return await run("chat", request)
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         """Text completion, streaming (SSE) when `stream` is true."""
-        return await generate("completion", request, **run)  # type: ignore[arg-type]
+        return await run("completion", request)
 
     @app.get("/v1/generation")
     async def generation(request: Request, id: str = Query(description="A response id, `gen-...`.")) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from orchestrator.api.backend import Backend, Kind
 from orchestrator.api.sse import StreamHead, as_orchestrator_error, drive
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
-from orchestrator.gateway.base import Gateway
+from orchestrator.gateway.base import RequestGateway
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
 from orchestrator.settings import Settings
 
@@ -97,7 +97,7 @@ async def generate(
     *,
     catalog: Catalog,
     backend: Backend,
-    gateway: Gateway,
+    gateway: RequestGateway,
     settler: Settler,
     settings: Settings,
 ) -> Response:

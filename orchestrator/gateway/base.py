@@ -1,8 +1,8 @@
-"""The Gateway protocol: what the HTTP edge needs from the ledger.
+"""The gateway protocols: what the HTTP edge needs from the ledger.
 
-:class:`~orchestrator.gateway.ledger.Ledger` implements it in-process (unit tests, and the
-gateway deployment); the serving layer forwards it over a Serve handle; :class:`OpenGateway`
-is the keyless mode for local use.
+:class:`~orchestrator.gateway.ledger.Ledger` implements both in-process (unit tests, and
+the ledger actor); the serving layer forwards them to that actor; :class:`OpenGateway` is
+the request path of the keyless mode for local use, which has no administration.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.records import Admission, CreatedKey, KeyInfo, KeyLimits, UsageRecord, Workspace
 
 
-class Gateway(Protocol):
-    """Admission, settlement, lookups and administration (see ``Ledger`` for the contract)."""
+class RequestGateway(Protocol):
+    """What every request needs: who is calling, may it run, what did it cost, and the
+    lookup of a finished request (see ``Ledger`` for the contract)."""
 
     async def authenticate(self, api_key: str | None) -> KeyInfo | None: ...
 
@@ -27,6 +28,10 @@ class Gateway(Protocol):
     async def settle(self, admission: Admission, record: UsageRecord) -> bool: ...
 
     async def generation(self, generation_id: str, api_key: str | None, *, admin: bool = False) -> UsageRecord: ...
+
+
+class Gateway(RequestGateway, Protocol):
+    """The request path plus administration: keys, workspaces, usage reports."""
 
     async def usage_report(self, **filters: Any) -> list[dict[str, Any]]: ...
 
@@ -51,12 +56,6 @@ class Gateway(Protocol):
     async def set_workspace_enabled(self, workspace_id: str, enabled: bool) -> Workspace: ...
 
 
-def _disabled() -> OrchestratorError:
-    return OrchestratorError(
-        ErrorCode.NOT_FOUND, "This server runs without API keys (open mode): nothing is recorded or administered."
-    )
-
-
 class OpenGateway:
     """Open mode: everyone is let in anonymously, without limits, and nothing is recorded."""
 
@@ -70,34 +69,6 @@ class OpenGateway:
         return False
 
     async def generation(self, generation_id: str, api_key: str | None, *, admin: bool = False) -> UsageRecord:
-        raise _disabled()
-
-    async def usage_report(self, **filters: Any) -> list[dict[str, Any]]:
-        raise _disabled()
-
-    async def create_key(self, limits: KeyLimits, workspace: str = "default") -> CreatedKey:
-        raise _disabled()
-
-    async def list_keys(self) -> list[KeyInfo]:
-        raise _disabled()
-
-    async def get_key(self, key_id: str) -> KeyInfo:
-        raise _disabled()
-
-    async def update_key(
-        self,
-        key_id: str,
-        limits: KeyLimits,
-        clear: frozenset[str] = frozenset(),
-        add_credits: Decimal | None = None,
-    ) -> KeyInfo:
-        raise _disabled()
-
-    async def revoke_key(self, key_id: str) -> KeyInfo:
-        raise _disabled()
-
-    async def list_workspaces(self) -> list[Workspace]:
-        raise _disabled()
-
-    async def set_workspace_enabled(self, workspace_id: str, enabled: bool) -> Workspace:
-        raise _disabled()
+        raise OrchestratorError(
+            ErrorCode.NOT_FOUND, "This server runs without API keys (open mode): nothing is recorded.", param="id"
+        )

@@ -11,9 +11,9 @@ replacement replica starts a new one (which replays the usage journal).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from decimal import Decimal
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import ray
 from ray.actor import ActorHandle
@@ -21,9 +21,9 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from orchestrator.errors import ErrorCode, OrchestratorError, find_error
+from orchestrator.gateway.base import Gateway
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger
-from orchestrator.gateway.records import Admission, CreatedKey, KeyInfo, KeyLimits, UsageRecord, Workspace
 from orchestrator.gateway.store import SQLStore
 from orchestrator.settings import Settings
 
@@ -85,11 +85,18 @@ class GatewayServer:
 
 
 class RemoteGateway:
-    """Implements :class:`~orchestrator.gateway.base.Gateway` over the deployment handle."""
+    """Forwards every :class:`~orchestrator.gateway.base.Gateway` method to the ledger actor:
+    ``await remote.admit(...)`` runs ``Ledger.admit(...)`` there (same arguments, same
+    result, the same OrchestratorError)."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self._locate = handle.options(method_name="ledger_actor")
         self._actor: ActorHandle | None = None
+
+    def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return functools.partial(self._run, method)
 
     async def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._actor is None:
@@ -107,44 +114,7 @@ class RemoteGateway:
                 raise
             raise found from None
 
-    async def authenticate(self, api_key: str | None) -> KeyInfo:
-        return await self._run("authenticate", api_key)  # type: ignore[no-any-return]
 
-    async def admit(self, api_key: str | None, model_names: Sequence[str], tokens: int, request_id: str) -> Admission:
-        return await self._run("admit", api_key, list(model_names), tokens, request_id)  # type: ignore[no-any-return]
-
-    async def settle(self, admission: Admission, record: UsageRecord) -> bool:
-        return bool(await self._run("settle", admission, record))
-
-    async def generation(self, generation_id: str, api_key: str | None, *, admin: bool = False) -> UsageRecord:
-        return await self._run("generation", generation_id, api_key, admin=admin)  # type: ignore[no-any-return]
-
-    async def usage_report(self, **filters: Any) -> list[dict[str, Any]]:
-        return await self._run("usage_report", **filters)  # type: ignore[no-any-return]
-
-    async def create_key(self, limits: KeyLimits, workspace: str = "default") -> CreatedKey:
-        return await self._run("create_key", limits, workspace)  # type: ignore[no-any-return]
-
-    async def list_keys(self) -> list[KeyInfo]:
-        return await self._run("list_keys")  # type: ignore[no-any-return]
-
-    async def get_key(self, key_id: str) -> KeyInfo:
-        return await self._run("get_key", key_id)  # type: ignore[no-any-return]
-
-    async def update_key(
-        self,
-        key_id: str,
-        limits: KeyLimits,
-        clear: frozenset[str] = frozenset(),
-        add_credits: Decimal | None = None,
-    ) -> KeyInfo:
-        return await self._run("update_key", key_id, limits, clear, add_credits)  # type: ignore[no-any-return]
-
-    async def revoke_key(self, key_id: str) -> KeyInfo:
-        return await self._run("revoke_key", key_id)  # type: ignore[no-any-return]
-
-    async def list_workspaces(self) -> list[Workspace]:
-        return await self._run("list_workspaces")  # type: ignore[no-any-return]
-
-    async def set_workspace_enabled(self, workspace_id: str, enabled: bool) -> Workspace:
-        return await self._run("set_workspace_enabled", workspace_id, enabled)  # type: ignore[no-any-return]
+def remote_gateway(handle: DeploymentHandle) -> Gateway:
+    """Returns the gateway deployment's ledger as a :class:`Gateway`."""
+    return cast(Gateway, RemoteGateway(handle))

@@ -14,7 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from orchestrator.api import Kind, create_app
 from orchestrator.catalog import Catalog, ModelSpec
-from orchestrator.serving.gateway_server import RemoteGateway
+from orchestrator.serving.gateway_server import remote_gateway
 from orchestrator.settings import Settings
 
 HEALTH_TIMEOUT_S = 5.0
@@ -39,7 +39,7 @@ class Router:
     ) -> None:
         self.catalog = Catalog([ModelSpec.model_validate(s) for s in specs])
         self.settings = Settings(**settings)
-        self.gateway = None if gateway is None else RemoteGateway(gateway)
+        self.gateway = None if gateway is None else remote_gateway(gateway)
         self._complete = {name: h.options(method_name="complete") for name, h in handles.items()}
         # Streams come back as a generator; each item is one batch of SSE frames.
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}

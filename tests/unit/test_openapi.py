@@ -11,6 +11,8 @@ from typing import Any
 
 from orchestrator.api import create_app
 from orchestrator.catalog import load_catalog
+from orchestrator.gateway.ledger import Ledger
+from orchestrator.gateway.store import SQLStore
 from orchestrator.settings import Settings
 from tests.fakes import LocalBackend
 
@@ -19,7 +21,9 @@ DOC = REPO / "docs" / "openapi.json"
 
 
 def current() -> dict[str, Any]:
-    app = create_app(load_catalog([REPO / "catalog"]), LocalBackend({}), Settings())
+    # A ledger that is never started (its constructor does no I/O) puts the admin routes in.
+    gateway = Ledger(SQLStore("sqlite://"))
+    app = create_app(load_catalog([REPO / "catalog"]), LocalBackend({}), Settings(), gateway=gateway)
     return app.openapi()
 
 
