@@ -21,8 +21,6 @@ from orchestrator.gateway.records import KeyLimits
 from orchestrator.gateway.store import SQLStore
 from orchestrator.settings import Settings
 
-_CLEARABLE = ("models", "rpm", "tpm", "credits", "daily_limit", "monthly_limit")
-
 
 @contextmanager
 def _store() -> Iterator[SQLStore]:
@@ -118,13 +116,10 @@ def _workspaces(ns: argparse.Namespace) -> int:
 
 
 def _usage(ns: argparse.Namespace) -> int:
-    from orchestrator.api.admin import parse_day
-
-    groups = [g.strip() for g in ns.group_by.split(",") if g.strip()]
+    filters = admin.report_filters(key=ns.key, model=ns.model, start=ns.start, end=ns.end, group_by=ns.group_by)
+    groups = filters["group_by"]
     with _store() as store:
-        rows = store.usage_report(
-            key_id=ns.key, model=ns.model, start=parse_day(ns.start), end=parse_day(ns.end, end=True), group_by=groups
-        )
+        rows = store.usage_report(**filters)
     if ns.json:
         _print_json(rows)
         return 0
@@ -180,7 +175,7 @@ def add_commands(sub: Any) -> None:
     _limit_flags(upd)
     upd.add_argument("--enable", dest="state", action="store_const", const="enable")
     upd.add_argument("--disable", dest="state", action="store_const", const="disable")
-    upd.add_argument("--clear", action="append", choices=_CLEARABLE, help="Make this limit unlimited.")
+    upd.add_argument("--clear", action="append", choices=admin.CLEARABLE, help="Make this limit unlimited.")
     upd.add_argument("--add-credits", type=_usd, help="Top the balance up by this many USD (safe while serving).")
     upd.set_defaults(func=_guard(_keys_update))
     revoke = actions.add_parser("revoke", help="Revoke a key for good.")

@@ -28,13 +28,12 @@ _FINISH = re.compile(r'"finish_reason":"([a-z_]+)"')
 CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned
 
 
-def reserved_tokens(body: dict[str, Any], spec: ModelSpec, output_budget: int | None) -> int:
-    """Returns prompt tokens (estimated without a tokenizer: one per 4 bytes of text plus a
-    few per message, an overestimate for English) plus the maximum output tokens."""
-    text = body.get("messages") if "messages" in body else body.get("prompt")
-    raw = json.dumps(text, ensure_ascii=False)
-    messages = len(text) if isinstance(text, list) else 1
-    prompt = math.ceil(len(raw.encode()) / 4) + 4 * messages
+def reserved_tokens(body: dict[str, Any], body_bytes: int, spec: ModelSpec, output_budget: int | None) -> int:
+    """Returns prompt tokens, estimated without a tokenizer from the size of the request
+    body already read (one per 4 bytes, plus 4 per message: an overestimate for English),
+    plus the maximum output tokens of every choice."""
+    messages = body.get("messages")
+    prompt = math.ceil(body_bytes / 4) + 4 * (len(messages) if isinstance(messages, list) else 1)
     prompt = min(prompt, spec.context_window)
     output = output_budget or min(DEFAULT_OUTPUT_RESERVATION, max(spec.context_window - prompt, 1))
     return prompt + output * int(body.get("n") or 1)

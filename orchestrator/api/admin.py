@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.api.auth import AdminGuard
-from orchestrator.errors import ErrorCode, OrchestratorError
-from orchestrator.gateway.admin import DEFAULT_WORKSPACE, WORKSPACE_PATTERN
+from orchestrator.gateway.admin import DEFAULT_WORKSPACE, WORKSPACE_PATTERN, Clearable, report_filters
 from orchestrator.gateway.base import Gateway
 from orchestrator.gateway.records import CreatedKey, KeyInfo, KeyLimits, Workspace
-
-GroupBy = Literal["key", "model", "day"]
 
 
 class KeyCreate(KeyLimits):
@@ -27,9 +23,7 @@ class KeyCreate(KeyLimits):
 class KeyUpdate(KeyLimits):
     """``PATCH /admin/keys/{id}`` body: fields given are set; names in ``clear`` become unlimited."""
 
-    clear: list[Literal["models", "rpm", "tpm", "credits", "daily_limit", "monthly_limit"]] = Field(
-        default_factory=list
-    )
+    clear: list[Clearable] = Field(default_factory=list)
     add_credits: Decimal | None = Field(
         default=None, gt=0, description="USD added to the balance (atomic, safe beside running requests)."
     )
@@ -38,21 +32,6 @@ class KeyUpdate(KeyLimits):
 class WorkspaceUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool
-
-
-def parse_day(value: str | None, *, end: bool = False) -> datetime | None:
-    """``YYYY-MM-DD`` (a UTC day; as an upper bound the whole day is included) or an ISO time."""
-    if not value:
-        return None
-    try:
-        if len(value) == 10:
-            day = datetime.combine(date.fromisoformat(value), time(), tzinfo=None)
-            return day + timedelta(days=1) if end else day
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise OrchestratorError(
-            ErrorCode.INVALID_REQUEST, f"Invalid date {value!r}: use YYYY-MM-DD.", param="to" if end else "from"
-        ) from None
 
 
 def admin_router(gateway: Gateway, admin_key: str | None) -> APIRouter:
@@ -101,15 +80,8 @@ def admin_router(gateway: Gateway, admin_key: str | None) -> APIRouter:
         group_by: str = Query(default="key,model,day", description="Comma-separated: key, model, day."),
     ) -> dict[str, Any]:
         """Requests, tokens and cost (USD) per group."""
-        groups = [g.strip() for g in group_by.split(",") if g.strip()]
-        unknown = [g for g in groups if g not in ("key", "model", "day")]
-        if unknown:
-            raise OrchestratorError(
-                ErrorCode.INVALID_REQUEST, f"Unknown group_by {unknown[0]!r}: use key, model, day.", param="group_by"
-            )
-        rows = await gateway.usage_report(
-            key_id=key, model=model, start=parse_day(start), end=parse_day(end, end=True), group_by=groups
-        )
-        return {"data": [{**r, "cost": float(r["cost"])} for r in rows], "group_by": groups}
+        filters = report_filters(key=key, model=model, start=start, end=end, group_by=group_by)
+        rows = await gateway.usage_report(**filters)
+        return {"data": [{**r, "cost": float(r["cost"])} for r in rows], "group_by": filters["group_by"]}
 
     return router

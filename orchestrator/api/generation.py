@@ -120,7 +120,8 @@ async def generate(
         # A caller without a valid key learns nothing about the request: 401 comes first.
         await gateway.authenticate(api_key)
         raise
-    admission = await gateway.admit(api_key, spec.names, reserved_tokens(body, spec, budget), generation_id)
+    reserve = reserved_tokens(body, len(await request.body()), spec, budget)  # the body is cached
+    admission = await gateway.admit(api_key, spec.names, reserve, generation_id)
     body["model"] = spec.name
     stream = bool(body.get("stream"))
     meter = RequestMeter(spec, admission, streamed=stream, first_token_batch=1 if kind == "chat" else 0)

@@ -9,6 +9,7 @@ from typing import Any
 
 from orchestrator.errors import ErrorCode, OrchestratorError
 
+_DECODER = json.JSONDecoder()
 _CONTEXT = re.compile(r"context length|max_model_len|maximum model length|too long", re.IGNORECASE)
 
 
@@ -78,19 +79,11 @@ def usage_trailer(usage_json: str) -> str:
 
 
 def split_usage(frame: str) -> tuple[str, str | None]:
-    """Cuts the ``"usage"`` member out of a chunk frame (string operations only: this runs
-    once per token). Returns the frame without it and the usage JSON text, or the frame
-    unchanged and None."""
+    """Cuts the ``"usage"`` member out of a chunk frame. This runs once per token, so only
+    the usage object is decoded (by the C decoder, to find where it ends), not the chunk.
+    Returns the frame without it and the usage JSON text, or the frame unchanged and None."""
     start = frame.rfind(',"usage":{')
     if start < 0:
         return frame, None
-    depth, i = 0, start + 9
-    for i in range(start + 9, len(frame)):
-        ch = frame[i]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                break
-    return frame[:start] + frame[i + 1 :], frame[start + 9 : i + 1]
+    _, end = _DECODER.raw_decode(frame, start + 9)
+    return frame[:start] + frame[end:], frame[start + 9 : end]

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 import secrets
-from datetime import datetime
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
+from typing import Any, Literal, get_args
 
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.keys import generate_key, hash_key, key_hint
@@ -18,6 +19,10 @@ from orchestrator.gateway.store import SQLStore
 
 DEFAULT_WORKSPACE = "default"
 WORKSPACE_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+# Limits an update may reset to unlimited.
+Clearable = Literal["models", "rpm", "tpm", "credits", "daily_limit", "monthly_limit"]
+CLEARABLE: tuple[str, ...] = get_args(Clearable)
+REPORT_GROUPS = ("key", "model", "day")
 
 
 def _not_found(key_id: str) -> OrchestratorError:
@@ -70,8 +75,11 @@ def update_key(
     ``add_credits`` tops the balance up (starting a balance on a key that had none)."""
     if add_credits is not None and add_credits <= 0:
         raise OrchestratorError(ErrorCode.INVALID_REQUEST, "add_credits must be positive.", param="add_credits")
+    unknown = sorted(clear - set(CLEARABLE))
+    if unknown:
+        raise OrchestratorError(ErrorCode.INVALID_REQUEST, f"Cannot clear {unknown[0]!r}.", param="clear")
     changes = limits.model_dump(exclude_none=True)
-    changes.update({name: None for name in clear if name in KeyLimits.model_fields and name != "enabled"})
+    changes.update(dict.fromkeys(clear))
     record = store.update_key(key_id, changes, add_credits)
     if record is None:
         raise _not_found(key_id)
@@ -93,3 +101,42 @@ def set_workspace_enabled(store: SQLStore, workspace_id: str, enabled: bool) -> 
     workspace = store.get_workspace(workspace_id)
     assert workspace is not None
     return workspace
+
+
+def _day(value: str | None, *, end: bool) -> datetime | None:
+    # A UTC day; as an upper bound the whole day is included. Full ISO times pass as given.
+    if not value:
+        return None
+    try:
+        if len(value) == 10:
+            day = datetime.combine(date.fromisoformat(value), time())
+            return day + timedelta(days=1) if end else day
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise OrchestratorError(
+            ErrorCode.INVALID_REQUEST, f"Invalid date {value!r}: use YYYY-MM-DD.", param="to" if end else "from"
+        ) from None
+
+
+def report_filters(
+    *, key: str | None, model: str | None, start: str | None, end: str | None, group_by: str
+) -> dict[str, Any]:
+    """Turns a usage report's parameters as the admin API and the CLI take them (dates as
+    ``YYYY-MM-DD``, ``group_by`` comma-separated) into :meth:`SQLStore.usage_report` arguments.
+
+    Raises:
+        OrchestratorError: ``invalid_request`` for a malformed date or an unknown group.
+    """
+    groups = [g.strip() for g in group_by.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in REPORT_GROUPS]
+    if unknown:
+        raise OrchestratorError(
+            ErrorCode.INVALID_REQUEST, f"Unknown group_by {unknown[0]!r}: use key, model, day.", param="group_by"
+        )
+    return {
+        "key_id": key,
+        "model": model,
+        "start": _day(start, end=False),
+        "end": _day(end, end=True),
+        "group_by": groups,
+    }

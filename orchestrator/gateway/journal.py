@@ -35,8 +35,9 @@ class UsageJournal:
         self.folder.mkdir(parents=True, exist_ok=True)
         segments = sorted(self.folder.glob("segment-*" + _SUFFIX), key=lambda p: p.stat().st_mtime_ns)
         # This process's own leftovers are an earlier ledger's here (a restarted one).
-        leftovers = [p for p in segments if _pid_of(p) == os.getpid() or not _alive(_pid_of(p))]
-        self._seq = max((_seq_of(p) for p in segments), default=0)
+        owners = {p: _parts(p) for p in segments}
+        leftovers = [p for p in segments if owners[p][0] == os.getpid() or not _alive(owners[p][0])]
+        self._seq = max((seq for _, seq in owners.values()), default=0)
         self._start_segment()
         return leftovers
 
@@ -81,18 +82,13 @@ class UsageJournal:
         segment.unlink(missing_ok=True)
 
 
-def _seq_of(path: Path) -> int:
+def _parts(path: Path) -> tuple[int, int]:
+    """Returns the (process id, sequence number) of a ``segment-<pid>-<seq>`` file."""
     try:
-        return int(path.stem.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return 0
-
-
-def _pid_of(path: Path) -> int:
-    try:
-        return int(path.stem.split("-")[1])
-    except (IndexError, ValueError):
-        return 0
+        _, pid, seq = path.stem.split("-")
+        return int(pid), int(seq)
+    except ValueError:
+        return 0, 0
 
 
 def _alive(pid: int) -> bool:

@@ -290,11 +290,16 @@ class Ledger:
     def _track(self, request_id: str) -> None:
         # Admitted, not yet settled: a lookup waits for the record instead of answering 404,
         # which lets routers settle after the response without a window of missing records.
+        # Entries are in admission order, so the stale ones (never settled: their router
+        # died) are at the front.
         now = self._monotonic()
-        if len(self._inflight) >= 10_000 and len(self._inflight) % 1000 == 0:
-            stale = [rid for rid, (t, _) in self._inflight.items() if now - t > _INFLIGHT_MAX_AGE_S]
-            for rid in stale:
-                self._inflight.pop(rid)[1].set()
+        while self._inflight:
+            oldest = next(iter(self._inflight))
+            admitted, event = self._inflight[oldest]
+            if now - admitted <= _INFLIGHT_MAX_AGE_S:
+                break
+            del self._inflight[oldest]
+            event.set()
         self._inflight[request_id] = (now, asyncio.Event())
 
     # -- settlement -------------------------------------------------------------------
@@ -336,23 +341,22 @@ class Ledger:
         # Database thread: write, then move the records from pending to committed in the
         # ledger's view in one step under the lock.
         fresh = {r.request_id for r in self.store.write_usage(batch)}
+        debited: dict[str, Decimal] = {}  # key id -> what the database just took off its balance
         with self._lock:
             for record in batch:
                 # A batch can be committed twice (a flush cancelled while its write ran on
                 # this thread is retried): only the first commit moves the record.
-                if self._pending.pop(record.request_id, None) is None:
-                    continue
-                if record.key_id is None or not record.cost:
+                if self._pending.pop(record.request_id, None) is None or record.key_id is None or not record.cost:
                     continue
                 self._pending_cost[record.key_id] -= record.cost
                 if self._pending_cost[record.key_id] == 0:
                     del self._pending_cost[record.key_id]
                 if record.request_id in fresh:
-                    for entry in self._keys.values():
-                        if entry.record is not None and entry.record.id == record.key_id:
-                            credits = entry.record.credits
-                            if credits is not None:
-                                entry.record = entry.record.model_copy(update={"credits": credits - record.cost})
+                    debited[record.key_id] = debited.get(record.key_id, Decimal(0)) + record.cost
+            for entry in self._keys.values():
+                key = entry.record
+                if key is not None and key.id in debited and key.credits is not None:
+                    entry.record = key.model_copy(update={"credits": key.credits - debited[key.id]})
 
     async def flush(self) -> None:
         """Writes every finished record to the database now.
@@ -416,9 +420,12 @@ class Ledger:
         return datetime.fromtimestamp(self._clock(), UTC)
 
     def _forget(self, key_id: str | None = None) -> None:
+        """Drops cached key rows: one key's, or all (None)."""
         with self._lock:
-            self._keys = {h: e for h, e in self._keys.items() if key_id is not None and (
-                e.record is None or e.record.id != key_id)}  # fmt: skip
+            if key_id is None:
+                self._keys = {}
+            else:
+                self._keys = {h: e for h, e in self._keys.items() if e.record is None or e.record.id != key_id}
 
     async def create_key(self, limits: KeyLimits, workspace: str = admin.DEFAULT_WORKSPACE) -> CreatedKey:
         created = await self._run(

@@ -64,3 +64,18 @@ def test_complete_usage_keeps_reported_counts() -> None:
     usage = complete_usage({"prompt_tokens_details": {"cached_tokens": 256}, "completion_tokens_details": None})
     assert usage["prompt_tokens_details"]["cached_tokens"] == 256
     assert usage["completion_tokens_details"]["reasoning_tokens"] == 0
+
+
+def test_split_usage_cuts_only_the_usage_member() -> None:
+    from orchestrator.engine.frames import split_usage
+
+    usage = (
+        '{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2,"completion_tokens_details":{"reasoning_tokens":1}}'
+    )
+    content = '"choices":[{"index":0,"delta":{"content":"},\\"usage\\":{"}}]'
+    frame = f'data: {{"id":"x",{content},"usage":{usage},"prompt_token_ids":null}}\n\n'
+    rest, cut = split_usage(frame)
+    assert cut == usage
+    assert rest == f'data: {{"id":"x",{content},"prompt_token_ids":null}}\n\n'
+    plain = 'data: {"id":"x","choices":[]}\n\n'
+    assert split_usage(plain) == (plain, None)

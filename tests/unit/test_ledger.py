@@ -258,3 +258,13 @@ async def test_top_up_beside_pending_debits_is_exact(ledger: Ledger) -> None:
     assert (await ledger.update_key(unlimited.info.id, KeyLimits(), add_credits=Decimal("0.5"))).credits == Decimal(
         "0.5"
     )
+
+
+async def test_admissions_never_settled_are_forgotten_after_an_hour(ledger: Ledger) -> None:
+    key = (await ledger.create_key(KeyLimits())).key
+    await ledger.admit(key, NAMES, 10, "orphan")  # its router died: never settled
+    ledger._clock.now += 3601  # type: ignore[attr-defined]  # the fixture's clock is also the monotonic one
+    await ledger.admit(key, NAMES, 10, "fresh")
+    assert list(ledger._inflight) == ["fresh"]
+    # A lookup of the orphan no longer waits: it is simply unknown.
+    assert (await refused(ledger.generation("gen-orphan", key))).code is ErrorCode.NOT_FOUND
