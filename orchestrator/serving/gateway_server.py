@@ -4,7 +4,8 @@ A single ledger decides, so rate limits and balances are exact however many rout
 (docs/ARCHITECTURE.md says why this beats a per-router limiter or Redis here). It lives in a
 plain Ray actor owned by the gateway deployment's one replica: Serve gives it a lifecycle
 (deploy, health checks, replacement, graceful shutdown), while routers call the actor
-directly, which costs less than half of a Serve handle call (1.5 ms against 3.4 ms here).
+directly, which costs about half of a Serve handle call (benchmarks/handle_hop.py: 1.2 ms
+against 2.5 ms here).
 The actor shares its owner's fate: if the replica dies, so does the actor, and Serve's
 replacement replica starts a new one (which replays the usage journal).
 """
