@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from orchestrator.catalog import ModelSpec
@@ -77,7 +78,8 @@ class RequestMeter:
         self.usage = usage
         usage["cost"] = float(self.cost())
 
-    def cost(self) -> Any:
+    def cost(self) -> Decimal:
+        """The USD cost of the usage seen so far, from the model's prices."""
         return request_cost(
             self.spec.pricing, int(self.usage.get("prompt_tokens") or 0), int(self.usage.get("completion_tokens") or 0)
         )
