@@ -129,18 +129,65 @@ class Resources(_Frozen):
         return self.tensor_parallel_size if self.device == "gpu" else 0
 
 
+# Catalog fields that were renamed, with what to write instead (validate-catalog explains them).
+RENAMED_FIELDS = {
+    "autoscaling.target_queue_depth": (
+        "autoscaling.target_waiting_per_replica",
+        "it was Serve's in-flight request target; replicas now scale on the engine's waiting requests",
+    ),
+}
+
+
 class Autoscaling(_Frozen):
-    """Replica bounds and the queue depth each replica should carry."""
+    """Replica bounds and the policy that moves between them (serving/autoscaling.py): keep
+    each replica's engine queue (requests waiting for a batch slot) near a target."""
 
     min_replicas: int = Field(default=1, ge=0, description="Lower bound (0 allows scale to zero).")
     max_replicas: int = Field(default=1, ge=1, description="Upper bound.")
-    target_queue_depth: float = Field(default=8.0, gt=0, description="Waiting requests per replica to aim for.")
+    target_waiting_per_replica: float = Field(
+        default=2.0,
+        gt=0,
+        description="Requests waiting in each replica's engine queue (beyond what it runs at once) to aim for.",
+    )
+    upscale_delay_s: float = Field(default=5.0, ge=0, description="How long the queue must call for more replicas.")
+    downscale_delay_s: float = Field(
+        default=120.0, ge=0, description="How long the load must fit in fewer replicas before one is removed."
+    )
+    scale_to_zero_delay_s: float = Field(
+        default=600.0, ge=0, description="With min_replicas 0: idle time before the last replica stops."
+    )
+    cold_start_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="How long a request waits for a replica of a model scaled to zero before 503 model_unavailable.",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
+
+
+class Overload(_Frozen):
+    """Bounds that keep a busy model answering quickly instead of queueing without limit."""
+
+    max_waiting_per_replica: int = Field(
+        default=64,
+        ge=0,
+        description=(
+            "Requests a replica queues beyond what its engine runs at once; past it (and past as many queued in "
+            "each router for a model with no free replica) new requests get 529 provider_overloaded at once."
+        ),
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="Deadline of a whole non-streaming response (504 provider_timeout)."
+    )
+    stream_idle_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Longest wait for a stream's next chunk, the first included (504 provider_timeout).",
+    )
 
 
 class ModelSpec(_Frozen):
@@ -165,7 +212,8 @@ class ModelSpec(_Frozen):
     reasoning_parser: str | None = Field(default=None, description="vLLM reasoning parser, e.g. `deepseek_r1`.")
     chat_template: str | None = Field(default=None, description="Jinja chat template overriding the tokenizer's.")
     resources: Resources = Field(default_factory=Resources, description="Per-replica cluster resources.")
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica bounds and target.")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica bounds and scaling policy.")
+    overload: Overload = Field(default_factory=Overload, description="Load shedding bound and deadlines.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -188,9 +236,20 @@ class ModelSpec(_Frozen):
         return (self.name, *self.aliases, self.backend_id)
 
     @property
+    def max_num_seqs(self) -> int | None:
+        """Sequences the engine runs at once, if the catalog sets it (else vLLM's default)."""
+        value = self.engine_args.get("max_num_seqs")
+        return int(value) if value is not None else None
+
+    @property
     def deployment_name(self) -> str:
         """The Ray Serve deployment name of this model's ModelServer."""
-        return "model-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in self.name)
+        return deployment_name(self.name)
+
+
+def deployment_name(model: str) -> str:
+    """The Ray Serve deployment name of a model's ModelServer, from its display name."""
+    return "model-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in model)
 
 
 def _default_backend_id(source: Any, name: str) -> str:
@@ -308,7 +367,7 @@ def load_catalog(paths: Sequence[str | Path], *, engine_arg_names: Collection[st
                 spec = ModelSpec.model_validate(entry, context={"base_dir": path.parent.resolve()})
             except ValidationError as exc:
                 for err in exc.errors(include_url=False):
-                    msg = err["msg"].removeprefix("Value error, ")
+                    msg = _explain(err)
                     problems.append(CatalogProblem(file=str(path), field=_loc(err["loc"], prefix), message=msg))
                 continue
             for name in dict.fromkeys(n.lower() for n in spec.names):
@@ -327,6 +386,16 @@ def load_catalog(paths: Sequence[str | Path], *, engine_arg_names: Collection[st
     if not specs:
         raise CatalogError([CatalogProblem(file=", ".join(map(str, paths)) or "-", field="", message="no models")])
     return Catalog(specs)
+
+
+def _explain(err: Any) -> str:
+    """The message for one validation error; renamed fields say what replaced them."""
+    if err["type"] == "extra_forbidden":
+        path = ".".join(str(p) for p in err["loc"])
+        for old, (new, why) in RENAMED_FIELDS.items():
+            if path == old:
+                return f"renamed: write {new} instead ({why})"
+    return str(err["msg"]).removeprefix("Value error, ")
 
 
 class Catalog:

@@ -27,7 +27,7 @@ def _validate_catalog(ns: argparse.Namespace) -> int:
 def _serve(ns: argparse.Namespace) -> int:
     from orchestrator.embedded import serve_forever
 
-    return serve_forever(catalog=ns.catalog, host=ns.host, port=ns.port)
+    return serve_forever(catalog=ns.catalog, host=ns.host, port=ns.port, metrics_port=ns.metrics_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--catalog", action="append", help="Catalog file or folder (repeatable; default: catalog/).")
     serve.add_argument("--host", default=None, help="Bind address (default 127.0.0.1).")
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default 8000).")
+    serve.add_argument(
+        "--metrics-port", type=int, default=None, help="Prometheus metrics port on 127.0.0.1 (default: a free port)."
+    )
     serve.set_defaults(func=_serve)
 
     validate = sub.add_parser("validate-catalog", help="Check catalog files; exit 1 listing every problem.")

@@ -16,9 +16,13 @@ logger = logging.getLogger(__name__)
 APP_NAME = "orchestrator"
 
 
-def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | None) -> int:
+def serve_forever(
+    *, catalog: list[str] | None, host: str | None, port: int | None, metrics_port: int | None = None
+) -> int:
     """Runs until SIGINT/SIGTERM. Returns the process exit code."""
     overrides: dict[str, object] = {}
+    if metrics_port:
+        overrides["metrics_port"] = metrics_port
     if catalog:
         overrides["catalog"] = catalog
     if host:
@@ -32,6 +36,10 @@ def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | No
         # then), so they are set before anything imports ray; Ray's processes inherit them.
         for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
             os.environ.setdefault(key, "1")
+    # A one-machine cluster: Ray then takes 127.0.0.1 as the node address, so its own
+    # servers (the metrics export among them) listen on loopback only. Without it Ray
+    # resolves even an explicit 127.0.0.1 to the machine's public address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
     from orchestrator.engine.weights import prepare_weights
     from orchestrator.serving.builder import load_validated_catalog, resolve_paths
@@ -60,6 +68,7 @@ def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | No
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
+        _metrics_export_port=settings.metrics_port,
     )
     # A plain flag, polled: a handler that calls threading.Event.set() can deadlock when a
     # second signal (a double Ctrl-C, or `timeout` forwarding one) lands inside the first.
@@ -79,6 +88,7 @@ def serve_forever(*, catalog: list[str] | None, host: str | None, port: int | No
             for spec in models:
                 names = ", ".join(spec.names[1:])
                 print(f"  model {spec.name}" + (f"  (also: {names})" if names else ""), flush=True)
+            print(f"Metrics (Prometheus text) at {_metrics_url()}", flush=True)
             print("Press Ctrl-C to stop.", flush=True)
             while not stop:
                 time.sleep(0.2)
@@ -124,6 +134,13 @@ def _access_mode(settings: Settings) -> Settings:
     db = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
     print(OPEN_BANNER.format(db=db, host=settings.host, port=settings.port), flush=True)
     return settings.model_copy(update={"open_access": True})
+
+
+def _metrics_url() -> str:
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def _running() -> bool:

@@ -35,6 +35,7 @@ class ErrorCode(StrEnum):
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     PROVIDER_TIMEOUT = "provider_timeout"
     PROVIDER_OVERLOADED = "provider_overloaded"
+    MODEL_UNAVAILABLE = "model_unavailable"
 
     @property
     def http_status(self) -> int:
@@ -67,6 +68,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.PROVIDER_UNAVAILABLE: 502,
     ErrorCode.PROVIDER_TIMEOUT: 504,
     ErrorCode.PROVIDER_OVERLOADED: 529,
+    ErrorCode.MODEL_UNAVAILABLE: 503,
 }
 
 # OpenAI SDKs only look at the status, but `type` helps humans group errors.

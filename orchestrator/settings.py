@@ -22,6 +22,15 @@ class Settings(BaseSettings):
     catalog: list[str] = Field(default_factory=lambda: ["catalog"], description="Catalog files or folders.")
     host: str = Field(default="127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description=(
+            "`orchestrator serve` only: port of Ray's metrics export (Prometheus text at /metrics, every "
+            "series: Serve's, vLLM's and the orchestrator's). Default: a free port, printed at start."
+        ),
+    )
     cache_dir: Path = Field(default_factory=_default_cache, description="Where prepared weights are cached.")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     keepalive_seconds: float = Field(default=15.0, gt=0, description="SSE keep-alive comment interval.")

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.api.backend import Kind
+from orchestrator.api.backend import Kind, ModelHealth
 from orchestrator.api.sse import frame
 from orchestrator.catalog import ModelSpec
+from orchestrator.engine.base import EngineLoad
 from orchestrator.engine.batching import batch_frames
 from orchestrator.engine.frames import usage_trailer
 from orchestrator.errors import ErrorCode, OrchestratorError
@@ -32,6 +33,15 @@ class FakeEngine:
     fail_before_first: OrchestratorError | None = None
     fail_after: int | None = None
     running: int = 0
+    capacity: int = 4
+
+    def load(self) -> EngineLoad:
+        """Like vLLM: up to ``capacity`` requests run, the rest wait."""
+        return EngineLoad(
+            waiting=max(self.running - self.capacity, 0),
+            running=min(self.running, self.capacity),
+            capacity=self.capacity,
+        )
 
     def _usage(self, body: dict[str, Any]) -> dict[str, Any]:
         prompt = len(json.dumps(body.get("messages") or body.get("prompt")).split())
@@ -111,5 +121,5 @@ class LocalBackend:
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _Stream:
         return _Stream(batch_frames(self.engines[spec.name].stream(kind, body, request_id), self.batch_s))
 
-    async def health(self) -> dict[str, bool]:
-        return {name: True for name in self.engines}
+    def health(self) -> dict[str, ModelHealth]:
+        return {name: ModelHealth(ready=True, state="serving", replicas=1) for name in self.engines}

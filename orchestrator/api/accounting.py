@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from orchestrator.api.telemetry import Telemetry
 from orchestrator.catalog import ModelSpec
 from orchestrator.engine.frames import USAGE_TRAILER, is_usage_frame
 from orchestrator.errors import OrchestratorError
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 # Output tokens reserved when a request sets no max_tokens (settled to real use at the end).
 DEFAULT_OUTPUT_RESERVATION = 256
 _FINISH = re.compile(r'"finish_reason":"([a-z_]+)"')
+# A chunk with content: a non-empty chat delta or completion text.
+_CONTENT = re.compile(r'"(?:content|text)":"[^"]')
 CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned
 
 
@@ -46,6 +49,7 @@ class RequestMeter:
     Args:
         spec: the model (for prices).
         admission: who made the request.
+        route: the API path (a metrics label).
         streamed: whether the response is a stream.
         first_token_batch: index of the batch with the first token (1 for chat, whose
             first batch is the role alone).
@@ -57,6 +61,7 @@ class RequestMeter:
         spec: ModelSpec,
         admission: Admission,
         *,
+        route: str = "",
         streamed: bool,
         first_token_batch: int = 0,
         clock: Callable[[], float] = time.monotonic,
@@ -64,6 +69,7 @@ class RequestMeter:
     ) -> None:
         self.spec = spec
         self.admission = admission
+        self.route = route
         self.streamed = streamed
         self._clock = clock
         self._wall = wall
@@ -73,6 +79,10 @@ class RequestMeter:
         self._first_token_batch = first_token_batch
         self.usage: dict[str, Any] = {}
         self.finish_reason: str | None = None
+        # Inter-token latency as the client sees it: the wait before each chunk with
+        # content after the first (0 for chunks that arrive in the same batch).
+        self.gaps: list[float] = []
+        self._last_content: float | None = None
 
     def _cost_into(self, usage: dict[str, Any]) -> None:
         self.usage = usage
@@ -94,13 +104,15 @@ class RequestMeter:
     def on_batch(self, batch: list[str]) -> list[str]:
         """Takes a batch of SSE frames on its way to the client: strips the usage trailer,
         notes the first token and the finish reason, adds ``cost`` to the usage chunk."""
+        now = self._clock()
         if self._batches == self._first_token_batch:
-            self._first = self._clock()
+            self._first = now
         self._batches += 1
         if batch and batch[-1].startswith(USAGE_TRAILER):
             self.usage = json.loads(batch.pop()[len(USAGE_TRAILER) :])
         if not batch:
             return batch
+        self._time_chunks(batch, now)
         last = batch[-1]
         if is_usage_frame(last):
             data = json.loads(last[6:])
@@ -112,6 +124,14 @@ class RequestMeter:
                 self.finish_reason = found.group(1)
                 break
         return batch
+
+    def _time_chunks(self, batch: list[str], now: float) -> None:
+        for frame in batch:
+            if not _CONTENT.search(frame):
+                continue
+            if self._last_content is not None:
+                self.gaps.append(now - self._last_content)
+            self._last_content = now
 
     def record(self, status: int, *, cancelled: bool = False, error: OrchestratorError | None = None) -> UsageRecord:
         """Returns the usage record of the request as it ended."""
@@ -144,25 +164,30 @@ class RequestMeter:
 
 
 class Settler:
-    """Hands finished requests to the gateway. Each settlement runs as its own task, off
-    the response's path and safe from the request's cancellation (client gone); the ledger
-    holds lookups of admitted requests until they settle. :meth:`drain` awaits the ones
-    still running (shutdown)."""
+    """Ends requests: records their metrics and hands their usage to the gateway. Each
+    settlement runs as its own task, off the response's path and safe from the request's
+    cancellation (client gone); the ledger holds lookups of admitted requests until they
+    settle. :meth:`drain` awaits the ones still running (shutdown)."""
 
-    def __init__(self, gateway: RequestGateway) -> None:
+    def __init__(self, gateway: RequestGateway, telemetry: Telemetry | None = None) -> None:
         self.gateway = gateway
+        self.telemetry = telemetry or Telemetry()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _settle(self, admission: Admission, record: UsageRecord) -> None:
         try:
             await self.gateway.settle(admission, record)
         except Exception:
-            # Never raised to the client; the record is logged so it can be replayed.
+            # Never raised to the client; logged with the record.
             logger.exception("settlement failed; unrecorded usage: %s", record.model_dump_json())
 
-    def settle_later(self, admission: Admission, record: UsageRecord) -> asyncio.Task[None]:
-        """Starts the settlement without waiting for it."""
-        task = asyncio.get_running_loop().create_task(self._settle(admission, record))
+    def finish(
+        self, meter: RequestMeter, status: int, *, error: OrchestratorError | None = None, cancelled: bool = False
+    ) -> asyncio.Task[None]:
+        """Ends an admitted request: its metrics now, its settlement in a task of its own."""
+        record = meter.record(status, error=error, cancelled=cancelled)
+        self.telemetry.finished(meter.route, record, meter.gaps)
+        task = asyncio.get_running_loop().create_task(self._settle(meter.admission, record))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

@@ -18,8 +18,10 @@ from orchestrator.api.backend import Backend
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.generation import generate
 from orchestrator.api.middleware import RequestContext
+from orchestrator.api.telemetry import Telemetry
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.gateway.base import Gateway, OpenGateway, RequestGateway
+from orchestrator.metrics import Sink
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from orchestrator.protocol.openai import ModelPricing
 from orchestrator.settings import Settings
@@ -62,6 +64,7 @@ def create_app(
     gateway: Gateway | None = None,
     clock: Callable[[], float] = time.time,
     echo_request_id: bool = True,
+    metrics: Sink | None = None,
 ) -> FastAPI:
     """Builds the OpenAI-compatible HTTP app.
 
@@ -74,9 +77,10 @@ def create_app(
         clock: wall clock for the ``created`` fields.
         echo_request_id: add ``X-Request-Id`` to responses (off behind Ray Serve's proxy,
             which adds it itself).
+        metrics: where request metrics go (Ray's metrics in Serve; none by default).
     """
     gate: RequestGateway = gateway if gateway is not None else OpenGateway()
-    settler = Settler(gate)
+    settler = Settler(gate, Telemetry(metrics))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -137,11 +141,33 @@ def create_app(
             "autoscaling": spec.autoscaling.model_dump(mode="json"),
         }
 
+    def readiness(model: str | None) -> JSONResponse:
+        models = backend.health()
+        if model is not None:
+            name = catalog.resolve(model).name
+            models = {name: models[name]}
+        ready = [m.ready for m in models.values()]
+        status = "ok" if all(ready) else "degraded" if any(ready) else "unavailable"
+        body = {"status": status, "models": {name: m.model_dump() for name, m in models.items()}}
+        return JSONResponse(body, status_code=200 if any(ready) else 503)
+
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        """200 while the router answers (its process and event loop work)."""
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready(
+        model: str | None = Query(default=None, description="Only this model (name, alias or backend id)."),
+    ) -> JSONResponse:
+        """Readiness from state the router already has (replica counts and Serve's health
+        checks, refreshed every few seconds); it never calls an engine. 200 when at least one
+        model (or the one asked for) can serve, else 503; per-model detail says which and why."""
+        return readiness(model)
+
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 when every model has a healthy replica, else 503; per-model detail."""
-        models = await backend.health()
-        ok = all(models.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "models": models}, status_code=200 if ok else 503)
+        """Same as `/health/ready`."""
+        return readiness(None)
 
     return app

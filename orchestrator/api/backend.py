@@ -9,10 +9,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from pydantic import BaseModel, Field
+
 from orchestrator.catalog import ModelSpec
 from orchestrator.engine.base import Kind
 
-__all__ = ["Backend", "ChunkStream", "Kind"]
+__all__ = ["Backend", "ChunkStream", "Kind", "ModelHealth"]
+
+
+class ModelHealth(BaseModel):
+    """One model's readiness, from state the router already holds (no engine call)."""
+
+    ready: bool = Field(description="Requests to this model can be served (a replica runs, or it starts on demand).")
+    state: str = Field(description="`serving`, `scaled_to_zero`, `starting`, `unhealthy` or `unknown`.")
+    replicas: int = Field(default=0, description="Running replicas.")
+    reason: str = Field(default="", description="Why it is not ready (Serve's message), if it is not.")
 
 
 class ChunkStream(Protocol):
@@ -45,6 +56,7 @@ class Backend(Protocol):
         """Starts a streaming generation; see :class:`ChunkStream`."""
         ...
 
-    async def health(self) -> dict[str, bool]:
-        """Returns, per model display name, whether its replicas are healthy."""
+    def health(self) -> dict[str, ModelHealth]:
+        """Returns every model's readiness (by display name) from state already at hand: it
+        must not call an engine, so probes never wake a model scaled to zero."""
         ...

@@ -27,6 +27,7 @@ _SCHEMAS: dict[Kind, type[ChatCompletionRequest] | type[CompletionRequest]] = {
     "completion": CompletionRequest,
 }
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ROUTES: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 
 async def read_json(request: Request) -> dict[str, Any]:
@@ -85,10 +86,10 @@ class _MeteredStream:
     def finish(self, error: OrchestratorError | None) -> None:
         # Not awaited: the ledger holds lookups of admitted requests until they settle.
         status = 200 if error is None else error.status
-        self.settler.settle_later(self.meter.admission, self.meter.record(status, error=error))
+        self.settler.finish(self.meter, status, error=error)
 
     def abandon(self) -> None:
-        self.settler.settle_later(self.meter.admission, self.meter.record(CLIENT_CLOSED, cancelled=True))
+        self.settler.finish(self.meter, CLIENT_CLOSED, cancelled=True)
 
 
 async def generate(
@@ -113,22 +114,29 @@ async def generate(
     request_id: str = request.state.request_id
     generation_id = uuid.uuid4().hex
     api_key = bearer_token(request)
+    route = ROUTES[kind]
+    model: str | None = None
     try:
-        body = await read_json(request)
-        spec, budget = admit(kind, body, catalog)
-    except OrchestratorError:
-        # A caller without a valid key learns nothing about the request: 401 comes first.
-        await gateway.authenticate(api_key)
+        try:
+            body = await read_json(request)
+            spec, budget = admit(kind, body, catalog)
+        except OrchestratorError:
+            # A caller without a valid key learns nothing about the request: 401 comes first.
+            await gateway.authenticate(api_key)
+            raise
+        model = spec.name
+        reserve = reserved_tokens(body, len(await request.body()), spec, budget)  # the body is cached
+        admission = await gateway.admit(api_key, spec.names, reserve, generation_id)
+    except OrchestratorError as exc:
+        settler.telemetry.refused(route, model, exc)
         raise
-    reserve = reserved_tokens(body, len(await request.body()), spec, budget)  # the body is cached
-    admission = await gateway.admit(api_key, spec.names, reserve, generation_id)
     body["model"] = spec.name
     stream = bool(body.get("stream"))
-    meter = RequestMeter(spec, admission, streamed=stream, first_token_batch=1 if kind == "chat" else 0)
+    meter = RequestMeter(spec, admission, route=route, streamed=stream, first_token_batch=1 if kind == "chat" else 0)
     try:
         if not stream:
             result = meter.on_response(await backend.complete(spec, kind, body, generation_id))
-            settler.settle_later(admission, meter.record(200))
+            settler.finish(meter, 200)
             return JSONResponse(result, headers=admission.headers)
         head = StreamHead(backend.stream(spec, kind, body, generation_id))
         try:
@@ -137,11 +145,11 @@ async def generate(
             head.cancel()
             raise
     except asyncio.CancelledError:
-        settler.settle_later(admission, meter.record(CLIENT_CLOSED, cancelled=True))
+        settler.finish(meter, CLIENT_CLOSED, cancelled=True)
         raise
     except Exception as exc:
         error = as_orchestrator_error(exc)
-        settler.settle_later(admission, meter.record(error.status, error=error))
+        settler.finish(meter, error.status, error=error)
         error.headers = {**admission.headers, **error.headers}
         raise error from None
     return StreamingResponse(

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 Kind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine is doing: requests waiting for a batch slot, requests running,
+    the share of KV cache in use (0..1) and how many sequences it runs at once."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_cache_usage: float = 0.0
+    capacity: int = 1
 
 
 class Engine(Protocol):
@@ -36,6 +48,10 @@ class Engine(Protocol):
 
     def num_unfinished_requests(self) -> int:
         """Returns the requests waiting or running inside the engine."""
+        ...
+
+    def load(self) -> EngineLoad:
+        """Returns the engine's current load (see :class:`EngineLoad`)."""
         ...
 
     async def shutdown(self) -> None:

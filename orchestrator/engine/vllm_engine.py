@@ -26,9 +26,11 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import StatLoggerBase
+from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
 from orchestrator.catalog import ModelSpec
-from orchestrator.engine.base import Kind
+from orchestrator.engine.base import EngineLoad, Kind
 from orchestrator.engine.frames import (
     complete_usage,
     error_from_frame,
@@ -110,8 +112,32 @@ class _StrictCompletion(OpenAIServingCompletion):  # type: ignore[misc]
         return result
 
 
+class _SchedulerView(StatLoggerBase):  # type: ignore[misc]
+    """Keeps the engine core's latest scheduler figures (vLLM calls ``record`` after
+    every engine step that produced output)."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        self.running = 0
+        self.kv_cache_usage = 0.0
+
+    def record(
+        self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+    ) -> None:
+        if scheduler_stats is not None:
+            self.running = scheduler_stats.num_running_reqs
+            self.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
 class VLLMEngine:
-    """One vLLM engine serving one catalog model. No I/O until :meth:`start`."""
+    """One vLLM engine serving one catalog model. No I/O until :meth:`start`.
+
+    Its statistics go two ways: vLLM's Ray stat logger exports vLLM's own metrics
+    (``vllm:*``, labelled by ``model_name``) through Ray's metrics pipeline, and a small
+    logger keeps the scheduler's latest figures for :meth:`load` (autoscaling).
+    """
 
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
@@ -119,11 +145,18 @@ class VLLMEngine:
         self._llm: Any = None
         self._chat: Any = None
         self._completion: Any = None
+        self._scheduler = _SchedulerView(None)
+        self._capacity = 1
 
     async def start(self) -> None:
         path = await asyncio.to_thread(prepare_weights, self.spec.source, self.settings.cache_dir)
         args = AsyncEngineArgs(**_typed_engine_args(engine_args_for(self.spec, path)))
-        self._llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        self._llm = AsyncLLM.from_engine_args(
+            args,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[RayPrometheusStatLogger, self._scheduler_view],
+        )
+        self._capacity = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
         models = OpenAIServingModels(
             engine_client=self._llm,
             base_model_paths=[BaseModelPath(name=self.spec.name, model_path=path)],
@@ -154,6 +187,9 @@ class VLLMEngine:
             self._llm, models, "assistant", reasoning_parser=self.spec.reasoning_parser or "", **parsing, **common
         )
         self._completion = _StrictCompletion(self._llm, models, **common)
+
+    def _scheduler_view(self, vllm_config: Any, engine_index: int = 0) -> _SchedulerView:
+        return self._scheduler  # the stat logger factory vLLM calls per engine core
 
     def _request(self, kind: Kind, body: dict[str, Any], request_id: str, stream: bool) -> Any:
         cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
@@ -233,6 +269,14 @@ class VLLMEngine:
 
     def num_unfinished_requests(self) -> int:
         return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
+
+    def load(self) -> EngineLoad:
+        # The frontend's unfinished count is exact; the scheduler's figures are from its last
+        # step (stale once it idles), so they are bounded by it.
+        unfinished = self.num_unfinished_requests()
+        running = min(self._scheduler.running, unfinished)
+        kv = self._scheduler.kv_cache_usage if unfinished else 0.0
+        return EngineLoad(waiting=unfinished - running, running=running, kv_cache_usage=kv, capacity=self._capacity)
 
     async def shutdown(self) -> None:
         if self._llm is not None:

@@ -52,6 +52,10 @@ class UsageJournal:
             raise RuntimeError("journal is not open")
         os.write(self._fd, record.model_dump_json().encode() + b"\n")
 
+    def count(self) -> int:
+        """Returns the segment files in the folder (this process's and any left behind)."""
+        return sum(1 for _ in self.folder.glob("segment-*" + _SUFFIX))
+
     def seal(self) -> Path:
         """Closes the current segment and starts a new one. Returns the sealed segment."""
         if self._fd is None or self._segment is None:

@@ -41,6 +41,7 @@ from orchestrator.gateway.records import (
     Workspace,
 )
 from orchestrator.gateway.store import SQLStore
+from orchestrator.metrics import GatewayMetrics, NullSink
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,6 +96,7 @@ class Ledger:
         key_cache_s: how long a key's row is trusted before it is read again (changes made
             by the CLI directly in the database show up within this time).
         lookup_wait_s: how long :meth:`generation` waits for an admitted request's record.
+        metrics: where the backlog (pending records, journal segments) and flush times go.
     """
 
     def __init__(
@@ -108,8 +110,10 @@ class Ledger:
         flush_interval_s: float = 0.2,
         key_cache_s: float = 2.0,
         lookup_wait_s: float = 30.0,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or GatewayMetrics(NullSink())
         self.journal = journal
         self._pepper = pepper
         self._clock = clock
@@ -374,10 +378,16 @@ class Ledger:
                 self._batches.append((segment, batch))
             while self._batches:
                 segment, records = self._batches[0]
+                started = self._monotonic()
                 await self._run(self._commit, records)
+                self.metrics.flushed(self._monotonic() - started)
                 self._batches.pop(0)
                 if segment is not None:
                     UsageJournal.discard(segment)
+
+    def _report_backlog(self) -> None:
+        segments = self.journal.count() if self.journal is not None else 0
+        self.metrics.backlog(pending=len(self._pending), segments=segments)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -386,6 +396,7 @@ class Ledger:
                 await self.flush()
             except Exception:
                 logger.exception("usage flush failed; records stay journaled and will be retried")
+            self._report_backlog()
 
     # -- lookups ----------------------------------------------------------------------
 

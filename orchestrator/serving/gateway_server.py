@@ -26,10 +26,12 @@ from orchestrator.gateway.base import Gateway
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.store import SQLStore
+from orchestrator.metrics import GatewayMetrics, Sink
+from orchestrator.serving.telemetry import RaySink
 from orchestrator.settings import Settings
 
 
-def ledger_for(settings: Settings) -> Ledger:
+def ledger_for(settings: Settings, metrics: Sink | None = None) -> Ledger:
     """Returns the ledger the settings describe (database, journal, pepper, timings)."""
     return Ledger(
         SQLStore(settings.resolved_database_url()),
@@ -37,6 +39,7 @@ def ledger_for(settings: Settings) -> Ledger:
         pepper=settings.key_pepper.encode(),
         flush_interval_s=settings.usage_flush_ms / 1000.0,
         key_cache_s=settings.key_cache_seconds,
+        metrics=None if metrics is None else GatewayMetrics(metrics),
     )
 
 
@@ -44,7 +47,7 @@ class LedgerActor:
     """The Ray actor holding the ledger; :meth:`call` runs one of its methods."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        self.ledger = ledger_for(Settings(**settings))
+        self.ledger = ledger_for(Settings(**settings), RaySink())
 
     async def start(self) -> None:
         await self.ledger.start()

@@ -9,7 +9,11 @@ from typing import Any
 from orchestrator.catalog import ModelSpec
 from orchestrator.engine.base import Engine, Kind
 from orchestrator.engine.batching import batch_frames
+from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.settings import Settings
+
+# Sent with 529: a shed request may retry soon, when a running request has finished.
+SHED_RETRY_AFTER_S = 1
 
 logger = logging.getLogger(__name__)
 
@@ -39,25 +43,68 @@ class ModelServer:
         self.settings = Settings(**settings)
         self.engine = engine_factory(self.spec, self.settings)
         self._batch_s = self.settings.stream_batch_ms / 1000.0
+        # Requests in this replica (running in the engine or waiting for a slot), counted
+        # here because the engine's own figures lag by a step.
+        self.in_flight = 0
 
     async def start(self) -> None:
         """Loads the weights and starts the engine."""
         await self.engine.start()
         logger.info("model %s ready", self.spec.name)
 
+    def _admit(self) -> None:
+        """Sheds the request when the engine's queue is full.
+
+        Raises:
+            OrchestratorError: ``provider_overloaded`` (529, ``Retry-After``) when this replica
+                already holds as many requests as its engine runs at once plus the catalog's
+                ``overload.max_waiting_per_replica``.
+        """
+        bound = self.engine.load().capacity + self.spec.overload.max_waiting_per_replica
+        if self.in_flight >= bound:
+            raise OrchestratorError(
+                ErrorCode.PROVIDER_OVERLOADED,
+                f"Model {self.spec.name} is overloaded ({self.in_flight} requests queued or running per replica); "
+                "retry shortly.",
+                headers={"Retry-After": str(SHED_RETRY_AFTER_S)},
+            )
+
     async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        """Returns the whole response body; raises ``OrchestratorError`` on failure."""
-        return await self.engine.complete(kind, body, request_id)
+        """Returns the whole response body; raises ``OrchestratorError`` on failure (529 when
+        shed)."""
+        self._admit()
+        self.in_flight += 1
+        try:
+            return await self.engine.complete(kind, body, request_id)
+        finally:
+            self.in_flight -= 1
 
     async def stream(self, kind: Kind, body: dict[str, Any], request_id: str) -> AsyncIterator[list[str]]:
         """Yields batches of SSE frames: the first token at once, then one batch per interval.
 
         Cancelling the caller (client disconnect) closes this generator, which aborts the
-        request inside the engine.
+        request inside the engine. Raises 529 ``provider_overloaded`` before the first batch
+        when shed.
         """
-        eager = 2 if kind == "chat" else 1  # chat's first frame is the role alone
-        async for batch in batch_frames(self.engine.stream(kind, body, request_id), self._batch_s, eager=eager):
-            yield batch
+        self._admit()
+        self.in_flight += 1
+        try:
+            eager = 2 if kind == "chat" else 1  # chat's first frame is the role alone
+            async for batch in batch_frames(self.engine.stream(kind, body, request_id), self._batch_s, eager=eager):
+                yield batch
+        finally:
+            self.in_flight -= 1
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Serve's autoscaler gets from this replica (serving/autoscaling.py reads it):
+        the engine's waiting and running requests, KV-cache use and batch capacity."""
+        load = self.engine.load()
+        return {
+            "waiting": float(load.waiting),
+            "running": float(load.running),
+            "kv_cache": load.kv_cache_usage,
+            "capacity": float(load.capacity),
+        }
 
     async def health(self) -> bool:
         """Returns True when the engine answers its health check."""

@@ -17,6 +17,8 @@ HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 # Engine start loads weights (and compiles on GPU): allow it the time it needs.
 STARTUP_TIMEOUT_S = 1800.0
+# Requests past the shedding bound that Serve still hands to a replica to be refused there.
+SHED_HEADROOM = 8
 
 
 def engine_env(spec: ModelSpec, settings: Settings) -> dict[str, str]:
@@ -60,27 +62,53 @@ def placement(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+# vLLM's max_num_seqs when the catalog does not set it is chosen per device at engine
+# start; a replica's request bound is checked in the replica against the real figure, so
+# Serve's own bound only needs to be at least as high.
+DEFAULT_MAX_NUM_SEQS = 1024
+# Serve averages replica reports over this window; short, so a queue is seen within seconds.
+LOOK_BACK_PERIOD_S = 15.0
+POLICY = "orchestrator.serving.autoscaling:QueueDepthPolicy"
+
+
+def autoscaling_config(spec: ModelSpec) -> dict[str, Any]:
+    """Serve's ``autoscaling_config`` for a model: the catalog's bounds and delays around
+    the queue-depth policy (serving/autoscaling.py). Fixed-size models (min == max) use it
+    too, so every model's replica figures come from one place."""
+    scale = spec.autoscaling
+    return {
+        "min_replicas": scale.min_replicas,
+        "max_replicas": scale.max_replicas,
+        "upscale_delay_s": scale.upscale_delay_s,
+        "downscale_delay_s": scale.downscale_delay_s,
+        "downscale_to_zero_delay_s": scale.scale_to_zero_delay_s,
+        "look_back_period_s": LOOK_BACK_PERIOD_S,
+        "policy": {
+            "policy_function": POLICY,
+            "policy_kwargs": {"model": spec.name, "target_waiting_per_replica": scale.target_waiting_per_replica},
+        },
+    }
+
+
 def model_deployment_options(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
     """Returns the full ``Deployment.options(...)`` for the model's ModelServer."""
     options = placement(spec)
     options["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(spec, settings)}
-    scale = spec.autoscaling
+    waiting = spec.overload.max_waiting_per_replica
     options.update(
         name=spec.deployment_name,
-        # vLLM batches internally; the router may send many requests at once per replica.
-        max_ongoing_requests=max(64, int(scale.target_queue_depth * 8)),
+        # The replica sheds past max_num_seqs + max_waiting (ModelServer._admit); Serve lets a
+        # few more through so that overflow reaches the replica and gets its 529 at once
+        # instead of queueing in the router.
+        max_ongoing_requests=(spec.max_num_seqs or DEFAULT_MAX_NUM_SEQS) + waiting + SHED_HEADROOM,
+        # Requests queued in each router while no replica has room (e.g. a model scaled to
+        # zero starting up); past it Serve refuses them (BackPressureError -> 529).
+        max_queued_requests=max(waiting, 1),
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+        autoscaling_config=autoscaling_config(spec),
     )
-    if scale.min_replicas == scale.max_replicas:
-        options["num_replicas"] = scale.max_replicas
-    else:
-        options["autoscaling_config"] = {
-            "min_replicas": scale.min_replicas,
-            "max_replicas": scale.max_replicas,
-            "target_ongoing_requests": scale.target_queue_depth,
-        }
     return options
 
 

@@ -1,23 +1,86 @@
 """The Router deployment: the FastAPI ingress that dispatches to ModelServer replicas.
 
 It never imports vllm. Only plain data crosses the handles: the request body (dict), the
-request id, and back batches of SSE frames (lists of str) or the response dict.
+request id, and back batches of SSE frames (lists of str) or the response dict. Every
+handle call has a deadline (the catalog's ``overload`` timeouts, or its cold-start bound
+while the model has no running replica).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable
 from typing import Any
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from orchestrator.api import Kind, create_app
+from orchestrator.api.backend import ModelHealth
 from orchestrator.catalog import Catalog, ModelSpec
+from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.serving.gateway_server import remote_gateway
+from orchestrator.serving.model_states import ModelStates, current_app_name, states_fetcher
+from orchestrator.serving.telemetry import RaySink
 from orchestrator.settings import Settings
 
-HEALTH_TIMEOUT_S = 5.0
+# How often a request waiting for a cold model checks whether a replica came up.
+COLD_POLL_S = 0.5
+# Sent with 503 model_unavailable: a replica is probably still starting.
+COLD_RETRY_AFTER_S = 10
+SHED_RETRY_AFTER_S = 1
+
+
+def _overloaded(spec: ModelSpec) -> OrchestratorError:
+    return OrchestratorError(
+        ErrorCode.PROVIDER_OVERLOADED,
+        f"Model {spec.name} has too many queued requests; retry shortly.",
+        headers={"Retry-After": str(SHED_RETRY_AFTER_S)},
+    )
+
+
+def _timed_out(spec: ModelSpec, seconds: float) -> OrchestratorError:
+    return OrchestratorError(ErrorCode.PROVIDER_TIMEOUT, f"Model {spec.name} did not answer within {seconds:g} s.")
+
+
+def _unavailable(spec: ModelSpec) -> OrchestratorError:
+    return OrchestratorError(
+        ErrorCode.MODEL_UNAVAILABLE,
+        f"Model {spec.name} has no running replica after {spec.autoscaling.cold_start_timeout_s:g} s "
+        "(it is starting, or the cluster has no room for it); retry later.",
+        headers={"Retry-After": str(COLD_RETRY_AFTER_S)},
+    )
+
+
+class _HandleStream:
+    """A ChunkStream over a handle's generator with the router's deadlines and error codes."""
+
+    def __init__(self, router: Router, spec: ModelSpec, source: DeploymentResponseGenerator) -> None:
+        self._router = router
+        self._spec = spec
+        self._source = source
+        self._first = True
+
+    def __aiter__(self) -> _HandleStream:
+        return self
+
+    async def __anext__(self) -> list[str]:
+        first, self._first = self._first, False
+        try:
+            batch: list[str] = await self._router.bounded(
+                self._spec, anext(self._source), self._spec.overload.stream_idle_timeout_s, may_be_cold=first
+            )
+        except StopAsyncIteration:
+            raise
+        except BaseException:
+            self._source.cancel()
+            raise
+        return batch
+
+    def cancel(self) -> None:
+        self._source.cancel()
 
 
 class Router:
@@ -43,28 +106,63 @@ class Router:
         self._complete = {name: h.options(method_name="complete") for name, h in handles.items()}
         # Streams come back as a generator; each item is one batch of SSE frames.
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}
-        self._health = {name: h.options(method_name="health") for name, h in handles.items()}
+        self.states = ModelStates(self.catalog, states_fetcher(current_app_name()))
 
     def __serve_build_asgi_app__(self) -> Any:
         # Serve's proxy assigns X-Request-Id (keeping a sane client one) and echoes it.
-        return create_app(self.catalog, self, self.settings, gateway=self.gateway, echo_request_id=False)
+        return create_app(
+            self.catalog, self, self.settings, gateway=self.gateway, echo_request_id=False, metrics=RaySink()
+        )
+
+    def _cold(self, spec: ModelSpec) -> bool:
+        self.states.start()
+        return self.states.running(spec.name) == 0
+
+    async def bounded(self, spec: ModelSpec, call: Awaitable[Any], timeout_s: float, *, may_be_cold: bool) -> Any:
+        """Awaits a handle call within its deadline.
+
+        While the model has no running replica the call may wait up to the catalog's
+        cold-start bound for one; then ``timeout_s`` applies.
+
+        Raises:
+            OrchestratorError: ``model_unavailable`` (503) when no replica came up in time,
+                ``provider_timeout`` (504) past ``timeout_s``, ``provider_overloaded`` (529)
+                when Serve refuses to queue more requests for the model.
+        """
+        task = asyncio.ensure_future(call)
+        try:
+            if may_be_cold and self._cold(spec):
+                give_up = time.monotonic() + spec.autoscaling.cold_start_timeout_s
+                while self._cold(spec) and not task.done():
+                    if time.monotonic() >= give_up:
+                        raise _unavailable(spec)
+                    await asyncio.wait({task}, timeout=COLD_POLL_S)
+            done, _ = await asyncio.wait({task}, timeout=timeout_s)
+            if not done:
+                raise _timed_out(spec, timeout_s)
+            return task.result()
+        except BackPressureError:
+            raise _overloaded(spec) from None
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._complete[spec.name].remote(kind, body, request_id)
+        call = self._complete[spec.name].remote(kind, body, request_id)
+        try:
+            result: dict[str, Any] = await self.bounded(spec, call, spec.overload.request_timeout_s, may_be_cold=True)
+        except BaseException:
+            call.cancel()  # the replica stops generating (Serve cancels its task)
+            raise
         return result
 
-    def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> Any:
-        return self._stream[spec.name].remote(kind, body, request_id)
+    def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _HandleStream:
+        source: Any = self._stream[spec.name].remote(kind, body, request_id)  # stream=True: a generator
+        return _HandleStream(self, spec, source)
 
-    async def health(self) -> dict[str, bool]:
-        async def one(name: str) -> bool:
-            try:
-                return bool(await asyncio.wait_for(self._health[name].remote(), HEALTH_TIMEOUT_S))
-            except Exception:
-                return False
-
-        names = list(self._health)
-        return dict(zip(names, await asyncio.gather(*(one(n) for n in names)), strict=True))
+    def health(self) -> dict[str, ModelHealth]:
+        self.states.start()
+        return self.states.health()
 
 
 RouterDeployment = serve.ingress()(Router)

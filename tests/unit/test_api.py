@@ -163,4 +163,6 @@ async def test_unknown_route_uses_envelope(client: httpx.AsyncClient) -> None:
 
 async def test_health(client: httpx.AsyncClient) -> None:
     resp = await client.get("/health")
-    assert resp.status_code == 200 and resp.json()["models"] == {"tiny-a": True, "tiny-b": True}
+    assert resp.status_code == 200 and resp.json()["status"] == "ok"
+    assert {name: m["ready"] for name, m in resp.json()["models"].items()} == {"tiny-a": True, "tiny-b": True}
+    assert (await client.get("/health/live")).json() == {"status": "ok"}

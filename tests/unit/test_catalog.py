@@ -112,3 +112,16 @@ def test_shipped_catalogs_are_valid() -> None:
     catalog = load_catalog([REPO / "catalog"])
     assert {s.name for s in catalog} == {"smollm2-135m-instruct", "tiny-random"}
     assert load_catalog([REPO / "deployments" / "gpu-catalog"]).resolve("llama-3.1-70b-instruct")
+
+
+def test_renamed_field_is_explained(tmp_path: Path) -> None:
+    found = problems(tmp_path, {**TINY, "autoscaling": {"target_queue_depth": 8}})
+    assert [p.split(": ", 1)[1] for p in found] == [
+        "models.0.autoscaling.target_queue_depth: renamed: write autoscaling.target_waiting_per_replica instead "
+        "(it was Serve's in-flight request target; replicas now scale on the engine's waiting requests)"
+    ]
+
+
+def test_overload_bounds_are_validated(tmp_path: Path) -> None:
+    found = problems(tmp_path, {**TINY, "overload": {"max_waiting_per_replica": -1, "request_timeout_s": 0}})
+    assert len(found) == 2 and all(": models.0.overload." in p for p in found)

@@ -72,3 +72,33 @@ async def test_chat_stream_sends_first_token_unbatched(catalog: Catalog) -> None
     assert len(batches[1]) == 1 and '"content":"a "' in batches[1][0]
     assert len(batches) == 3  # the rest arrive as one batch at the end
     assert '"usage"' in batches[-1][-1]
+
+
+async def test_past_the_queue_bound_new_requests_are_shed_while_admitted_ones_finish(catalog: Catalog) -> None:
+    import asyncio
+
+    from orchestrator.errors import ErrorCode, OrchestratorError
+
+    engine = DyingEngine(words=["w"] * 5, token_delay_s=0.02)
+    engine.capacity = 2
+    spec = catalog.resolve("tiny-a").model_dump(mode="json")
+    spec["overload"] = {"max_waiting_per_replica": 1}
+    srv = ModelServer(spec, Settings().model_dump(mode="json"), engine_factory=lambda s, st: engine)  # type: ignore[arg-type,return-value]
+    body = {"model": "tiny-a", "messages": [{"role": "user", "content": "x"}]}
+
+    async def run() -> int:
+        return sum(len(b) for b in [b async for b in srv.stream("chat", body, "r")])
+
+    admitted = [asyncio.ensure_future(run()) for _ in range(3)]  # 2 run + 1 waits = the bound
+    await asyncio.sleep(0)
+    assert srv.in_flight == 3
+    with pytest.raises(OrchestratorError) as info:
+        await srv.complete("chat", body, "r4")
+    assert info.value.code is ErrorCode.PROVIDER_OVERLOADED and info.value.headers["Retry-After"] == "1"
+    with pytest.raises(OrchestratorError):
+        await anext(srv.stream("chat", body, "r5"))
+    assert all(n > 0 for n in await asyncio.gather(*admitted))  # the admitted ones finished
+    assert srv.in_flight == 0
+    stats = await srv.record_autoscaling_stats()
+    assert stats == {"waiting": 0.0, "running": 0.0, "kv_cache": 0.0, "capacity": 2.0}
+    assert len(await srv.complete("chat", body, "r6")) > 0  # room again

@@ -20,7 +20,9 @@ def test_cpu_model_reserves_cpus_and_sets_kv_cache() -> None:
     assert actor["num_cpus"] == 0.5 and "num_gpus" not in actor
     assert actor["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert "placement_group_bundles" not in opts
-    assert opts["name"] == "model-tiny-random" and opts["num_replicas"] == 1
+    assert opts["name"] == "model-tiny-random" and "num_replicas" not in opts
+    # max_num_seqs 64 + max_waiting_per_replica 64 + headroom for refusals; routers queue 64.
+    assert opts["max_ongoing_requests"] == 64 + 64 + 8 and opts["max_queued_requests"] == 64
 
 
 def test_single_gpu_model_holds_one_gpu_of_its_type() -> None:
@@ -42,9 +44,25 @@ def test_tensor_parallel_model_gets_packed_bundle_per_shard() -> None:
 
 def test_autoscaling_bounds_become_serve_autoscaling_config() -> None:
     opts = model_deployment_options(GPU.resolve("qwen3-8b"), SETTINGS)
-    assert opts["autoscaling_config"]["min_replicas"] == 1
-    assert opts["autoscaling_config"]["max_replicas"] == 8
+    config = opts["autoscaling_config"]
+    assert config["min_replicas"] == 1 and config["max_replicas"] == 8
+    assert config["upscale_delay_s"] == 5.0 and config["downscale_delay_s"] == 120.0
+    assert config["policy"] == {
+        "policy_function": "orchestrator.serving.autoscaling:QueueDepthPolicy",
+        "policy_kwargs": {"model": "qwen3-8b", "target_waiting_per_replica": 2.0},
+    }
     assert "num_replicas" not in opts
+    # Serve accepts it (and can import the policy).
+    from ray.serve.config import AutoscalingConfig
+
+    parsed = AutoscalingConfig(**config)
+    assert parsed.policy.get_policy().__name__ == "QueueDepthPolicy"
+
+
+def test_scale_to_zero_model_starts_at_zero_with_its_idle_delay() -> None:
+    config = model_deployment_options(GPU.resolve("smollm2-1.7b-instruct"), SETTINGS)["autoscaling_config"]
+    assert config["min_replicas"] == 0 and "initial_replicas" not in config
+    assert config["downscale_to_zero_delay_s"] == 900
 
 
 def test_router_options() -> None:

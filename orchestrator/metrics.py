@@ -1,0 +1,260 @@
+"""Every metric the orchestrator exports, declared once.
+
+The declarations are plain data; a :class:`Sink` turns each into an instrument. In Ray
+Serve the sink is Ray's metrics API (``orchestrator.serving.telemetry``), so the series
+leave through each node's metrics agent beside Serve's and vLLM's, and Ray adds the
+``ray_`` prefix (and ``_total`` to counters) on export: ``orchestrator_requests`` is
+scraped as ``ray_orchestrator_requests_total``. Unit tests use :class:`MemorySink`.
+
+Labels are bounded: ``model`` is a catalog display name (``unknown`` when the request
+named none that exists), ``route`` one of the API paths, ``code`` an
+:class:`~orchestrator.errors.ErrorCode` value or ``ok``, ``key_id``/``workspace`` the
+gateway's ids (never a key). No request ids, no free text.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+UNKNOWN_MODEL = "unknown"
+OK = "ok"
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_FLUSH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its name (before Ray's ``ray_`` prefix), kind, help text and labels."""
+
+    name: str
+    kind: Kind
+    description: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+
+# --- measured at the router: what the client sees
+REQUESTS = MetricSpec(
+    "orchestrator_requests",
+    "counter",
+    "Generation requests by model, route, HTTP status and error code (`ok` when it succeeded).",
+    ("model", "route", "status", "code"),
+)
+TTFT = MetricSpec(
+    "orchestrator_time_to_first_token_seconds",
+    "histogram",
+    "Time from request arrival to the first token leaving the router.",
+    ("model", "route"),
+    _LATENCY_BUCKETS,
+)
+ITL = MetricSpec(
+    "orchestrator_inter_token_latency_seconds",
+    "histogram",
+    "Gap before each streamed chunk with content, as the client receives it (0 inside a batch).",
+    ("model", "route"),
+    _ITL_BUCKETS,
+)
+DURATION = MetricSpec(
+    "orchestrator_request_duration_seconds",
+    "histogram",
+    "End-to-end time of a generation request, until its last byte.",
+    ("model", "route"),
+    _LATENCY_BUCKETS,
+)
+PROMPT_TOKENS = MetricSpec("orchestrator_prompt_tokens", "counter", "Prompt tokens of finished requests.", ("model",))
+COMPLETION_TOKENS = MetricSpec(
+    "orchestrator_completion_tokens", "counter", "Generated tokens of finished requests.", ("model",)
+)
+COST = MetricSpec(
+    "orchestrator_cost_usd",
+    "counter",
+    "Cost of finished requests in USD, from catalog prices.",
+    ("model", "workspace", "key_id"),
+)
+REJECTED = MetricSpec(
+    "orchestrator_rejected_requests",
+    "counter",
+    "Requests refused before or instead of generating: `rate_limited` (429), `shed` (overload, no replica), "
+    "`timeout`, or `rejected` by the gateway (keys, credits, models).",
+    ("model", "reason", "code"),
+)
+
+# --- decided by the autoscaling policy (in Serve's controller), per model and Serve application
+_SCALING_LABELS = ("model", "application")
+TARGET_REPLICAS = MetricSpec(
+    "orchestrator_model_target_replicas", "gauge", "Replicas the autoscaler aims for.", _SCALING_LABELS
+)
+RUNNING_REPLICAS = MetricSpec("orchestrator_model_running_replicas", "gauge", "Replicas serving now.", _SCALING_LABELS)
+WAITING = MetricSpec(
+    "orchestrator_model_waiting_requests",
+    "gauge",
+    "Requests waiting in the model's engine queues and in router queues (all replicas).",
+    _SCALING_LABELS,
+)
+RUNNING = MetricSpec(
+    "orchestrator_model_running_requests", "gauge", "Requests the model's engines are running.", _SCALING_LABELS
+)
+KV_CACHE = MetricSpec(
+    "orchestrator_model_kv_cache_usage_ratio",
+    "gauge",
+    "KV-cache use of the model's replicas (mean, 0..1).",
+    _SCALING_LABELS,
+)
+
+# --- the gateway's backlog
+PENDING_RECORDS = MetricSpec(
+    "orchestrator_gateway_pending_records", "gauge", "Usage records journaled but not yet in the database."
+)
+FLUSH_SECONDS = MetricSpec(
+    "orchestrator_gateway_flush_duration_seconds",
+    "histogram",
+    "Time to write one batch of usage records to the database.",
+    (),
+    _FLUSH_BUCKETS,
+)
+JOURNAL_SEGMENTS = MetricSpec("orchestrator_gateway_journal_segments", "gauge", "Usage journal segment files on disk.")
+
+ALL: tuple[MetricSpec, ...] = (
+    REQUESTS,
+    TTFT,
+    ITL,
+    DURATION,
+    PROMPT_TOKENS,
+    COMPLETION_TOKENS,
+    COST,
+    REJECTED,
+    TARGET_REPLICAS,
+    RUNNING_REPLICAS,
+    WAITING,
+    RUNNING,
+    KV_CACHE,
+    PENDING_RECORDS,
+    FLUSH_SECONDS,
+    JOURNAL_SEGMENTS,
+)
+
+
+class Instrument(Protocol):
+    """A metric ready to record: counters add, gauges set, histograms observe."""
+
+    def record(self, value: float, tags: Mapping[str, str]) -> None: ...
+
+
+class Sink(Protocol):
+    """Creates instruments for metric declarations."""
+
+    def instrument(self, spec: MetricSpec) -> Instrument: ...
+
+
+class _Null:
+    def record(self, value: float, tags: Mapping[str, str]) -> None:
+        pass
+
+
+class NullSink:
+    """Records nothing (metrics off)."""
+
+    def instrument(self, spec: MetricSpec) -> Instrument:
+        return _Null()
+
+
+class MemorySink:
+    """Keeps what is recorded in memory, for tests: ``values[name][labels]`` is a counter's
+    sum, a gauge's last value, or a histogram's list of observations."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[tuple[tuple[str, str], ...], Any]] = defaultdict(dict)
+
+    def instrument(self, spec: MetricSpec) -> Instrument:
+        return _MemoryInstrument(self, spec)
+
+    def get(self, name: str, **labels: str) -> Any:
+        """Returns the value recorded for exactly these labels (None if nothing was)."""
+        return self.values[name].get(tuple(sorted(labels.items())))
+
+
+class _MemoryInstrument:
+    def __init__(self, sink: MemorySink, spec: MetricSpec) -> None:
+        self.sink = sink
+        self.spec = spec
+
+    def record(self, value: float, tags: Mapping[str, str]) -> None:
+        if set(tags) != set(self.spec.labels):
+            raise ValueError(f"{self.spec.name}: labels {sorted(tags)} != {sorted(self.spec.labels)}")
+        series: dict[tuple[tuple[str, str], ...], Any] = self.sink.values[self.spec.name]
+        key = tuple(sorted(tags.items()))
+        if self.spec.kind == "counter":
+            series[key] = series.get(key, 0.0) + value
+        elif self.spec.kind == "gauge":
+            series[key] = value
+        else:
+            series.setdefault(key, []).append(value)
+
+
+_NO_TAGS: Mapping[str, str] = {}
+
+
+class RouterMetrics:
+    """What the router records per request (see the declarations above)."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.requests = sink.instrument(REQUESTS)
+        self.ttft = sink.instrument(TTFT)
+        self.itl = sink.instrument(ITL)
+        self.duration = sink.instrument(DURATION)
+        self.prompt_tokens = sink.instrument(PROMPT_TOKENS)
+        self.completion_tokens = sink.instrument(COMPLETION_TOKENS)
+        self.cost = sink.instrument(COST)
+        self.rejected = sink.instrument(REJECTED)
+
+
+class GatewayMetrics:
+    """The ledger's backlog: pending records, flush time, journal segments."""
+
+    def __init__(self, sink: Sink) -> None:
+        self._pending = sink.instrument(PENDING_RECORDS)
+        self._flush = sink.instrument(FLUSH_SECONDS)
+        self._segments = sink.instrument(JOURNAL_SEGMENTS)
+
+    def backlog(self, pending: int, segments: int) -> None:
+        self._pending.record(pending, _NO_TAGS)
+        self._segments.record(segments, _NO_TAGS)
+
+    def flushed(self, seconds: float) -> None:
+        self._flush.record(seconds, _NO_TAGS)
+
+
+class ScalingMetrics:
+    """Per-model figures the autoscaling policy sees and decides."""
+
+    def __init__(self, sink: Sink) -> None:
+        self._target = sink.instrument(TARGET_REPLICAS)
+        self._running_replicas = sink.instrument(RUNNING_REPLICAS)
+        self._waiting = sink.instrument(WAITING)
+        self._running = sink.instrument(RUNNING)
+        self._kv = sink.instrument(KV_CACHE)
+
+    def observe(
+        self,
+        model: str,
+        application: str,
+        *,
+        target: int,
+        replicas: int,
+        waiting: float,
+        running: float,
+        kv_cache: float,
+    ) -> None:
+        tags = {"model": model, "application": application}
+        self._target.record(target, tags)
+        self._running_replicas.record(replicas, tags)
+        self._waiting.record(waiting, tags)
+        self._running.record(running, tags)
+        self._kv.record(kv_cache, tags)

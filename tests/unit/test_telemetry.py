@@ -1,0 +1,107 @@
+"""Router metrics through the HTTP edge: every request counted once, by code; latency,
+tokens and cost by model; gateway backlog; bounded labels."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestrator.api import create_app
+from orchestrator.catalog import Catalog
+from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.journal import UsageJournal
+from orchestrator.gateway.ledger import Ledger
+from orchestrator.gateway.records import KeyLimits
+from orchestrator.gateway.store import SQLStore
+from orchestrator.metrics import ALL, GatewayMetrics, MemorySink
+from orchestrator.settings import Settings
+from tests.fakes import FakeEngine, LocalBackend
+
+CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+ROUTE = "/v1/chat/completions"
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
+    ledger = Ledger(
+        SQLStore(f"sqlite:///{tmp_path / 'g.db'}"),
+        UsageJournal(tmp_path / "j"),
+        flush_interval_s=0.02,
+        metrics=GatewayMetrics(gateway_sink := MemorySink()),
+    )
+    ledger.sink = gateway_sink  # type: ignore[attr-defined]
+    await ledger.start()
+    yield ledger
+    await ledger.stop()
+
+
+def requests(sink: MemorySink, model: str, status: str, code: str) -> object:
+    return sink.get("orchestrator_requests", model=model, route=ROUTE, status=status, code=code)
+
+
+async def test_every_outcome_is_counted_by_code(catalog: Catalog, ledger: Ledger) -> None:
+    sink = MemorySink()
+    engines = {"tiny-a": FakeEngine(words=["x", "y", "z"], token_delay_s=0.01), "tiny-b": FakeEngine()}
+    backend = LocalBackend(engines, batch_s=0.0)
+    app = create_app(catalog, backend, Settings(), gateway=ledger, metrics=sink)
+    key = (await ledger.create_key(KeyLimits(rpm=3), workspace="team-a")).key
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        assert (await http.post(ROUTE, json=CHAT, headers=headers)).status_code == 200
+        resp = await http.post(ROUTE, json={**CHAT, "stream": True}, headers=headers)
+        assert resp.status_code == 200 and resp.text.endswith("data: [DONE]\n\n")
+        engines["tiny-a"].fail_before_first = OrchestratorError(
+            ErrorCode.PROVIDER_OVERLOADED, "full", headers={"Retry-After": "1"}
+        )
+        shed = await http.post(ROUTE, json=CHAT, headers=headers)
+        assert shed.status_code == 529 and shed.headers["retry-after"] == "1"
+        assert (await http.post(ROUTE, json=CHAT, headers=headers)).status_code == 429  # rpm=3
+        assert (await http.post(ROUTE, json={**CHAT, "model": "gpt-9"}, headers=headers)).status_code == 404
+        assert (await http.post(ROUTE, json=CHAT, headers={"Authorization": "Bearer sk-orch-nope"})).status_code == 401
+    await asyncio.sleep(0.1)  # settlements run in their own tasks
+
+    assert requests(sink, "tiny-a", "200", "ok") == 2
+    assert requests(sink, "tiny-a", "529", "provider_overloaded") == 1
+    assert requests(sink, "tiny-a", "429", "rate_limit_exceeded") == 1
+    assert requests(sink, "unknown", "404", "model_not_found") == 1
+    assert requests(sink, "tiny-a", "401", "invalid_api_key") == 1
+    assert sink.get("orchestrator_rejected_requests", model="tiny-a", reason="shed", code="provider_overloaded") == 1
+    assert sink.get("orchestrator_rejected_requests", model="tiny-a", reason="rate_limited", code="rate_limit_exceeded")
+    assert sink.get("orchestrator_rejected_requests", model="tiny-a", reason="rejected", code="invalid_api_key") == 1
+    # Tokens and cost of the two answered requests (the shed one produced and cost nothing).
+    assert sink.get("orchestrator_completion_tokens", model="tiny-a") == 6
+    info = (await ledger.list_keys())[0]
+    cost = sink.get("orchestrator_cost_usd", model="tiny-a", workspace="team-a", key_id=info.id)
+    assert isinstance(cost, float) and Decimal(str(cost)) > 0
+    # Latency: one TTFT for the stream, a duration for each of the three admitted requests,
+    # and the two gaps between the stream's three content chunks (each arrived alone).
+    assert len(sink.get("orchestrator_time_to_first_token_seconds", model="tiny-a", route=ROUTE)) == 1  # type: ignore[arg-type]
+    assert len(sink.get("orchestrator_request_duration_seconds", model="tiny-a", route=ROUTE)) == 3  # type: ignore[arg-type]
+    gaps = sink.get("orchestrator_inter_token_latency_seconds", model="tiny-a", route=ROUTE)
+    assert isinstance(gaps, list) and len(gaps) == 2 and all(g >= 0.005 for g in gaps)
+    # Labels stay bounded: no request ids, no keys, nothing from the body but a known model.
+    for name, series in sink.values.items():
+        for labels in series:
+            values = dict(labels).values()
+            assert not any(v.startswith(("sk-", "gen-")) or v == "gpt-9" for v in values), (name, labels)
+    # The gateway reported its backlog (all flushed by now) and flush times.
+    gateway = ledger.sink  # type: ignore[attr-defined]
+    assert gateway.get("orchestrator_gateway_pending_records") == 0
+    assert gateway.get("orchestrator_gateway_journal_segments") >= 1
+    assert len(gateway.get("orchestrator_gateway_flush_duration_seconds")) >= 1
+
+
+def test_names_follow_the_house_convention() -> None:
+    names = [spec.name for spec in ALL]
+    assert len(set(names)) == len(names)
+    assert all(n.startswith("orchestrator_") for n in names)
+    requests_spec = next(s for s in ALL if s.name == "orchestrator_requests")
+    # Ray exports counters with `_total`: orchestrator_requests -> ray_orchestrator_requests_total.
+    assert requests_spec.kind == "counter" and "key" not in requests_spec.labels
+    assert any(s.name.endswith("time_to_first_token_seconds") and s.kind == "histogram" for s in ALL)
+    assert any(s.name.endswith("cost_usd") and s.kind == "counter" for s in ALL)
