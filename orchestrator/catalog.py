@@ -114,6 +114,10 @@ class Resources(_Frozen):
     tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="GPUs per replica, one per shard.")
     accelerator_type: str | None = Field(default=None, description="Ray accelerator type, e.g. `A100` or `L4`.")
     memory_gb: float | None = Field(default=None, gt=0, description="Memory reserved per replica, GiB.")
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources per replica (e.g. `{fast_disk: 1}`): only nodes started with them can host it.",
+    )
 
     @model_validator(mode="after")
     def _gpu_only_fields(self) -> Resources:

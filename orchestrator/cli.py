@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=_validate_catalog)
 
     from orchestrator.cli_gateway import add_commands
+    from orchestrator.status import add_command as add_status
 
     add_commands(sub)
+    add_status(sub)
     return parser
 
 

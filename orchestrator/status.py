@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections import defaultdict
@@ -45,6 +46,7 @@ MODEL_DEPLOYMENT_PREFIX = deployment_name("")
 DEFAULT_WINDOW_S = 10.0
 DEFAULT_WATCH_S = 5.0
 HTTP_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 3.0
 _PREFIX = "ray_orchestrator_"
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
@@ -421,6 +423,58 @@ def metrics_urls(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
     return list(urls)
 
 
+def reachable(host: str, port: int, timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
+    """Returns whether a TCP connection to host:port opens within ``timeout_s``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _bootstrap_address(address: str) -> str:
+    """Returns the address to give ``ray.init``: ``auto`` found the way Ray finds it
+    (``RAY_ADDRESS``, then the latest local cluster), checked to answer, so that a stale or
+    wrong address fails at once instead of after Ray's retries (minutes).
+
+    ``orchestrator serve``'s one-machine Ray listens on 127.0.0.1 only, while Ray resolves a
+    loopback address to the machine's public one before connecting. When only loopback
+    answers, Ray is told so (as ``orchestrator serve`` tells it, through
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), so it connects there and finds its raylet.
+
+    Raises:
+        StatusError: no cluster is found, or nothing answers at its address.
+    """
+    from ray._common.network_utils import is_localhost, parse_address
+    from ray._private import ray_constants, services
+
+    try:
+        target = services.get_ray_address_from_environment(address, None) if address == "auto" else address
+    except ConnectionError as exc:
+        raise StatusError(f"cannot reach a Ray cluster at {address!r}: {_first_line(exc)}") from exc
+    if target.startswith("ray://"):
+        return target  # Ray Client: it has its own connection timeout
+    parsed = parse_address(target)
+    shown = target if target == address else f"{address!r} ({target})"
+    if parsed is None:
+        raise StatusError(f"cannot reach a Ray cluster at {shown}: not a host:port address")
+    host, port = parsed[0], int(parsed[1])
+    if not is_localhost(host):
+        if reachable(host, port):
+            return target
+    elif reachable(services.get_node_ip_address(), port):
+        return target
+    elif reachable(host, port):
+        os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        return target
+    raise StatusError(f"cannot reach a Ray cluster at {shown}: nothing answers there")
+
+
 def connect_ray(address: str) -> None:
     """Connects this process to the Ray cluster at ``address`` (``auto``: the local one) in
     Serve's namespace.
@@ -430,17 +484,17 @@ def connect_ray(address: str) -> None:
     """
     import ray
 
+    target = _bootstrap_address(address)
     try:
         ray.init(
-            address=address,
+            address=target,
             namespace="serve",
             logging_level=logging.ERROR,
             log_to_driver=False,
             configure_logging=False,
         )
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise StatusError(f"cannot reach a Ray cluster at {address!r}: {reason}") from exc
+        raise StatusError(f"cannot reach a Ray cluster at {address!r}: {_first_line(exc)}") from exc
 
 
 def disconnect_ray() -> None:

@@ -45,6 +45,8 @@ def placement(spec: ModelSpec) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": res.cpus}
     if res.memory_gb:
         actor["memory"] = int(res.memory_gb * 1024**3)
+    if res.custom:
+        actor["resources"] = dict(res.custom)
     accel = {f"accelerator_type:{res.accelerator_type}": 0.001} if res.accelerator_type else {}
     if res.device == "cpu":
         return {"ray_actor_options": actor}
@@ -53,7 +55,7 @@ def placement(spec: ModelSpec) -> dict[str, Any]:
         if accel:
             actor["accelerator_type"] = res.accelerator_type
         return {"ray_actor_options": actor}
-    replica_bundle: dict[str, float] = {"CPU": res.cpus}
+    replica_bundle: dict[str, float] = {"CPU": res.cpus, **res.custom}
     gpu_bundle: dict[str, float] = {"GPU": 1, **accel}
     return {
         "ray_actor_options": actor,

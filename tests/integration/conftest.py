@@ -4,8 +4,10 @@ The apps are deployed the way operators deploy them: ``serve deploy`` of a Serve
 (``orchestrator.serving:build_app`` with catalog args) onto a cluster started with
 ``ray start --head``. The main app (route ``/``) keeps its gateway in a real PostgreSQL
 server and runs two router replicas; the second (route ``/sqlite``) serves one tiny model
-with the embedded SQLite default. Everything binds to 127.0.0.1 on free ports and is torn
-down at the end.
+with the embedded SQLite default; the third (route ``/ops``, open mode) holds the models
+the operations tests scale, shed and starve (see :data:`OPS_MODELS`). Ray's metrics export
+port serves every series as Prometheus text. Everything binds to 127.0.0.1 on free ports
+and is torn down at the end.
 """
 
 from __future__ import annotations
@@ -56,11 +58,24 @@ class Deployment:
     env: dict[str, str]
     database_url: str
     sqlite_url: str
+    metrics_url: str = ""
     api_key: str = ""
 
     @property
     def sqlite_base_url(self) -> str:
         return self.base_url + "/sqlite"
+
+    @property
+    def ops_base_url(self) -> str:
+        return self.base_url + "/ops"
+
+    def serve_status(self) -> dict:  # type: ignore[type-arg]
+        """Returns `serve status` as data."""
+        return dict(yaml.safe_load(_run(self.env, str(BIN / "serve"), "status", timeout=60).stdout))
+
+    def running_replicas(self, deployment: str, app: str = "orchestrator") -> int:
+        states = self.serve_status()["applications"][app]["deployments"][deployment]["replica_states"]
+        return int(states.get("RUNNING", 0))
 
     def client(self, api_key: str | None = None, base_url: str | None = None, **kwargs: object) -> openai.OpenAI:
         return openai.OpenAI(
@@ -87,7 +102,7 @@ class Deployment:
         return str(resp.json()["key"])
 
 
-def tiny_entry(name: str, alias: str, path: Path) -> dict[str, object]:
+def tiny_entry(name: str, alias: str, path: Path, **overrides: object) -> dict[str, object]:
     return {
         "name": name,
         "aliases": [alias],
@@ -97,14 +112,49 @@ def tiny_entry(name: str, alias: str, path: Path) -> dict[str, object]:
         "engine_args": ENGINE,
         "pricing": {"input_per_million": "1", "output_per_million": "2"},
         "resources": {"device": "cpu", "cpus": 0.5},
+        **overrides,
     }
+
+
+# The operations app's models (route /ops, open mode, 2 s keep-alives):
+#   tiny-scale   runs 2 sequences at once, 1..2 replicas, aims at 1 waiting per replica,
+#                sheds past 4 waiting, times out after 20 s of silence;
+#   tiny-zero    scales to zero after 15 s idle, waits up to 180 s for a cold start;
+#   tiny-nowhere needs a resource no node has, so it never gets a replica (6 s bound; its
+#                pending replica is dropped after 60 s without requests).
+OPS_MODELS = {
+    "tiny-scale": {
+        "engine_args": {**ENGINE, "max_num_seqs": 2},
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_waiting_per_replica": 1,
+            "upscale_delay_s": 2,
+            "downscale_delay_s": 15,
+        },
+        "overload": {"max_waiting_per_replica": 4, "request_timeout_s": 20, "stream_idle_timeout_s": 20},
+    },
+    "tiny-zero": {
+        "autoscaling": {
+            "min_replicas": 0,
+            "max_replicas": 1,
+            "scale_to_zero_delay_s": 15,
+            "cold_start_timeout_s": 180,
+        }
+    },
+    "tiny-nowhere": {
+        "resources": {"device": "cpu", "cpus": 0.5, "custom": {"nowhere": 1}},
+        "autoscaling": {"min_replicas": 0, "max_replicas": 1, "cold_start_timeout_s": 6, "scale_to_zero_delay_s": 60},
+    },
+}
 
 
 def _run(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def _wait_ready(base_url: str, proc_env: dict[str, str]) -> None:
+def _wait_ready(base_url: str, proc_env: dict[str, str], models: list[str]) -> None:
+    """Waits until every model in ``models`` is ready (readiness is per model)."""
     deadline = time.monotonic() + DEPLOY_TIMEOUT_S
     last = ""
     while time.monotonic() < deadline:
@@ -112,11 +162,12 @@ def _wait_ready(base_url: str, proc_env: dict[str, str]) -> None:
         if "DEPLOY_FAILED" in status:
             raise RuntimeError(f"deploy failed:\n{status}")
         try:
-            resp = httpx.get(base_url + "/health", timeout=10)
-            if resp.status_code == 200:
+            resp = httpx.get(base_url + "/health/ready", timeout=10)
+            ready = {name for name, m in resp.json().get("models", {}).items() if m["ready"]}
+            if set(models) <= ready:
                 return
             last = resp.text
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ValueError) as exc:
             last = repr(exc)
         time.sleep(5)
     raise TimeoutError(f"app not ready after {DEPLOY_TIMEOUT_S}s: {last}\n{status}")
@@ -128,12 +179,17 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
     catalog, small = work / "catalog.yaml", work / "small.yaml"
     entries = [
         tiny_entry("tiny-a", "a", build_tiny_llama(work / "tiny-a", seed=1)),
-        tiny_entry("tiny-b", "b", build_tiny_llama(work / "tiny-b", seed=2)),
+        # A short queue, so the shedding test can fill it: 16 running + 2 waiting per replica.
+        tiny_entry("tiny-b", "b", build_tiny_llama(work / "tiny-b", seed=2), overload={"max_waiting_per_replica": 2}),
     ]
     catalog.write_text(yaml.safe_dump({"models": entries}))
     small.write_text(yaml.safe_dump(tiny_entry("tiny-c", "c", build_tiny_llama(work / "tiny-c", seed=3))))
+    ops = work / "ops.yaml"
+    ops_weights = build_tiny_llama(work / "tiny-ops", seed=4)
+    ops_entries = [tiny_entry(name, name.removeprefix("tiny-"), ops_weights, **o) for name, o in OPS_MODELS.items()]
+    ops.write_text(yaml.safe_dump({"models": ops_entries}))
     sqlite_url = f"sqlite:///{work / 'gateway.db'}"
-    gcs_port, dash_port, http_port = free_port(), free_port(), free_port()
+    gcs_port, dash_port, http_port, metrics_port = free_port(), free_port(), free_port(), free_port()
     gateway = {"admin_key": ADMIN_KEY, "usage_flush_ms": 100, "key_cache_seconds": 1}
     config = {
         "proxy_location": "HeadOnly",
@@ -159,6 +215,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
                 "import_path": "orchestrator.serving:build_app",
                 "args": {"catalog": [str(small)], "settings": {"database_url": sqlite_url, **gateway}},
             },
+            {
+                "name": "ops",
+                "route_prefix": "/ops",
+                "import_path": "orchestrator.serving:build_app",
+                "args": {"catalog": [str(ops)], "settings": {"open_access": True, "keepalive_seconds": 2}},
+            },
         ],
     }
     config_path = work / "serve.yaml"
@@ -171,12 +233,20 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
         # Token auth (Ray's default) with a token private to this test cluster.
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        # A one-machine cluster: Ray takes 127.0.0.1 as the node address, so its servers (the
+        # metrics export among them) listen on loopback only.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # Metrics reach the export port within a second (default 10 s), for the Prometheus test.
+        "RAY_metrics_report_interval_ms": "1000",
+        # Replicas report their engine load every second (default 10 s), for the scaling tests.
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
     }
     started = _run(
         env,
         str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=8",
+        f"--metrics-export-port={metrics_port}",
         "--disable-usage-stats",
     )  # fmt: skip
     if started.returncode != 0:
@@ -186,10 +256,16 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
         if deployed.returncode != 0:
             raise RuntimeError(f"serve deploy failed:\n{deployed.stdout}\n{deployed.stderr}")
         base_url = f"http://127.0.0.1:{http_port}"
-        _wait_ready(base_url, env)
-        _wait_ready(base_url + "/sqlite", env)
+        _wait_ready(base_url, env, ["tiny-a", "tiny-b", "smollm2-135m-instruct"])
+        _wait_ready(base_url + "/sqlite", env, ["tiny-c"])
+        _wait_ready(base_url + "/ops", env, ["tiny-scale", "tiny-zero", "tiny-nowhere"])
         deployed_app = Deployment(
-            base_url=base_url, gcs_address=env["RAY_ADDRESS"], env=env, database_url=postgres_url, sqlite_url=sqlite_url
+            base_url=base_url,
+            gcs_address=env["RAY_ADDRESS"],
+            env=env,
+            database_url=postgres_url,
+            sqlite_url=sqlite_url,
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
         )
         deployed_app.api_key = deployed_app.new_key(name="integration")
         yield deployed_app

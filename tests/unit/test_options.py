@@ -68,3 +68,10 @@ def test_scale_to_zero_model_starts_at_zero_with_its_idle_delay() -> None:
 def test_router_options() -> None:
     opts = router_deployment_options(Settings(router_replicas=3))
     assert opts["num_replicas"] == 3 and opts["name"] == "router"
+
+
+def test_custom_resources_pin_a_replica_to_nodes_that_have_them() -> None:
+    entry = CPU.resolve("tiny-random").model_copy(
+        update={"resources": CPU.resolve("tiny-random").resources.model_copy(update={"custom": {"fast_disk": 1.0}})}
+    )
+    assert model_deployment_options(entry, SETTINGS)["ray_actor_options"]["resources"] == {"fast_disk": 1.0}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 from types import SimpleNamespace
 from typing import Any
@@ -469,3 +470,76 @@ def test_watch_ends_with_0_on_ctrl_c(monkeypatch: pytest.MonkeyPatch, capsys: py
     assert status.status_command(ns) == 0
     out = capsys.readouterr().out
     assert out.count("APP  ") == 2 and "rates over" in out and "\x1b[2J" not in out  # no tty: no clearing
+
+
+def test_reachable() -> None:
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert status.reachable("127.0.0.1", port, timeout_s=1.0)
+    assert not status.reachable("127.0.0.1", port, timeout_s=1.0)
+
+
+def test_loopback_only_cluster_is_reached_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``orchestrator serve``'s Ray listens on 127.0.0.1 only; Ray would dial the public address."""
+    from ray._private import ray_constants, services
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.delenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, raising=False)
+    monkeypatch.setattr(services, "get_node_ip_address", lambda address=None: "192.0.2.7")
+    dialed: list[str] = []
+
+    def loopback_only(host: str, port: int, timeout_s: float = 0) -> bool:
+        dialed.append(f"{host}:{port}")
+        return host == "127.0.0.1"
+
+    monkeypatch.setattr(status, "reachable", loopback_only)
+    assert status._bootstrap_address("127.0.0.1:6379") == "127.0.0.1:6379"
+    assert dialed == ["192.0.2.7:6379", "127.0.0.1:6379"]
+    assert ray_constants.ENABLE_RAY_CLUSTER is False
+    assert os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] == "0"
+
+
+def test_cluster_on_public_address_is_left_to_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private import ray_constants, services
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.setattr(services, "get_node_ip_address", lambda address=None: "192.0.2.7")
+    monkeypatch.setattr(status, "reachable", lambda host, port, timeout_s=0: True)
+    assert status._bootstrap_address("127.0.0.1:6379") == "127.0.0.1:6379"
+    assert status._bootstrap_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    assert status._bootstrap_address("ray://head:10001") == "ray://head:10001"
+    assert ray_constants.ENABLE_RAY_CLUSTER is True
+
+
+def test_unreachable_or_missing_cluster_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private import services
+
+    monkeypatch.setattr(status, "reachable", lambda host, port, timeout_s=0: False)
+    with pytest.raises(
+        status.StatusError, match=r"^cannot reach a Ray cluster at 10.0.0.1:6379: nothing answers there$"
+    ):
+        status._bootstrap_address("10.0.0.1:6379")
+    monkeypatch.setattr(services, "get_ray_address_from_environment", lambda address, temp_dir: "127.0.0.1:6379")
+    with pytest.raises(status.StatusError, match=r"^cannot reach a Ray cluster at 'auto' \(127.0.0.1:6379\): nothing"):
+        status._bootstrap_address("auto")
+
+    def none_running(address: str, temp_dir: str | None) -> str:
+        raise ConnectionError("Could not find any running Ray instance. Please specify ...")
+
+    monkeypatch.setattr(services, "get_ray_address_from_environment", none_running)
+    with pytest.raises(status.StatusError, match=r"^cannot reach a Ray cluster at 'auto': Could not find any running"):
+        status._bootstrap_address("auto")
+
+
+def test_module_imports_neither_ray_nor_http() -> None:
+    """``orchestrator --help`` imports this module; Ray, httpx and the parser load on use."""
+    import subprocess
+
+    forbidden = ["ray", "httpx", "prometheus_client"]
+    code = f"import sys, orchestrator.status; print(','.join(m for m in {forbidden!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
