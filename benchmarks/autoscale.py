@@ -11,8 +11,9 @@ model to return to one replica. Every second it reads the autoscaling policy's o
 from Ray's metrics export (waiting requests, running and target replicas) and prints a line.
 
 Reaction time is measured from the first second more requests are in flight than the engine
-runs at once (a queue has formed) to the first second a second replica is running (Serve counts a replica as running once its
-engine has started and it takes requests). The last line is JSON.
+runs at once (a queue has formed) to the first second a second replica is running (Serve
+counts a replica as running once its engine has started and it takes requests). The last
+line is JSON.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class Resources(_Frozen):
     memory_gb: float | None = Field(default=None, gt=0, description="Memory reserved per replica, GiB.")
     custom: dict[str, float] = Field(
         default_factory=dict,
-        description="Ray custom resources per replica (e.g. `{fast_disk: 1}`): only nodes started with them can host it.",
+        description="Ray custom resources per replica (e.g. `{fast_disk: 1}`): only nodes that have them host it.",
     )
 
     @model_validator(mode="after")
