@@ -550,8 +550,8 @@ def http_client() -> httpx.Client:
 
 
 def fetch_metrics(client: httpx.Client, urls: Sequence[str]) -> dict[str, str]:
-    """Returns the body of every URL that answered 200, by URL in the given order (fetched
-    concurrently; endpoints that fail are left out).
+    """Returns the body of every URL that answered 200 with Prometheus text, by URL in the
+    given order (fetched concurrently; endpoints that fail are left out).
 
     Raises:
         StatusError: none answered.
@@ -561,9 +561,12 @@ def fetch_metrics(client: httpx.Client, urls: Sequence[str]) -> dict[str, str]:
     def get(url: str) -> str | None:
         try:
             response = client.get(url)
-        except httpx.HTTPError:
+            if response.status_code != 200:
+                return None
+            parse_samples(response.text)
+        except (httpx.HTTPError, ValueError):
             return None
-        return response.text if response.status_code == 200 else None
+        return response.text
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(urls)))) as pool:
         bodies = list(pool.map(get, urls))

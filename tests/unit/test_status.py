@@ -330,9 +330,11 @@ def test_fetch_metrics_keeps_endpoints_that_answer() -> None:
             return httpx.Response(200, text="ray_orchestrator_x 1\n")
         if request.url.host == "10.0.0.2":
             return httpx.Response(503)
+        if request.url.host == "10.0.0.4":
+            return httpx.Response(200, text='ray_orchestrator_x{model="m" 1\n')  # malformed
         raise httpx.ConnectError("refused", request=request)
 
-    urls = ["http://10.0.0.1:1/metrics", "http://10.0.0.2:1/metrics", "http://10.0.0.3:1/metrics"]
+    urls = [f"http://10.0.0.{i}:1/metrics" for i in (1, 2, 3, 4)]
     with httpx.Client(transport=httpx.MockTransport(answer)) as client:
         assert status.fetch_metrics(client, urls) == {urls[0]: "ray_orchestrator_x 1\n"}
         with pytest.raises(status.StatusError, match=r"no metrics endpoint answered \(tried http://10.0.0.2"):
