@@ -1,13 +1,14 @@
 """Queue-depth autoscaling, watched: load, waiting requests and replicas over time.
 
-    .venv/bin/python benchmarks/autoscale.py [--workers 8] [--load-s 90] [--max-replicas 3]
+    .venv/bin/python benchmarks/autoscale.py [--workers 4] [--max-load-s 600] [--max-replicas 3]
 
 Starts ``ray start --head`` (metrics export on loopback, replicas reporting every second)
 and ``serve deploy``s one tiny model whose engine runs 2 sequences at once, with
 ``min_replicas 1``, ``target_waiting_per_replica 1``, ``upscale_delay_s 2`` and
-``downscale_delay_s 20``. After 10 s idle, ``--workers`` clients stream long completions
-back to back for ``--load-s`` seconds; then the load stops and the script waits for the
-model to return to one replica. Every second it reads the autoscaling policy's own gauges
+``downscale_delay_s 20``. After 10 s idle, ``--workers`` clients send long completions
+(400 tokens, not streamed, so the clients leave the CPU to the engines) back to back until a
+second replica has served for 20 s (or ``--max-load-s``); then the load stops and the script
+waits for the model to return to one replica. Every second it reads the autoscaling policy's own gauges
 from Ray's metrics export (waiting requests, running and target replicas) and prints a line.
 
 Reaction time is measured from the first second more requests are in flight than the engine
@@ -20,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,17 +34,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.vs_vllm import BIN, free_port
+from benchmarks.cluster import serve_cluster
+from benchmarks.vs_vllm import free_port
 from orchestrator.engine.weights import build_tiny_llama
 
 MODEL = "tiny-scale"
-
-
-def run(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{args[0]} failed:\n{done.stdout}\n{done.stderr}")
-    return done.stdout
 
 
 def policy_view(metrics_url: str) -> dict[str, float]:
@@ -70,7 +62,7 @@ def policy_view(metrics_url: str) -> dict[str, float]:
 
 
 class Load:
-    """``workers`` threads streaming long completions back to back while ``on`` is set."""
+    """``workers`` threads sending long completions back to back while ``on`` is set."""
 
     def __init__(self, url: str, workers: int) -> None:
         self.url = url
@@ -83,7 +75,7 @@ class Load:
         self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(workers)]
 
     def _loop(self) -> None:
-        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
         with httpx.Client(timeout=300) as http:
             while not self.stop.is_set():
                 if not self.on.wait(timeout=0.5):
@@ -91,8 +83,7 @@ class Load:
                 with self._lock:
                     self.in_flight += 1
                 try:
-                    with http.stream("POST", self.url, json=body) as resp:
-                        ok = resp.status_code == 200 and any("[DONE]" in line for line in resp.iter_lines())
+                    ok = http.post(self.url, json=body).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 with self._lock:
@@ -107,8 +98,8 @@ class Load:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--load-s", type=float, default=90)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--max-load-s", type=float, default=600)
     parser.add_argument("--max-replicas", type=int, default=3)
     parser.add_argument("--settle-timeout-s", type=float, default=240)
     args = parser.parse_args()
@@ -131,7 +122,7 @@ def main() -> None:
             "overload": {"max_waiting_per_replica": 64},
         }
         (work / "catalog.yaml").write_text(yaml.safe_dump(entry))
-        gcs, dash, http, metrics = free_port(), free_port(), free_port(), free_port()
+        http, metrics = free_port(), free_port()
         config = {
             "proxy_location": "HeadOnly",
             "http_options": {"host": "127.0.0.1", "port": http},
@@ -140,24 +131,11 @@ def main() -> None:
                  "args": {"catalog": [str(work / "catalog.yaml")], "settings": {"open_access": True}}},
             ],
         }  # fmt: skip
-        (work / "serve.yaml").write_text(yaml.safe_dump(config))
-        env = {
-            **os.environ,
-            "RAY_ADDRESS": f"127.0.0.1:{gcs}",
-            "RAY_DASHBOARD_ADDRESS": f"http://127.0.0.1:{dash}",
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(32),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        fast_reports = {
             "RAY_metrics_report_interval_ms": "1000",
             "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         }
-        head = ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1"]
-        run(env, str(BIN / "ray"), "start", *head, f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
-            "--num-cpus=8", "--disable-usage-stats")  # fmt: skip
-        try:
-            run(env, str(BIN / "serve"), "deploy", str(work / "serve.yaml"), "--address", env["RAY_DASHBOARD_ADDRESS"])
+        with serve_cluster(work, config, extra_env=fast_reports, metrics_port=metrics):
             base = f"http://127.0.0.1:{http}"
             print("deploying ...", flush=True)
             deadline = time.monotonic() + 900
@@ -169,12 +147,6 @@ def main() -> None:
                     pass
                 time.sleep(2)
             result = watch(base + "/v1/completions", f"http://127.0.0.1:{metrics}/metrics", args)
-        finally:
-            subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", env["RAY_DASHBOARD_ADDRESS"]],
-                           env=env, capture_output=True, timeout=120, check=False)  # fmt: skip
-            subprocess.run(
-                [str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120, check=False
-            )
     print(json.dumps(result))
 
 
@@ -186,7 +158,7 @@ def watch(url: str, metrics_url: str, args: argparse.Namespace) -> dict[str, Any
     scaled_at: float | None = None
     peak = 0
     settled_at: float | None = None
-    load_end = 10 + args.load_s
+    load_end = 10 + args.max_load_s
     print(f"{'t(s)':>6}  {'load':>4}  {'waiting':>7}  {'running':>7}  {'replicas':>8}  {'target':>6}")
     while True:
         t = time.monotonic() - start
@@ -201,6 +173,8 @@ def watch(url: str, metrics_url: str, args: argparse.Namespace) -> dict[str, Any
             queue_seen = t
         if scaled_at is None and replicas >= 2:
             scaled_at = t
+        if scaled_at is not None and load_end > t + 20:
+            load_end = t + 20  # the new replica served for 20 s: end the load
         print(
             f"{t:6.0f}  {load.in_flight:4d}  {waiting:7.1f}  {view.get('running', 0.0):7.1f}  "
             f"{replicas:8d}  {int(view.get('target', 0)):6d}",
@@ -217,6 +191,7 @@ def watch(url: str, metrics_url: str, args: argparse.Namespace) -> dict[str, Any
         "workers": args.workers,
         "peak_replicas": peak,
         "reaction_s": None if queue_seen is None or scaled_at is None else round(scaled_at - queue_seen, 1),
+        "load_s": round(load_end - 10, 1),
         "back_to_min_after_load_s": None if settled_at is None else round(settled_at - load_end, 1),
         "requests": load.done,
         "errors": load.errors,

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +36,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cluster import serve_cluster
 from benchmarks.load import LoadResult, run_load
-from benchmarks.vs_vllm import BIN, free_port
+from benchmarks.vs_vllm import free_port
 from orchestrator.engine.weights import build_tiny_llama
 
 ADMIN_KEY = "benchmark-admin-key-" + secrets.token_hex(8)
@@ -54,13 +53,6 @@ def summary(load: LoadResult) -> dict[str, Any]:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def run(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{args[0]} failed:\n{done.stdout}\n{done.stderr}")
-    return done.stdout
 
 
 def wait_ready(urls: list[str], timeout_s: float = 900) -> None:
@@ -154,7 +146,7 @@ def main() -> None:
         }
         catalog.write_text(yaml.safe_dump(entry))
         db = f"sqlite:///{work / 'gw.db'}"
-        gcs, dash, http = free_port(), free_port(), free_port()
+        http = free_port()
         app = {"import_path": "orchestrator.serving:build_app"}
         config = {
             "proxy_location": "HeadOnly",
@@ -166,22 +158,8 @@ def main() -> None:
                  "args": {"catalog": [str(catalog)], "settings": {"admin_key": ADMIN_KEY, "database_url": db}}},
             ],
         }  # fmt: skip
-        (work / "serve.yaml").write_text(yaml.safe_dump(config))
-        env = {
-            **os.environ,
-            "RAY_ADDRESS": f"127.0.0.1:{gcs}",
-            "RAY_DASHBOARD_ADDRESS": f"http://127.0.0.1:{dash}",
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(32),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "ORCH_KV_CACHE_GB": "1",
-            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-            **dict(pair.split("=", 1) for pair in args.ray_env),
-        }
-        head = ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1"]
-        run(env, str(BIN / "ray"), "start", *head, f"--dashboard-port={dash}", "--num-cpus=8", "--disable-usage-stats")
-        try:
-            run(env, str(BIN / "serve"), "deploy", str(work / "serve.yaml"), "--address", env["RAY_DASHBOARD_ADDRESS"])
+        extra_env = {"ORCH_KV_CACHE_GB": "1", **dict(pair.split("=", 1) for pair in args.ray_env)}
+        with serve_cluster(work, config, extra_env=extra_env):
             base = f"http://127.0.0.1:{http}"
             urls = {"open": base + "/open", "gateway": base + "/gw"}
             print("deploying two apps (open, gateway) ...", flush=True)
@@ -205,12 +183,6 @@ def main() -> None:
                 headers={"Authorization": f"Bearer {ADMIN_KEY}"},
             ).json()["data"]
             recorded = usage[0]["requests"] if usage else 0
-        finally:
-            subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", env["RAY_DASHBOARD_ADDRESS"]],
-                           env=env, capture_output=True, timeout=120, check=False)  # fmt: skip
-            subprocess.run(
-                [str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120, check=False
-            )
         alone_us = asyncio.run(ledger_alone(work, 5000))
 
     print(f"\n{'':10}{'lat p50':>10}{'lat p99':>10}{'req/s':>8}{'TTFT p50':>10}{'errors':>8}")
