@@ -129,20 +129,27 @@ class Router:
                 ``provider_timeout`` (504) past ``timeout_s``, ``provider_overloaded`` (529)
                 when Serve refuses to queue more requests for the model.
         """
-        task = asyncio.ensure_future(call)
         try:
             if may_be_cold and self._cold(spec):
-                give_up = time.monotonic() + spec.autoscaling.cold_start_timeout_s
-                while self._cold(spec) and not task.done():
-                    if time.monotonic() >= give_up:
-                        raise _unavailable(spec)
-                    await asyncio.wait({task}, timeout=COLD_POLL_S)
-            done, _ = await asyncio.wait({task}, timeout=timeout_s)
-            if not done:
-                raise _timed_out(spec, timeout_s)
-            return task.result()
+                return await self._after_cold_start(spec, call, timeout_s)
+            # The common path: no extra task, just a deadline around the await.
+            async with asyncio.timeout(timeout_s):
+                return await call
+        except TimeoutError:
+            raise _timed_out(spec, timeout_s) from None
         except BackPressureError:
             raise _overloaded(spec) from None
+
+    async def _after_cold_start(self, spec: ModelSpec, call: Awaitable[Any], timeout_s: float) -> Any:
+        task = asyncio.ensure_future(call)
+        try:
+            give_up = time.monotonic() + spec.autoscaling.cold_start_timeout_s
+            while self._cold(spec) and not task.done():
+                if time.monotonic() >= give_up:
+                    raise _unavailable(spec)
+                await asyncio.wait({task}, timeout=COLD_POLL_S)
+            async with asyncio.timeout(timeout_s):
+                return await task
         finally:
             if not task.done():
                 task.cancel()

@@ -118,7 +118,7 @@ def tiny_entry(name: str, alias: str, path: Path, **overrides: object) -> dict[s
 
 # The operations app's models (route /ops, open mode, 2 s keep-alives):
 #   tiny-scale   runs 2 sequences at once, 1..2 replicas, aims at 1 waiting per replica,
-#                sheds past 4 waiting, times out after 20 s of silence;
+#                sheds past 4 waiting;
 #   tiny-zero    scales to zero after 15 s idle, waits up to 180 s for a cold start;
 #   tiny-nowhere needs a resource no node has, so it never gets a replica (6 s bound; its
 #                pending replica is dropped after 60 s without requests).
@@ -132,7 +132,7 @@ OPS_MODELS = {
             "upscale_delay_s": 2,
             "downscale_delay_s": 15,
         },
-        "overload": {"max_waiting_per_replica": 4, "request_timeout_s": 20, "stream_idle_timeout_s": 20},
+        "overload": {"max_waiting_per_replica": 4},
     },
     "tiny-zero": {
         "autoscaling": {
@@ -183,7 +183,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
         tiny_entry("tiny-b", "b", build_tiny_llama(work / "tiny-b", seed=2), overload={"max_waiting_per_replica": 2}),
     ]
     catalog.write_text(yaml.safe_dump({"models": entries}))
-    small.write_text(yaml.safe_dump(tiny_entry("tiny-c", "c", build_tiny_llama(work / "tiny-c", seed=3))))
+    # tiny-c gives up on its engine after 10 s (the deadline test stops that engine).
+    deadlines = {"request_timeout_s": 10, "stream_idle_timeout_s": 10}
+    small.write_text(
+        yaml.safe_dump(tiny_entry("tiny-c", "c", build_tiny_llama(work / "tiny-c", seed=3), overload=deadlines))
+    )
     ops = work / "ops.yaml"
     ops_weights = build_tiny_llama(work / "tiny-ops", seed=4)
     ops_entries = [tiny_entry(name, name.removeprefix("tiny-"), ops_weights, **o) for name, o in OPS_MODELS.items()]
@@ -213,7 +217,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
                 "name": "sqlite",
                 "route_prefix": "/sqlite",
                 "import_path": "orchestrator.serving:build_app",
-                "args": {"catalog": [str(small)], "settings": {"database_url": sqlite_url, **gateway}},
+                "args": {
+                    "catalog": [str(small)],
+                    "settings": {"database_url": sqlite_url, "keepalive_seconds": 2, **gateway},
+                },
             },
             {
                 "name": "ops",
