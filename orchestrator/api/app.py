@@ -131,7 +131,8 @@ def create_app(
 
     @app.get("/v1/model/info", dependencies=[Depends(caller)])
     async def model_info(model: str = Query(description="Display name, alias or backend id.")) -> dict[str, Any]:
-        """The model's card plus its serving configuration (resources, autoscaling, parsers)."""
+        """The model's card plus its serving configuration (resources, autoscaling, overload
+        bounds, parsers). Answered from the catalog: it never starts a replica."""
         spec = catalog.resolve(model)
         return {
             **model_card(spec, created).model_dump(mode="json"),
@@ -139,6 +140,7 @@ def create_app(
             "reasoning_parser": spec.reasoning_parser,
             "resources": spec.resources.model_dump(mode="json") | {"gpus": spec.resources.gpus},
             "autoscaling": spec.autoscaling.model_dump(mode="json"),
+            "overload": spec.overload.model_dump(mode="json"),
         }
 
     def readiness(model: str | None) -> JSONResponse:

@@ -151,6 +151,7 @@ async def test_models_list_and_lookup(client: httpx.AsyncClient) -> None:
     assert (await client.get("/v1/models/org/tiny-b")).json()["id"] == "tiny-b"
     info = (await client.get("/v1/model/info", params={"model": "b"})).json()
     assert info["resources"]["device"] == "cpu" and info["autoscaling"]["max_replicas"] == 1
+    assert info["overload"]["max_waiting_per_replica"] == 64 and info["autoscaling"]["cold_start_timeout_s"] == 600
     assert (await client.get("/v1/model/info")).json()["error"]["param"] == "model"
 
 
