@@ -180,8 +180,8 @@ class Overload(_Frozen):
         default=64,
         ge=0,
         description=(
-            "Requests a replica queues beyond what its engine runs at once; past it (and past as many queued in "
-            "each router for a model with no free replica) new requests get 529 provider_overloaded at once."
+            "Requests a replica queues beyond what its engine runs at once (and each router holds for a model "
+            "that has no running replica yet); past it new requests get 529 provider_overloaded at once."
         ),
     )
     request_timeout_s: float = Field(

@@ -103,9 +103,9 @@ def model_deployment_options(spec: ModelSpec, settings: Settings) -> dict[str, A
         # few more through so that overflow reaches the replica and gets its 529 at once
         # instead of queueing in the router.
         max_ongoing_requests=(spec.max_num_seqs or DEFAULT_MAX_NUM_SEQS) + waiting + SHED_HEADROOM,
-        # Requests queued in each router while no replica has room (e.g. a model scaled to
-        # zero starting up); past it Serve refuses them (BackPressureError -> 529).
-        max_queued_requests=max(waiting, 1),
+        # Not Serve's max_queued_requests: it also counts requests that are only being routed,
+        # so a burst is refused while replicas have room. The router bounds the one queue
+        # Serve would hold (requests waiting for a cold model) itself.
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,

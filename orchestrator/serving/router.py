@@ -9,12 +9,12 @@ while the model has no running replica).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable
 from typing import Any
 
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from orchestrator.api import Kind, create_app
@@ -107,6 +107,7 @@ class Router:
         # Streams come back as a generator; each item is one batch of SSE frames.
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}
         self.states = ModelStates(self.catalog, states_fetcher(current_app_name()))
+        self._cold_waiters: dict[str, int] = {}
 
     def __serve_build_asgi_app__(self) -> Any:
         # Serve's proxy assigns X-Request-Id (keeping a sane client one) and echoes it.
@@ -127,7 +128,8 @@ class Router:
         Raises:
             OrchestratorError: ``model_unavailable`` (503) when no replica came up in time,
                 ``provider_timeout`` (504) past ``timeout_s``, ``provider_overloaded`` (529)
-                when Serve refuses to queue more requests for the model.
+                when this router already holds ``overload.max_waiting_per_replica`` requests
+                waiting for the model's first replica.
         """
         try:
             if may_be_cold and self._cold(spec):
@@ -137,10 +139,15 @@ class Router:
                 return await call
         except TimeoutError:
             raise _timed_out(spec, timeout_s) from None
-        except BackPressureError:
-            raise _overloaded(spec) from None
 
     async def _after_cold_start(self, spec: ModelSpec, call: Awaitable[Any], timeout_s: float) -> Any:
+        waiting = self._cold_waiters.get(spec.name, 0)
+        if waiting >= max(spec.overload.max_waiting_per_replica, 1):
+            if inspect.iscoroutine(call):
+                call.close()
+            raise _overloaded(spec)
+        self._cold_waiters[spec.name] = waiting + 1
+        waiting_done = False
         task = asyncio.ensure_future(call)
         try:
             give_up = time.monotonic() + spec.autoscaling.cold_start_timeout_s
@@ -148,9 +155,13 @@ class Router:
                 if time.monotonic() >= give_up:
                     raise _unavailable(spec)
                 await asyncio.wait({task}, timeout=COLD_POLL_S)
+            self._cold_waiters[spec.name] -= 1
+            waiting_done = True
             async with asyncio.timeout(timeout_s):
                 return await task
         finally:
+            if not waiting_done:
+                self._cold_waiters[spec.name] -= 1
             if not task.done():
                 task.cancel()
 

@@ -198,12 +198,12 @@ def test_past_the_queue_bound_requests_are_shed_at_once_and_settled(deployment: 
             refused.append((time.monotonic(), exc.body["code"], exc.response.headers.get("retry-after", "")))  # type: ignore[index]
             return exc.status_code
 
-    # tiny-b: 16 running + 2 waiting per replica, 2 more queued in each of 2 routers.
+    # tiny-b: one replica holds 16 running + 2 waiting; the rest must be refused at once.
     n = 40
     with ThreadPoolExecutor(max_workers=n) as pool:
         statuses = list(pool.map(one, range(n)))
     shed = statuses.count(529)
-    assert shed >= 1 and statuses.count(200) >= 16 and shed + statuses.count(200) == n, statuses
+    assert shed >= 1 and statuses.count(200) >= 18 and shed + statuses.count(200) == n, sorted(statuses)
     assert {code for _, code, _ in refused} == {"provider_overloaded"}
     assert all(retry == "1" for _, _, retry in refused)
     # Shed at once: every refusal came before the first admitted stream finished.

@@ -21,8 +21,8 @@ def test_cpu_model_reserves_cpus_and_sets_kv_cache() -> None:
     assert actor["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert "placement_group_bundles" not in opts
     assert opts["name"] == "model-tiny-random" and "num_replicas" not in opts
-    # max_num_seqs 64 + max_waiting_per_replica 64 + headroom for refusals; routers queue 64.
-    assert opts["max_ongoing_requests"] == 64 + 64 + 8 and opts["max_queued_requests"] == 64
+    # max_num_seqs 64 + max_waiting_per_replica 64 + headroom for refusals.
+    assert opts["max_ongoing_requests"] == 64 + 64 + 8 and "max_queued_requests" not in opts
 
 
 def test_single_gpu_model_holds_one_gpu_of_its_type() -> None:

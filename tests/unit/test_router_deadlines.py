@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from ray.serve.exceptions import BackPressureError
 
 from orchestrator.catalog import Catalog, ModelSpec, load_catalog
 from orchestrator.errors import ErrorCode, OrchestratorError
@@ -15,11 +14,18 @@ from orchestrator.serving.router import Router
 from tests.unit.conftest import TINY, write_catalog
 
 
-def spec_and_router(tmp_path: Path, view: dict[str, DeploymentState]) -> tuple[ModelSpec, Router]:
-    entry = {**TINY, "autoscaling": {"min_replicas": 0, "cold_start_timeout_s": 0.3}}
+def spec_and_router(
+    tmp_path: Path, view: dict[str, DeploymentState], max_waiting: int = 64
+) -> tuple[ModelSpec, Router]:
+    entry = {
+        **TINY,
+        "autoscaling": {"min_replicas": 0, "cold_start_timeout_s": 0.3},
+        "overload": {"max_waiting_per_replica": max_waiting},
+    }
     catalog: Catalog = load_catalog([write_catalog(tmp_path, entry)])
     router = Router.__new__(Router)  # no Serve handles needed for the deadline logic
     router.states = ModelStates(catalog, lambda: dict(view), period_s=0.05)
+    router._cold_waiters = {}
     return catalog.resolve("tiny-a"), router
 
 
@@ -69,12 +75,16 @@ async def test_a_cold_call_waits_for_its_replica_then_answers(tmp_path: Path) ->
     assert await router.bounded(spec, cold_start(), 5.0, may_be_cold=True) == "answered"
 
 
-async def test_serve_back_pressure_is_529_overloaded(tmp_path: Path) -> None:
-    spec, router = spec_and_router(tmp_path, {"model-tiny-a": DeploymentState("HEALTHY", 1)})
-
-    async def refused() -> None:
-        raise BackPressureError(num_queued_requests=4, max_queued_requests=4)
-
+async def test_past_the_bound_of_requests_waiting_for_a_cold_model_new_ones_get_529(tmp_path: Path) -> None:
+    spec, router = spec_and_router(tmp_path, {"model-tiny-a": DeploymentState("UPSCALING", 0)}, max_waiting=2)
+    await router.states.refresh()
+    waiting = [asyncio.ensure_future(router.bounded(spec, asyncio.sleep(60), 30.0, may_be_cold=True)) for _ in range(2)]
+    await asyncio.sleep(0.01)
     with pytest.raises(OrchestratorError) as info:
-        await router.bounded(spec, refused(), 1.0, may_be_cold=False)
+        await router.bounded(spec, asyncio.sleep(60), 30.0, may_be_cold=True)
     assert info.value.code is ErrorCode.PROVIDER_OVERLOADED and info.value.headers["Retry-After"] == "1"
+    for task in waiting:  # the admitted waiters keep waiting, then hit the cold-start bound
+        with pytest.raises(OrchestratorError) as late:
+            await task
+        assert late.value.code is ErrorCode.MODEL_UNAVAILABLE
+    assert router._cold_waiters == {"tiny-a": 0}  # every slot was given back
