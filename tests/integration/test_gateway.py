@@ -227,12 +227,16 @@ def test_model_replica_dying_mid_stream_is_billed_once(deployment: Deployment) -
     time.sleep(1)  # flushed every 100 ms
     info = deployment.admin("GET", f"/admin/keys/{key_id}", base_url=base).json()
     assert Decimal(info["credits"]) == Decimal(1) - Decimal(str(record["cost"]))
-    # Serve replaces the replica; the app recovers.
+    # Serve replaces the replica; the app recovers. Until Serve has noticed the death and
+    # started a new replica, requests for the model fail with a 5xx (502/503/504).
+    client = deployment.client(api_key=key, base_url=base, timeout=120)
     deadline = time.monotonic() + 300
-    while httpx.get(base + "/health", timeout=10).status_code != 200 and time.monotonic() < deadline:
-        time.sleep(3)
-    assert (
-        deployment.client(api_key=key, base_url=base)
-        .chat.completions.create(model="c", messages=USER, max_tokens=2)
-        .choices
-    )
+    while True:
+        try:
+            reply = client.chat.completions.create(model="c", messages=USER, max_tokens=2)
+            break
+        except openai.APIStatusError as err:
+            assert err.status_code >= 500, err
+            assert time.monotonic() < deadline, f"model c did not recover: {err}"
+            time.sleep(3)
+    assert reply.choices
