@@ -1,4 +1,5 @@
-"""The router never imports vllm; the HTTP edge imports neither ray nor vllm."""
+"""The router never imports vllm; the HTTP edge imports neither ray nor vllm; serving does not
+import the status command (the command depends on serving, lazily, not the other way)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
     [
         ("orchestrator.serving.router", ["vllm"]),
         ("orchestrator.serving", ["vllm"]),
+        ("orchestrator.serving.cluster", ["vllm", "orchestrator.status"]),
         ("orchestrator.api", ["vllm", "ray"]),
         ("orchestrator.gateway", ["vllm", "ray", "fastapi"]),
     ],

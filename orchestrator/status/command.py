@@ -1,0 +1,278 @@
+"""The ``orchestrator status`` command: arguments, scraping the nodes' metrics, frames.
+
+The figures come from two places:
+
+* the Prometheus text every alive Ray node exports on its ``MetricsExportPort``
+  (:mod:`orchestrator.status.exposition` reads it);
+* Serve's status, for each model deployment's health and its RUNNING replicas.
+
+Both are reached through collaborators given to :func:`status_command`: a :class:`Cluster`
+(by default :class:`orchestrator.serving.cluster.RayCluster`, imported only when the command
+runs, so ``orchestrator --help`` stays fast) and an ``httpx.Client``.
+
+Rates need two scrapes ``--window`` seconds apart; Ray's agents refresh their values about
+every 10 s, so shorter windows jitter between 0 and double the true rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+from orchestrator.status.display import write_frame
+from orchestrator.status.exposition import Key, parse_samples
+from orchestrator.status.summary import ModelStatus, summarize
+
+if TYPE_CHECKING:
+    import httpx
+
+DEFAULT_WINDOW_S = 10.0
+DEFAULT_WATCH_S = 5.0
+HTTP_TIMEOUT_S = 5.0
+
+
+class StatusError(Exception):
+    """The cluster or its metrics cannot be read; the message is one line for the user."""
+
+
+class Cluster(Protocol):
+    """The running cluster, as the command needs it."""
+
+    def connect(self, address: str) -> None:
+        """Connects to the cluster at ``address`` (``auto``: the local one).
+
+        Raises:
+            ConnectionError: no cluster can be reached there; the message is one line for the user.
+        """
+
+    def close(self) -> None:
+        """Disconnects if connected; called also after a failed :meth:`connect`."""
+
+    def nodes(self) -> Sequence[Mapping[str, Any]]:
+        """Returns the cluster's nodes as ``ray.nodes()`` gives them (dead nodes included)."""
+        ...
+
+    def deployments(self) -> Mapping[Key, Mapping[str, Any]]:
+        """Returns Serve's deployments by (application, deployment name), as
+        :func:`orchestrator.status.summary.summarize` takes them."""
+        ...
+
+
+def _ray_cluster() -> Cluster:
+    # Imported here: orchestrator.serving imports Ray, which only a running command needs.
+    from orchestrator.serving.cluster import RayCluster
+
+    return RayCluster()
+
+
+def _http_client() -> httpx.Client:
+    import httpx
+
+    return httpx.Client(timeout=HTTP_TIMEOUT_S)
+
+
+def _aligned(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
+    """Returns the before-texts for the endpoints that answered after; one that did not answer
+    before stands in for itself, so its whole counters are not read as one window's increase."""
+    return [before.get(url, text) for url, text in after.items()]
+
+
+def frames(
+    scrape: Callable[[], Mapping[str, str]],
+    deployments: Callable[[], Mapping[Key, Mapping[str, Any]]],
+    *,
+    window_s: float,
+    interval_s: float | None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[tuple[list[ModelStatus], float]]:
+    """Yields (rows, measured window in seconds): the first frame ``window_s`` after a first
+    scrape, then, when ``interval_s`` is given, one every ``interval_s`` forever, each with
+    rates since the frame before. ``scrape`` returns exposition text by endpoint.
+
+    Raises:
+        StatusError: from ``scrape``.
+    """
+    started = clock()
+    before = scrape()
+    sleep(window_s)
+    while True:
+        now = clock()
+        after = scrape()
+        window = now - started
+        yield summarize(_aligned(before, after), list(after.values()), window, deployments()), window
+        if interval_s is None:
+            return
+        before, started = after, now
+        sleep(max(0.0, interval_s - (clock() - now)))
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
+def metrics_urls(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Returns the ``/metrics`` URL of every alive node in a ``ray.nodes()`` list that has a
+    metrics export port, without duplicates, in node order."""
+    urls: dict[str, None] = {}
+    for node in nodes:
+        port, address = node.get("MetricsExportPort"), node.get("NodeManagerAddress")
+        if node.get("Alive") and port and address:
+            urls[f"http://{_host(str(address))}:{int(port)}/metrics"] = None
+    return list(urls)
+
+
+def fetch_metrics(client: httpx.Client, urls: Sequence[str]) -> dict[str, str]:
+    """Returns the body of every URL that answered 200 with Prometheus text, by URL in the
+    given order (fetched concurrently; endpoints that fail are left out).
+
+    Raises:
+        StatusError: none answered.
+    """
+    import httpx
+
+    def get(url: str) -> str | None:
+        try:
+            response = client.get(url)
+            if response.status_code != 200:
+                return None
+            parse_samples(response.text)
+        except (httpx.HTTPError, ValueError):
+            return None
+        return response.text
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(urls)))) as pool:
+        bodies = list(pool.map(get, urls))
+    found = {url: body for url, body in zip(urls, bodies, strict=True) if body is not None}
+    if not found:
+        shown = ", ".join(urls[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "")
+        raise StatusError(f"no metrics endpoint answered (tried {shown or 'none'})")
+    return found
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _metrics_urls_for(ns: argparse.Namespace, cluster: Cluster) -> list[str]:
+    if ns.metrics_url:
+        return list(dict.fromkeys(ns.metrics_url))
+    urls = metrics_urls(cluster.nodes())
+    if not urls:
+        raise StatusError("no alive Ray node exports metrics (no MetricsExportPort); pass --metrics-url")
+    return urls
+
+
+def _connect(cluster: Cluster, address: str) -> None:
+    """Connects ``cluster`` to ``address``.
+
+    Raises:
+        StatusError: the cluster's ConnectionError, same message; converted only here, so that
+            other connection errors (a closed stdout pipe is one) are not mistaken for it.
+    """
+    try:
+        cluster.connect(address)
+    except ConnectionError as exc:
+        raise StatusError(str(exc)) from exc
+
+
+def _run(ns: argparse.Namespace, cluster: Cluster, http: httpx.Client | None, out: TextIO, err: TextIO) -> int:
+    urls = _metrics_urls_for(ns, cluster)
+    interval = None if ns.watch is None else max(ns.watch, ns.window)
+    if interval is None and err.isatty():
+        print(f"sampling metrics for {ns.window:g} s ...", file=err)
+    clear = interval is not None and not ns.json and out.isatty()
+    # A client of our own is closed here; a given one belongs to the caller.
+    with nullcontext(http) if http is not None else _http_client() as client:
+        for rows, window in frames(
+            lambda: fetch_metrics(client, urls), cluster.deployments, window_s=ns.window, interval_s=interval
+        ):
+            write_frame(rows, window, out, as_json=ns.json, watch=interval is not None, clear=clear)
+    return 0
+
+
+def status_command(
+    ns: argparse.Namespace,
+    *,
+    cluster: Cluster | None = None,
+    http: httpx.Client | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Runs ``orchestrator status`` with the parsed arguments ``ns``, against ``cluster``
+    (default: a new :class:`~orchestrator.serving.cluster.RayCluster`), scraping with ``http``
+    (default: a client of its own), writing frames to ``out`` and messages to ``err`` (default:
+    ``sys.stdout`` and ``sys.stderr``). It connects, and closes ``cluster`` in any case.
+
+    Returns the exit code: 0, 1 (after a one-line message on ``err``) when no Ray cluster can
+    be reached or no metrics endpoint answers, 130 when a single sample is interrupted (Ctrl-C
+    ends ``--watch`` with 0).
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    address = ns.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        # Built inside the try: importing Ray takes seconds, and Ctrl-C then is a quiet exit too.
+        if cluster is None:
+            cluster = _ray_cluster()
+        _connect(cluster, address)
+        return _run(ns, cluster, http, out, err)
+    except StatusError as exc:
+        print(f"error: {exc}", file=err)
+        return 1
+    except KeyboardInterrupt:
+        return 0 if ns.watch is not None else 130
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def add_command(sub: Any) -> None:
+    """Adds ``status`` to the ``orchestrator`` command (``sub``: its argparse subparsers)."""
+    status = sub.add_parser(
+        "status",
+        help="Replicas, queues, KV cache, tokens/s and errors/min per model of a running cluster.",
+        description=(
+            "Per model and Serve application: deployment status, running/target replicas, waiting and running "
+            "requests, KV-cache use, tokens/s and 5xx errors per minute, from the Ray nodes' metrics and "
+            "ray.serve.status(). Rates are measured over --window seconds."
+        ),
+    )
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=DEFAULT_WATCH_S,
+        type=_positive_float,
+        metavar="SECONDS",
+        help=f"Redraw every SECONDS (default {DEFAULT_WATCH_S:g}, at least --window) until Ctrl-C.",
+    )
+    status.add_argument(
+        "--window",
+        type=_positive_float,
+        default=DEFAULT_WINDOW_S,
+        metavar="SECONDS",
+        help=f"Seconds between the two samples rates are computed from (default {DEFAULT_WINDOW_S:g}; "
+        "Ray exports every ~10 s).",
+    )
+    status.add_argument("--json", action="store_true", help="One JSON object per frame, one per line.")
+    status.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else auto).")
+    status.add_argument(
+        "--metrics-url",
+        action="append",
+        metavar="URL",
+        help="Prometheus endpoint to scrape instead of every alive Ray node's (repeatable).",
+    )
+    status.set_defaults(func=status_command)

@@ -1,0 +1,72 @@
+"""Rows from two scrapes and Serve's deployments: gauges, rates, and which models get a row."""
+
+from __future__ import annotations
+
+from orchestrator.status.summary import ModelStatus, summarize
+from tests.unit.status.texts import HEAD, QWEN, ROUTER_A, SMOL, TINY, counter, head_text, summary, tokens
+
+
+def test_summary_figures() -> None:
+    rows = {(r.application, r.model): r for r in summary()}
+    assert list(rows) == [("batch", "fresh-model"), ("batch", QWEN), ("llm", SMOL), ("llm", TINY)]
+    # max over the live and the stale controller's series; running from Serve
+    assert rows["llm", SMOL] == ModelStatus(
+        application="llm",
+        model=SMOL,
+        deployment="model-smollm2-135m-instruct",
+        status="HEALTHY",
+        running_replicas=1,
+        target_replicas=2,
+        waiting_requests=3.0,
+        running_requests=5.0,
+        kv_cache_usage=0.25,
+        tokens_per_second=70.0,  # router A +600, router B restarted: 100 counted from 0
+        errors_per_minute=18.0,  # +3 of 502; 429 and 200 are no errors
+    )
+    tiny = rows["llm", TINY]
+    assert (tiny.status, tiny.running_replicas, tiny.target_replicas) == ("UPSCALING", 2, 1)  # Serve over the gauge
+    assert tiny.tokens_per_second == 5.0 and tiny.errors_per_minute == 12.0  # series new in the window
+    assert (tiny.kv_cache_usage, tiny.waiting_requests, tiny.running_requests) == (0.125, 0.0, 1.0)
+    qwen = rows["batch", QWEN]
+    assert (qwen.deployment, qwen.status, qwen.running_replicas, qwen.target_replicas) == (
+        "model-qwen2-5-7b",
+        "UNHEALTHY",
+        0,
+        1,
+    )
+    assert (qwen.waiting_requests, qwen.kv_cache_usage) == (None, None)
+    assert (qwen.tokens_per_second, qwen.errors_per_minute) == (0.0, 6.0)
+
+
+def test_deployment_without_metrics_is_shown_with_unknown_figures() -> None:
+    fresh = summary()[0]
+    assert fresh == ModelStatus(
+        application="batch",
+        model="fresh-model",
+        deployment="model-fresh-model",
+        status="UPDATING",
+        running_replicas=0,
+        target_replicas=None,
+        waiting_requests=None,
+        running_requests=None,
+        kv_cache_usage=None,
+        tokens_per_second=0.0,
+        errors_per_minute=0.0,
+    )
+
+
+def test_deployment_named_by_counters_when_no_gauge() -> None:
+    """A fixed-size model has no scaling gauges; its counters name its deployment's row."""
+    before = [counter("ray_orchestrator_completion_tokens", "t", [tokens(HEAD, ROUTER_A, "batch", QWEN, 4.0)])]
+    deployments = {("batch", "model-qwen2-5-7b"): {"status": "HEALTHY", "replica_states": {"RUNNING": 3}}}
+    (row,) = summarize(before, before, 5.0, deployments)
+    assert (row.model, row.running_replicas, row.target_replicas, row.tokens_per_second) == (QWEN, 3, None, 0.0)
+
+
+def test_metrics_without_serve_deployment_and_no_window() -> None:
+    text = head_text(before=False)
+    rows = summarize([text], [text], 0.0, {})
+    smol = next(r for r in rows if r.model == SMOL)
+    assert (smol.status, smol.running_replicas, smol.target_replicas) == (None, 1, 2)  # the gauge's
+    assert (smol.tokens_per_second, smol.errors_per_minute) == (None, None)
+    assert {r.application for r in rows} == {"llm", "batch"}  # not the removed "old" app, not "unknown"

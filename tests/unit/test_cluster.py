@@ -1,0 +1,95 @@
+"""``serving/cluster.py``: Serve's status as plain data, and finding a cluster's address fast.
+
+Ray's own lookups (``services``) and flags (``ray_constants``) are replaced where a test plays a
+cluster; the TCP probe is injected."""
+
+from __future__ import annotations
+
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.serving.cluster import ClusterUnreachable, RayCluster, deployments_from_serve_status, reachable
+
+
+def test_deployments_from_serve_status_gives_plain_strings() -> None:
+    from ray.serve._private.common import DeploymentStatus, ReplicaState
+
+    deployment = SimpleNamespace(
+        status=DeploymentStatus.UPSCALING, replica_states={ReplicaState.RUNNING: 1, "STARTING": 2}, message="scaling"
+    )
+    serve_status = SimpleNamespace(applications={"llm": SimpleNamespace(deployments={"model-x": deployment})})
+    assert deployments_from_serve_status(serve_status) == {
+        ("llm", "model-x"): {
+            "status": "UPSCALING",
+            "replica_states": {"RUNNING": 1, "STARTING": 2},
+            "message": "scaling",
+        }
+    }
+
+
+def test_reachable() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert reachable("127.0.0.1", port, timeout_s=1.0)
+    assert not reachable("127.0.0.1", port, timeout_s=1.0)
+
+
+def test_loopback_only_cluster_is_reached_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``orchestrator serve``'s Ray listens on 127.0.0.1 only; Ray would dial the public address."""
+    from ray._private import ray_constants, services
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.delenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, raising=False)
+    monkeypatch.setattr(services, "get_node_ip_address", lambda address=None: "192.0.2.7")
+    dialed: list[str] = []
+
+    def loopback_only(host: str, port: int) -> bool:
+        dialed.append(f"{host}:{port}")
+        return host == "127.0.0.1"
+
+    assert RayCluster(probe=loopback_only).bootstrap_address("127.0.0.1:6379") == "127.0.0.1:6379"
+    assert dialed == ["192.0.2.7:6379", "127.0.0.1:6379"]
+    assert ray_constants.ENABLE_RAY_CLUSTER is False
+    assert os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] == "0"
+
+
+def test_cluster_on_public_address_is_left_to_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private import ray_constants, services
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.setattr(services, "get_node_ip_address", lambda address=None: "192.0.2.7")
+    cluster = RayCluster(probe=lambda host, port: True)
+    assert cluster.bootstrap_address("127.0.0.1:6379") == "127.0.0.1:6379"
+    assert cluster.bootstrap_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    assert cluster.bootstrap_address("ray://head:10001") == "ray://head:10001"
+    assert ray_constants.ENABLE_RAY_CLUSTER is True
+
+
+def test_unreachable_or_missing_cluster_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private import services
+
+    cluster = RayCluster(probe=lambda host, port: False)
+    with pytest.raises(
+        ClusterUnreachable, match=r"^cannot reach a Ray cluster at 10.0.0.1:6379: nothing answers there$"
+    ):
+        cluster.bootstrap_address("10.0.0.1:6379")
+    monkeypatch.setattr(services, "get_ray_address_from_environment", lambda address, temp_dir: "127.0.0.1:6379")
+    with pytest.raises(ClusterUnreachable, match=r"^cannot reach a Ray cluster at 'auto' \(127.0.0.1:6379\): nothing"):
+        cluster.bootstrap_address("auto")
+
+    def none_running(address: str, temp_dir: str | None) -> str:
+        raise ConnectionError("Could not find any running Ray instance. Please specify ...")
+
+    monkeypatch.setattr(services, "get_ray_address_from_environment", none_running)
+    with pytest.raises(ClusterUnreachable, match=r"^cannot reach a Ray cluster at 'auto': Could not find any running"):
+        cluster.bootstrap_address("auto")
+
+
+def test_unreachable_is_the_connection_error_the_status_command_converts() -> None:
+    """``orchestrator.status`` must not import Ray, so it catches the built-in type."""
+    assert issubclass(ClusterUnreachable, ConnectionError)
