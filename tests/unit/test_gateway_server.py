@@ -26,7 +26,7 @@ async def actor(tmp_path: Path) -> AsyncIterator[LedgerActor]:
 
 
 def test_the_method_sets_are_the_protocols() -> None:
-    assert REQUEST_METHODS == {"authenticate", "admit", "settle", "generation"}
+    assert {"authenticate", "admit", "settle", "generation"} == REQUEST_METHODS
     assert REQUEST_METHODS < GATEWAY_METHODS and {"create_key", "update_key", "usage_report"} <= GATEWAY_METHODS
     assert not GATEWAY_METHODS & {"start", "stop", "flush", "store", "call"}
 
