@@ -91,7 +91,8 @@ def serve_forever(
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         print("Starting engines (about a minute on a CPU) ...", flush=True)
-        args = {"catalog": resolve_paths(settings.catalog), "settings": settings.model_dump(mode="json"), "local": True}
+        # Secrets stay out of the app's args; Ray's processes inherit this one's environment.
+        args = {"catalog": resolve_paths(settings.catalog), "settings": settings.shareable(), "local": True}
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
         while not stop and not _running():
             time.sleep(1)
