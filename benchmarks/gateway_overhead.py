@@ -155,10 +155,14 @@ def main() -> None:
                 {**app, "name": "open", "route_prefix": "/open",
                  "args": {"catalog": [str(catalog)], "settings": {"open_access": True}}},
                 {**app, "name": "gw", "route_prefix": "/gw",
-                 "args": {"catalog": [str(catalog)], "settings": {"admin_key": ADMIN_KEY, "database_url": db}}},
+                 "args": {"catalog": [str(catalog)], "settings": {"database_url": db}}},
             ],
         }  # fmt: skip
-        extra_env = {"ORCH_KV_CACHE_GB": "1", **dict(pair.split("=", 1) for pair in args.ray_env)}
+        extra_env = {
+            "ORCH_KV_CACHE_GB": "1",
+            "ORCH_ADMIN_KEY": ADMIN_KEY,  # the gw app's routers read it from their environment
+            **dict(pair.split("=", 1) for pair in args.ray_env),
+        }
         with serve_cluster(work, config, extra_env=extra_env):
             base = f"http://127.0.0.1:{http}"
             urls = {"open": base + "/open", "gateway": base + "/gw"}
@@ -166,7 +170,7 @@ def main() -> None:
             wait_ready(list(urls.values()))
             created = httpx.post(
                 urls["gateway"] + "/admin/keys",
-                json={"rpm": 10**9, "tpm": 10**12, "credits": "1000"},
+                json={"rpm": 10**9, "tpm": 10**9, "credits": "1000"},
                 headers={"Authorization": f"Bearer {ADMIN_KEY}"},
             ).json()
             headers = {"open": {}, "gateway": {"Authorization": f"Bearer {created['key']}"}}

@@ -360,7 +360,7 @@ def load_catalog(paths: Sequence[str | Path], *, engine_arg_names: Collection[st
         else:
             files.append(p)
     specs: list[ModelSpec] = []
-    owner: dict[str, str] = {}
+    owners: dict[str, tuple[str, str]] = {}
     for path in files:
         docs, doc_problems = _documents(path)
         problems.extend(doc_problems)
@@ -374,22 +374,38 @@ def load_catalog(paths: Sequence[str | Path], *, engine_arg_names: Collection[st
                     msg = _explain(err)
                     problems.append(CatalogProblem(file=str(path), field=_loc(err["loc"], prefix), message=msg))
                 continue
-            for name in dict.fromkeys(n.lower() for n in spec.names):
-                if name in owner and owner[name] != spec.name:
-                    problems.append(
-                        CatalogProblem(
-                            file=str(path),
-                            field=_loc(["name"], prefix),
-                            message=f"name {name!r} already used by model {owner[name]!r}",
-                        )
-                    )
-                owner.setdefault(name, spec.name)
+            problems.extend(_clashes(spec, str(path), prefix, owners))
             specs.append(spec)
     if problems:
         raise CatalogError(problems)
     if not specs:
         raise CatalogError([CatalogProblem(file=", ".join(map(str, paths)) or "-", field="", message="no models")])
     return Catalog(specs)
+
+
+def _clashes(spec: ModelSpec, file: str, prefix: str, owners: dict[str, tuple[str, str]]) -> list[CatalogProblem]:
+    """Returns the problems of names (case-insensitive) or a Serve deployment name that an
+    earlier entry already took, and records this entry's. ``owners`` maps a taken name to
+    (the entry's "file: field" location, its display name); an entry may repeat its own
+    names (an alias equal to its backend id)."""
+    here = f"{file}: {_loc([], prefix)}"
+    fields = [("name", spec.name), *((f"aliases.{i}", a) for i, a in enumerate(spec.aliases))]
+    fields.append(("backend_id", spec.backend_id))
+    taken = [(field, "name", value.lower()) for field, value in fields]
+    taken.append(("name", "deployment name", "deployment:" + spec.deployment_name))
+    problems = []
+    for field, what, key in taken:
+        where, model = owners.setdefault(key, (here, spec.name))
+        if where != here:
+            shown = key.removeprefix("deployment:")
+            problems.append(
+                CatalogProblem(
+                    file=file,
+                    field=_loc([field], prefix),
+                    message=f"{what} {shown!r} already used by model {model!r} ({where})",
+                )
+            )
+    return problems
 
 
 def _explain(err: Any) -> str:

@@ -27,7 +27,9 @@ def _validate_catalog(ns: argparse.Namespace) -> int:
 def _serve(ns: argparse.Namespace) -> int:
     from orchestrator.embedded import serve_forever
 
-    return serve_forever(catalog=ns.catalog, host=ns.host, port=ns.port, metrics_port=ns.metrics_port)
+    return serve_forever(
+        catalog=ns.catalog, host=ns.host, port=ns.port, metrics_port=ns.metrics_port, open_access=ns.open
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default 8000).")
     serve.add_argument(
         "--metrics-port", type=int, default=None, help="Prometheus metrics port on 127.0.0.1 (default: a free port)."
+    )
+    serve.add_argument(
+        "--open",
+        action="store_true",
+        help="Serve without API keys (open mode) even on a non-loopback --host. Without keys or an admin key, "
+        "serve on loopback is open anyway; on another address it refuses to start unless given this.",
     )
     serve.set_defaults(func=_serve)
 

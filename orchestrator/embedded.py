@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -17,10 +18,18 @@ APP_NAME = "orchestrator"
 
 
 def serve_forever(
-    *, catalog: list[str] | None, host: str | None, port: int | None, metrics_port: int | None = None
+    *,
+    catalog: list[str] | None,
+    host: str | None,
+    port: int | None,
+    metrics_port: int | None = None,
+    open_access: bool = False,
 ) -> int:
-    """Runs until SIGINT/SIGTERM. Returns the process exit code."""
+    """Runs until SIGINT/SIGTERM. Returns the process exit code (2 when it would serve
+    open mode on a non-loopback address without ``open_access``)."""
     overrides: dict[str, object] = {}
+    if open_access:
+        overrides["open_access"] = True
     if metrics_port:
         overrides["metrics_port"] = metrics_port
     if catalog:
@@ -30,7 +39,11 @@ def serve_forever(
     if port:
         overrides["port"] = port
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    settings = _access_mode(settings)
+    try:
+        settings = _access_mode(settings)
+    except ExposedOpenMode as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if settings.fast_ingress:
         # Serve reads these when ray.serve is first imported (handle defaults are fixed
         # then), so they are set before anything imports ray; Ray's processes inherit them.
@@ -78,7 +91,8 @@ def serve_forever(
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         print("Starting engines (about a minute on a CPU) ...", flush=True)
-        args = {"catalog": resolve_paths(settings.catalog), "settings": settings.model_dump(mode="json"), "local": True}
+        # Secrets stay out of the app's args; Ray's processes inherit this one's environment.
+        args = {"catalog": resolve_paths(settings.catalog), "settings": settings.shareable(), "local": True}
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
         while not stop and not _running():
             time.sleep(1)
@@ -111,8 +125,27 @@ OPEN_BANNER = """
 """
 
 
+class ExposedOpenMode(Exception):
+    """Open mode would be chosen implicitly on an address other machines can reach."""
+
+
+def is_loopback(host: str) -> bool:
+    """Returns whether ``host`` is a loopback name or address (only this machine reaches it)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _access_mode(settings: Settings) -> Settings:
-    """Open mode when there is neither an admin key nor any API key; says so loudly."""
+    """Open mode when there is neither an admin key nor any API key; says so loudly.
+
+    Raises:
+        ExposedOpenMode: that open mode would listen beyond loopback and was not asked for
+            (``--open`` or ``ORCH_OPEN_ACCESS``).
+    """
     if settings.open_access:
         print(OPEN_BANNER.format(db="(forced by ORCH_OPEN_ACCESS)", host=settings.host, port=settings.port))
         return settings
@@ -132,6 +165,12 @@ def _access_mode(settings: Settings) -> Settings:
     from sqlalchemy.engine import make_url
 
     db = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
+    if not is_loopback(settings.host):
+        raise ExposedOpenMode(
+            f"no admin key (ORCH_ADMIN_KEY) and no API keys in {db}, so anyone reaching {settings.host}:"
+            f"{settings.port} could use every model unmetered. Create a key (orchestrator keys create), "
+            "or pass --open to serve open mode on this address anyway."
+        )
     print(OPEN_BANNER.format(db=db, host=settings.host, port=settings.port), flush=True)
     return settings.model_copy(update={"open_access": True})
 

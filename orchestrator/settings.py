@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRETS = ("admin_key", "key_pepper", "database_url")
+"""Settings that are secrets: each can also come from a file (``ORCH_<NAME>_FILE``, e.g. a
+mounted Kubernetes Secret), and none is ever passed to a deployment as an init argument."""
 
 
 def _default_cache() -> Path:
@@ -74,9 +79,33 @@ class Settings(BaseSettings):
     key_cache_seconds: float = Field(
         default=2.0, ge=0, description="How long the gateway trusts a cached key row (CLI changes show up after this)."
     )
+    admin_key_file: Path | None = Field(default=None, description="File holding the admin key (read at start).")
+    key_pepper_file: Path | None = Field(default=None, description="File holding the key pepper (read at start).")
+    database_url_file: Path | None = Field(default=None, description="File holding the database URL (read at start).")
     kv_cache_gb: int = Field(
         default=1, ge=1, description="CPU engines only: KV cache per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        """Fills each secret not given directly from its ``*_file`` (surrounding whitespace,
+        such as the trailing newline of a mounted Secret, dropped)."""
+        if not isinstance(data, dict):
+            return data
+        for name in SECRETS:
+            path = data.get(f"{name}_file")
+            if path and data.get(name) is None:
+                try:
+                    data[name] = Path(path).expanduser().read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from None
+        return data
+
+    def shareable(self) -> dict[str, Any]:
+        """Returns the settings as JSON-ready data without the secrets (files named, not read):
+        what deployments receive as init arguments. Each process reads its secrets itself."""
+        return self.model_dump(mode="json", exclude=set(SECRETS))
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to a SQLite file in the cache folder."""

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestrator.api.auth import AdminGuard
 from orchestrator.gateway.admin import DEFAULT_WORKSPACE, WORKSPACE_PATTERN, Clearable, report_filters
 from orchestrator.gateway.base import Gateway
-from orchestrator.gateway.records import CreatedKey, KeyInfo, KeyLimits, Workspace
+from orchestrator.gateway.records import MAX_USD, CreatedKey, KeyInfo, KeyLimits, Workspace
 
 
 class KeyCreate(KeyLimits):
@@ -25,7 +25,11 @@ class KeyUpdate(KeyLimits):
 
     clear: list[Clearable] = Field(default_factory=list)
     add_credits: Decimal | None = Field(
-        default=None, gt=0, description="USD added to the balance (atomic, safe beside running requests)."
+        default=None,
+        gt=0,
+        le=MAX_USD,
+        description="USD added to the balance (atomic, safe beside running requests); "
+        "the balance after it is at most 1e9 USD.",
     )
 
 

@@ -42,7 +42,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if code is not ErrorCode.INVALID_REQUEST:
             message = f"No route {request.method} {request.url.path}"
-        return error_response(OrchestratorError(code, message), request_id_of(request))
+        # Starlette puts `Allow` on its 405s (RFC 9110 requires it); keep what it set.
+        headers = dict(exc.headers or {})
+        return error_response(OrchestratorError(code, message, headers=headers), request_id_of(request))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.keys import generate_key, hash_key, key_hint
 from orchestrator.gateway.records import CreatedKey, KeyInfo, KeyLimits, KeyRecord, Workspace
-from orchestrator.gateway.store import SQLStore
+from orchestrator.gateway.store import BalanceOverflow, SQLStore
 
 DEFAULT_WORKSPACE = "default"
 WORKSPACE_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -80,7 +80,10 @@ def update_key(
         raise OrchestratorError(ErrorCode.INVALID_REQUEST, f"Cannot clear {unknown[0]!r}.", param="clear")
     changes = limits.model_dump(exclude_none=True)
     changes.update(dict.fromkeys(clear))
-    record = store.update_key(key_id, changes, add_credits)
+    try:
+        record = store.update_key(key_id, changes, add_credits)
+    except BalanceOverflow as exc:
+        raise OrchestratorError(ErrorCode.INVALID_REQUEST, str(exc), param="add_credits") from None
     if record is None:
         raise _not_found(key_id)
     return record.info()

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# Bounds that the database columns can hold (gateway/schema.py): USD amounts are whole
+# nanodollars in a 64-bit integer (up to 9.2e9 USD, so a balance topped up to MAX_USD still
+# has room for any debit), rates are 32-bit integers.
+MAX_USD = Decimal(1_000_000_000)
+MAX_RATE = 1_000_000_000
+MAX_MODEL_PATTERNS = 256
 
 
 class Workspace(BaseModel):
@@ -25,14 +32,18 @@ class KeyLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200, description="Human name of the key.")
-    models: list[str] | None = Field(
-        default=None, description="Allowed model names or glob patterns (`tiny-*`); empty or unset: all models."
+    models: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None,
+        max_length=MAX_MODEL_PATTERNS,
+        description="Allowed model names or glob patterns (`tiny-*`); empty or unset: all models.",
     )
-    rpm: int | None = Field(default=None, ge=1, description="Requests per minute.")
-    tpm: int | None = Field(default=None, ge=1, description="Tokens (prompt + max output) per minute.")
-    credits: Decimal | None = Field(default=None, ge=0, description="Credit balance in USD; unset: no balance kept.")
-    daily_limit: Decimal | None = Field(default=None, ge=0, description="Spend limit per UTC day, USD.")
-    monthly_limit: Decimal | None = Field(default=None, ge=0, description="Spend limit per UTC month, USD.")
+    rpm: int | None = Field(default=None, ge=1, le=MAX_RATE, description="Requests per minute.")
+    tpm: int | None = Field(default=None, ge=1, le=MAX_RATE, description="Tokens (prompt + max output) per minute.")
+    credits: Decimal | None = Field(
+        default=None, ge=0, le=MAX_USD, description="Credit balance in USD; unset: no balance kept."
+    )
+    daily_limit: Decimal | None = Field(default=None, ge=0, le=MAX_USD, description="Spend limit per UTC day, USD.")
+    monthly_limit: Decimal | None = Field(default=None, ge=0, le=MAX_USD, description="Spend limit per UTC month, USD.")
     enabled: bool | None = Field(default=None, description="A disabled key gets 403 workspace_locked.")
 
 

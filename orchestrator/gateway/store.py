@@ -18,11 +18,15 @@ from sqlalchemy import Engine, String, create_engine, event, func, insert, selec
 from sqlalchemy.engine import make_url
 
 from orchestrator.gateway.database import upgrade
-from orchestrator.gateway.records import KeyRecord, UsageRecord, Workspace
+from orchestrator.gateway.records import MAX_USD, KeyRecord, UsageRecord, Workspace
 from orchestrator.gateway.schema import api_keys, usage_records, workspaces
 
 NANO = Decimal("1e9")
 _MONEY_FIELDS = ("credits", "daily_limit", "monthly_limit")
+
+
+class BalanceOverflow(ValueError):
+    """A top-up would take a balance past what the API accepts (records.MAX_USD)."""
 
 
 def to_nusd(amount: Decimal | None) -> int | None:
@@ -170,19 +174,28 @@ class SQLStore:
     def update_key(self, key_id: str, changes: dict[str, Any], add_credits: Decimal | None = None) -> KeyRecord | None:
         """Applies ``changes`` (KeyRecord field names, USD amounts) and adds ``add_credits``
         to the balance (an atomic increment, safe beside concurrent debits); returns the new
-        record."""
+        record, or None when there is no such key.
+
+        Raises:
+            BalanceOverflow: the top-up would take the balance past ``MAX_USD`` (nothing changed).
+        """
         values = dict(changes)
         if "models" in values:
             values["models"] = json.dumps(values["models"] or [])
         for name in _MONEY_FIELDS:
             if name in values:
                 values[name + "_nusd"] = to_nusd(values.pop(name))
+        where = [api_keys.c.id == key_id]
         if add_credits is not None:
-            values["credits_nusd"] = func.coalesce(api_keys.c.credits_nusd, 0) + to_nusd(add_credits)
+            balance = func.coalesce(api_keys.c.credits_nusd, 0)
+            values["credits_nusd"] = balance + to_nusd(add_credits)
+            # In the same statement, so concurrent top-ups cannot pass the bound together.
+            where.append(balance <= to_nusd(MAX_USD - add_credits))
         with self.engine.begin() as conn:
-            if values:
-                conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(**values))
+            updated = conn.execute(update(api_keys).where(*where).values(**values)).rowcount if values else 1
             row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+        if row is not None and not updated:
+            raise BalanceOverflow(f"The balance would exceed {MAX_USD} USD.")
         return None if row is None else _key_from_row(row)
 
     # -- usage ------------------------------------------------------------------------

@@ -13,6 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Bounds on what one request may carry, checked before anything is reserved or forwarded.
+MAX_MESSAGES = 2048
+MAX_PROMPTS = 128  # prompts in one completions request (a list of strings or of token lists)
+MAX_TOOLS = 128
+MAX_LOGIT_BIAS = 300  # entries; each bias is between -100 and 100
+MAX_STOP = 16
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -35,14 +42,21 @@ class _SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     user: str | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value and any(not -100 <= bias <= 100 for bias in value.values()):
+            raise ValueError("every bias must be between -100 and 100")
         return value
 
     def output_budget(self) -> int | None:
@@ -53,12 +67,12 @@ class _SamplingFields(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions`` body."""
 
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
 
     @field_validator("messages")
@@ -100,6 +114,8 @@ class CompletionRequest(_SamplingFields):
     def _non_empty(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be empty")
+        if isinstance(value, list) and not isinstance(value[0], int) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return value
 
 

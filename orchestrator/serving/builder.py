@@ -47,6 +47,23 @@ class UnsafeConfigError(ValueError):
     """The app would serve a cluster without any admin credentials."""
 
 
+def _refuse_plain_secrets(overrides: dict[str, Any]) -> None:
+    """Raises UnsafeConfigError for a secret written into a Serve config's ``args``: the admin
+    key, the pepper, or a database URL with a password. Their ``*_file`` settings (a path)
+    or ``ORCH_*`` environment variables are the way to give them."""
+    from sqlalchemy.engine import make_url
+
+    found = [name for name in ("admin_key", "key_pepper") if overrides.get(name)]
+    url = overrides.get("database_url")
+    if url and make_url(str(url)).password:
+        found.append("database_url")
+    if found:
+        raise UnsafeConfigError(
+            f"Secrets must not be written in the app's args ({', '.join(found)}): set them in the environment "
+            f"(ORCH_{found[0].upper()}) or give a file (settings.{found[0]}_file or ORCH_{found[0].upper()}_FILE)."
+        )
+
+
 def resolve_paths(paths: list[str]) -> list[str]:
     """Resolves relative catalog paths against the working directory, else the project
     root (Serve builds apps in a worker whose working directory is not the checkout)."""
@@ -76,9 +93,11 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
 
     Raises:
         CatalogError: the catalog is invalid (nothing is deployed).
-        UnsafeConfigError: no admin key, and open access was not asked for explicitly.
+        UnsafeConfigError: no admin key, and open access was not asked for explicitly; or a
+            secret is written in ``args.settings``.
     """
     args = AppArgs.model_validate(args or {}) if not isinstance(args, AppArgs) else args
+    _refuse_plain_secrets(args.settings)
     overrides = dict(args.settings)
     if args.catalog is not None:
         overrides["catalog"] = args.catalog
@@ -89,7 +108,9 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
             "16+ characters, or set open_access: true to serve without API keys."
         )
     catalog = load_validated_catalog(settings.catalog)
-    settings_data = settings.model_dump(mode="json")
+    # No secret travels as an init argument (Serve shows those in its config and state API):
+    # the router and gateway read theirs from their environment or *_file in their process.
+    settings_data = settings.shareable()
     model_server: Deployment = serve.deployment(ServedModelServer)  # type: ignore[assignment]
     models = {
         spec.name: model_server.options(**model_deployment_options(spec, settings)).bind(

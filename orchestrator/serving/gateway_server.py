@@ -22,7 +22,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from orchestrator.errors import ErrorCode, OrchestratorError, find_error
-from orchestrator.gateway.base import Gateway
+from orchestrator.gateway.base import GATEWAY_METHODS, Gateway
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.store import SQLStore
@@ -44,10 +44,10 @@ def ledger_for(settings: Settings, metrics: Sink | None = None) -> Ledger:
 
 
 class LedgerActor:
-    """The Ray actor holding the ledger; :meth:`call` runs one of its methods."""
+    """The Ray actor holding the ledger; :meth:`call` runs one of its gateway methods."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self.ledger = ledger_for(Settings(**settings), RaySink())
+    def __init__(self, settings: dict[str, Any], ledger: Ledger | None = None) -> None:
+        self.ledger = ledger or ledger_for(Settings(**settings), RaySink())
 
     async def start(self) -> None:
         await self.ledger.start()
@@ -59,9 +59,14 @@ class LedgerActor:
         return True
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Runs one public ledger method (the routers' only entry point)."""
-        if method.startswith("_") or not hasattr(self.ledger, method):
-            raise AttributeError(method)
+        """Runs one of the ledger's :data:`GATEWAY_METHODS` (the routers' only entry point;
+        its lifecycle methods are not reachable through it).
+
+        Raises:
+            AttributeError: ``method`` is not a gateway method.
+        """
+        if method not in GATEWAY_METHODS:
+            raise AttributeError(f"{method!r} is not a gateway method")
         return await getattr(self.ledger, method)(*args, **kwargs)
 
 
@@ -98,7 +103,7 @@ class RemoteGateway:
         self._actor: ActorHandle | None = None
 
     def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
-        if method.startswith("_"):
+        if method not in GATEWAY_METHODS:
             raise AttributeError(method)
         return functools.partial(self._run, method)
 

@@ -40,7 +40,10 @@ class ModelServer:
         engine_factory: Callable[[ModelSpec, Settings], Engine] = _vllm_engine,
     ) -> None:
         self.spec = ModelSpec.model_validate(spec)
-        self.settings = Settings(**settings)
+        # A model replica needs no secret: any its environment supplies is dropped.
+        self.settings = Settings(**settings).model_copy(
+            update={"admin_key": None, "key_pepper": "", "database_url": None}
+        )
         self.engine = engine_factory(self.spec, self.settings)
         self._batch_s = self.settings.stream_batch_ms / 1000.0
         # Requests in this replica (running in the engine or waiting for a slot), counted

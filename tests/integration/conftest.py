@@ -194,7 +194,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
     ops.write_text(yaml.safe_dump({"models": ops_entries}))
     sqlite_url = f"sqlite:///{work / 'gateway.db'}"
     gcs_port, dash_port, http_port, metrics_port = free_port(), free_port(), free_port(), free_port()
-    gateway = {"admin_key": ADMIN_KEY, "usage_flush_ms": 100, "key_cache_seconds": 1}
+    # The admin key reaches the router and gateway as a file named in their environment (as
+    # a mounted Kubernetes Secret would), never in the apps' args.
+    admin_key_file = work / "admin-key"
+    admin_key_file.write_text(ADMIN_KEY + "\n")
+    gateway = {"usage_flush_ms": 100, "key_cache_seconds": 1}
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": http_port},
@@ -248,6 +252,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
         # Replicas report their engine load every second (default 10 s), for the scaling tests.
         "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "ORCH_ADMIN_KEY_FILE": str(admin_key_file),
     }
     started = _run(
         env,

@@ -81,6 +81,11 @@ async def test_unknown_model_404(client: httpx.AsyncClient) -> None:
         ({"max_tokens": "x"}, "max_tokens"),
         ({"messages": []}, "messages"),
         ({"top_p": 0}, "top_p"),
+        ({"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}] * 129}, "tools"),
+        ({"logit_bias": {"50": 101}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"stop": ["x"] * 17}, "stop"),
     ],
 )
 async def test_bad_parameter_names_param(client: httpx.AsyncClient, patch: dict, param: str) -> None:
@@ -88,6 +93,16 @@ async def test_bad_parameter_names_param(client: httpx.AsyncClient, patch: dict,
     assert resp.status_code == 400
     err = resp.json()["error"]
     assert err["code"] == "invalid_request" and err["param"] == param and param in err["message"]
+
+
+async def test_prompt_lists_are_bounded(client: httpx.AsyncClient) -> None:
+    resp = await client.post("/v1/completions", json={"model": "a", "prompt": ["x"] * 129, "max_tokens": 1})
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert err["code"] == "invalid_request" and err["param"] == "prompt" and "128 prompts" in err["message"]
+    # One prompt given as token ids is not a list of prompts.
+    resp = await client.post("/v1/completions", json={"model": "a", "prompt": [1] * 200, "max_tokens": 1})
+    assert resp.status_code == 200, resp.text
 
 
 async def test_malformed_json_400(client: httpx.AsyncClient) -> None:
@@ -160,6 +175,9 @@ async def test_unknown_route_uses_envelope(client: httpx.AsyncClient) -> None:
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
     resp = await client.get("/v1/chat/completions")
     assert resp.status_code == 405 and resp.json()["error"]["code"] == "method_not_allowed"
+    assert resp.headers["allow"] == "POST"
+    resp = await client.delete("/v1/models")
+    assert resp.status_code == 405 and resp.headers["allow"] == "GET"
 
 
 async def test_health(client: httpx.AsyncClient) -> None:

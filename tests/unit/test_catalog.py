@@ -4,6 +4,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.catalog import Catalog, CatalogError, LocalSource, load_catalog
 from orchestrator.errors import ErrorCode, OrchestratorError
@@ -52,7 +53,27 @@ def test_every_problem_is_reported(tmp_path: Path) -> None:
     joined = "\n".join(found)
     assert "models.1.context_window" in joined
     assert "models.1.pricing.input_per_million" in joined
-    assert "models.2.name: name 'a' already used by model 'tiny-a'" in joined
+    assert "models.2.aliases.0: name 'a' already used by model 'tiny-a' (" in joined
+
+
+def test_duplicate_names_and_deployment_names_are_refused(tmp_path: Path) -> None:
+    same = {**TINY, "aliases": [], "backend_id": "org/other"}
+    found = problems(tmp_path, TINY, same)
+    assert any("models.1.name: name 'tiny-a' already used by model 'tiny-a'" in p for p in found), found
+    # Across files too, with the first owner's file and entry.
+    other = tmp_path / "more"
+    other.mkdir()
+    (other / "x.yaml").write_text(yaml.safe_dump({"models": [{**TINY, "name": "x", "aliases": ["TINY-A"]}]}))
+    with pytest.raises(CatalogError) as info:
+        load_catalog([write_catalog(tmp_path, TINY), other])
+    assert "x.yaml: models.0.aliases.0: name 'tiny-a' already used by model 'tiny-a' (" in str(info.value)
+    assert "catalog.yaml: models.0)" in str(info.value)
+    # Display names that differ only where Serve's deployment names replace characters.
+    dotted = {**TINY, "name": "tiny.a", "aliases": [], "backend_id": "org/dotted"}
+    found = problems(tmp_path, {**TINY, "name": "tiny-a"}, dotted)
+    assert any("models.1.name: deployment name 'model-tiny-a' already used by model 'tiny-a'" in p for p in found)
+    # An entry repeating its own name (another case) is not a clash.
+    assert load_catalog([write_catalog(tmp_path, {**TINY, "aliases": ["TINY-A"]})]).resolve("tiny-a")
 
 
 def test_engine_arg_typo_fails_with_suggestion(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -53,3 +55,80 @@ def test_app_with_admin_key_has_one_gateway_replica(monkeypatch: pytest.MonkeyPa
     )
     open_app = build_app({"catalog": [str(REPO / "catalog")], "settings": {"open_access": True}})
     assert open_app._bound_deployment.init_args[3] is None
+
+
+def _init_args(app: Any) -> list[Any]:
+    """Every bound deployment's init args in an app (the router and what it holds)."""
+    found, todo = [], [app._bound_deployment]
+    while todo:
+        bound = todo.pop()
+        for arg in [*bound.init_args, *bound.init_kwargs.values()]:
+            if hasattr(arg, "_bound_deployment"):
+                todo.append(arg._bound_deployment)
+            elif isinstance(arg, dict) and arg and all(hasattr(v, "_bound_deployment") for v in arg.values()):
+                todo.extend(v._bound_deployment for v in arg.values())
+            else:
+                found.append(arg)
+    return found
+
+
+def test_no_deployment_receives_a_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from orchestrator.serving.builder import build_app
+
+    pepper = tmp_path / "pepper"
+    pepper.write_text("pepper-from-a-mounted-secret\n")
+    monkeypatch.setenv("ORCH_ADMIN_KEY", "admin-key-in-the-environment")
+    monkeypatch.setenv("ORCH_KEY_PEPPER_FILE", str(pepper))
+    monkeypatch.setenv("ORCH_DATABASE_URL", "postgresql+psycopg://orch:db-password@db/orch")
+    app = build_app({"catalog": [str(REPO / "catalog")]})
+    found = _init_args(app)
+    settings = [arg for arg in found if isinstance(arg, dict) and "usage_flush_ms" in arg]
+    assert len(settings) == len(load_catalog([REPO / "catalog"])) + 2  # every model, the gateway, the router
+    args = json.dumps(found, default=str)
+    for secret in ("admin-key-in-the-environment", "pepper-from-a-mounted-secret", "db-password"):
+        assert secret not in args
+    assert str(pepper) in args  # the file's name travels; each process reads it itself
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"admin_key": "a-long-enough-admin-key"},
+        {"key_pepper": "pepper"},
+        {"database_url": "postgresql+psycopg://orch:secret@db/orch"},
+    ],
+)
+def test_secrets_written_in_args_are_refused(settings: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.serving.builder import UnsafeConfigError, build_app
+
+    monkeypatch.setenv("ORCH_ADMIN_KEY", "a-long-enough-admin-key")
+    with pytest.raises(UnsafeConfigError, match=f"ORCH_{next(iter(settings)).upper()}_FILE"):
+        build_app({"catalog": [str(REPO / "catalog")], "settings": settings})
+    # A database URL without a password (a SQLite file, trust auth) is not a secret.
+    assert build_app({"catalog": [str(REPO / "catalog")], "settings": {"database_url": "sqlite:///x.db"}})
+
+
+def test_secrets_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.settings import Settings
+
+    (tmp_path / "admin").write_text("admin-key-from-a-file\n")
+    monkeypatch.delenv("ORCH_ADMIN_KEY", raising=False)
+    monkeypatch.setenv("ORCH_ADMIN_KEY_FILE", str(tmp_path / "admin"))
+    assert Settings().admin_key == "admin-key-from-a-file"
+    assert Settings(admin_key="given-directly-wins").admin_key == "given-directly-wins"
+    monkeypatch.setenv("ORCH_ADMIN_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="admin_key_file: cannot read"):
+        Settings()
+
+
+def test_model_replicas_drop_secrets_from_their_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.serving.model_server import ModelServer
+    from tests.fakes import FakeEngine
+
+    monkeypatch.setenv("ORCH_ADMIN_KEY", "admin-key-in-the-environment")
+    monkeypatch.setenv("ORCH_KEY_PEPPER", "pepper")
+    spec = load_catalog([REPO / "catalog"]).specs[0]
+    server = ModelServer(spec.model_dump(mode="json", by_alias=True), {}, engine_factory=lambda s, st: FakeEngine())
+    assert (
+        server.settings.admin_key is None and server.settings.key_pepper == "" and server.settings.database_url is None
+    )

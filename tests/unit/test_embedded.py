@@ -1,4 +1,5 @@
-"""`orchestrator serve` runs open only with neither an admin key nor any API key."""
+"""`orchestrator serve` runs open only with neither an admin key nor any API key, and on a
+non-loopback address only when asked to."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.embedded import _access_mode
+from orchestrator.cli import main
+from orchestrator.embedded import ExposedOpenMode, _access_mode, is_loopback
 from orchestrator.gateway import admin
 from orchestrator.gateway.records import KeyLimits
 from orchestrator.gateway.store import SQLStore
@@ -25,3 +27,29 @@ def test_open_only_without_keys_and_admin_key(tmp_path: Path, capsys: pytest.Cap
     store.close()
     assert not _access_mode(Settings(database_url=url)).open_access
     assert "API keys required" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "::", "example.com"])
+def test_implicit_open_mode_beyond_loopback_is_refused(tmp_path: Path, host: str) -> None:
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    with pytest.raises(ExposedOpenMode, match="--open"):
+        _access_mode(Settings(database_url=url, host=host))
+    assert _access_mode(Settings(database_url=url, host=host, open_access=True)).open_access
+    assert not _access_mode(Settings(database_url=url, host=host, admin_key="x" * 20)).open_access
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.8.0.1", True), ("::1", True),
+    ("[::1]", True), ("localhost", True), ("0.0.0.0", False), ("10.0.0.1", False), ("::", False)])  # fmt: skip
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_serve_refuses_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///{tmp_path / 'o.db'}")
+    monkeypatch.delenv("ORCH_ADMIN_KEY", raising=False)
+    monkeypatch.delenv("ORCH_OPEN_ACCESS", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--catalog", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--open" in err and err.count("\n") == 1

@@ -20,7 +20,7 @@ from orchestrator.api.sse import StreamHead, drive
 from orchestrator.catalog import Catalog
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger
-from orchestrator.gateway.records import Admission, KeyLimits
+from orchestrator.gateway.records import MAX_USD, Admission, KeyLimits
 from orchestrator.gateway.store import SQLStore
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend
@@ -241,3 +241,46 @@ async def test_anthropic_style_x_api_key_header(http: httpx.AsyncClient, ledger:
     assert (await http.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": key})).status_code == 200
     resp = await http.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": "sk-orch-wrong"})
     assert (resp.status_code, code(resp)) == (401, "invalid_api_key")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"credits": "1e30"},
+        {"credits": "-1"},
+        {"credits": "NaN"},
+        {"daily_limit": "1000000001"},
+        {"monthly_limit": "Infinity"},
+        {"rpm": 1_000_000_000_000},
+        {"tpm": 2**31},
+        {"models": ["m"] * 257},
+        {"models": [""]},
+    ],
+)
+async def test_admin_api_refuses_out_of_range(http: httpx.AsyncClient, body: dict) -> None:
+    resp = await http.post("/admin/keys", json=body, headers=auth(ADMIN))
+    assert (resp.status_code, code(resp)) == (400, "invalid_request"), resp.text
+    assert resp.json()["error"]["param"].split(".")[0] == next(iter(body))  # models.0 names the entry
+    assert (await http.get("/admin/keys", headers=auth(ADMIN))).json()["data"] == []
+
+
+async def test_the_largest_values_are_stored_exactly(http: httpx.AsyncClient) -> None:
+    body = {"credits": str(MAX_USD), "daily_limit": "0.000000001", "rpm": 1_000_000_000, "tpm": 1_000_000_000}
+    created = await http.post("/admin/keys", json=body, headers=auth(ADMIN))
+    assert created.status_code == 201, created.text
+    info = (await http.get(f"/admin/keys/{created.json()['info']['id']}", headers=auth(ADMIN))).json()
+    assert Decimal(info["credits"]) == MAX_USD and Decimal(info["daily_limit"]) == Decimal("1e-9")
+    assert info["rpm"] == info["tpm"] == 1_000_000_000
+
+
+async def test_top_ups_cannot_take_a_balance_past_the_bound(http: httpx.AsyncClient) -> None:
+    created = await http.post("/admin/keys", json={"credits": "999999999"}, headers=auth(ADMIN))
+    key_id = created.json()["info"]["id"]
+    over = await http.patch(f"/admin/keys/{key_id}", json={"add_credits": "2", "rpm": 5}, headers=auth(ADMIN))
+    assert (over.status_code, code(over)) == (400, "invalid_request") and over.json()["error"]["param"] == "add_credits"
+    info = (await http.get(f"/admin/keys/{key_id}", headers=auth(ADMIN))).json()
+    assert Decimal(info["credits"]) == Decimal(999999999) and info["rpm"] is None  # nothing changed
+    ok = await http.patch(f"/admin/keys/{key_id}", json={"add_credits": "1"}, headers=auth(ADMIN))
+    assert Decimal(ok.json()["credits"]) == MAX_USD
+    too_big = await http.patch(f"/admin/keys/{key_id}", json={"add_credits": "1e30"}, headers=auth(ADMIN))
+    assert (too_big.status_code, code(too_big)) == (400, "invalid_request")
