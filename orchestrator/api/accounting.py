@@ -10,6 +10,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -32,15 +33,50 @@ _CONTENT = re.compile(r'"(?:content|text)":"[^"]')
 CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned
 
 
-def reserved_tokens(body: dict[str, Any], body_bytes: int, spec: ModelSpec, output_budget: int | None) -> int:
-    """Returns prompt tokens, estimated without a tokenizer from the size of the request
-    body already read (one per 4 bytes, plus 4 per message: an overestimate for English),
-    plus the maximum output tokens of every choice."""
+# The worst-case prompt for a money hold: a byte-level tokenizer makes at most one token per
+# byte of text (the JSON body has at least as many bytes), plus what a chat template adds.
+TEMPLATE_TOKENS_PER_REQUEST = 64
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What a request holds while it runs, settled to its real use when it ends.
+
+    ``tokens`` counts against the key's tokens per minute: the prompt estimated from the body
+    size (one token per 4 bytes, plus 4 per message: an overestimate for English) plus the
+    output budget of every choice of every prompt. ``cost`` is held against the key's
+    balance and spend limits: the worst case, so concurrent requests can never overrun them
+    (the prompt at one token per body byte plus template tokens, at most the context window
+    per prompt; the output budget, or the whole context window when unset, for every
+    choice, ``best_of`` included, of every prompt)."""
+
+    tokens: int
+    cost: Decimal
+
+
+def _prompt_count(body: dict[str, Any]) -> int:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)  # a list of strings or of token lists: one sequence each
+    return 1
+
+
+def reservation(body: dict[str, Any], body_bytes: int, spec: ModelSpec, output_budget: int | None) -> Reservation:
+    """Returns the reservation of a validated request whose body had ``body_bytes`` bytes."""
     messages = body.get("messages")
-    prompt = math.ceil(body_bytes / 4) + 4 * (len(messages) if isinstance(messages, list) else 1)
-    prompt = min(prompt, spec.context_window)
-    output = output_budget or min(DEFAULT_OUTPUT_RESERVATION, max(spec.context_window - prompt, 1))
-    return prompt + output * int(body.get("n") or 1)
+    count = len(messages) if isinstance(messages, list) else 1
+    prompts = _prompt_count(body)
+    choices = max(int(body.get("n") or 1), int(body.get("best_of") or 1))
+    window = spec.context_window
+    prompt = min(math.ceil(body_bytes / 4) + 4 * count, window * prompts)
+    output = output_budget or min(DEFAULT_OUTPUT_RESERVATION, max(window - prompt, 1))
+    worst_prompt = min(body_bytes + TEMPLATE_TOKENS_PER_REQUEST + TEMPLATE_TOKENS_PER_MESSAGE * count, window * prompts)
+    worst_output = (output_budget or window) * choices * prompts
+    return Reservation(
+        tokens=prompt + output * choices * prompts,
+        cost=request_cost(spec.pricing, worst_prompt, worst_output),
+    )
 
 
 class RequestMeter:

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from orchestrator.api.accounting import CLIENT_CLOSED, RequestMeter, Settler, reserved_tokens
+from orchestrator.api.accounting import CLIENT_CLOSED, RequestMeter, Settler, reservation
 from orchestrator.api.auth import bearer_token
 from orchestrator.api.backend import Backend, Kind
 from orchestrator.api.sse import StreamHead, as_orchestrator_error, drive
@@ -125,8 +125,8 @@ async def generate(
             await gateway.authenticate(api_key)
             raise
         model = spec.name
-        reserve = reserved_tokens(body, len(await request.body()), spec, budget)  # the body is cached
-        admission = await gateway.admit(api_key, spec.names, reserve, generation_id)
+        reserve = reservation(body, len(await request.body()), spec, budget)  # the body is cached
+        admission = await gateway.admit(api_key, spec.names, reserve.tokens, generation_id, cost=reserve.cost)
     except OrchestratorError as exc:
         settler.telemetry.refused(route, model, exc)
         raise

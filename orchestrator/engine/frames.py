@@ -87,3 +87,35 @@ def split_usage(frame: str) -> tuple[str, str | None]:
         return frame, None
     _, end = _DECODER.raw_decode(frame, start + 9)
     return frame[:start] + frame[end:], frame[start + 9 : end]
+
+
+_CHOICE_INDEX = re.compile(r'"choices":\[\{"index":(\d+)')
+
+
+class ChoiceUsage:
+    """The running usage of a stream with several sequences: ``n`` > 1 (or ``best_of``), or
+    a completions request with a list of prompts.
+
+    vLLM's per-chunk usage (``continuous_usage_stats``) counts the prompt and completion
+    tokens of the sequence the chunk belongs to (choice ``index`` = prompt number × ``n`` +
+    choice number), so the last chunk before a cut would bill one sequence only. This keeps
+    each sequence's latest counts and gives the request's usage so far: every prompt once,
+    the completion tokens of every choice.
+    """
+
+    def __init__(self, n: int = 1) -> None:
+        self._n = max(n, 1)
+        self._prompt: dict[int, int] = {}
+        self._completion: dict[int, int] = {}
+
+    def add(self, frame: str, usage_json: str) -> str:
+        """Takes a chunk frame and the usage JSON cut out of it; returns the request's usage
+        so far as JSON."""
+        usage = json.loads(usage_json)
+        found = _CHOICE_INDEX.search(frame)
+        index = int(found[1]) if found else 0
+        self._prompt[index // self._n] = int(usage.get("prompt_tokens") or 0)
+        self._completion[index] = int(usage.get("completion_tokens") or 0)
+        prompt, completion = sum(self._prompt.values()), sum(self._completion.values())
+        usage.update(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return json.dumps(usage, separators=(",", ":"))

@@ -32,6 +32,7 @@ from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 from orchestrator.catalog import ModelSpec
 from orchestrator.engine.base import EngineLoad, Kind
 from orchestrator.engine.frames import (
+    ChoiceUsage,
     complete_usage,
     error_from_frame,
     is_usage_frame,
@@ -239,6 +240,10 @@ class VLLMEngine:
         frames = await self._call(kind, self._request(kind, body, request_id, stream=True))
         old, new = _ID_PREFIX[kind] + request_id, "gen-" + request_id
         client_wants_usage = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
+        n = int(body.get("n") or 1)
+        prompt = body.get("prompt")
+        several = n > 1 or (isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int))
+        choices = ChoiceUsage(n) if several else None
         try:
             async for frame in frames:
                 if frame.startswith("data: [DONE]"):
@@ -250,11 +255,11 @@ class VLLMEngine:
                 if is_usage_frame(frame):
                     frame = patch_usage_frame(frame)
                 else:
-                    # With n > 1 the running usage is per choice, so a cut-short stream
-                    # is billed for its last choice's tokens only.
                     stripped, usage = split_usage(frame)
                     if usage is not None:
-                        yield usage_trailer(usage)
+                        # With n > 1 vLLM's running usage is per choice: sum the choices,
+                        # so a cut-short stream is billed for all of them.
+                        yield usage_trailer(usage if choices is None else choices.add(frame, usage))
                         if not client_wants_usage:
                             frame = stripped
                 yield frame

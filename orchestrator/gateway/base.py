@@ -22,7 +22,7 @@ class RequestGateway(Protocol):
     async def authenticate(self, api_key: str | None) -> KeyInfo | None: ...
 
     async def admit(
-        self, api_key: str | None, model_names: Sequence[str], tokens: int, request_id: str
+        self, api_key: str | None, model_names: Sequence[str], tokens: int, request_id: str, *, cost: Decimal = ...
     ) -> Admission: ...
 
     async def settle(self, admission: Admission, record: UsageRecord) -> bool: ...
@@ -56,6 +56,9 @@ class Gateway(RequestGateway, Protocol):
     async def set_workspace_enabled(self, workspace_id: str, enabled: bool) -> Workspace: ...
 
 
+ZERO = Decimal(0)
+
+
 def _methods(*protocols: type) -> frozenset[str]:
     return frozenset(name for p in protocols for name, value in vars(p).items() if callable(value) and name[0] != "_")
 
@@ -73,7 +76,9 @@ class OpenGateway:
     async def authenticate(self, api_key: str | None) -> KeyInfo | None:
         return None
 
-    async def admit(self, api_key: str | None, model_names: Sequence[str], tokens: int, request_id: str) -> Admission:
+    async def admit(
+        self, api_key: str | None, model_names: Sequence[str], tokens: int, request_id: str, *, cost: Decimal = ZERO
+    ) -> Admission:
         return Admission(request_id=request_id)
 
     async def settle(self, admission: Admission, record: UsageRecord) -> bool:

@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _SETTLED_MEMORY = 200_000  # request ids remembered to refuse a second settlement
 _UNKNOWN_CACHE_MAX = 10_000
-_INFLIGHT_MAX_AGE_S = 3600.0  # an admission never settled (its router died) is forgotten
 
 
 @dataclass
@@ -96,6 +95,8 @@ class Ledger:
         key_cache_s: how long a key's row is trusted before it is read again (changes made
             by the CLI directly in the database show up within this time).
         lookup_wait_s: how long :meth:`generation` waits for an admitted request's record.
+        hold_ttl_s: how long an admitted request that never settles (its router died) holds
+            its reserved cost and stays awaited by lookups.
         metrics: where the backlog (pending records, journal segments) and flush times go.
     """
 
@@ -110,6 +111,7 @@ class Ledger:
         flush_interval_s: float = 0.2,
         key_cache_s: float = 2.0,
         lookup_wait_s: float = 30.0,
+        hold_ttl_s: float = 3600.0,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.store = store
@@ -121,7 +123,11 @@ class Ledger:
         self._flush_interval_s = flush_interval_s
         self._key_cache_s = key_cache_s
         self._lookup_wait_s = lookup_wait_s
+        self._hold_ttl_s = hold_ttl_s
         self._inflight: dict[str, tuple[float, asyncio.Event]] = {}
+        # Worst-case costs of admitted, unsettled requests: by request (key id, cost) and by key.
+        self._holds: dict[str, tuple[str, Decimal]] = {}
+        self._held_cost: dict[str, Decimal] = {}
         self.limiter = RateLimiter(monotonic)
         self._lock = threading.Lock()
         self._keys: dict[str, _KeyEntry] = {}
@@ -237,14 +243,31 @@ class Ledger:
             self._spend[key_id] = spend
         return spend
 
-    async def admit(self, api_key: str | None, model_names: Sequence[str], tokens: int, request_id: str) -> Admission:
-        """Lets a request in, reserving one request and ``tokens`` tokens, or refuses it.
+    async def admit(
+        self,
+        api_key: str | None,
+        model_names: Sequence[str],
+        tokens: int,
+        request_id: str,
+        *,
+        cost: Decimal = Decimal(0),
+    ) -> Admission:
+        """Lets a request in, reserving one request, ``tokens`` tokens and ``cost`` USD, or
+        refuses it.
+
+        The reserved cost is held against the key's balance and its daily and monthly spend
+        until the request settles, so concurrent requests can never overrun them: a request
+        is admitted only if the balance, less what finished requests have not yet debited and
+        less every running request's hold, covers its own hold (likewise for the spend
+        limits). The checks and the reservations happen together, with nothing awaited in
+        between.
 
         Args:
             api_key: the bearer token as sent.
             model_names: every name of the requested model (display name, aliases, backend id).
             tokens: prompt tokens (estimated) plus the maximum output tokens.
             request_id: the request's id.
+            cost: the request's worst-case cost in USD.
 
         Returns:
             The admission, with the ``x-ratelimit-*`` headers for the response.
@@ -259,18 +282,33 @@ class Ledger:
             raise OrchestratorError(
                 ErrorCode.MODEL_NOT_ALLOWED, f"This API key may not use the model {model_names[0]!r}.", param="model"
             )
-        if key.credits is not None and key.credits - self._pending_cost.get(key.id, Decimal(0)) <= 0:
-            raise OrchestratorError(ErrorCode.INSUFFICIENT_CREDITS, "This API key has no credits left.")
+        spend = None
         if key.daily_limit is not None or key.monthly_limit is not None:
             now = datetime.fromtimestamp(self._clock(), UTC)
             spend = self._spend.get(key.id)
             if spend is None or spend.day != _day_start(now) or spend.month != _month_start(now):
                 spend = await self._run(self._load_spend, key.id, now)
+        # Nothing below awaits: no other admission can slip between the checks and the holds.
+        self._expire()
+        held = self._held_cost.get(key.id, Decimal(0))
+        if key.credits is not None:
+            available = key.credits - self._pending_cost.get(key.id, Decimal(0)) - held
+            if available <= 0:
+                raise OrchestratorError(ErrorCode.INSUFFICIENT_CREDITS, "This API key has no credits left.")
+            if cost > available:
+                raise OrchestratorError(
+                    ErrorCode.INSUFFICIENT_CREDITS,
+                    f"This request may cost up to ${cost} and ${available} of this key's credits are free. "
+                    "Lower max_tokens (or n), wait for running requests to finish, or add credits.",
+                )
+        if spend is not None:
             for limit, total, period in ((key.daily_limit, spend.day_total, "daily"),
                                          (key.monthly_limit, spend.month_total, "monthly")):  # fmt: skip
-                if limit is not None and total >= limit:
+                if limit is not None and (total >= limit or total + held + cost > limit):
                     raise OrchestratorError(
-                        ErrorCode.KEY_LIMIT_EXCEEDED, f"This API key reached its {period} spend limit of ${limit}."
+                        ErrorCode.KEY_LIMIT_EXCEEDED,
+                        f"This API key reached its {period} spend limit of ${limit} "
+                        f"(spent ${total}, ${held} held by running requests, this one may cost up to ${cost}).",
                     )
         decision = self.limiter.admit(key.id, key.rpm, key.tpm, tokens)
         headers = decision.headers()
@@ -282,6 +320,9 @@ class Ledger:
                 headers=headers,
             )
         self._track(request_id)
+        if cost:
+            self._holds[request_id] = (key.id, cost)
+            self._held_cost[key.id] = held + cost
         return Admission(
             request_id=request_id,
             key_id=key.id,
@@ -291,20 +332,35 @@ class Ledger:
             headers=headers,
         )
 
-    def _track(self, request_id: str) -> None:
-        # Admitted, not yet settled: a lookup waits for the record instead of answering 404,
-        # which lets routers settle after the response without a window of missing records.
-        # Entries are in admission order, so the stale ones (never settled: their router
-        # died) are at the front.
+    def _release(self, request_id: str) -> None:
+        """Drops a request's cost hold, if it has one."""
+        hold = self._holds.pop(request_id, None)
+        if hold is not None:
+            key_id, cost = hold
+            left = self._held_cost[key_id] - cost
+            if left:
+                self._held_cost[key_id] = left
+            else:
+                del self._held_cost[key_id]
+
+    def _expire(self) -> None:
+        # Admissions never settled (their router died) are forgotten after hold_ttl_s: their
+        # cost holds are released and lookups stop waiting for them. Entries are in
+        # admission order, so the stale ones are at the front.
         now = self._monotonic()
         while self._inflight:
             oldest = next(iter(self._inflight))
             admitted, event = self._inflight[oldest]
-            if now - admitted <= _INFLIGHT_MAX_AGE_S:
+            if now - admitted <= self._hold_ttl_s:
                 break
             del self._inflight[oldest]
+            self._release(oldest)
             event.set()
-        self._inflight[request_id] = (now, asyncio.Event())
+
+    def _track(self, request_id: str) -> None:
+        # Admitted, not yet settled: a lookup waits for the record instead of answering 404,
+        # which lets routers settle after the response without a window of missing records.
+        self._inflight[request_id] = (self._monotonic(), asyncio.Event())
 
     # -- settlement -------------------------------------------------------------------
 
@@ -319,6 +375,7 @@ class Ledger:
         if rid in self._settled:
             return False
         waiting = self._inflight.pop(rid, None)
+        self._release(rid)
         self._settled[rid] = None
         if len(self._settled) > _SETTLED_MEMORY:
             self._settled.popitem(last=False)

@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
+from orchestrator.api import create_app
 from orchestrator.catalog import Catalog, load_catalog
+from orchestrator.gateway.journal import UsageJournal
+from orchestrator.gateway.ledger import Ledger
+from orchestrator.gateway.store import SQLStore
+from orchestrator.settings import Settings
+from tests.fakes import FakeEngine, LocalBackend
+
+ADMIN = "admin-key-for-tests-0123456789"
 
 TINY = {
     "name": "tiny-a",
@@ -28,3 +38,23 @@ def write_catalog(folder: Path, *entries: dict) -> Path:
 def catalog(tmp_path: Path) -> Catalog:
     other = {**TINY, "name": "tiny-b", "aliases": ["b"], "backend_id": "org/tiny-b"}
     return load_catalog([write_catalog(tmp_path, TINY, other)])
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
+    ledger = Ledger(SQLStore(f"sqlite:///{tmp_path / 'g.db'}"), UsageJournal(tmp_path / "j"), flush_interval_s=0.05)
+    await ledger.start()
+    yield ledger
+    await ledger.stop()
+
+
+@pytest.fixture
+def engines() -> dict[str, FakeEngine]:
+    return {"tiny-a": FakeEngine(), "tiny-b": FakeEngine(words=["bee"])}
+
+
+@pytest.fixture
+async def http(catalog: Catalog, engines: dict[str, FakeEngine], ledger: Ledger) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(catalog, LocalBackend(engines), Settings(admin_key=ADMIN), gateway=ledger)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        yield client

@@ -79,3 +79,33 @@ def test_split_usage_cuts_only_the_usage_member() -> None:
     assert rest == f'data: {{"id":"x",{content},"prompt_token_ids":null}}\n\n'
     plain = 'data: {"id":"x","choices":[]}\n\n'
     assert split_usage(plain) == (plain, None)
+
+
+def _chunk(index: int, prompt: int, completion: int) -> str:
+    usage = {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
+    data = {"id": "gen-1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": index, "delta": {"content": "x"}, "logprobs": None, "finish_reason": None}],
+            "usage": usage}  # fmt: skip
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def test_running_usage_of_several_choices_counts_them_all() -> None:
+    from orchestrator.engine.frames import ChoiceUsage, split_usage
+
+    running = ChoiceUsage(n=3)
+    last = ""
+    for index, completion in [(0, 1), (1, 1), (2, 1), (0, 2), (2, 2), (0, 3)]:
+        frame = _chunk(index, 7, completion)
+        last = running.add(frame, split_usage(frame)[1] or "")
+    # Choice 0 has 3 tokens, choice 1 has 1, choice 2 has 2; the prompt counts once.
+    assert json.loads(last) == {"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13}
+
+
+def test_running_usage_of_a_prompt_list_counts_every_prompt() -> None:
+    from orchestrator.engine.frames import ChoiceUsage, split_usage
+
+    running = ChoiceUsage(n=2)  # 2 prompts x 2 choices: indexes 0, 1 (prompt 0) and 2, 3 (prompt 1)
+    for index, prompt, completion in [(0, 5, 1), (1, 5, 1), (2, 9, 1), (3, 9, 2)]:
+        frame = _chunk(index, prompt, completion)
+        last = running.add(frame, split_usage(frame)[1] or "")
+    assert json.loads(last) == {"prompt_tokens": 14, "completion_tokens": 5, "total_tokens": 19}

@@ -5,48 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from decimal import Decimal
-from pathlib import Path
 
 import httpx
 import pytest
 
-from orchestrator.api import create_app
 from orchestrator.api.accounting import RequestMeter, Settler
 from orchestrator.api.backend import Kind
 from orchestrator.api.generation import _MeteredStream
 from orchestrator.api.sse import StreamHead, drive
 from orchestrator.catalog import Catalog
-from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.records import MAX_USD, Admission, KeyLimits
-from orchestrator.gateway.store import SQLStore
-from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend
+from tests.unit.conftest import ADMIN
 
-ADMIN = "admin-key-for-tests-0123456789"
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(SQLStore(f"sqlite:///{tmp_path / 'g.db'}"), UsageJournal(tmp_path / "j"), flush_interval_s=0.05)
-    await ledger.start()
-    yield ledger
-    await ledger.stop()
-
-
-@pytest.fixture
-def engines() -> dict[str, FakeEngine]:
-    return {"tiny-a": FakeEngine(), "tiny-b": FakeEngine(words=["bee"])}
-
-
-@pytest.fixture
-async def http(catalog: Catalog, engines: dict[str, FakeEngine], ledger: Ledger) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(catalog, LocalBackend(engines), Settings(admin_key=ADMIN), gateway=ledger)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        yield client
 
 
 async def new_key(ledger: Ledger, **limits: object) -> str:

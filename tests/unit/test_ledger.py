@@ -268,3 +268,63 @@ async def test_admissions_never_settled_are_forgotten_after_an_hour(ledger: Ledg
     assert list(ledger._inflight) == ["fresh"]
     # A lookup of the orphan no longer waits: it is simply unknown.
     assert (await refused(ledger.generation("gen-orphan", key))).code is ErrorCode.NOT_FOUND
+
+
+async def test_fifty_concurrent_requests_cannot_overrun_a_balance(ledger: Ledger) -> None:
+    """Credits cover about 5 worst cases: at most 5 are admitted at once, the rest get 402,
+    and after every admitted request settles (each at its worst case) the balance is 0."""
+    import asyncio
+
+    created = await ledger.create_key(KeyLimits(credits=Decimal("1.25")))
+    hold = Decimal("0.25")
+
+    async def one(i: int) -> Admission | OrchestratorError:
+        try:
+            return await ledger.admit(created.key, NAMES, 10, f"c{i}", cost=hold)
+        except OrchestratorError as exc:
+            return exc
+
+    results = await asyncio.gather(*(one(i) for i in range(50)))
+    admitted = [r for r in results if isinstance(r, Admission)]
+    refusals = [r for r in results if isinstance(r, OrchestratorError)]
+    assert len(admitted) == 5 and len(refusals) == 45
+    assert {r.code for r in refusals} == {ErrorCode.INSUFFICIENT_CREDITS}
+    for admission in admitted:
+        await ledger.settle(admission, record(ledger, admission, cost=str(hold)))
+    await ledger.flush()
+    assert (await ledger.get_key(created.info.id)).credits == 0
+    assert (
+        await refused(ledger.admit(created.key, NAMES, 10, "late", cost=hold))
+    ).code is ErrorCode.INSUFFICIENT_CREDITS
+
+
+async def test_a_hold_settles_to_the_real_cost(ledger: Ledger) -> None:
+    created = await ledger.create_key(KeyLimits(credits=Decimal("1")))
+    big = await ledger.admit(created.key, NAMES, 10, "big", cost=Decimal("0.75"))
+    error = await refused(ledger.admit(created.key, NAMES, 10, "second", cost=Decimal("0.5")))
+    assert error.code is ErrorCode.INSUFFICIENT_CREDITS and "0.5" in error.message and "max_tokens" in error.message
+    await ledger.settle(big, record(ledger, big, cost="0.1"))  # it used far less than its hold
+    second = await ledger.admit(created.key, NAMES, 10, "second", cost=Decimal("0.5"))
+    await ledger.settle(second, record(ledger, second, cost="0.5"))
+    await ledger.flush()
+    assert (await ledger.get_key(created.info.id)).credits == Decimal("0.4")
+
+
+async def test_spend_limits_count_holds(ledger: Ledger) -> None:
+    created = await ledger.create_key(KeyLimits(daily_limit=Decimal("1"), monthly_limit=Decimal("1.5")))
+    first = await ledger.admit(created.key, NAMES, 10, "d1", cost=Decimal("0.6"))
+    error = await refused(ledger.admit(created.key, NAMES, 10, "d2", cost=Decimal("0.6")))
+    assert error.code is ErrorCode.KEY_LIMIT_EXCEEDED and "daily" in error.message
+    await ledger.settle(first, record(ledger, first, cost="0.2"))
+    await ledger.admit(created.key, NAMES, 10, "d2", cost=Decimal("0.6"))  # 0.2 spent + 0.6 held <= 1
+
+
+async def test_a_dead_routers_holds_expire(ledger: Ledger) -> None:
+    created = await ledger.create_key(KeyLimits(credits=Decimal("1")))
+    await ledger.admit(created.key, NAMES, 10, "orphan", cost=Decimal("1"))  # its router died
+    assert (await refused(ledger.admit(created.key, NAMES, 10, "r", cost=Decimal("0.1")))).code is (
+        ErrorCode.INSUFFICIENT_CREDITS
+    )
+    ledger._clock.now += 3601  # type: ignore[attr-defined]
+    await ledger.admit(created.key, NAMES, 10, "r", cost=Decimal("0.1"))
+    assert ledger._held_cost == {created.info.id: Decimal("0.1")}
