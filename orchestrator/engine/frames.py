@@ -97,7 +97,7 @@ class ChoiceUsage:
     a completions request with a list of prompts.
 
     vLLM's per-chunk usage (``continuous_usage_stats``) counts the prompt and completion
-    tokens of the sequence the chunk belongs to (choice ``index`` = prompt number × ``n`` +
+    tokens of the sequence the chunk belongs to (choice ``index`` = prompt number * ``n`` +
     choice number), so the last chunk before a cut would bill one sequence only. This keeps
     each sequence's latest counts and gives the request's usage so far: every prompt once,
     the completion tokens of every choice.
