@@ -3,6 +3,7 @@ PostgreSQL server (main app) and SQLite (second app), driven by the openai SDK."
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -240,3 +241,59 @@ def test_model_replica_dying_mid_stream_is_billed_once(deployment: Deployment) -
             assert time.monotonic() < deadline, f"model c did not recover: {err}"
             time.sleep(3)
     assert reply.choices
+
+
+def test_fifty_concurrent_requests_cannot_overrun_a_balance(deployment: Deployment) -> None:
+    """Credits cover about 5 requests at their worst case: some of 50 concurrent requests get
+    402, and the balance ends at or above 0, equal to the credits less the recorded costs."""
+    from orchestrator.api.accounting import TEMPLATE_TOKENS_PER_MESSAGE, TEMPLATE_TOKENS_PER_REQUEST
+    from orchestrator.catalog import Pricing
+    from orchestrator.gateway.pricing import request_cost
+
+    info = httpx.get(deployment.base_url + "/v1/model/info", params={"model": "tiny-a"}, timeout=30).json()
+    body = {"model": "tiny-a", "messages": USER, "max_tokens": 64, "stream": True, "ignore_eos": True}
+    content = json.dumps(body).encode()
+    worst_prompt = len(content) + TEMPLATE_TOKENS_PER_REQUEST + TEMPLATE_TOKENS_PER_MESSAGE
+    hold = request_cost(Pricing.model_validate(info["pricing"]), worst_prompt, 64)
+    credits = hold * Decimal("5.5")
+    created = deployment.admin("POST", "/admin/keys", json={"credits": str(credits)}).json()
+    key, key_id = created["key"], created["info"]["id"]
+    headers = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+
+    def one(_: int) -> int:
+        with (
+            httpx.Client(timeout=300) as http,
+            http.stream("POST", deployment.base_url + "/v1/chat/completions", content=content, headers=headers) as resp,
+        ):
+            resp.read()
+            return resp.status_code
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        statuses = list(pool.map(one, range(50)))
+    assert set(statuses) == {200, 402} and statuses.count(200) >= 5, sorted(statuses)
+    time.sleep(1)  # flushed every 100 ms
+    balance = Decimal(deployment.admin("GET", f"/admin/keys/{key_id}").json()["credits"])
+    usage = deployment.admin("GET", "/admin/usage", params={"key": key_id, "group_by": "key"}).json()["data"]
+    assert usage[0]["requests"] == statuses.count(200)
+    assert balance >= 0 and balance == credits - Decimal(str(usage[0]["cost"])), (balance, usage)
+
+
+def test_a_cut_short_stream_with_several_choices_is_billed_for_all(deployment: Deployment) -> None:
+    created = deployment.admin("POST", "/admin/keys", json={"credits": "1"}).json()
+    body = {"model": "tiny-b", "messages": USER, "max_tokens": 300, "n": 4, "stream": True, "ignore_eos": True}
+    seen: dict[int, int] = {}
+    with open_stream(deployment, body, created["key"]) as lines:
+        for line in lines:
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            gen_id = chunk["id"]
+            for choice in chunk["choices"]:
+                if (choice.get("delta") or {}).get("content"):
+                    seen[choice["index"]] = seen.get(choice["index"], 0) + 1
+            if len(seen) == 4 and sum(seen.values()) >= 40:
+                break
+    record = _record(deployment, gen_id)
+    assert record["cancelled"] is True and record["completion_tokens"] < 4 * 300
+    # Every choice's tokens are billed, not only the last one's (about a quarter of them).
+    assert record["completion_tokens"] >= sum(seen.values()), (record["completion_tokens"], seen)
