@@ -19,6 +19,7 @@ from orchestrator.api.sse import StreamHead, as_orchestrator_error, drive
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.base import RequestGateway
+from orchestrator.gateway.records import Admission
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
 from orchestrator.settings import Settings
 
@@ -92,6 +93,16 @@ class _MeteredStream:
         self.settler.finish(self.meter, CLIENT_CLOSED, cancelled=True)
 
 
+def _settle_if_admitted(
+    admitting: asyncio.Future[Admission], spec: ModelSpec, route: str, stream: bool, settler: Settler
+) -> None:
+    """Settles, as abandoned (499, nothing generated), an admission whose client left while
+    it was being made, so it leaves its one record and releases its holds."""
+    if admitting.cancelled() or admitting.exception() is not None:
+        return
+    settler.finish(RequestMeter(spec, admitting.result(), route=route, streamed=stream), CLIENT_CLOSED, cancelled=True)
+
+
 async def generate(
     kind: Kind,
     request: Request,
@@ -126,7 +137,17 @@ async def generate(
             raise
         model = spec.name
         reserve = reservation(body, len(await request.body()), spec, budget)  # the body is cached
-        admission = await gateway.admit(api_key, spec.names, reserve.tokens, generation_id, cost=reserve.cost)
+        admitting = asyncio.ensure_future(
+            gateway.admit(api_key, spec.names, reserve.tokens, generation_id, cost=reserve.cost)
+        )
+        try:
+            # Shielded: a client leaving now must not lose an admission the gateway made.
+            admission = await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            admitting.add_done_callback(
+                lambda done: _settle_if_admitted(done, spec, route, bool(body.get("stream")), settler)
+            )
+            raise
     except OrchestratorError as exc:
         settler.telemetry.refused(route, model, exc)
         raise

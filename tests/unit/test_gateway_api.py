@@ -3,6 +3,7 @@ rate-limit headers, cost, generation lookup, settlement of abandoned streams, ad
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from decimal import Decimal
@@ -10,6 +11,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from orchestrator.api import create_app
 from orchestrator.api.accounting import RequestMeter, Settler
 from orchestrator.api.backend import Kind
 from orchestrator.api.generation import _MeteredStream
@@ -17,6 +19,7 @@ from orchestrator.api.sse import StreamHead, drive
 from orchestrator.catalog import Catalog
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.records import MAX_USD, Admission, KeyLimits
+from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend
 from tests.unit.conftest import ADMIN
 
@@ -258,3 +261,43 @@ async def test_top_ups_cannot_take_a_balance_past_the_bound(http: httpx.AsyncCli
     assert Decimal(ok.json()["credits"]) == MAX_USD
     too_big = await http.patch(f"/admin/keys/{key_id}", json={"add_credits": "1e30"}, headers=auth(ADMIN))
     assert (too_big.status_code, code(too_big)) == (400, "invalid_request")
+
+
+class _SlowAdmission:
+    """The ledger, with admissions that finish only when released."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.ledger, name)
+
+    async def admit(self, *args: object, **kwargs: object) -> Admission:
+        self.started.set()
+        await self.release.wait()
+        return await self.ledger.admit(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_client_leaving_during_admission_is_settled_once(
+    catalog: Catalog, engines: dict[str, FakeEngine], ledger: Ledger
+) -> None:
+    created = await ledger.create_key(KeyLimits(credits=Decimal(1)))
+    slow = _SlowAdmission(ledger)
+    app = create_app(catalog, LocalBackend(engines), Settings(admin_key=ADMIN), gateway=slow)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        call = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT, headers=auth(created.key)))
+        await slow.started.wait()
+        call.cancel()  # the client leaves while the gateway is admitting it
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        slow.release.set()  # the gateway admits it after all
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not ledger._holds and ledger._pending:
+                break
+    assert ledger._holds == {} and ledger._inflight == {}  # its hold and its lookup wait are released
+    records = list(ledger._pending.values())
+    assert len(records) == 1 and records[0].status_code == 499 and records[0].cancelled
+    assert records[0].key_id == created.info.id and records[0].cost == 0
