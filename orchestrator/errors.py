@@ -36,6 +36,7 @@ class ErrorCode(StrEnum):
     PROVIDER_TIMEOUT = "provider_timeout"
     PROVIDER_OVERLOADED = "provider_overloaded"
     MODEL_UNAVAILABLE = "model_unavailable"
+    SERVICE_UNAVAILABLE = "service_unavailable"
 
     @property
     def http_status(self) -> int:
@@ -69,6 +70,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.PROVIDER_TIMEOUT: 504,
     ErrorCode.PROVIDER_OVERLOADED: 529,
     ErrorCode.MODEL_UNAVAILABLE: 503,
+    ErrorCode.SERVICE_UNAVAILABLE: 503,
 }
 
 # OpenAI SDKs only look at the status, but `type` helps humans group errors.

@@ -18,7 +18,7 @@ from typing import Any
 from orchestrator.api.telemetry import Telemetry
 from orchestrator.catalog import ModelSpec
 from orchestrator.engine.frames import USAGE_TRAILER, is_usage_frame
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.base import RequestGateway
 from orchestrator.gateway.pricing import request_cost
 from orchestrator.gateway.records import Admission, UsageRecord
@@ -203,19 +203,55 @@ class Settler:
     """Ends requests: records their metrics and hands their usage to the gateway. Each
     settlement runs as its own task, off the response's path and safe from the request's
     cancellation (client gone); the ledger holds lookups of admitted requests until they
-    settle. :meth:`drain` awaits the ones still running (shutdown)."""
+    settle. :meth:`drain` awaits the ones still running (shutdown).
 
-    def __init__(self, gateway: RequestGateway, telemetry: Telemetry | None = None) -> None:
+    While the gateway is unavailable (its replica is being replaced: 503
+    ``service_unavailable``), a settlement is retried with backoff for ``retry_for_s``; the
+    records waiting so form a spool of at most ``max_spooled`` (past it a record is logged
+    and dropped rather than held). Retrying is safe: the gateway stores and debits a request
+    id once, also across its restarts.
+    """
+
+    def __init__(
+        self,
+        gateway: RequestGateway,
+        telemetry: Telemetry | None = None,
+        *,
+        retry_for_s: float = 300.0,
+        first_retry_s: float = 0.5,
+        max_spooled: int = 10_000,
+    ) -> None:
         self.gateway = gateway
         self.telemetry = telemetry or Telemetry()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retry_for_s = retry_for_s
+        self._first_retry_s = first_retry_s
+        self._max_spooled = max_spooled
+        self.spooled = 0  # settlements waiting for the gateway to come back
 
     async def _settle(self, admission: Admission, record: UsageRecord) -> None:
+        deadline = time.monotonic() + self._retry_for_s
+        delay = self._first_retry_s
+        spooled = False
         try:
-            await self.gateway.settle(admission, record)
+            while True:
+                try:
+                    await self.gateway.settle(admission, record)
+                    return
+                except OrchestratorError as exc:
+                    retry = exc.code is ErrorCode.SERVICE_UNAVAILABLE and time.monotonic() + delay < deadline
+                    if not retry or (not spooled and self.spooled >= self._max_spooled):
+                        raise
+                    if not spooled:
+                        spooled, self.spooled = True, self.spooled + 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15.0)
         except Exception:
             # Never raised to the client; logged with the record.
             logger.exception("settlement failed; unrecorded usage: %s", record.model_dump_json())
+        finally:
+            if spooled:
+                self.spooled -= 1
 
     def finish(
         self, meter: RequestMeter, status: int, *, error: OrchestratorError | None = None, cancelled: bool = False

@@ -26,6 +26,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway import admin
 from orchestrator.gateway.journal import UsageJournal
@@ -97,6 +99,8 @@ class Ledger:
         lookup_wait_s: how long :meth:`generation` waits for an admitted request's record.
         hold_ttl_s: how long an admitted request that never settles (its router died) holds
             its reserved cost and stays awaited by lookups.
+        outage_grace_s: while the database is unreachable, how long past ``key_cache_s`` a
+            cached key keeps being admitted (then: 503 ``service_unavailable``).
         metrics: where the backlog (pending records, journal segments) and flush times go.
     """
 
@@ -112,6 +116,7 @@ class Ledger:
         key_cache_s: float = 2.0,
         lookup_wait_s: float = 30.0,
         hold_ttl_s: float = 3600.0,
+        outage_grace_s: float = 300.0,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.store = store
@@ -124,6 +129,7 @@ class Ledger:
         self._key_cache_s = key_cache_s
         self._lookup_wait_s = lookup_wait_s
         self._hold_ttl_s = hold_ttl_s
+        self._outage_grace_s = outage_grace_s
         self._inflight: dict[str, tuple[float, asyncio.Event]] = {}
         # Worst-case costs of admitted, unsettled requests: by request (key id, cost) and by key.
         self._holds: dict[str, tuple[str, Decimal]] = {}
@@ -144,9 +150,22 @@ class Ledger:
     # -- lifecycle --------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs ``fn`` on the database thread.
+
+        Raises:
+            OrchestratorError: 503 ``service_unavailable`` when the database cannot be reached
+            (an infrastructure fault, not a bug: the client may retry).
+        """
         if self._db is None:
             raise RuntimeError("ledger is not started")
-        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+        except (OperationalError, InterfaceError) as exc:
+            raise OrchestratorError(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "The gateway's database is unreachable; retry shortly.",
+                headers={"Retry-After": "5"},
+            ) from exc
 
     async def start(self) -> None:
         """Opens the store (applying migrations), replays leftover journal segments."""
@@ -216,7 +235,15 @@ class Ledger:
         key_hash = hash_key(api_key, self._pepper)
         entry = self._keys.get(key_hash)
         if entry is None or self._monotonic() - entry.fetched > self._key_cache_s:
-            entry = await self._run(self._load_key, key_hash)
+            try:
+                entry = await self._run(self._load_key, key_hash)
+            except OrchestratorError as exc:
+                # The database is down: a key seen recently keeps working from its cached row
+                # for `outage_grace_s`, then gets 503 like an unknown one.
+                if entry is None or exc.code is not ErrorCode.SERVICE_UNAVAILABLE:
+                    raise
+                if self._monotonic() - entry.fetched > self._key_cache_s + self._outage_grace_s:
+                    raise
         record = entry.record
         # The lookup was by hash; the constant-time comparison makes the check explicit.
         if record is None or record.revoked_at is not None or not hmac.compare_digest(record.key_hash, key_hash):
@@ -287,7 +314,7 @@ class Ledger:
             now = datetime.fromtimestamp(self._clock(), UTC)
             spend = self._spend.get(key.id)
             if spend is None or spend.day != _day_start(now) or spend.month != _month_start(now):
-                spend = await self._run(self._load_spend, key.id, now)
+                spend = await self._run(self._load_spend, key.id, now)  # 503 while the database is down
         # Nothing below awaits: no other admission can slip between the checks and the holds.
         self._expire()
         held = self._held_cost.get(key.id, Decimal(0))
@@ -428,12 +455,20 @@ class Ledger:
         # One flush at a time (the flusher, a usage report and shutdown may all call it):
         # two would commit the same head batch and then pop a batch nobody committed.
         async with self._flush_lock:
-            with self._lock:
-                batch, self._unsealed = self._unsealed, []
-            if batch:
-                segment = self.journal.seal() if self.journal is not None else None
-                self._batches.append((segment, batch))
-            while self._batches:
+            # While an earlier batch waits for the database (an outage), new records stay in
+            # the open segment instead of sealing one segment per flush, so the journal keeps
+            # at most two files however long the outage lasts. Once that batch is committed,
+            # what accumulated meanwhile is sealed and committed in the same flush.
+            sealed = False
+            while True:
+                if not self._batches:
+                    with self._lock:
+                        batch, self._unsealed = ([], self._unsealed) if sealed else (self._unsealed, [])
+                    if not batch:
+                        return
+                    segment = self.journal.seal() if self.journal is not None else None
+                    self._batches.append((segment, batch))
+                    sealed = True
                 segment, records = self._batches[0]
                 started = self._monotonic()
                 await self._run(self._commit, records)

@@ -19,6 +19,7 @@ from typing import Any, cast
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from orchestrator.errors import ErrorCode, OrchestratorError, find_error
@@ -108,14 +109,19 @@ class RemoteGateway:
         return functools.partial(self._run, method)
 
     async def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if self._actor is None:
-            self._actor = await self._locate.remote()
         try:
+            if self._actor is None:
+                self._actor = await self._locate.remote()
             return await self._actor.call.remote(method, *args, **kwargs)
-        except RayActorError:
-            # Its replica died with it; the next call finds the replacement's actor.
+        except (RayActorError, RayServeException) as exc:
+            # The gateway's replica (and its actor) died or is being replaced: the next call
+            # finds the new one. An infrastructure fault, not a bug: 503 with Retry-After.
             self._actor = None
-            raise OrchestratorError(ErrorCode.INTERNAL_ERROR, "The gateway is restarting; retry the request.") from None
+            raise OrchestratorError(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "The gateway is restarting; retry the request.",
+                headers={"Retry-After": "1"},
+            ) from exc
         except Exception as exc:
             # Give the edge the OrchestratorError itself, not Ray's wrapper around it.
             found = find_error(exc)

@@ -17,8 +17,9 @@ from orchestrator.api.backend import Kind
 from orchestrator.api.generation import _MeteredStream
 from orchestrator.api.sse import StreamHead, drive
 from orchestrator.catalog import Catalog
+from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.ledger import Ledger
-from orchestrator.gateway.records import MAX_USD, Admission, KeyLimits
+from orchestrator.gateway.records import MAX_USD, Admission, KeyLimits, UsageRecord
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend
 from tests.unit.conftest import ADMIN
@@ -301,3 +302,53 @@ async def test_a_client_leaving_during_admission_is_settled_once(
     records = list(ledger._pending.values())
     assert len(records) == 1 and records[0].status_code == 499 and records[0].cancelled
     assert records[0].key_id == created.info.id and records[0].cost == 0
+
+
+class _RestartingGateway:
+    """The ledger behind a gateway that answers 503 (restarting) to the first settlements."""
+
+    def __init__(self, ledger: Ledger, failures: int) -> None:
+        self.ledger = ledger
+        self.failures = failures
+        self.attempts = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.ledger, name)
+
+    async def settle(self, admission: Admission, record: UsageRecord) -> bool:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise OrchestratorError(ErrorCode.SERVICE_UNAVAILABLE, "restarting", headers={"Retry-After": "1"})
+        return await self.ledger.settle(admission, record)
+
+
+async def test_settlement_is_retried_while_the_gateway_restarts(catalog: Catalog, ledger: Ledger) -> None:
+    created = await ledger.create_key(KeyLimits(credits=Decimal(1)))
+    spec = catalog.resolve("a")
+    gateway = _RestartingGateway(ledger, failures=3)
+    settler = Settler(gateway, first_retry_s=0.01)  # type: ignore[arg-type]
+    admission = await ledger.admit(created.key, spec.names, 10, "r1", cost=Decimal("0.01"))
+    meter = RequestMeter(spec, admission, streamed=False)
+    meter.on_response({"usage": {"prompt_tokens": 3, "completion_tokens": 4}, "choices": [{}]})
+    task = settler.finish(meter, 200)
+    await asyncio.sleep(0.005)
+    assert settler.spooled == 1  # waiting for the gateway
+    await task
+    assert gateway.attempts == 4 and settler.spooled == 0
+    assert (await ledger.generation("gen-r1", created.key)).completion_tokens == 4
+    await ledger.flush()
+    assert (await ledger.get_key(created.info.id)).credits == Decimal(1) - meter.cost()
+
+
+async def test_settlement_gives_up_after_its_bound(
+    catalog: Catalog, ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    created = await ledger.create_key(KeyLimits())
+    spec = catalog.resolve("a")
+    settler = Settler(_RestartingGateway(ledger, failures=10**6), retry_for_s=0.1, first_retry_s=0.01)  # type: ignore[arg-type]
+    admission = await ledger.admit(created.key, spec.names, 10, "r2")
+    await settler.finish(RequestMeter(spec, admission, streamed=False), 200)
+    assert settler.spooled == 0 and "unrecorded usage" in caplog.text
+    # A full spool does not wait: the record is logged at once.
+    full = Settler(_RestartingGateway(ledger, failures=10**6), max_spooled=0, first_retry_s=10)  # type: ignore[arg-type]
+    await asyncio.wait_for(full.finish(RequestMeter(spec, admission, streamed=False), 200), timeout=1)

@@ -328,3 +328,58 @@ async def test_a_dead_routers_holds_expire(ledger: Ledger) -> None:
     ledger._clock.now += 3601  # type: ignore[attr-defined]
     await ledger.admit(created.key, NAMES, 10, "r", cost=Decimal("0.1"))
     assert ledger._held_cost == {created.info.id: Decimal("0.1")}
+
+
+class FlakyStore(SQLStore):
+    """A store whose database can be taken down: every call then fails as a lost connection does."""
+
+    down = False
+
+    def __getattribute__(self, name: str) -> object:
+        attr = super().__getattribute__(name)
+        if name in ("key_by_hash", "get_workspace", "spend_since", "write_usage", "usage") and self.down:
+
+            def fail(*args: object, **kwargs: object) -> object:
+                from sqlalchemy.exc import OperationalError
+
+                raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database is down"))
+
+            return fail
+        return attr
+
+
+async def test_a_database_outage_admits_cached_keys_for_a_while_and_loses_nothing(db_url: str, tmp_path: Path) -> None:
+    clock = Clock()
+    store = FlakyStore(db_url)
+    journal = UsageJournal(tmp_path / "journal")
+    ledger = Ledger(store, journal, clock=clock, monotonic=clock, key_cache_s=1, outage_grace_s=60)
+    await ledger.start()
+    try:
+        known = await ledger.create_key(KeyLimits(credits=Decimal(10), daily_limit=Decimal(10)))
+        stranger = await ledger.create_key(KeyLimits())
+        first = await ledger.admit(known.key, NAMES, 10, "before", cost=Decimal("0.1"))
+        await ledger.settle(first, record(ledger, first, cost="0.1"))
+        store.down = True
+        clock.now += 5  # past the key cache: each admission tries the database
+        admitted = []
+        for i in range(20):
+            admission = await ledger.admit(known.key, NAMES, 10, f"during-{i}", cost=Decimal("0.1"))
+            await ledger.settle(admission, record(ledger, admission, cost="0.1"))
+            admitted.append(admission)
+            with pytest.raises(OrchestratorError):
+                await ledger.flush()  # the database refuses the batch; it stays journaled
+        assert journal.count() <= 2  # one segment waiting for the database, one open
+        unknown = await refused(ledger.admit(stranger.key, NAMES, 10, "stranger"))
+        assert unknown.code is ErrorCode.SERVICE_UNAVAILABLE and unknown.headers["Retry-After"]
+        clock.now += 60  # past the grace: the cached key is no longer trusted
+        late = await refused(ledger.admit(known.key, NAMES, 10, "late"))
+        assert late.code is ErrorCode.SERVICE_UNAVAILABLE and late.status == 503
+        store.down = False
+        await ledger.flush()
+        assert journal.count() <= 1
+        assert (await ledger.get_key(known.info.id)).credits == Decimal(10) - Decimal("0.1") * 21
+        report = await ledger.usage_report(group_by=["key"])
+        assert {row["key"]: row["requests"] for row in report} == {known.info.id: 21}
+    finally:
+        store.down = False
+        await ledger.stop()
