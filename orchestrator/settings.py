@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     admin_key_file: Path | None = Field(default=None, description="File holding the admin key (read at start).")
     key_pepper_file: Path | None = Field(default=None, description="File holding the key pepper (read at start).")
     database_url_file: Path | None = Field(default=None, description="File holding the database URL (read at start).")
+    db_outage_grace_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description=(
+            "While the gateway database is unreachable, how long keys seen recently keep being admitted from "
+            "cached rows; past it (and for keys not cached) requests get 503 service_unavailable."
+        ),
+    )
     kv_cache_gb: int = Field(
         default=1, ge=1, description="CPU engines only: KV cache per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
