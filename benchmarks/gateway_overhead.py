@@ -155,7 +155,7 @@ def main() -> None:
                 {**app, "name": "open", "route_prefix": "/open",
                  "args": {"catalog": [str(catalog)], "settings": {"open_access": True}}},
                 {**app, "name": "gw", "route_prefix": "/gw",
-                 "args": {"catalog": [str(catalog)], "settings": {"database_url": db}}},
+                 "args": {"catalog": [str(catalog)], "settings": {"database_url": db, "allow_sqlite": True}}},
             ],
         }  # fmt: skip
         extra_env = {

@@ -68,6 +68,14 @@ class Settings(BaseSettings):
     key_pepper: str = Field(
         default="", repr=False, description="Secret mixed into stored key hashes (HMAC-SHA256); changing it voids keys."
     )
+    allow_sqlite: bool = Field(
+        default=False,
+        description=(
+            "Let a cluster deploy keep the gateway database in SQLite (a file on whichever node the gateway "
+            "runs: rescheduled elsewhere, it starts empty). For one-machine clusters; `orchestrator serve` "
+            "needs no flag."
+        ),
+    )
     open_access: bool = Field(
         default=False,
         description=(

@@ -223,7 +223,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
                 "import_path": "orchestrator.serving:build_app",
                 "args": {
                     "catalog": [str(small)],
-                    "settings": {"database_url": sqlite_url, "keepalive_seconds": 2, **gateway},
+                    "settings": {"database_url": sqlite_url, "allow_sqlite": True, "keepalive_seconds": 2, **gateway},
                 },
             },
             {

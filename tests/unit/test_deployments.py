@@ -46,6 +46,7 @@ def test_app_with_admin_key_has_one_gateway_replica(monkeypatch: pytest.MonkeyPa
     from orchestrator.serving.builder import build_app
 
     monkeypatch.setenv("ORCH_ADMIN_KEY", "a-long-enough-admin-key")
+    monkeypatch.setenv("ORCH_DATABASE_URL", "postgresql+psycopg://orch@db/orch")
     app = build_app({"catalog": [str(REPO / "catalog")], "settings": {"router_replicas": 2}})
     router = app._bound_deployment
     gateway = router.init_args[3]
@@ -102,10 +103,26 @@ def test_secrets_written_in_args_are_refused(settings: dict[str, str], monkeypat
     from orchestrator.serving.builder import UnsafeConfigError, build_app
 
     monkeypatch.setenv("ORCH_ADMIN_KEY", "a-long-enough-admin-key")
+    monkeypatch.setenv("ORCH_DATABASE_URL", "postgresql+psycopg://orch@db/orch")
     with pytest.raises(UnsafeConfigError, match=f"ORCH_{next(iter(settings)).upper()}_FILE"):
         build_app({"catalog": [str(REPO / "catalog")], "settings": settings})
-    # A database URL without a password (a SQLite file, trust auth) is not a secret.
-    assert build_app({"catalog": [str(REPO / "catalog")], "settings": {"database_url": "sqlite:///x.db"}})
+    # A database URL without a password (trust auth, a SQLite file) is not a secret.
+    assert build_app({"catalog": [str(REPO / "catalog")], "settings": {"database_url": "postgresql://orch@db/o"}})
+
+
+def test_a_cluster_deploy_on_sqlite_needs_allow_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.serving.builder import UnsafeConfigError, build_app
+
+    monkeypatch.setenv("ORCH_ADMIN_KEY", "a-long-enough-admin-key")
+    monkeypatch.delenv("ORCH_DATABASE_URL", raising=False)
+    catalog = [str(REPO / "catalog")]
+    with pytest.raises(UnsafeConfigError, match="SQLite"):
+        build_app({"catalog": catalog})  # the default: a file in the cache folder
+    with pytest.raises(UnsafeConfigError, match="allow_sqlite"):
+        build_app({"catalog": catalog, "settings": {"database_url": "sqlite:////data/orch.db"}})
+    assert build_app({"catalog": catalog, "settings": {"allow_sqlite": True}})
+    assert build_app({"catalog": catalog, "local": True})  # orchestrator serve: one machine
+    assert build_app({"catalog": catalog, "settings": {"open_access": True}})  # no gateway database
 
 
 def test_secrets_come_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
