@@ -108,13 +108,13 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
             "Refusing to deploy without an admin key: set ORCH_ADMIN_KEY (or settings.admin_key) to a secret of "
             "16+ characters, or set open_access: true to serve without API keys."
         )
-    if not settings.open_access and not args.local and not settings.allow_sqlite:
-        if settings.resolved_database_url().startswith("sqlite"):
-            raise UnsafeConfigError(
-                "Refusing to keep a cluster's gateway database in SQLite (a file on one node: keys and balances "
-                "would vanish if the gateway moved): set ORCH_DATABASE_URL (or ORCH_DATABASE_URL_FILE) to "
-                "PostgreSQL, or set allow_sqlite: true for a one-machine cluster."
-            )
+    cluster_gateway = not settings.open_access and not args.local
+    if cluster_gateway and not settings.allow_sqlite and settings.resolved_database_url().startswith("sqlite"):
+        raise UnsafeConfigError(
+            "Refusing to keep a cluster's gateway database in SQLite (a file on one node: keys and balances "
+            "would vanish if the gateway moved): set ORCH_DATABASE_URL (or ORCH_DATABASE_URL_FILE) to "
+            "PostgreSQL, or set allow_sqlite: true for a one-machine cluster."
+        )
     catalog = load_validated_catalog(settings.catalog)
     # No secret travels as an init argument (Serve shows those in its config and state API):
     # the router and gateway read theirs from their environment or *_file in their process.
