@@ -105,7 +105,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     settings = Settings(**overrides)
     if settings.admin_key is None and not settings.open_access and not args.local:
         raise UnsafeConfigError(
-            "Refusing to deploy without an admin key: set ORCH_ADMIN_KEY (or settings.admin_key) to a secret of "
+            "Refusing to deploy without an admin key: set ORCH_ADMIN_KEY (or ORCH_ADMIN_KEY_FILE) to a secret of "
             "16+ characters, or set open_access: true to serve without API keys."
         )
     cluster_gateway = not settings.open_access and not args.local
