@@ -18,6 +18,13 @@ def _default_cache() -> Path:
     return Path.home() / ".cache" / "orchestrator"
 
 
+def database_password(url: str) -> bool:
+    """Returns whether a SQLAlchemy URL carries a password."""
+    from sqlalchemy.engine import make_url
+
+    return bool(make_url(url).password)
+
+
 class Settings(BaseSettings):
     """Process-wide settings. Every field can be set as ``ORCH_<FIELD>`` in the environment,
     or passed explicitly (Serve config ``args.settings``), which wins."""
@@ -120,8 +127,13 @@ class Settings(BaseSettings):
 
     def shareable(self) -> dict[str, Any]:
         """Returns the settings as JSON-ready data without the secrets (files named, not read):
-        what deployments receive as init arguments. Each process reads its secrets itself."""
-        return self.model_dump(mode="json", exclude=set(SECRETS))
+        what deployments receive as init arguments. Each process reads its secrets itself. A
+        database URL without a password (a SQLite file, trust or certificate auth) is no
+        secret and is kept, so every process uses the database the app was built with."""
+        data = self.model_dump(mode="json", exclude=set(SECRETS))
+        if self.database_url is not None and not database_password(self.database_url):
+            data["database_url"] = self.database_url
+        return data
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to a SQLite file in the cache folder."""

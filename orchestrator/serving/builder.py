@@ -23,7 +23,7 @@ from orchestrator.serving.options import (
     router_deployment_options,
 )
 from orchestrator.serving.router import RouterDeployment
-from orchestrator.settings import Settings
+from orchestrator.settings import Settings, database_password
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,11 +51,9 @@ def _refuse_plain_secrets(overrides: dict[str, Any]) -> None:
     """Raises UnsafeConfigError for a secret written into a Serve config's ``args``: the admin
     key, the pepper, or a database URL with a password. Their ``*_file`` settings (a path)
     or ``ORCH_*`` environment variables are the way to give them."""
-    from sqlalchemy.engine import make_url
-
     found = [name for name in ("admin_key", "key_pepper") if overrides.get(name)]
     url = overrides.get("database_url")
-    if url and make_url(str(url)).password:
+    if url and database_password(str(url)):
         found.append("database_url")
     if found:
         raise UnsafeConfigError(

@@ -91,6 +91,18 @@ def test_no_deployment_receives_a_secret(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert str(pepper) in args  # the file's name travels; each process reads it itself
 
 
+def test_a_database_url_without_password_reaches_every_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.serving.builder import build_app
+
+    monkeypatch.setenv("ORCH_ADMIN_KEY", "admin-key-in-the-environment")
+    monkeypatch.delenv("ORCH_DATABASE_URL", raising=False)
+    url = "postgresql+psycopg://orch@127.0.0.1:5432/orch"
+    app = build_app({"catalog": [str(REPO / "catalog")], "settings": {"database_url": url}})
+    settings = [arg for arg in _init_args(app) if isinstance(arg, dict) and "usage_flush_ms" in arg]
+    # The gateway (and everyone else) must use the app's database, not its own default.
+    assert settings and all(s["database_url"] == url for s in settings)
+
+
 @pytest.mark.parametrize(
     "settings",
     [
