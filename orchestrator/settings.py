@@ -97,6 +97,14 @@ class Settings(BaseSettings):
     admin_key_file: Path | None = Field(default=None, description="File holding the admin key (read at start).")
     key_pepper_file: Path | None = Field(default=None, description="File holding the key pepper (read at start).")
     database_url_file: Path | None = Field(default=None, description="File holding the database URL (read at start).")
+    usage_journal_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Folder of the gateway's usage journal (records not yet in the database). Default: a folder per "
+            "database under the cache folder. Give the gateway a persistent volume here on clusters: the ledger "
+            "that next holds the database's fence replays what a crashed one left in it."
+        ),
+    )
     db_outage_grace_seconds: float = Field(
         default=300.0,
         ge=0,
@@ -140,7 +148,10 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.cache_dir.expanduser() / 'orchestrator.db'}"
 
     def journal_dir(self) -> Path:
-        """Where the gateway journals finished usage records before they reach the database
-        (one folder per database, so two deployments never replay each other's records)."""
+        """Where the gateway journals finished usage records before they reach the database:
+        ``usage_journal_dir``, else a folder per database under the cache folder (so two
+        deployments never replay each other's records)."""
+        if self.usage_journal_dir is not None:
+            return self.usage_journal_dir.expanduser()
         digest = hashlib.sha256(self.resolved_database_url().encode()).hexdigest()[:16]
         return self.cache_dir.expanduser() / "usage-journal" / digest

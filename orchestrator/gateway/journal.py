@@ -3,13 +3,15 @@
 Records are appended as JSON lines and handed to the operating system at once (one
 ``write``, no fsync): a killed process loses nothing it had journaled; only a power cut
 could. Each flush to the database seals the current segment and starts a new one; a
-segment is deleted once its records are committed. On start, segments left behind by a
-crash are replayed; the store's inserts are idempotent by request id.
+segment is deleted once its records are committed. Segments another ledger left behind (a
+crash) are replayed by the next ledger to hold the fence; the store's inserts are
+idempotent by request id.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,31 +21,36 @@ _SUFFIX = ".jsonl"
 
 
 class UsageJournal:
-    """Segmented append-only journal in ``folder``. No I/O until :meth:`open`."""
+    """Segmented append-only journal in ``folder``, its segments named by ``owner`` (a
+    ledger's unique id: ``segment-<owner>-<seq>.jsonl``). No I/O until :meth:`open`.
 
-    def __init__(self, folder: Path) -> None:
+    Which segments are leftovers is the fence's call (gateway/fence.py), not this class's:
+    the ledger holding the fence replays every segment that is not its own, because the
+    previous holder flushes and deletes its segments before it lets go of the fence, or
+    is dead.
+    """
+
+    def __init__(self, folder: Path, owner: str | None = None) -> None:
         self.folder = folder
+        self.owner = owner or uuid.uuid4().hex
         self._fd: int | None = None
         self._segment: Path | None = None
         self._seq = 0
 
-    def open(self) -> list[Path]:
-        """Creates the folder and a fresh segment. Returns the segments left by processes
-        that are gone (oldest first), to be replayed and then :meth:`discard`-ed. Segments
-        of a live process are its own business: during a redeploy the old ledger still
-        runs and flushes them itself."""
+    def open(self) -> None:
+        """Creates the folder and this journal's first segment."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        segments = sorted(self.folder.glob("segment-*" + _SUFFIX), key=lambda p: p.stat().st_mtime_ns)
-        # This process's own leftovers are an earlier ledger's here (a restarted one).
-        owners = {p: _parts(p) for p in segments}
-        leftovers = [p for p in segments if owners[p][0] == os.getpid() or not _alive(owners[p][0])]
-        self._seq = max((seq for _, seq in owners.values()), default=0)
         self._start_segment()
-        return leftovers
+
+    def leftovers(self) -> list[Path]:
+        """Returns the segments of other owners, oldest first, to be replayed and then
+        :meth:`discard`-ed."""
+        segments = [p for p in self.folder.glob("segment-*" + _SUFFIX) if _owner(p) != self.owner]
+        return sorted(segments, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
     def _start_segment(self) -> None:
         self._seq += 1
-        self._segment = self.folder / f"segment-{os.getpid()}-{self._seq:09d}{_SUFFIX}"
+        self._segment = self.folder / f"segment-{self.owner}-{self._seq:09d}{_SUFFIX}"
         self._fd = os.open(self._segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def append(self, record: UsageRecord) -> None:
@@ -86,22 +93,7 @@ class UsageJournal:
         segment.unlink(missing_ok=True)
 
 
-def _parts(path: Path) -> tuple[int, int]:
-    """Returns the (process id, sequence number) of a ``segment-<pid>-<seq>`` file."""
-    try:
-        _, pid, seq = path.stem.split("-")
-        return int(pid), int(seq)
-    except ValueError:
-        return 0, 0
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _owner(path: Path) -> str:
+    """Returns the owner of a ``segment-<owner>-<seq>`` file."""
+    parts = path.stem.split("-")
+    return "-".join(parts[1:-1]) if len(parts) >= 3 else ""

@@ -26,10 +26,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway import admin
+from orchestrator.gateway.fence import Fence, fence_for
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.keys import hash_key
 from orchestrator.gateway.limiter import RateLimiter
@@ -101,6 +103,11 @@ class Ledger:
             its reserved cost and stays awaited by lookups.
         outage_grace_s: while the database is unreachable, how long past ``key_cache_s`` a
             cached key keeps being admitted (then: 503 ``service_unavailable``).
+        fence: builds the fence that lets one ledger admit at a time on the database (None:
+            no fence, for tests of one ledger alone).
+        fence_wait_s: how long an admission waits for a fence another ledger holds (a
+            redeploy) before it gets 503 ``service_unavailable``.
+        fence_poll_s: how often the fence is tried (while waiting) or checked (while held).
         metrics: where the backlog (pending records, journal segments) and flush times go.
     """
 
@@ -117,6 +124,9 @@ class Ledger:
         lookup_wait_s: float = 30.0,
         hold_ttl_s: float = 3600.0,
         outage_grace_s: float = 300.0,
+        fence: Callable[[Engine], Fence] | None = fence_for,
+        fence_wait_s: float = 30.0,
+        fence_poll_s: float = 0.5,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.store = store
@@ -130,6 +140,12 @@ class Ledger:
         self._lookup_wait_s = lookup_wait_s
         self._hold_ttl_s = hold_ttl_s
         self._outage_grace_s = outage_grace_s
+        self._fence_factory = fence
+        self._fence: Fence | None = None
+        self._fence_wait_s = fence_wait_s
+        self._fence_poll_s = fence_poll_s
+        self._fencer: asyncio.Task[None] | None = None
+        self._active = asyncio.Event()  # set while this ledger holds the fence and admits
         self._inflight: dict[str, tuple[float, asyncio.Event]] = {}
         # Worst-case costs of admitted, unsettled requests: by request (key id, cost) and by key.
         self._holds: dict[str, tuple[str, Decimal]] = {}
@@ -168,15 +184,49 @@ class Ledger:
             ) from exc
 
     async def start(self) -> None:
-        """Opens the store (applying migrations), replays leftover journal segments."""
+        """Opens the store (applying migrations) and the journal, and starts the flusher and
+        the fence keeper. Admissions wait until this ledger holds the fence (at once, unless
+        another ledger on the same database still runs)."""
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-db")
         await self._run(self.store.open)
         if self.journal is not None:
-            leftovers = await self._run(self.journal.open)
-            for segment in leftovers:
+            await self._run(self.journal.open)
+        self._flusher = asyncio.create_task(self._flush_loop())
+        if self._fence_factory is None:
+            await self._take_over()
+            return
+        self._fence = self._fence_factory(self.store.engine)
+        if await self._run(self._fence.try_acquire):
+            await self._take_over()
+        self._fencer = asyncio.create_task(self._keep_fence())
+
+    async def _take_over(self) -> None:
+        """Becomes the ledger that admits: replays what earlier ledgers left in the journal
+        and continues the rate-limit windows the previous one handed over."""
+        if self.journal is not None:
+            for segment in await self._run(self.journal.leftovers):
                 replayed = await self._run(self._replay, segment)
                 logger.warning("replayed %d usage records from %s", replayed, segment.name)
-        self._flusher = asyncio.create_task(self._flush_loop())
+        windows = await self._run(self.store.take_rate_windows)
+        offset = self._monotonic() - self._clock()  # epoch seconds -> this ledger's monotonic clock
+        self.limiter.restore([(key, start + offset, requests, tokens) for key, start, requests, tokens in windows])
+        self._active.set()
+
+    async def _keep_fence(self) -> None:
+        # Waits for the fence while another ledger holds it; once held, checks that it still
+        # is (a PostgreSQL session can drop), pausing admissions until it is back.
+        while True:
+            await asyncio.sleep(self._fence_poll_s)
+            assert self._fence is not None
+            try:
+                if self._active.is_set():
+                    if not await self._run(self._fence.still_held):
+                        logger.error("lost the ledger fence; admissions wait until it is held again")
+                        self._active.clear()
+                elif await self._run(self._fence.try_acquire):
+                    await self._take_over()
+            except Exception:
+                logger.exception("ledger fence check failed")
 
     def _replay(self, segment: Path) -> int:
         fresh = self.store.write_usage(list(UsageJournal.read(segment)))
@@ -184,11 +234,13 @@ class Ledger:
         return len(fresh)
 
     async def stop(self) -> None:
-        """Writes every finished record to the database, then closes it."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-            self._flusher = None
+        """Writes every finished record to the database, hands the rate-limit windows to
+        the next ledger, lets go of the fence, then closes the database."""
+        for task in (self._fencer, self._flusher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._fencer = self._flusher = None
         if self._db is None:
             return
         await self.flush()
@@ -196,6 +248,13 @@ class Ledger:
             last = self.journal.close()
             if last is not None and not self._batches and not self._unsealed:
                 UsageJournal.discard(last)
+        if self._active.is_set():
+            offset = self._clock() - self._monotonic()
+            windows = [(key, start + offset, r, t) for key, start, r, t in self.limiter.export()]
+            await self._run(self.store.save_rate_windows, windows)
+            self._active.clear()
+        if self._fence is not None:
+            await self._run(self._fence.release)
         await self._run(self.store.close)
         self._db.shutdown(wait=True)
         self._db = None
@@ -304,6 +363,15 @@ class Ledger:
             ``model_not_allowed`` 403, ``insufficient_credits`` 402, ``key_limit_exceeded``
             402, ``rate_limit_exceeded`` 429 (with ``Retry-After``).
         """
+        if not self._active.is_set():
+            try:
+                await asyncio.wait_for(self._active.wait(), self._fence_wait_s)
+            except TimeoutError:
+                raise OrchestratorError(
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    "The gateway is handing over to a new instance; retry shortly.",
+                    headers={"Retry-After": "2"},
+                ) from None
         key = await self._authenticate(api_key)
         if not model_allowed(key.models, model_names):
             raise OrchestratorError(

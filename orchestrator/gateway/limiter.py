@@ -98,3 +98,17 @@ class RateLimiter:
         window = self._windows.get(key_id)
         if window is not None and window.start == window_start:
             window.tokens = max(0, window.tokens - reserved + used)
+
+    def export(self) -> list[tuple[str, float, int, int]]:
+        """Returns the windows still open as (key id, start, requests, tokens), start on
+        this limiter's clock, for the next ledger to :meth:`restore`."""
+        now = self._clock()
+        return [(k, w.start, w.requests, w.tokens) for k, w in self._windows.items() if now < w.start + self._window_s]
+
+    def restore(self, windows: list[tuple[str, float, int, int]]) -> None:
+        """Takes over windows another limiter exported (their start converted to this
+        limiter's clock), so a handover neither forgets nor doubles what was admitted."""
+        now = self._clock()
+        for key_id, start, requests, tokens in windows:
+            if now < start + self._window_s:
+                self._windows[key_id] = _Window(start=start, requests=requests, tokens=tokens)

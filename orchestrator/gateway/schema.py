@@ -76,3 +76,13 @@ usage_records = Table(
     Index("ix_usage_key_created", "key_id", "created_at"),
     Index("ix_usage_model_created", "model", "created_at"),
 )
+
+# The rate-limit windows a stopping ledger hands to the next (see gateway/fence.py).
+rate_windows = Table(
+    "rate_windows",
+    metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("started_at", Float, nullable=False),  # epoch seconds
+    Column("requests", Integer, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+)

@@ -14,12 +14,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, String, create_engine, event, func, insert, select, update
+from sqlalchemy import Engine, String, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 
 from orchestrator.gateway.database import upgrade
 from orchestrator.gateway.records import MAX_USD, KeyRecord, UsageRecord, Workspace
-from orchestrator.gateway.schema import api_keys, usage_records, workspaces
+from orchestrator.gateway.schema import api_keys, rate_windows, usage_records, workspaces
 
 NANO = Decimal("1e9")
 _MONEY_FIELDS = ("credits", "daily_limit", "monthly_limit")
@@ -285,3 +285,20 @@ class SQLStore:
             )
             out.append(data)
         return out
+
+    # -- handover between ledgers -------------------------------------------------------
+
+    def save_rate_windows(self, windows: Sequence[tuple[str, float, int, int]]) -> None:
+        """Replaces the stored windows by ``windows`` ((key id, epoch start, requests, tokens))."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(rate_windows))
+            if windows:
+                rows = [{"key_id": k, "started_at": s, "requests": r, "tokens": t} for k, s, r, t in windows]
+                conn.execute(insert(rate_windows), rows)
+
+    def take_rate_windows(self) -> list[tuple[str, float, int, int]]:
+        """Returns the stored windows and deletes them (each handover is taken once)."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(rate_windows)).all()
+            conn.execute(delete(rate_windows))
+        return [(r.key_id, float(r.started_at), int(r.requests), int(r.tokens)) for r in rows]

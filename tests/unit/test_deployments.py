@@ -161,3 +161,9 @@ def test_model_replicas_drop_secrets_from_their_environment(monkeypatch: pytest.
     assert (
         server.settings.admin_key is None and server.settings.key_pepper == "" and server.settings.database_url is None
     )
+
+
+def test_the_journal_location_is_explicit_when_set(tmp_path: Path) -> None:
+    assert Settings(usage_journal_dir=tmp_path / "j").journal_dir() == tmp_path / "j"
+    one, two = Settings(database_url="sqlite:///a.db"), Settings(database_url="sqlite:///b.db")
+    assert one.journal_dir() != two.journal_dir()  # by default, a folder per database

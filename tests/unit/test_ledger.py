@@ -176,9 +176,12 @@ async def test_journal_replayed_after_crash(db_url: str, tmp_path: Path) -> None
     created = await first.create_key(KeyLimits(credits=Decimal(1)))
     admission = await first.admit(created.key, NAMES, 10, "crash-1")
     await first.settle(admission, record(first, admission))
-    # Simulated crash: nothing flushed, nothing closed.
-    assert first._db is not None
+    # Simulated crash: nothing flushed, nothing closed; the dead process's fence is dropped
+    # (by the kernel for a lock file, by PostgreSQL for the session's advisory lock).
+    assert first._db is not None and first._fence is not None
     first._flusher.cancel()  # type: ignore[union-attr]
+    first._fencer.cancel()  # type: ignore[union-attr]
+    first._fence.release()
     second = Ledger(SQLStore(db_url), UsageJournal(tmp_path / "j"), clock=clock, monotonic=clock)
     await second.start()
     try:
@@ -228,19 +231,18 @@ async def test_concurrent_flushes_commit_every_batch_once(ledger: Ledger) -> Non
     assert (await ledger.usage_report(group_by=["key"]))[0]["requests"] == 6
 
 
-def test_journal_replays_only_segments_of_dead_processes(tmp_path: Path) -> None:
-    import os
-
+def test_journal_leftovers_are_other_owners_segments(tmp_path: Path) -> None:
     folder = tmp_path / "j"
     folder.mkdir()
     line = b'{"request_id": "x", "model": "m", "created_at": "2026-11-23T00:00:00Z"}\n'
-    live = folder / f"segment-{os.getppid()}-000000001.jsonl"  # the test runner's parent: alive
-    dead = folder / "segment-999999999-000000002.jsonl"  # no such process
-    live.write_bytes(line)
-    dead.write_bytes(line + b'{"request_id": "torn')  # a torn last line is skipped
-    journal = UsageJournal(folder)
-    assert journal.open() == [dead]
-    assert [r.request_id for r in UsageJournal.read(dead)] == ["x"]
+    other = folder / "segment-0a1b2c-000000002.jsonl"  # another ledger's (it let go of the fence)
+    other.write_bytes(line + b'{"request_id": "torn')  # a torn last line is skipped
+    journal = UsageJournal(folder, owner="mine")
+    journal.open()
+    journal.append(UsageRecord.model_validate_json(line))
+    assert journal.leftovers() == [other]  # its own open segment is not a leftover
+    assert [r.request_id for r in UsageJournal.read(other)] == ["x"]
+    assert journal.count() == 2
     journal.close()
 
 
@@ -383,3 +385,82 @@ async def test_a_database_outage_admits_cached_keys_for_a_while_and_loses_nothin
     finally:
         store.down = False
         await ledger.stop()
+
+
+def _ledger(db_url: str, tmp_path: Path, clock: Clock, **kwargs: object) -> Ledger:
+    return Ledger(
+        SQLStore(db_url), UsageJournal(tmp_path / "journal"), clock=clock, monotonic=clock,
+        fence_poll_s=0.02, **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+async def test_one_ledger_admits_at_a_time_and_rpm_stays_exact_across_a_handover(db_url: str, tmp_path: Path) -> None:
+    import asyncio
+
+    clock = Clock()
+    old, new = _ledger(db_url, tmp_path, clock), _ledger(db_url, tmp_path, clock)
+    await old.start()
+    await new.start()  # ready (Serve can route to it), but not admitting: the old one holds the fence
+    try:
+        key = (await old.create_key(KeyLimits(rpm=5))).key
+        for i in range(3):
+            await old.admit(key, NAMES, 10, f"old-{i}")
+        waiting = asyncio.create_task(new.admit(key, NAMES, 10, "new-0"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # two ledgers never admit at once
+        await old.stop()  # flushes, hands its windows over, lets go
+        admitted = await asyncio.wait_for(waiting, 5)
+        assert admitted.headers["x-ratelimit-remaining-requests"] == "1"  # 3 + this one of 5
+        await new.admit(key, NAMES, 10, "new-1")
+        assert (await refused(new.admit(key, NAMES, 10, "new-2"))).code is ErrorCode.RATE_LIMIT_EXCEEDED
+    finally:
+        await old.stop()
+        await new.stop()
+
+
+async def test_admission_waits_for_the_fence_then_gets_503(db_url: str, tmp_path: Path) -> None:
+    clock = Clock()
+    holder, standby = _ledger(db_url, tmp_path, clock), _ledger(db_url, tmp_path / "b", clock, fence_wait_s=0.1)
+    await holder.start()
+    await standby.start()
+    try:
+        key = (await holder.create_key(KeyLimits())).key
+        error = await refused(standby.admit(key, NAMES, 10, "r"))
+        assert error.code is ErrorCode.SERVICE_UNAVAILABLE and error.status == 503 and error.headers["Retry-After"]
+    finally:
+        await holder.stop()
+        await standby.stop()
+
+
+async def test_a_dead_ledgers_fence_is_freed_and_its_journal_replayed(db_url: str, tmp_path: Path) -> None:
+    import asyncio
+    import os
+
+    from orchestrator.gateway.fence import AdvisoryLockFence, FileFence
+
+    clock = Clock()
+    dead, heir = _ledger(db_url, tmp_path, clock, flush_interval_s=3600), _ledger(db_url, tmp_path, clock)
+    await dead.start()
+    await heir.start()
+    try:
+        created = await dead.create_key(KeyLimits(credits=Decimal(1)))
+        admission = await dead.admit(created.key, NAMES, 10, "last-words")
+        await dead.settle(admission, record(dead, admission))  # journaled, never flushed
+        assert not heir._active.is_set()
+        # The process dies: its session (and advisory lock) or its lock file descriptor goes.
+        dead._fencer.cancel()  # type: ignore[union-attr]
+        dead._flusher.cancel()  # type: ignore[union-attr]
+        fence = dead._fence
+        if isinstance(fence, AdvisoryLockFence):
+            fence._drop()
+        elif isinstance(fence, FileFence) and fence._fd is not None:
+            os.close(fence._fd)
+            fence._fd = None
+        await asyncio.wait_for(heir._active.wait(), 5)
+        assert (await heir.generation("gen-last-words", created.key)).cost == Decimal("0.25")
+        assert (await heir.get_key(created.info.id)).credits == Decimal("0.75")
+    finally:
+        await heir.stop()
+        assert dead._db is not None
+        dead._db.shutdown(wait=True)
+        dead.store.close()
