@@ -47,6 +47,7 @@ def _limits(ns: argparse.Namespace) -> KeyLimits:
         models=models,
         rpm=ns.rpm,
         tpm=ns.tpm,
+        max_concurrent=ns.max_concurrent,
         credits=ns.credits,
         daily_limit=ns.daily_limit,
         monthly_limit=ns.monthly_limit,
@@ -137,6 +138,7 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", action="append", help="Allowed model names or patterns, comma-separated.")
     parser.add_argument("--rpm", type=int, help="Requests per minute.")
     parser.add_argument("--tpm", type=int, help="Tokens per minute (prompt + max output).")
+    parser.add_argument("--max-concurrent", type=int, help="Requests running at once.")
     parser.add_argument("--credits", type=_usd, help="Credit balance, USD.")
     parser.add_argument("--daily-limit", type=_usd, help="Spend limit per UTC day, USD.")
     parser.add_argument("--monthly-limit", type=_usd, help="Spend limit per UTC month, USD.")

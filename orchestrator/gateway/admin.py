@@ -20,7 +20,7 @@ from orchestrator.gateway.store import BalanceOverflow, SQLStore
 DEFAULT_WORKSPACE = "default"
 WORKSPACE_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 # Limits an update may reset to unlimited.
-Clearable = Literal["models", "rpm", "tpm", "credits", "daily_limit", "monthly_limit"]
+Clearable = Literal["models", "rpm", "tpm", "max_concurrent", "credits", "daily_limit", "monthly_limit"]
 CLEARABLE: tuple[str, ...] = get_args(Clearable)
 REPORT_GROUPS = ("key", "model", "day")
 

@@ -34,7 +34,7 @@ from orchestrator.gateway import admin
 from orchestrator.gateway.fence import Fence, fence_for
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.keys import hash_key
-from orchestrator.gateway.limiter import RateLimiter
+from orchestrator.gateway.limiter import RateLimiter, concurrency_headers
 from orchestrator.gateway.records import (
     Admission,
     CreatedKey,
@@ -148,7 +148,10 @@ class Ledger:
         self._active = asyncio.Event()  # set while this ledger holds the fence and admits
         self._inflight: dict[str, tuple[float, asyncio.Event]] = {}
         # Worst-case costs of admitted, unsettled requests: by request (key id, cost) and by key.
+        # Admitted, unsettled requests: by request (key id, worst-case cost); by key, their
+        # count and the sum of their costs.
         self._holds: dict[str, tuple[str, Decimal]] = {}
+        self._running: dict[str, int] = {}
         self._held_cost: dict[str, Decimal] = {}
         self.limiter = RateLimiter(monotonic)
         self._lock = threading.Lock()
@@ -405,8 +408,17 @@ class Ledger:
                         f"This API key reached its {period} spend limit of ${limit} "
                         f"(spent ${total}, ${held} held by running requests, this one may cost up to ${cost}).",
                     )
+        running = self._running.get(key.id, 0)
+        if key.max_concurrent is not None and running >= key.max_concurrent:
+            raise OrchestratorError(
+                ErrorCode.RATE_LIMIT_EXCEEDED,
+                f"This API key already has {running} requests running, its limit. Retry when one ends.",
+                headers={**concurrency_headers(key.max_concurrent, running), "Retry-After": "1"},
+            )
         decision = self.limiter.admit(key.id, key.rpm, key.tpm, tokens)
         headers = decision.headers()
+        if key.max_concurrent is not None:
+            headers |= concurrency_headers(key.max_concurrent, running + 1)
         if not decision.allowed:
             which = "requests" if key.rpm is not None and decision.remaining_requests == 0 else "tokens"
             raise OrchestratorError(
@@ -415,8 +427,9 @@ class Ledger:
                 headers=headers,
             )
         self._track(request_id)
+        self._holds[request_id] = (key.id, cost)
+        self._running[key.id] = running + 1
         if cost:
-            self._holds[request_id] = (key.id, cost)
             self._held_cost[key.id] = held + cost
         return Admission(
             request_id=request_id,
@@ -428,10 +441,17 @@ class Ledger:
         )
 
     def _release(self, request_id: str) -> None:
-        """Drops a request's cost hold, if it has one."""
+        """Ends a request's holds: its worst-case cost and its place among the key's running
+        requests (nothing happens for a request this ledger did not admit)."""
         hold = self._holds.pop(request_id, None)
-        if hold is not None:
-            key_id, cost = hold
+        if hold is None:
+            return
+        key_id, cost = hold
+        if self._running[key_id] > 1:
+            self._running[key_id] -= 1
+        else:
+            del self._running[key_id]
+        if cost:
             left = self._held_cost[key_id] - cost
             if left:
                 self._held_cost[key_id] = left

@@ -51,6 +51,15 @@ class LimitDecision:
         return out
 
 
+def concurrency_headers(limit: int, running: int) -> dict[str, str]:
+    """Returns the ``x-ratelimit-*-concurrency`` headers of a key allowed ``limit`` requests
+    at once with ``running`` running (this one included when it was admitted)."""
+    return {
+        "x-ratelimit-limit-concurrency": str(limit),
+        "x-ratelimit-remaining-concurrency": str(max(0, limit - running)),
+    }
+
+
 class RateLimiter:
     """Fixed-window RPM/TPM limiter keyed by API key id.
 

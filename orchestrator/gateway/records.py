@@ -39,6 +39,9 @@ class KeyLimits(BaseModel):
     )
     rpm: int | None = Field(default=None, ge=1, le=MAX_RATE, description="Requests per minute.")
     tpm: int | None = Field(default=None, ge=1, le=MAX_RATE, description="Tokens (prompt + max output) per minute.")
+    max_concurrent: int | None = Field(
+        default=None, ge=1, le=MAX_RATE, description="Requests of this key running at once (past it: 429)."
+    )
     credits: Decimal | None = Field(
         default=None, ge=0, le=MAX_USD, description="Credit balance in USD; unset: no balance kept."
     )
@@ -57,6 +60,7 @@ class KeyInfo(BaseModel):
     models: list[str] = Field(default_factory=list)
     rpm: int | None = None
     tpm: int | None = None
+    max_concurrent: int | None = None
     credits: Decimal | None = None
     daily_limit: Decimal | None = None
     monthly_limit: Decimal | None = None

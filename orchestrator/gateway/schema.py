@@ -44,6 +44,7 @@ api_keys = Table(
     Column("models", Text, nullable=False, default="[]"),  # JSON list of names or patterns
     Column("rpm", Integer, nullable=True),
     Column("tpm", Integer, nullable=True),
+    Column("max_concurrent", Integer, nullable=True),
     Column("credits_nusd", Money, nullable=True),  # None: no balance kept (unlimited)
     Column("daily_limit_nusd", Money, nullable=True),
     Column("monthly_limit_nusd", Money, nullable=True),

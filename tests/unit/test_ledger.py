@@ -464,3 +464,28 @@ async def test_a_dead_ledgers_fence_is_freed_and_its_journal_replayed(db_url: st
         assert dead._db is not None
         dead._db.shutdown(wait=True)
         dead.store.close()
+
+
+async def test_max_concurrent_requests_per_key(ledger: Ledger) -> None:
+    import asyncio
+
+    created = await ledger.create_key(KeyLimits(max_concurrent=3))
+
+    async def one(i: int) -> Admission | OrchestratorError:
+        try:
+            return await ledger.admit(created.key, NAMES, 10, f"m{i}")
+        except OrchestratorError as exc:
+            return exc
+
+    results = await asyncio.gather(*(one(i) for i in range(20)))
+    admitted = [r for r in results if isinstance(r, Admission)]
+    refusals = [r for r in results if isinstance(r, OrchestratorError)]
+    assert len(admitted) == 3 and {r.code for r in refusals} == {ErrorCode.RATE_LIMIT_EXCEEDED}
+    assert sorted(a.headers["x-ratelimit-remaining-concurrency"] for a in admitted) == ["0", "1", "2"]
+    assert refusals[0].headers["x-ratelimit-limit-concurrency"] == "3" and refusals[0].headers["Retry-After"]
+    await ledger.settle(admitted[0], record(ledger, admitted[0], cost="0"))  # one ends: one more may start
+    again = await ledger.admit(created.key, NAMES, 10, "m-again")
+    assert again.headers["x-ratelimit-remaining-concurrency"] == "0"
+    assert (await refused(ledger.admit(created.key, NAMES, 10, "m-over"))).code is ErrorCode.RATE_LIMIT_EXCEEDED
+    await ledger.update_key(created.info.id, KeyLimits(), clear=frozenset({"max_concurrent"}))
+    await ledger.admit(created.key, NAMES, 10, "m-unlimited")

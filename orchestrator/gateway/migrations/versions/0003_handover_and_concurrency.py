@@ -1,4 +1,5 @@
-"""Rate-limit windows handed from a stopping ledger to the next one.
+"""Rate-limit windows handed from a stopping ledger to the next one, and a per-key limit of
+requests running at once.
 
 Revision ID: 0003
 Revises: 0002
@@ -14,6 +15,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("api_keys") as batch:
+        batch.add_column(sa.Column("max_concurrent", sa.Integer, nullable=True))
     op.create_table(
         "rate_windows",
         sa.Column("key_id", sa.String(64), primary_key=True),
@@ -25,3 +28,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("rate_windows")
+    with op.batch_alter_table("api_keys") as batch:
+        batch.drop_column("max_concurrent")
