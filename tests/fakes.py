@@ -1,8 +1,8 @@
 """A small deterministic fake engine and an in-process backend for fast unit tests.
 
-The fake produces OpenAI-shaped SSE frames like the real engine does (role frame, one
-delta per word, finish frame, usage chunk) with failure knobs; integration tests use real
-vLLM instead.
+The fake produces SSE frames shaped exactly like real vLLM's through the orchestrator's
+engine (checked against tests/golden/stream_shapes.json, which the integration tests record
+from real vLLM), with failure knobs; integration tests use real vLLM instead.
 """
 
 from __future__ import annotations
@@ -72,24 +72,53 @@ class FakeEngine:
         }
 
     async def stream(self, kind: Kind, body: dict[str, Any], request_id: str) -> AsyncIterator[str]:
+        """Yields SSE frames framed exactly as vLLM's serving layer frames them through the
+        orchestrator's engine (tests/golden/stream_shapes.json holds real vLLM's shapes): for
+        chat a role frame, then one frame per word, the last with its finish reason; for
+        completions one frame per word; then the usage chunk. Before each frame, the running
+        usage trailer the engine adds."""
         if self.fail_before_first:
             raise self.fail_before_first
         self.running += 1
-        base = {"id": f"gen-{request_id}", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
+        chat = kind == "chat"
+        base = {
+            "id": f"gen-{request_id}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body["model"],
+        }
         try:
             await asyncio.sleep(self.first_delay_s)
             usage = self._usage(body)
             # Like the vLLM engine: a running-usage trailer before each frame it describes.
             yield usage_trailer(json.dumps({**usage, "completion_tokens": 0}))
-            yield frame({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            if chat:
+                role = {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                yield frame({**base, "choices": [role], "prompt_token_ids": None, "prompt_text": None})
             for i, word in enumerate(self.words):
                 if self.fail_after is not None and i >= self.fail_after:
                     raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "engine died")
                 await asyncio.sleep(self.token_delay_s)
+                last = i == len(self.words) - 1
+                choice: dict[str, Any] = {"index": 0}
+                choice |= {"delta": {"content": word + " "}} if chat else {"text": word + " "}
+                choice |= {"logprobs": None, "finish_reason": "stop" if last else None}
+                if last or not chat:
+                    choice["stop_reason"] = None
+                if not chat:
+                    choice["prompt_token_ids"] = None
+                choice["token_ids"] = None
                 yield usage_trailer(json.dumps({**usage, "completion_tokens": i + 1}))
-                yield frame({**base, "choices": [{"index": 0, "delta": {"content": word + " "}}]})
-            yield frame({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-            yield frame({**base, "choices": [], "usage": self._usage(body)})
+                yield frame({**base, "choices": [choice]})
+            final = self._usage(body)
+            if chat:
+                final["prompt_tokens_details"]["created_cache_tokens"] = 0
+            yield frame({**base, "choices": [], "usage": final, "system_fingerprint": "fake-engine"})
         finally:
             self.running -= 1
 

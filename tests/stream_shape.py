@@ -15,10 +15,12 @@ from typing import Any
 
 GOLDEN = Path(__file__).with_name("golden") / "stream_shapes.json"
 # The requests whose streams are compared (the same body on the fake and on real vLLM).
+# ignore_eos: the tiny models' random weights may end at once; 4 tokens give content frames.
 REQUESTS: dict[str, dict[str, Any]] = {
-    "chat": {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "stream": True},
-    "completion": {"prompt": "Say hi.", "max_tokens": 4, "stream": True},
+    "chat": {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "stream": True, "ignore_eos": True},
+    "completion": {"prompt": "Say hi.", "max_tokens": 4, "stream": True, "ignore_eos": True},
 }
+PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 
 def shape(value: Any) -> Any:

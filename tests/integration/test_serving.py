@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
@@ -10,6 +11,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import Deployment, engine_unfinished, open_stream
+from tests.stream_shape import GOLDEN, PATHS, REQUESTS, golden, stream_shape
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Tell me a story about a cat."}]
@@ -53,6 +55,22 @@ def test_chat_stream_role_deltas_finish_usage_done(client: openai.OpenAI, deploy
         text = "".join(resp.iter_text())
     events = [e for e in text.split("\n\n") if e]
     assert events[-1] == "data: [DONE]" and '"usage"' in events[-2]
+
+
+@pytest.mark.parametrize("name", ["chat", "completion"])
+def test_real_streams_have_the_recorded_frame_shapes(deployment: Deployment, name: str) -> None:
+    """Real vLLM's streams through the router still have the shapes in
+    tests/golden/stream_shapes.json, which the fake engine's unit-test streams must match.
+    If vLLM changes its framing, this fails; rerun with ORCH_RECORD_STREAM_SHAPES=1 to
+    record the new shapes, then make tests/fakes.py frame the same way."""
+    body = {**REQUESTS[name], "model": "tiny-a"}
+    headers = {"Authorization": f"Bearer {deployment.api_key}"}
+    resp = httpx.post(deployment.base_url + PATHS[name], json=body, headers=headers, timeout=120)
+    assert resp.status_code == 200, resp.text
+    found = stream_shape(resp.text.splitlines())
+    if os.environ.get("ORCH_RECORD_STREAM_SHAPES"):
+        GOLDEN.write_text(json.dumps({**golden(), name: found}, indent=1) + "\n")
+    assert found == golden()[name]
 
 
 def test_completions_stream_and_not(client: openai.OpenAI) -> None:

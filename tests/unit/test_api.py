@@ -13,6 +13,7 @@ from orchestrator.catalog import Catalog
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend
+from tests.stream_shape import PATHS, REQUESTS, golden, stream_shape
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -185,3 +186,12 @@ async def test_health(client: httpx.AsyncClient) -> None:
     assert resp.status_code == 200 and resp.json()["status"] == "ok"
     assert {name: m["ready"] for name, m in resp.json()["models"].items()} == {"tiny-a": True, "tiny-b": True}
     assert (await client.get("/health/live")).json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("name", ["chat", "completion"])
+async def test_fake_streams_are_framed_as_real_vllm_streams(client: httpx.AsyncClient, name: str) -> None:
+    """The fake engine's streams, through the whole API, have the frame shapes real vLLM's
+    had (recorded by the integration tests into tests/golden/stream_shapes.json)."""
+    resp = await client.post(PATHS[name], json={**REQUESTS[name], "model": "a"})
+    assert resp.status_code == 200
+    assert stream_shape(resp.text.splitlines()) == golden()[name]
