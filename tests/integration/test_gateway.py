@@ -79,8 +79,27 @@ def _router_replicas(deployment: Deployment) -> int:
     return int(router["replica_states"].get("RUNNING", 0))
 
 
+def _served_by_router_replica(deployment: Deployment) -> dict[str, float]:
+    """Completions requests on tiny-b counted by each router replica (its own metric series)."""
+    from orchestrator.status.exposition import parse_samples
+
+    counts: dict[str, float] = {}
+    for sample in parse_samples(httpx.get(deployment.metrics_url, timeout=30).text):
+        labels = sample.labels
+        if (
+            sample.name == "ray_orchestrator_requests_total"
+            and labels.get("application") == "orchestrator"
+            and labels.get("deployment") == "router"
+            and labels.get("model") == "tiny-b"
+            and labels.get("route") == "/v1/completions"
+        ):
+            counts[labels["replica"]] = counts.get(labels["replica"], 0.0) + sample.value
+    return counts
+
+
 def test_limits_are_exact_across_two_router_replicas(deployment: Deployment) -> None:
     assert _router_replicas(deployment) == 2
+    before = _served_by_router_replica(deployment)
     n, extra = 6, 6
     client = deployment.client(api_key=deployment.new_key(rpm=n), timeout=120)
 
@@ -94,6 +113,16 @@ def test_limits_are_exact_across_two_router_replicas(deployment: Deployment) -> 
     with ThreadPoolExecutor(max_workers=n + extra) as pool:
         statuses = list(pool.map(one, range(n + extra)))
     assert sorted(statuses) == [200] * n + [429] * extra
+    # Both router replicas really served (and counted) some of them: the limit held across
+    # two routers, not within one. Replicas report their metrics every second here.
+    deadline = time.monotonic() + 30
+    while True:
+        after = _served_by_router_replica(deployment)
+        served = {replica: after[replica] - before.get(replica, 0.0) for replica in after}
+        if sum(served.values()) >= n + extra or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert sum(served.values()) == n + extra and len([r for r, c in served.items() if c > 0]) == 2, served
 
 
 def _lookup(deployment: Deployment, gen_id: str, key: str, base_url: str | None = None) -> httpx.Response:
