@@ -97,6 +97,15 @@ class Settings(BaseSettings):
     admin_key_file: Path | None = Field(default=None, description="File holding the admin key (read at start).")
     key_pepper_file: Path | None = Field(default=None, description="File holding the key pepper (read at start).")
     database_url_file: Path | None = Field(default=None, description="File holding the database URL (read at start).")
+    admission_ttl_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description=(
+            "How long the gateway waits for an admitted request's settlement. Past it (its router died) the "
+            "request's holds are released and it is recorded as lost (500 internal_error, nothing billed). "
+            "Keep it above the longest request."
+        ),
+    )
     usage_journal_dir: Path | None = Field(
         default=None,
         description=(

@@ -150,7 +150,8 @@ class Ledger:
         # Worst-case costs of admitted, unsettled requests: by request (key id, cost) and by key.
         # Admitted, unsettled requests: by request (key id, worst-case cost); by key, their
         # count and the sum of their costs.
-        self._holds: dict[str, tuple[str, Decimal]] = {}
+        self._holds: dict[str, tuple[str, Decimal, str | None, str]] = {}  # + workspace, model
+        self._expiries: set[asyncio.Task[bool]] = set()
         self._running: dict[str, int] = {}
         self._held_cost: dict[str, Decimal] = {}
         self.limiter = RateLimiter(monotonic)
@@ -427,7 +428,7 @@ class Ledger:
                 headers=headers,
             )
         self._track(request_id)
-        self._holds[request_id] = (key.id, cost)
+        self._holds[request_id] = (key.id, cost, key.workspace_id, model_names[0])
         self._running[key.id] = running + 1
         if cost:
             self._held_cost[key.id] = held + cost
@@ -446,7 +447,7 @@ class Ledger:
         hold = self._holds.pop(request_id, None)
         if hold is None:
             return
-        key_id, cost = hold
+        key_id, cost, _, _ = hold
         if self._running[key_id] > 1:
             self._running[key_id] -= 1
         else:
@@ -459,8 +460,8 @@ class Ledger:
                 del self._held_cost[key_id]
 
     def _expire(self) -> None:
-        # Admissions never settled (their router died) are forgotten after hold_ttl_s: their
-        # cost holds are released and lookups stop waiting for them. Entries are in
+        # Admissions never settled (their router died) end after hold_ttl_s: their holds are
+        # released, lookups stop waiting, and each is recorded as lost. Entries are in
         # admission order, so the stale ones are at the front.
         now = self._monotonic()
         while self._inflight:
@@ -469,8 +470,24 @@ class Ledger:
             if now - admitted <= self._hold_ttl_s:
                 break
             del self._inflight[oldest]
+            hold = self._holds.get(oldest)
             self._release(oldest)
             event.set()
+            if hold is not None:
+                # Its router is gone, and with it what the request used: it still leaves its
+                # one record (nothing billed), marked as lost.
+                record = UsageRecord(
+                    request_id=oldest,
+                    key_id=hold[0],
+                    workspace_id=hold[2],
+                    model=hold[3],
+                    status_code=500,
+                    error_code=ErrorCode.INTERNAL_ERROR.value,
+                    created_at=datetime.fromtimestamp(self._clock(), UTC),
+                )
+                task = asyncio.get_running_loop().create_task(self.settle(Admission(request_id=oldest), record))
+                self._expiries.add(task)
+                task.add_done_callback(self._expiries.discard)
 
     def _track(self, request_id: str) -> None:
         # Admitted, not yet settled: a lookup waits for the record instead of answering 404,

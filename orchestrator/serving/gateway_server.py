@@ -41,6 +41,7 @@ def ledger_for(settings: Settings, metrics: Sink | None = None) -> Ledger:
         flush_interval_s=settings.usage_flush_ms / 1000.0,
         key_cache_s=settings.key_cache_seconds,
         outage_grace_s=settings.db_outage_grace_seconds,
+        hold_ttl_s=settings.admission_ttl_seconds,
         metrics=None if metrics is None else GatewayMetrics(metrics),
     )
 

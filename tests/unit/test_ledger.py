@@ -262,14 +262,22 @@ async def test_top_up_beside_pending_debits_is_exact(ledger: Ledger) -> None:
     )
 
 
-async def test_admissions_never_settled_are_forgotten_after_an_hour(ledger: Ledger) -> None:
-    key = (await ledger.create_key(KeyLimits())).key
-    await ledger.admit(key, NAMES, 10, "orphan")  # its router died: never settled
+async def test_admissions_never_settled_are_recorded_as_lost_after_an_hour(ledger: Ledger) -> None:
+    import asyncio
+
+    created = await ledger.create_key(KeyLimits(credits=Decimal(1)))
+    await ledger.admit(created.key, NAMES, 10, "orphan", cost=Decimal("0.5"))  # its router died: never settled
     ledger._clock.now += 3601  # type: ignore[attr-defined]  # the fixture's clock is also the monotonic one
-    await ledger.admit(key, NAMES, 10, "fresh")
+    await ledger.admit(created.key, NAMES, 10, "fresh", cost=Decimal("0.5"))  # the orphan's hold is free again
     assert list(ledger._inflight) == ["fresh"]
-    # A lookup of the orphan no longer waits: it is simply unknown.
-    assert (await refused(ledger.generation("gen-orphan", key))).code is ErrorCode.NOT_FOUND
+    await asyncio.gather(*ledger._expiries)
+    # It still leaves its one record: lost (500), nothing billed.
+    lost = await ledger.generation("gen-orphan", created.key)
+    assert (lost.status_code, lost.error_code, lost.cost, lost.model) == (500, "internal_error", 0, "tiny-a")
+    assert lost.key_id == created.info.id and lost.workspace_id == "default"
+    assert not await ledger.settle(Admission(request_id="orphan"), lost)  # a late router cannot add a second
+    await ledger.flush()
+    assert (await ledger.usage_report(group_by=["key"]))[0]["requests"] == 1
 
 
 async def test_fifty_concurrent_requests_cannot_overrun_a_balance(ledger: Ledger) -> None:
