@@ -279,7 +279,12 @@ def test_fifty_concurrent_requests_cannot_overrun_a_balance(deployment: Deployme
     from orchestrator.catalog import Pricing
     from orchestrator.gateway.pricing import request_cost
 
-    info = httpx.get(deployment.base_url + "/v1/model/info", params={"model": "tiny-a"}, timeout=30).json()
+    info = httpx.get(
+        deployment.base_url + "/v1/model/info",
+        params={"model": "tiny-a"},
+        headers={"Authorization": f"Bearer {deployment.api_key}"},
+        timeout=30,
+    ).json()
     body = {"model": "tiny-a", "messages": USER, "max_tokens": 64, "stream": True, "ignore_eos": True}
     content = json.dumps(body).encode()
     worst_prompt = len(content) + TEMPLATE_TOKENS_PER_REQUEST + TEMPLATE_TOKENS_PER_MESSAGE
