@@ -6,9 +6,11 @@ import ipaddress
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 from orchestrator.catalog import CatalogError
 from orchestrator.settings import Settings
@@ -49,6 +51,11 @@ def serve_forever(
         # then), so they are set before anything imports ray; Ray's processes inherit them.
         for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
             os.environ.setdefault(key, "1")
+        wrapper = shutil.which("orchestrator-haproxy", path=str(Path(sys.executable).parent))
+        if is_loopback(settings.host) and wrapper:
+            # HAProxy's stats and metrics listeners bind every interface in Serve's config;
+            # the wrapper moves them to loopback (serving/haproxy_loopback.py).
+            os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
     # A one-machine cluster: Ray then takes 127.0.0.1 as the node address, so its own
     # servers (the metrics export among them) listen on loopback only. Without it Ray
     # resolves even an explicit 127.0.0.1 to the machine's public address.

@@ -55,7 +55,8 @@ class Settings(BaseSettings):
         default=True,
         description=(
             "`orchestrator serve` only: start Ray with Serve's HAProxy ingress and throughput-optimized "
-            "mode (see docs/ARCHITECTURE.md). HAProxy's stats and metrics ports listen on all interfaces."
+            "mode (see docs/ARCHITECTURE.md). On a loopback host HAProxy's stats and metrics ports are moved to "
+            "127.0.0.1 (orchestrator-haproxy); on another host they listen on all interfaces."
         ),
     )
     database_url: str | None = Field(
