@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -331,3 +332,66 @@ def test_a_cut_short_stream_with_several_choices_is_billed_for_all(deployment: D
     assert record["cancelled"] is True and record["completion_tokens"] < 4 * 300
     # Every choice's tokens are billed, not only the last one's (about a quarter of them).
     assert record["completion_tokens"] >= sum(seen.values()), (record["completion_tokens"], seen)
+
+
+def test_killing_the_gateway_mid_load_loses_and_doubles_nothing(deployment: Deployment) -> None:
+    """Eight streams run while the gateway's replica (and its ledger actor) is killed: Serve
+    starts a new one, which takes the database's fence and replays the old journal; the
+    routers retry their settlements until it answers. Afterwards PostgreSQL holds exactly one
+    record per admitted request and the balance is debited by exactly their costs."""
+    import sqlalchemy as sa
+
+    credits = Decimal(1)
+    created = deployment.admin("POST", "/admin/keys", json={"credits": str(credits)}).json()
+    key, key_id = created["key"], created["info"]["id"]
+    killer = subprocess.Popen(
+        [sys.executable, "-c", _KILLER, deployment.gcs_address, "orchestrator#gateway"],
+        env=deployment.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert killer.stdout is not None and killer.stdin is not None
+    assert killer.stdout.readline().strip() == "ready"
+    body = {"model": "tiny-b", "messages": USER, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    started = threading.Barrier(9)
+
+    def stream(_: int) -> int:
+        with open_stream(deployment, body, key) as lines:
+            next(lines)  # admitted and streaming
+            started.wait(timeout=120)
+            return sum(1 for line in lines if line.startswith("data: "))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(stream, i) for i in range(8)]
+        started.wait(timeout=120)
+        killer.stdin.write("kill\n")
+        killer.stdin.flush()
+        assert killer.stdout.readline().strip() == "killed"
+        # While the new gateway starts, a request is refused as unavailable (503), never a 500.
+        during = httpx.post(
+            deployment.base_url + "/v1/chat/completions",
+            json={"model": "tiny-b", "messages": USER, "max_tokens": 2},
+            headers={"Authorization": f"Bearer {deployment.api_key}"},
+            timeout=120,
+        )
+        assert during.status_code in (200, 503), during.text
+        chunks = [f.result(timeout=300) for f in futures]
+    killer.wait(timeout=60)
+    assert all(n > 1 for n in chunks), chunks
+    engine = sa.create_engine(deployment.database_url)
+
+    def stored() -> tuple[int, Decimal]:
+        with engine.connect() as conn:
+            count, nusd = conn.execute(
+                sa.text("select count(*), coalesce(sum(cost_nusd), 0) from usage_records where key_id = :k"),
+                {"k": key_id},
+            ).one()
+        return int(count), Decimal(int(nusd)) / Decimal(10**9)
+
+    deadline = time.monotonic() + 300
+    while stored()[0] < 8 and time.monotonic() < deadline:
+        time.sleep(2)
+    time.sleep(3)  # anything doubled would have arrived by now too
+    count, cost = stored()
+    engine.dispose()
+    assert count == 8, count
+    balance = Decimal(deployment.admin("GET", f"/admin/keys/{key_id}").json()["credits"])
+    assert cost > 0 and balance == credits - cost, (balance, cost)
