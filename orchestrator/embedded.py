@@ -54,7 +54,7 @@ def serve_forever(
         wrapper = shutil.which("orchestrator-haproxy", path=str(Path(sys.executable).parent))
         if is_loopback(settings.host) and wrapper:
             # HAProxy's stats and metrics listeners bind every interface in Serve's config;
-            # the wrapper moves them to loopback (serving/haproxy_loopback.py).
+            # the wrapper moves them to loopback (orchestrator/haproxy_loopback.py).
             os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
     # A one-machine cluster: Ray then takes 127.0.0.1 as the node address, so its own
     # servers (the metrics export among them) listen on loopback only. Without it Ray

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.serving.haproxy_loopback import ExposedListener, config_path, to_loopback
+from orchestrator.haproxy_loopback import ExposedListener, config_path, to_loopback
 
 
 def serve_config(host: str = "127.0.0.1") -> str:
@@ -70,9 +70,7 @@ def _run_wrapper(tmp_path: Path, config: str) -> subprocess.CompletedProcess[str
     fake.write_text('#!/bin/sh\necho "args: $*"\ncat "$3"\n')
     fake.chmod(0o755)
     # `python -c runner FAKE -db -f cfg`: the stand-in binary comes first, then Serve's arguments.
-    runner = (
-        "import sys; from orchestrator.serving.haproxy_loopback import main; sys.exit(main(sys.argv[2:], sys.argv[1]))"
-    )
+    runner = "import sys; from orchestrator.haproxy_loopback import main; sys.exit(main(sys.argv[2:], sys.argv[1]))"
     return subprocess.run(
         [sys.executable, "-c", runner, str(fake), "-db", "-f", str(cfg)], capture_output=True, text=True, check=False
     )

@@ -8,6 +8,9 @@ Serve then runs exactly as it would run HAProxy (``-f <config>`` and its reload 
 rewrites the config's wildcard ``bind`` lines to ``127.0.0.1``, refuses to start if any
 listener would still be reachable from other machines, and replaces itself with the real
 HAProxy (same process id and command line, which Serve checks).
+
+It must start fast (Serve gives its proxy 15 s to become ready, on a machine that is busy
+starting engines), so it lives outside ``orchestrator.serving`` and imports nothing heavy.
 """
 
 from __future__ import annotations
