@@ -116,6 +116,14 @@ class RayCluster:
         import ray
 
         target = self.bootstrap_address(address)
+        if address == "auto":
+            # ray.init turns token auth on from ~/.ray/auth_token only for address="auto", and
+            # this passes the address it found instead: do what ray.init would have done.
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         try:
             ray.init(
                 address=target,

@@ -93,3 +93,26 @@ def test_unreachable_or_missing_cluster_fails_at_once(monkeypatch: pytest.Monkey
 def test_unreachable_is_the_connection_error_the_status_command_converts() -> None:
     """``orchestrator.status`` must not import Ray, so it catches the built-in type."""
     assert issubclass(ClusterUnreachable, ConnectionError)
+
+
+@pytest.mark.parametrize(("address", "token_auth_checked"), [("auto", True), ("10.0.0.1:6379", False)])
+def test_a_local_cluster_found_automatically_gets_token_auth_like_ray_init(
+    monkeypatch: pytest.MonkeyPatch, address: str, token_auth_checked: bool
+) -> None:
+    """ray.init enables token auth from ~/.ray/auth_token only for address="auto"; connect
+    passes the address it found, so it does that step itself (orchestrator serve's cluster
+    uses token auth) and only then."""
+    import ray
+    from ray._private.authentication import authentication_token_setup
+
+    calls: list[str] = []
+    monkeypatch.setattr(
+        authentication_token_setup,
+        "maybe_enable_token_auth_if_token_available",
+        lambda warn_if_disabled=True: calls.append("token-auth") or True,
+    )
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(f"init {kwargs['address']}"))
+    cluster = RayCluster(probe=lambda host, port: True)
+    monkeypatch.setattr(cluster, "bootstrap_address", lambda given: "127.0.0.1:6379")
+    cluster.connect(address)
+    assert calls == (["token-auth"] if token_auth_checked else []) + ["init 127.0.0.1:6379"]
