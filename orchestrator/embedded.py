@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
@@ -11,6 +12,8 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from orchestrator.catalog import CatalogError
 from orchestrator.settings import Settings
@@ -115,11 +118,31 @@ def serve_forever(
                 time.sleep(0.2)
     finally:
         print("\nShutting down ...", flush=True)
+        # Everything this command started, engines and HAProxy included: if Serve's graceful
+        # shutdown times out (it can on a busy machine), ray.shutdown() kills the Ray workers
+        # and their own children (vLLM's engine processes, HAProxy) would outlive them.
+        started = psutil.Process().children(recursive=True)
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
+            reap(started)
     return 0
+
+
+def reap(processes: list[psutil.Process], grace_s: float = 10.0) -> list[psutil.Process]:
+    """Terminates the processes still alive, kills those that outlast ``grace_s``, and
+    returns the ones that were still alive."""
+    alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, stubborn = psutil.wait_procs(alive, timeout=grace_s)
+    for process in stubborn:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(stubborn, timeout=grace_s)
+    return alive
 
 
 OPEN_BANNER = """

@@ -53,3 +53,37 @@ def test_serve_refuses_before_starting_anything(
     assert main(["serve", "--host", "0.0.0.0", "--catalog", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--open" in err and err.count("\n") == 1
+
+
+def test_reap_ends_a_process_tree_whose_parent_is_gone() -> None:
+    """What orchestrator serve does after ray.shutdown(): processes it started that outlived
+    their parent (as vLLM's engine processes do when Ray kills a replica) are ended."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from orchestrator.embedded import reap
+
+    # A child that starts a grandchild ignoring SIGTERM, then exits: the grandchild is orphaned.
+    grandchild = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    )
+    parent = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}], stdout=sys.stdout)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    orphan_pid = int(child.stdout.readline())
+    assert child.stdout.readline().strip() == "up"
+    started = psutil.Process().children(recursive=True)
+    assert orphan_pid in {p.pid for p in started}
+    child.kill()
+    child.wait()
+    orphan = psutil.Process(orphan_pid)
+    assert orphan.is_running()
+    assert [p.pid for p in reap(started, grace_s=1)] == [orphan_pid]  # the child was already gone
+    assert not psutil.pid_exists(orphan_pid) or orphan.status() == psutil.STATUS_ZOMBIE
