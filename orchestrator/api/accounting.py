@@ -4,6 +4,7 @@ timings while the response passes, and settlement with the gateway when it ends.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import math
@@ -259,7 +260,12 @@ class Settler:
         """Ends an admitted request: its metrics now, its settlement in a task of its own."""
         record = meter.record(status, error=error, cancelled=cancelled)
         self.telemetry.finished(meter.route, record, meter.gaps)
-        task = asyncio.get_running_loop().create_task(self._settle(meter.admission, record))
+        # A fresh context: in a Ray actor the request's context says which Ray task this is,
+        # and calls made under it are that request's children, which Ray cancels with it (a
+        # client closing the connection right after the last chunk cancelled settlements).
+        task = asyncio.get_running_loop().create_task(
+            self._settle(meter.admission, record), context=contextvars.Context()
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
@@ -11,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestrator.api.auth import AdminGuard
 from orchestrator.gateway.admin import DEFAULT_WORKSPACE, WORKSPACE_PATTERN, Clearable, report_filters
 from orchestrator.gateway.base import Gateway
-from orchestrator.gateway.records import MAX_USD, CreatedKey, KeyInfo, KeyLimits, Workspace
+from orchestrator.gateway.records import CreatedKey, KeyInfo, KeyLimits, PositiveUsd, Workspace
 
 
 class KeyCreate(KeyLimits):
@@ -24,13 +23,17 @@ class KeyUpdate(KeyLimits):
     """``PATCH /admin/keys/{id}`` body: fields given are set; names in ``clear`` become unlimited."""
 
     clear: list[Clearable] = Field(default_factory=list)
-    add_credits: Decimal | None = Field(
+    add_credits: PositiveUsd | None = Field(
         default=None,
-        gt=0,
-        le=MAX_USD,
         description="USD added to the balance (atomic, safe beside running requests); "
         "the balance after it is at most 1e9 USD.",
     )
+
+
+# Checked here, so that what the OpenAPI document says is what is accepted (the CLI, through
+# `report_filters`, also takes full ISO times and loose lists).
+_DAY: dict[str, Any] = {"pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$", "json_schema_extra": {"format": "date"}}
+_GROUPS = "^( *(key|model|day) *(, *(key|model|day) *)*)?$"
 
 
 class WorkspaceUpdate(BaseModel):
@@ -79,9 +82,11 @@ def admin_router(gateway: Gateway, admin_key: str | None) -> APIRouter:
     async def usage(
         key: str | None = Query(default=None, description="Key id."),
         model: str | None = Query(default=None, description="Model display name."),
-        start: str | None = Query(default=None, alias="from", description="First UTC day, YYYY-MM-DD."),
-        end: str | None = Query(default=None, alias="to", description="Last UTC day, YYYY-MM-DD (included)."),
-        group_by: str = Query(default="key,model,day", description="Comma-separated: key, model, day."),
+        start: str | None = Query(None, alias="from", description="First UTC day, YYYY-MM-DD.", **_DAY),
+        end: str | None = Query(None, alias="to", description="Last UTC day, YYYY-MM-DD (included).", **_DAY),
+        group_by: str = Query(
+            default="key,model,day", pattern=_GROUPS, description="Comma-separated: key, model, day."
+        ),
     ) -> dict[str, Any]:
         """Requests, tokens and cost (USD) per group."""
         filters = report_filters(key=key, model=model, start=start, end=end, group_by=group_by)

@@ -6,15 +6,17 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 
 from orchestrator.api.accounting import Settler
 from orchestrator.api.admin import admin_router
 from orchestrator.api.auth import bearer_token, is_admin
-from orchestrator.api.backend import Backend
+from orchestrator.api.backend import Backend, ModelHealth
+from orchestrator.api.contract import install_contract, request_body
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.generation import generate
 from orchestrator.api.middleware import RequestContext
@@ -22,7 +24,14 @@ from orchestrator.api.telemetry import Telemetry
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.gateway.base import Gateway, OpenGateway, RequestGateway
 from orchestrator.metrics import Sink
-from orchestrator.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from orchestrator.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    TextCompletion,
+)
 from orchestrator.protocol.openai import ModelPricing
 from orchestrator.settings import Settings
 
@@ -44,16 +53,17 @@ def model_card(spec: ModelSpec, created: int) -> ModelCard:
     )
 
 
-def _body_schema(model: type[Any]) -> dict[str, Any]:
-    # Bodies are read by hand (for our own error envelope); this documents them in OpenAPI.
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
-            },
-        }
-    }
+class Readiness(BaseModel):
+    """``GET /health/ready`` and ``GET /health``: 200 when any model (or the one asked for) can
+    serve, else 503 with the same body."""
+
+    status: Literal["ok", "degraded", "unavailable"]
+    models: dict[str, ModelHealth] = Field(description="By display name.")
+
+
+_UNREADY: dict[int | str, dict[str, Any]] = {
+    503: {"model": Readiness, "description": "No model (or not the one asked for) can serve."}
+}
 
 
 def create_app(
@@ -87,7 +97,15 @@ def create_app(
         yield
         await settler.drain()  # settlements of abandoned requests still in flight
 
-    app = FastAPI(title="vLLM orchestrator", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # `/path/` is an unknown path (404) like any other, not a redirect: no route answers 3xx.
+    app = FastAPI(
+        title="vLLM orchestrator",
+        version="0.1.0",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
     install_error_handlers(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, echo_header=echo_request_id)
     if gateway is not None:
@@ -101,12 +119,12 @@ def create_app(
         # Reading the catalog needs a valid key too (as with OpenAI); no-op in open mode.
         await gate.authenticate(bearer_token(request))
 
-    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         """Chat completion, streaming (SSE) when `stream` is true."""
         return await run("chat", request)
 
-    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    @app.post("/v1/completions", response_model=TextCompletion, openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         """Text completion, streaming (SSE) when `stream` is true."""
         return await run("completion", request)
@@ -149,16 +167,18 @@ def create_app(
             name = catalog.resolve(model).name
             models = {name: models[name]}
         ready = [m.ready for m in models.values()]
-        status = "ok" if all(ready) else "degraded" if any(ready) else "unavailable"
-        body = {"status": status, "models": {name: m.model_dump() for name, m in models.items()}}
-        return JSONResponse(body, status_code=200 if any(ready) else 503)
+        status: Literal["ok", "degraded", "unavailable"] = (
+            "ok" if all(ready) else "degraded" if any(ready) else "unavailable"
+        )
+        body = Readiness(status=status, models=models)
+        return JSONResponse(body.model_dump(mode="json"), status_code=200 if any(ready) else 503)
 
     @app.get("/health/live")
     async def live() -> dict[str, str]:
         """200 while the router answers (its process and event loop work)."""
         return {"status": "ok"}
 
-    @app.get("/health/ready")
+    @app.get("/health/ready", response_model=Readiness, responses=_UNREADY)
     async def ready(
         model: str | None = Query(default=None, description="Only this model (name, alias or backend id)."),
     ) -> JSONResponse:
@@ -167,9 +187,10 @@ def create_app(
         model (or the one asked for) can serve, else 503; per-model detail says which and why."""
         return readiness(model)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Readiness, responses=_UNREADY)
     async def health() -> JSONResponse:
         """Same as `/health/ready`."""
         return readiness(None)
 
+    install_contract(app, keyed=gateway is not None)
     return app

@@ -19,6 +19,10 @@ class RequestContext:
     """Gives every request an id (``X-Request-Id`` on every response) and refuses bodies
     over ``max_body_bytes`` with 413 ``payload_too_large``, also for chunked uploads.
 
+    A body is read whole before the app sees the request (every route reads it whole anyway):
+    a limit hit while the app reads would reach FastAPI's body parsing as an unknown error,
+    which it answers with 400.
+
     An incoming ``X-Request-Id`` is kept when it is a sane token: behind Ray Serve the proxy
     has already chosen the id and echoes it on the response itself, so there
     ``echo_header=False`` avoids a second header.
@@ -48,20 +52,32 @@ class RequestContext:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large(send_with_id, request_id)
             return
+        read = await self._read_body(receive)
+        if read is None:
+            await self._too_large(send_with_id, request_id)
+            return
 
+        async def replay() -> dict[str, Any]:
+            # The body as read, then the client's own messages (a disconnect, while streaming).
+            return read.pop(0) if read else await receive()
+
+        await self.app(scope, replay, send_with_id)
+
+    async def _read_body(self, receive: Any) -> list[dict[str, Any]] | None:
+        """Returns the request's messages up to the end of its body (or a disconnect), or
+        None once the body is larger than the limit."""
+        messages: list[dict[str, Any]] = []
         received = 0
-        limit = self.max_body_bytes
-
-        async def counted_receive() -> dict[str, Any]:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _too_large_error(limit)
-            return message
-
-        await self.app(scope, counted_receive, send_with_id)
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                return messages
 
     async def _too_large(self, send: Any, request_id: str) -> None:
         body = json.dumps(_too_large_error(self.max_body_bytes).to_dict(request_id)).encode()

@@ -3,11 +3,12 @@ JSON, so they are pydantic models without behaviour beyond small derived views."
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 # Bounds that the database columns can hold (gateway/schema.py): USD amounts are whole
 # nanodollars in a 64-bit integer (up to 9.2e9 USD, so a balance topped up to MAX_USD still
@@ -15,6 +16,40 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_USD = Decimal(1_000_000_000)
 MAX_RATE = 1_000_000_000
 MAX_MODEL_PATTERNS = 256
+
+
+# USD amounts are JSON numbers or, exactly, decimal numerals such as "12.50". A Decimal's own
+# JSON Schema allows any string, so strings are held to the patterns the OpenAPI document shows.
+_WHOLE = r"[1-9][0-9]{0,8}(\.[0-9]+)?|1000000000(\.0+)?"
+_AMOUNT = f"^({_WHOLE}|0(\\.[0-9]+)?)$"
+_POSITIVE_AMOUNT = f"^({_WHOLE}|0\\.[0-9]*[1-9][0-9]*)$"
+
+
+def _numeral(pattern: str, low: str) -> BeforeValidator:
+    numeral = re.compile(pattern)
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and not numeral.fullmatch(value):
+            raise ValueError(f'a USD amount {low} up to {MAX_USD}: a number, or a decimal numeral such as "12.50"')
+        return value
+
+    return BeforeValidator(check)
+
+
+def _usd_schema(pattern: str, low: dict[str, int]) -> WithJsonSchema:
+    number = {"type": "number", **low, "maximum": int(MAX_USD)}
+    return WithJsonSchema({"anyOf": [number, {"type": "string", "pattern": pattern}]})
+
+
+Usd = Annotated[Decimal, Field(ge=0, le=MAX_USD), _numeral(_AMOUNT, "from 0"), _usd_schema(_AMOUNT, {"minimum": 0})]
+"""A USD amount from 0 to MAX_USD."""
+PositiveUsd = Annotated[
+    Decimal,
+    Field(gt=0, le=MAX_USD),
+    _numeral(_POSITIVE_AMOUNT, "above 0"),
+    _usd_schema(_POSITIVE_AMOUNT, {"exclusiveMinimum": 0}),
+]
+"""A USD amount above 0, up to MAX_USD."""
 
 
 class Workspace(BaseModel):
@@ -42,11 +77,9 @@ class KeyLimits(BaseModel):
     max_concurrent: int | None = Field(
         default=None, ge=1, le=MAX_RATE, description="Requests of this key running at once (past it: 429)."
     )
-    credits: Decimal | None = Field(
-        default=None, ge=0, le=MAX_USD, description="Credit balance in USD; unset: no balance kept."
-    )
-    daily_limit: Decimal | None = Field(default=None, ge=0, le=MAX_USD, description="Spend limit per UTC day, USD.")
-    monthly_limit: Decimal | None = Field(default=None, ge=0, le=MAX_USD, description="Spend limit per UTC month, USD.")
+    credits: Usd | None = Field(default=None, description="Credit balance in USD; unset: no balance kept.")
+    daily_limit: Usd | None = Field(default=None, description="Spend limit per UTC day, USD.")
+    monthly_limit: Usd | None = Field(default=None, description="Spend limit per UTC month, USD.")
     enabled: bool | None = Field(default=None, description="A disabled key gets 403 workspace_locked.")
 
 

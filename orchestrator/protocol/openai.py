@@ -12,6 +12,9 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import JsonDict
+
+from orchestrator.errors import ErrorCode
 
 # Bounds on what one request may carry, checked before anything is reserved or forwarded.
 MAX_MESSAGES = 2048
@@ -19,6 +22,32 @@ MAX_PROMPTS = 128  # prompts in one completions request (a list of strings or of
 MAX_TOOLS = 128
 MAX_LOGIT_BIAS = 300  # entries; each bias is between -100 and 100
 MAX_STOP = 16
+RESPONSE_FORMATS = ("text", "json_object", "json_schema", "structural_tag")
+
+# The validators below give clearer messages than pydantic's constraints would; these
+# schemas say the same in the OpenAPI document, so that clients (and the contract test) see
+# every rule the router enforces.
+_BIASES: JsonDict = {"additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
+_STOPS: JsonDict = {"maxItems": MAX_STOP}
+_MESSAGES: JsonDict = {"items": {"type": "object", "required": ["role"], "properties": {"role": {"type": "string"}}}}
+_FORMAT: JsonDict = {"required": ["type"], "properties": {"type": {"enum": [*RESPONSE_FORMATS]}}}
+_PROMPT: JsonDict = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_PROMPTS},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        {
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "integer"}},
+            "minItems": 1,
+            "maxItems": MAX_PROMPTS,
+        },
+    ]
+}
+_TOP_LOGPROBS: JsonDict = {
+    "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+    "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+}
 
 
 class StreamOptions(BaseModel):
@@ -38,11 +67,11 @@ class _SamplingFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=128)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra=_STOPS)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS, json_schema_extra=_BIASES)
     user: str | None = None
 
     @field_validator("stop")
@@ -67,11 +96,13 @@ class _SamplingFields(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions`` body."""
 
-    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
+    model_config = ConfigDict(json_schema_extra=_TOP_LOGPROBS)
+
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES, json_schema_extra=_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(default=None, json_schema_extra=_FORMAT)
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
 
@@ -86,8 +117,8 @@ class ChatCompletionRequest(_SamplingFields):
     @field_validator("response_format")
     @classmethod
     def _known_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") not in ("text", "json_object", "json_schema", "structural_tag"):
-            raise ValueError("type must be one of text, json_object, json_schema")
+        if value is not None and value.get("type") not in RESPONSE_FORMATS:
+            raise ValueError(f"type must be one of {', '.join(RESPONSE_FORMATS)}")
         return value
 
     @model_validator(mode="after")
@@ -103,7 +134,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions`` body."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(json_schema_extra=_PROMPT)
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
@@ -142,3 +173,58 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    """A response's token counts; the router adds ``cost``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost: float = Field(description="USD, from the model's catalog prices.")
+
+
+class _Completion(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(description="`gen-<id>`: what `GET /v1/generation?id=` looks up.")
+    created: int
+    model: str = Field(description="The model's display name.")
+    choices: list[dict[str, Any]]
+    usage: Usage
+
+
+class ChatCompletion(_Completion):
+    """``POST /v1/chat/completions`` answer without ``stream`` (vLLM's body plus ``usage.cost``)."""
+
+    object: Literal["chat.completion"]
+
+
+class TextCompletion(_Completion):
+    """``POST /v1/completions`` answer without ``stream`` (vLLM's body plus ``usage.cost``)."""
+
+    object: Literal["text_completion"]
+
+
+_ERROR_TYPES: JsonDict = {"enum": [*sorted({code.error_type for code in ErrorCode})]}
+
+
+class ErrorDetail(BaseModel):
+    """The ``error`` of the envelope (built by :meth:`OrchestratorError.to_dict`)."""
+
+    message: str = Field(description="For humans; never contains a key.")
+    type: str = Field(
+        description="OpenAI's error family of the code.",
+        json_schema_extra=_ERROR_TYPES,
+    )
+    code: ErrorCode = Field(description="Stable; decides the HTTP status.")
+    param: str | None = Field(description="The request parameter at fault, if one is.")
+    request_id: str | None = Field(description="The `X-Request-Id` of the request, to quote when reporting.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer, and the last event of a stream that failed part-way."""
+
+    error: ErrorDetail

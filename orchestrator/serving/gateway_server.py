@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
@@ -115,9 +115,10 @@ class RemoteGateway:
             if self._actor is None:
                 self._actor = await self._locate.remote()
             return await self._actor.call.remote(method, *args, **kwargs)
-        except (RayActorError, RayServeException) as exc:
-            # The gateway's replica (and its actor) died or is being replaced: the next call
-            # finds the new one. An infrastructure fault, not a bug: 503 with Retry-After.
+        except (RayActorError, RayServeException, TaskCancelledError) as exc:
+            # The gateway's replica (and its actor) died or is being replaced, or Ray cancelled
+            # the call from outside this coroutine: the next call finds the live actor. An
+            # infrastructure fault, not a bug: 503 with Retry-After (settlements retry on it).
             self._actor = None
             raise OrchestratorError(
                 ErrorCode.SERVICE_UNAVAILABLE,

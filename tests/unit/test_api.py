@@ -179,6 +179,8 @@ async def test_unknown_route_uses_envelope(client: httpx.AsyncClient) -> None:
     assert resp.headers["allow"] == "POST"
     resp = await client.delete("/v1/models")
     assert resp.status_code == 405 and resp.headers["allow"] == "GET"
+    resp = await client.get("/health/live/")  # a trailing slash is another path, not a redirect
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
 
 
 async def test_health(client: httpx.AsyncClient) -> None:

@@ -5,6 +5,7 @@ import pickle
 from pathlib import Path
 
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.protocol import ErrorResponse
 
 GOLDEN = Path(__file__).parent / "golden" / "error_codes.json"
 
@@ -28,6 +29,12 @@ def test_envelope_shape() -> None:
         }
     }
     assert err.status == 400
+
+
+def test_every_envelope_is_the_documented_error_response() -> None:
+    for code in ErrorCode:
+        envelope = OrchestratorError(code, "m").to_dict(None)
+        assert ErrorResponse.model_validate(envelope).model_dump(mode="json") == envelope
 
 
 def test_error_survives_pickling_across_processes() -> None:

@@ -6,6 +6,7 @@ Regenerate with: .venv/bin/python -m tests.unit.test_openapi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,47 @@ def current() -> dict[str, Any]:
 
 def test_openapi_document_is_current() -> None:
     assert json.loads(DOC.read_text()) == current(), "run: .venv/bin/python -m tests.unit.test_openapi"
+
+
+def refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for value in node.values():
+            yield from refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from refs(value)
+
+
+def test_every_reference_resolves() -> None:
+    document = current()
+    for ref in set(refs(document)):
+        node: Any = document
+        for part in ref.removeprefix("#/").split("/"):
+            assert part in node, f"{ref} does not resolve"
+            node = node[part]
+    assert "$defs" not in json.dumps(document)
+
+
+def test_errors_are_the_envelope_and_never_422() -> None:
+    for path, operations in current()["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "422" not in responses, f"{method} {path}"
+            for status in ("405", "500"):
+                schema = responses[status]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, f"{method} {path} {status}"
+            assert "X-Request-Id" in responses["200" if "200" in responses else "201"]["headers"]
+
+
+def test_open_mode_documents_no_credentials() -> None:
+    app = create_app(load_catalog([REPO / "catalog"]), LocalBackend({}), Settings())
+    document = app.openapi()
+    assert "securitySchemes" not in document["components"]
+    chat = document["paths"]["/v1/chat/completions"]["post"]
+    assert "security" not in chat and not {"401", "402", "403"} & set(chat["responses"])
+    assert not [path for path in document["paths"] if path.startswith("/admin")]
 
 
 if __name__ == "__main__":

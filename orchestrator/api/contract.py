@@ -1,0 +1,222 @@
+"""The OpenAPI document as the server really behaves: the error answers of every route (the
+envelope, never FastAPI's 422), their headers, the credentials each route takes, and request
+bodies whose nested models are all in ``components``.
+
+FastAPI writes the document from the routes; :func:`install_contract` amends it once, from
+the table below, so the routes stay free of documentation boilerplate. A route missing from
+the table fails the document's generation (and so the unit tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from orchestrator.errors import ErrorCode
+from orchestrator.protocol import ErrorResponse
+
+REF = "#/components/schemas/{model}"
+API_KEY = "ApiKey"
+ADMIN_KEY = "AdminKey"
+
+# What the gateway adds to a route: authenticating a key (bad, disabled, or the database
+# unreachable), admitting a request (also credits, spend and rate limits), the admin check.
+_AUTHENTICATE = (401, 403, 503)
+_ADMIT = (*_AUTHENTICATE, 402, 429)
+_ADMIN = (401, 503)
+_GENERATION = (400, 404, 413, 429, 502, 503, 504, 529)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one operation can answer besides its success."""
+
+    errors: tuple[int, ...] = ()
+    gateway: tuple[int, ...] = ()  # only with a gateway (keys); none in open mode
+    auth: tuple[str, ...] = ()  # security schemes, any one of which is accepted
+
+
+_ROUTES: dict[str, Route] = {
+    "POST /v1/chat/completions": Route(_GENERATION, _ADMIT, (API_KEY,)),
+    "POST /v1/completions": Route(_GENERATION, _ADMIT, (API_KEY,)),
+    "GET /v1/generation": Route((400, 404), _AUTHENTICATE, (API_KEY, ADMIN_KEY)),
+    "GET /v1/models": Route((), _AUTHENTICATE, (API_KEY,)),
+    "GET /v1/models/{model_id}": Route((404,), _AUTHENTICATE, (API_KEY,)),
+    "GET /v1/model/info": Route((400, 404), _AUTHENTICATE, (API_KEY,)),
+    "GET /health/live": Route(),
+    "GET /health/ready": Route((404,)),  # its 503 is the readiness body, declared on the route
+    "GET /health": Route(),
+    "POST /admin/keys": Route((400, 413), _ADMIN, (ADMIN_KEY,)),
+    "GET /admin/keys": Route((), _ADMIN, (ADMIN_KEY,)),
+    "GET /admin/keys/{key_id}": Route((404,), _ADMIN, (ADMIN_KEY,)),
+    "PATCH /admin/keys/{key_id}": Route((400, 404, 413), _ADMIN, (ADMIN_KEY,)),
+    "DELETE /admin/keys/{key_id}": Route((404,), _ADMIN, (ADMIN_KEY,)),
+    "GET /admin/workspaces": Route((), _ADMIN, (ADMIN_KEY,)),
+    "PATCH /admin/workspaces/{workspace_id}": Route((400, 404, 413), _ADMIN, (ADMIN_KEY,)),
+    "GET /admin/usage": Route((400,), _ADMIN, (ADMIN_KEY,)),
+}
+# Any path answers an unknown method with 405 (and `Allow`), and a bug with 500.
+_EVERY_ROUTE = (405, 500)
+_RETRY_AFTER = (429, 503, 529)
+_HEADERS: dict[str, dict[str, Any]] = {
+    "X-Request-Id": {
+        "description": "The request's id (a client's own is kept); error envelopes quote it.",
+        "required": True,
+        "schema": {"type": "string"},
+    },
+    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}},
+    "Allow": {"description": "The methods this path answers.", "required": True, "schema": {"type": "string"}},
+    **{
+        f"x-ratelimit-{part}-{what}": {
+            "description": f"The key's {what} per minute: {text} (only when the key has that limit).",
+            "schema": {"type": "string" if part == "reset" else "integer"},
+        }
+        for what in ("requests", "tokens")
+        for part, text in (("limit", "its limit"), ("remaining", "left in this window"), ("reset", "time left"))
+    },
+}
+_SECURITY = {
+    API_KEY: {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key (`sk-orch-...`), also accepted as the `x-api-key` header.",
+    },
+    ADMIN_KEY: {"type": "http", "scheme": "bearer", "description": "The admin key (`ORCH_ADMIN_KEY`)."},
+}
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A JSON chunk (the last one carries `usage` with `cost`), or an error "
+            "envelope when the stream fails part-way, then `[DONE]`.",
+        }
+    },
+}
+
+
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """Returns ``openapi_extra`` for a route that reads ``model`` itself (for the error
+    envelope) and answers with JSON or, when ``stream`` is true, server-sent events."""
+    schema = model.model_json_schema(ref_template=REF)
+    defs = schema.pop("$defs", {})
+    # The `$defs` move to components in `install_contract`, so every reference resolves.
+    body = {"$ref": REF.format(model=model.__name__), "$defs": {**defs, model.__name__: schema}}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": {"200": {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}},
+    }
+
+
+def install_contract(app: FastAPI, *, keyed: bool) -> None:
+    """Makes ``app.openapi()`` return the amended document (built once, then cached).
+
+    Args:
+        app: the app, with every route added.
+        keyed: a gateway checks keys; without one there are no credentials, so no 401, 402
+            or 403 and no security schemes.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _amend(build(), keyed=keyed)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _amend(document: dict[str, Any], *, keyed: bool) -> dict[str, Any]:
+    """Returns ``document`` with the errors, headers and security of :data:`_ROUTES`.
+
+    Raises:
+        KeyError: an operation is not in the table.
+    """
+    components = document.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas.update(_schemas(ErrorResponse))
+    components["headers"] = _HEADERS
+    if keyed:
+        components["securitySchemes"] = _SECURITY
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            name = f"{method.upper()} {path}"
+            if name not in _ROUTES:
+                raise KeyError(f"{name} is not documented in orchestrator/api/contract.py")
+            _amend_operation(operation, _ROUTES[name], keyed=keyed)
+    for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, never sent
+        schemas.pop(unused, None)
+    _hoist_defs(document, schemas)
+    _integer_bounds(document)
+    return document
+
+
+def _amend_operation(operation: dict[str, Any], route: Route, *, keyed: bool) -> None:
+    responses: dict[str, Any] = operation["responses"]
+    responses.pop("422", None)
+    statuses = {*route.errors, *_EVERY_ROUTE, *(route.gateway if keyed else ())}
+    for code in sorted(statuses):
+        responses.setdefault(str(code), _error(code))
+    for status, response in responses.items():
+        headers = response.setdefault("headers", {})
+        headers["X-Request-Id"] = _header("X-Request-Id")
+        if status == "405":
+            headers["Allow"] = _header("Allow")
+        if status in ("200", "429") and keyed and 429 in route.gateway:
+            headers.update({name: _header(name) for name in _HEADERS if name.startswith("x-ratelimit-")})
+    if keyed and route.auth:
+        operation["security"] = [{scheme: []} for scheme in route.auth]
+
+
+def _error(status: int) -> dict[str, Any]:
+    codes = ", ".join(f"`{code.value}`" for code in ErrorCode if code.http_status == status)
+    response: dict[str, Any] = {
+        "description": f"Error envelope; `error.code` is one of {codes}.",
+        "content": {"application/json": {"schema": {"$ref": REF.format(model=ErrorResponse.__name__)}}},
+    }
+    if status in _RETRY_AFTER:
+        response["headers"] = {"Retry-After": _header("Retry-After")}
+    return response
+
+
+def _header(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/headers/{name}"}
+
+
+def _schemas(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template=REF)
+    return {**schema.pop("$defs", {}), model.__name__: schema}
+
+
+def _hoist_defs(node: Any, schemas: dict[str, Any]) -> None:
+    """Moves every nested ``$defs`` (from pydantic schemas written into operations) into
+    ``components.schemas``; their references already point there."""
+    if isinstance(node, dict):
+        for name, schema in node.pop("$defs", {}).items():
+            if schemas.setdefault(name, schema) != schema:
+                raise ValueError(f"two different schemas are named {name}")
+        for value in list(node.values()):
+            _hoist_defs(value, schemas)
+    elif isinstance(node, list):
+        for value in node:
+            _hoist_defs(value, schemas)
+
+
+def _integer_bounds(node: Any) -> None:
+    """Writes the bounds of integer schemas as integers: FastAPI's document model holds every
+    number as a float, and a float such as -9.223372036854776e18 also admits integers below
+    the real bound (a seed's -2**63) to anyone comparing as floats."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for name in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                if isinstance(node.get(name), float) and node[name].is_integer():
+                    node[name] = int(node[name])
+        for value in node.values():
+            _integer_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _integer_bounds(value)
