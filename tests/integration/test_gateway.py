@@ -230,16 +230,23 @@ print("killed", flush=True)
 """
 
 
+def _killer(deployment: Deployment, replica: str) -> subprocess.Popen[str]:
+    """Starts a process attached to the cluster that kills the one Serve replica whose actor
+    name contains ``replica`` when it reads "kill" (and then prints "killed")."""
+    killer = subprocess.Popen(
+        [sys.executable, "-c", _KILLER, deployment.gcs_address, replica],
+        env=deployment.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert killer.stdout is not None and killer.stdout.readline().strip() == "ready"
+    return killer
+
+
 def test_model_replica_dying_mid_stream_is_billed_once(deployment: Deployment) -> None:
     base = deployment.sqlite_base_url
     created = deployment.admin("POST", "/admin/keys", base_url=base, json={"credits": "1"}).json()
     key, key_id = created["key"], created["info"]["id"]
-    killer = subprocess.Popen(
-        [sys.executable, "-c", _KILLER, deployment.gcs_address, "sqlite#model-tiny-c"],
-        env=deployment.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    killer = _killer(deployment, "sqlite#model-tiny-c")
     assert killer.stdout is not None and killer.stdin is not None
-    assert killer.stdout.readline().strip() == "ready"
     body = {"model": "c", "messages": USER, "max_tokens": 480, "stream": True, "ignore_eos": True}
     with open_stream(deployment, body, key, base_url=base) as lines:
         first = next(lines)
@@ -344,12 +351,8 @@ def test_killing_the_gateway_mid_load_loses_and_doubles_nothing(deployment: Depl
     credits = Decimal(1)
     created = deployment.admin("POST", "/admin/keys", json={"credits": str(credits)}).json()
     key, key_id = created["key"], created["info"]["id"]
-    killer = subprocess.Popen(
-        [sys.executable, "-c", _KILLER, deployment.gcs_address, "orchestrator#gateway"],
-        env=deployment.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    killer = _killer(deployment, "orchestrator#gateway")
     assert killer.stdout is not None and killer.stdin is not None
-    assert killer.stdout.readline().strip() == "ready"
     body = {"model": "tiny-b", "messages": USER, "max_tokens": 200, "stream": True, "ignore_eos": True}
     started = threading.Barrier(9)
 
