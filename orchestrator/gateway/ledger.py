@@ -61,6 +61,19 @@ class _KeyEntry:
 
 
 @dataclass
+class _Admitted:
+    """An admitted request not yet settled: what it holds, and the event a lookup of its
+    record waits on."""
+
+    at: float  # monotonic
+    key_id: str
+    workspace_id: str
+    model: str
+    cost: Decimal  # its worst case, held against the key's balance and spend limits
+    settled: asyncio.Event
+
+
+@dataclass
 class _Spend:
     day: datetime
     day_total: Decimal
@@ -146,14 +159,12 @@ class Ledger:
         self._fence_poll_s = fence_poll_s
         self._fencer: asyncio.Task[None] | None = None
         self._active = asyncio.Event()  # set while this ledger holds the fence and admits
-        self._inflight: dict[str, tuple[float, asyncio.Event]] = {}
-        # Worst-case costs of admitted, unsettled requests: by request (key id, cost) and by key.
-        # Admitted, unsettled requests: by request (key id, worst-case cost); by key, their
-        # count and the sum of their costs.
-        self._holds: dict[str, tuple[str, Decimal, str | None, str]] = {}  # + workspace, model
-        self._expiries: set[asyncio.Task[bool]] = set()
+        # Admitted, unsettled requests in admission order; by key, their count and the sum of
+        # their held costs (kept beside them so that admission checks need no scan).
+        self._admitted: dict[str, _Admitted] = {}
         self._running: dict[str, int] = {}
         self._held_cost: dict[str, Decimal] = {}
+        self._expiries: set[asyncio.Task[bool]] = set()
         self.limiter = RateLimiter(monotonic)
         self._lock = threading.Lock()
         self._keys: dict[str, _KeyEntry] = {}
@@ -427,8 +438,11 @@ class Ledger:
                 f"Rate limit reached for this API key ({which} per minute). Retry after {headers['Retry-After']} s.",
                 headers=headers,
             )
-        self._track(request_id)
-        self._holds[request_id] = (key.id, cost, key.workspace_id, model_names[0])
+        # Admitted, not yet settled: a lookup waits for the record instead of answering 404,
+        # which lets routers settle after the response without a window of missing records.
+        self._admitted[request_id] = _Admitted(
+            self._monotonic(), key.id, key.workspace_id, model_names[0], cost, asyncio.Event()
+        )
         self._running[key.id] = running + 1
         if cost:
             self._held_cost[key.id] = held + cost
@@ -441,13 +455,14 @@ class Ledger:
             headers=headers,
         )
 
-    def _release(self, request_id: str) -> None:
-        """Ends a request's holds: its worst-case cost and its place among the key's running
-        requests (nothing happens for a request this ledger did not admit)."""
-        hold = self._holds.pop(request_id, None)
-        if hold is None:
-            return
-        key_id, cost, _, _ = hold
+    def _release(self, request_id: str) -> _Admitted | None:
+        """Ends an admitted request's holds (its worst-case cost and its place among the key's
+        running requests). Returns it (its ``settled`` event not yet set), or None for a
+        request this ledger did not admit."""
+        admitted = self._admitted.pop(request_id, None)
+        if admitted is None:
+            return None
+        key_id, cost = admitted.key_id, admitted.cost
         if self._running[key_id] > 1:
             self._running[key_id] -= 1
         else:
@@ -458,41 +473,33 @@ class Ledger:
                 self._held_cost[key_id] = left
             else:
                 del self._held_cost[key_id]
+        return admitted
 
     def _expire(self) -> None:
         # Admissions never settled (their router died) end after hold_ttl_s: their holds are
         # released, lookups stop waiting, and each is recorded as lost. Entries are in
         # admission order, so the stale ones are at the front.
         now = self._monotonic()
-        while self._inflight:
-            oldest = next(iter(self._inflight))
-            admitted, event = self._inflight[oldest]
-            if now - admitted <= self._hold_ttl_s:
+        while self._admitted:
+            oldest, admitted = next(iter(self._admitted.items()))
+            if now - admitted.at <= self._hold_ttl_s:
                 break
-            del self._inflight[oldest]
-            hold = self._holds.get(oldest)
             self._release(oldest)
-            event.set()
-            if hold is not None:
-                # Its router is gone, and with it what the request used: it still leaves its
-                # one record (nothing billed), marked as lost.
-                record = UsageRecord(
-                    request_id=oldest,
-                    key_id=hold[0],
-                    workspace_id=hold[2],
-                    model=hold[3],
-                    status_code=500,
-                    error_code=ErrorCode.INTERNAL_ERROR.value,
-                    created_at=datetime.fromtimestamp(self._clock(), UTC),
-                )
-                task = asyncio.get_running_loop().create_task(self.settle(Admission(request_id=oldest), record))
-                self._expiries.add(task)
-                task.add_done_callback(self._expiries.discard)
-
-    def _track(self, request_id: str) -> None:
-        # Admitted, not yet settled: a lookup waits for the record instead of answering 404,
-        # which lets routers settle after the response without a window of missing records.
-        self._inflight[request_id] = (self._monotonic(), asyncio.Event())
+            admitted.settled.set()
+            # Its router is gone, and with it what the request used: it still leaves its one
+            # record (nothing billed), marked as lost.
+            record = UsageRecord(
+                request_id=oldest,
+                key_id=admitted.key_id,
+                workspace_id=admitted.workspace_id,
+                model=admitted.model,
+                status_code=500,
+                error_code=ErrorCode.INTERNAL_ERROR.value,
+                created_at=datetime.fromtimestamp(self._clock(), UTC),
+            )
+            task = asyncio.get_running_loop().create_task(self.settle(Admission(request_id=oldest), record))
+            self._expiries.add(task)
+            task.add_done_callback(self._expiries.discard)
 
     # -- settlement -------------------------------------------------------------------
 
@@ -506,8 +513,7 @@ class Ledger:
         rid = record.request_id
         if rid in self._settled:
             return False
-        waiting = self._inflight.pop(rid, None)
-        self._release(rid)
+        admitted = self._release(rid)
         self._settled[rid] = None
         if len(self._settled) > _SETTLED_MEMORY:
             self._settled.popitem(last=False)
@@ -526,8 +532,8 @@ class Ledger:
                     spend.day_total += record.cost
                 if spend is not None and record.created_at >= spend.month:
                     spend.month_total += record.cost
-        if waiting is not None:
-            waiting[1].set()
+        if admitted is not None:
+            admitted.settled.set()  # lookups waiting since admission now find the record
         return True
 
     def _commit(self, batch: list[UsageRecord]) -> None:
@@ -567,8 +573,10 @@ class Ledger:
             sealed = False
             while True:
                 if not self._batches:
+                    if sealed:
+                        return
                     with self._lock:
-                        batch, self._unsealed = ([], self._unsealed) if sealed else (self._unsealed, [])
+                        batch, self._unsealed = self._unsealed, []
                     if not batch:
                         return
                     segment = self.journal.seal() if self.journal is not None else None
@@ -606,12 +614,12 @@ class Ledger:
         """
         key_id = None if admin else (await self._authenticate(api_key)).id
         request_id = generation_id.removeprefix("gen-")
-        waiting = self._inflight.get(request_id)
-        if waiting is not None:
+        admitted = self._admitted.get(request_id)
+        if admitted is not None:
             # Admitted but its router has not settled it yet (it does so right after the
             # response): wait for the record rather than answer 404.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiting[1].wait(), self._lookup_wait_s)
+                await asyncio.wait_for(admitted.settled.wait(), self._lookup_wait_s)
         record = self._pending.get(request_id) or await self._run(self.store.usage, request_id)
         if record is None or (not admin and record.key_id != key_id):
             raise OrchestratorError(ErrorCode.NOT_FOUND, f"No generation {generation_id!r}.", param="id")

@@ -269,7 +269,7 @@ async def test_admissions_never_settled_are_recorded_as_lost_after_an_hour(ledge
     await ledger.admit(created.key, NAMES, 10, "orphan", cost=Decimal("0.5"))  # its router died: never settled
     ledger._clock.now += 3601  # type: ignore[attr-defined]  # the fixture's clock is also the monotonic one
     await ledger.admit(created.key, NAMES, 10, "fresh", cost=Decimal("0.5"))  # the orphan's hold is free again
-    assert list(ledger._inflight) == ["fresh"]
+    assert list(ledger._admitted) == ["fresh"]
     await asyncio.gather(*ledger._expiries)
     # It still leaves its one record: lost (500), nothing billed.
     lost = await ledger.generation("gen-orphan", created.key)
