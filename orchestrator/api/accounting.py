@@ -23,6 +23,7 @@ from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.base import RequestGateway
 from orchestrator.gateway.pricing import request_cost
 from orchestrator.gateway.records import Admission, UsageRecord
+from orchestrator.protocol.openai import prompt_count
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +57,11 @@ class Reservation:
     cost: Decimal
 
 
-def _prompt_count(body: dict[str, Any]) -> int:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        return len(prompt)  # a list of strings or of token lists: one sequence each
-    return 1
-
-
 def reservation(body: dict[str, Any], body_bytes: int, spec: ModelSpec, output_budget: int | None) -> Reservation:
     """Returns the reservation of a validated request whose body had ``body_bytes`` bytes."""
     messages = body.get("messages")
     count = len(messages) if isinstance(messages, list) else 1
-    prompts = _prompt_count(body)
+    prompts = prompt_count(body.get("prompt"))
     choices = max(int(body.get("n") or 1), int(body.get("best_of") or 1))
     window = spec.context_window
     prompt = min(math.ceil(body_bytes / 4) + 4 * count, window * prompts)

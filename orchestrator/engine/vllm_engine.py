@@ -43,6 +43,7 @@ from orchestrator.engine.frames import (
 )
 from orchestrator.engine.weights import prepare_weights
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.protocol.openai import prompt_count
 from orchestrator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -241,9 +242,7 @@ class VLLMEngine:
         old, new = _ID_PREFIX[kind] + request_id, "gen-" + request_id
         client_wants_usage = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
         n = int(body.get("n") or 1)
-        prompt = body.get("prompt")
-        several = n > 1 or (isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int))
-        choices = ChoiceUsage(n) if several else None
+        choices = ChoiceUsage(n) if n > 1 or prompt_count(body.get("prompt")) > 1 else None
         try:
             async for frame in frames:
                 if frame.startswith("data: [DONE]"):

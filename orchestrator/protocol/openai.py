@@ -50,6 +50,14 @@ _TOP_LOGPROBS: JsonDict = {
 }
 
 
+def prompt_count(prompt: Any) -> int:
+    """Returns how many prompts a completions ``prompt`` holds: a list of strings or of
+    token lists is one prompt each; a string or one list of token ids is one prompt."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -145,7 +153,7 @@ class CompletionRequest(_SamplingFields):
     def _non_empty(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be empty")
-        if isinstance(value, list) and not isinstance(value[0], int) and len(value) > MAX_PROMPTS:
+        if prompt_count(value) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return value
 
