@@ -146,22 +146,20 @@ class Router:
             if inspect.iscoroutine(call):
                 call.close()
             raise _overloaded(spec)
-        self._cold_waiters[spec.name] = waiting + 1
-        waiting_done = False
         task = asyncio.ensure_future(call)
         try:
-            give_up = time.monotonic() + spec.autoscaling.cold_start_timeout_s
-            while self._cold(spec) and not task.done():
-                if time.monotonic() >= give_up:
-                    raise _unavailable(spec)
-                await asyncio.wait({task}, timeout=COLD_POLL_S)
-            self._cold_waiters[spec.name] -= 1
-            waiting_done = True
+            self._cold_waiters[spec.name] = waiting + 1
+            try:
+                give_up = time.monotonic() + spec.autoscaling.cold_start_timeout_s
+                while self._cold(spec) and not task.done():
+                    if time.monotonic() >= give_up:
+                        raise _unavailable(spec)
+                    await asyncio.wait({task}, timeout=COLD_POLL_S)
+            finally:
+                self._cold_waiters[spec.name] -= 1  # a replica is up (or it gave up): no longer waiting
             async with asyncio.timeout(timeout_s):
                 return await task
         finally:
-            if not waiting_done:
-                self._cold_waiters[spec.name] -= 1
             if not task.done():
                 task.cancel()
 
