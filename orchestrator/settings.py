@@ -11,7 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRETS = ("admin_key", "key_pepper", "database_url")
 """Settings that are secrets: each can also come from a file (``ORCH_<NAME>_FILE``, e.g. a
-mounted Kubernetes Secret), and none is ever passed to a deployment as an init argument."""
+mounted Kubernetes Secret), and none is passed to a deployment as an init argument (a
+database URL is, when it carries no password: then it is no secret)."""
 
 
 def _default_cache() -> Path:
@@ -152,6 +153,11 @@ class Settings(BaseSettings):
         if self.database_url is not None and not database_password(self.database_url):
             data["database_url"] = self.database_url
         return data
+
+    def without_secrets(self) -> Settings:
+        """Returns these settings with every secret at its default (unset), for processes
+        that need none (model replicas), whatever their environment holds."""
+        return self.model_copy(update={name: type(self).model_fields[name].default for name in SECRETS})
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to a SQLite file in the cache folder."""

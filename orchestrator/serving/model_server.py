@@ -41,9 +41,7 @@ class ModelServer:
     ) -> None:
         self.spec = ModelSpec.model_validate(spec)
         # A model replica needs no secret: any its environment supplies is dropped.
-        self.settings = Settings(**settings).model_copy(
-            update={"admin_key": None, "key_pepper": "", "database_url": None}
-        )
+        self.settings = Settings(**settings).without_secrets()
         self.engine = engine_factory(self.spec, self.settings)
         self._batch_s = self.settings.stream_batch_ms / 1000.0
         # Requests in this replica (running in the engine or waiting for a slot), counted
