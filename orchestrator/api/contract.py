@@ -77,6 +77,13 @@ _HEADERS: dict[str, dict[str, Any]] = {
         for what in ("requests", "tokens")
         for part, text in (("limit", "its limit"), ("remaining", "left in this window"), ("reset", "time left"))
     },
+    **{
+        f"x-ratelimit-{part}-concurrency": {
+            "description": f"The key's requests running at once: {text} (only when the key has that limit).",
+            "schema": {"type": "integer"},
+        }
+        for part, text in (("limit", "its limit"), ("remaining", "how many more may start"))
+    },
 }
 _SECURITY = {
     API_KEY: {

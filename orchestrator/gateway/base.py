@@ -63,8 +63,6 @@ def _methods(*protocols: type) -> frozenset[str]:
     return frozenset(name for p in protocols for name, value in vars(p).items() if callable(value) and name[0] != "_")
 
 
-REQUEST_METHODS = _methods(RequestGateway)
-"""The request-path methods, by name."""
 GATEWAY_METHODS = _methods(RequestGateway, Gateway)
 """Every method a remote caller may run on a ledger: the request path and administration
 (not its lifecycle: ``start``, ``stop``, ``flush``)."""

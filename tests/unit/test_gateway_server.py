@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.gateway.base import GATEWAY_METHODS, REQUEST_METHODS
+from orchestrator.gateway.base import GATEWAY_METHODS, RequestGateway, _methods
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.records import KeyLimits
@@ -26,8 +26,9 @@ async def actor(tmp_path: Path) -> AsyncIterator[LedgerActor]:
 
 
 def test_the_method_sets_are_the_protocols() -> None:
-    assert {"authenticate", "admit", "settle", "generation"} == REQUEST_METHODS
-    assert REQUEST_METHODS < GATEWAY_METHODS and {"create_key", "update_key", "usage_report"} <= GATEWAY_METHODS
+    request_path = _methods(RequestGateway)
+    assert {"authenticate", "admit", "settle", "generation"} == request_path
+    assert request_path < GATEWAY_METHODS and {"create_key", "update_key", "usage_report"} <= GATEWAY_METHODS
     assert not GATEWAY_METHODS & {"start", "stop", "flush", "store", "call"}
 
 
