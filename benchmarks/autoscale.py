@@ -30,13 +30,13 @@ from typing import Any
 
 import httpx
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cluster import serve_cluster
 from benchmarks.vs_vllm import free_port
 from orchestrator.engine.weights import build_tiny_llama
+from orchestrator.status.exposition import parse_samples
 
 MODEL = "tiny-scale"
 
@@ -54,10 +54,9 @@ def policy_view(metrics_url: str) -> dict[str, float]:
         text = httpx.get(metrics_url, timeout=5).text
     except httpx.HTTPError:
         return out
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in names and sample.labels.get("model") == MODEL:
-                out[names[sample.name]] = sample.value
+    for sample in parse_samples(text):
+        if sample.name in names and sample.labels.get("model") == MODEL:
+            out[names[sample.name]] = sample.value
     return out
 
 

@@ -21,6 +21,7 @@ import openai
 import pytest
 import sqlalchemy as sa
 
+from orchestrator.status.exposition import parse_samples
 from tests.integration.conftest import BIN, Deployment, _run
 
 pytestmark = pytest.mark.integration
@@ -49,14 +50,9 @@ def wait_for(check, timeout_s: float, every_s: float = 1.0):  # type: ignore[no-
 
 def gauge(deployment: Deployment, name: str, **labels: str) -> float | None:
     """Reads one of our gauges from Ray's metrics export (summed over matching series)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     text = httpx.get(deployment.metrics_url, timeout=10).text
     values = [
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        s.value for s in parse_samples(text) if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     ]
     return sum(values) if values else None
 

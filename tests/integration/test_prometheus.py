@@ -27,6 +27,7 @@ import httpx
 import openai
 import pytest
 
+from orchestrator.status.exposition import parse_samples
 from tests.integration.conftest import Deployment
 from tests.monitoring import ALERTS, DASHBOARD, dashboard_expressions, rule_expressions, variable_queries
 from tests.prometheus import find_prometheus, query, query_range, rule_groups, running_prometheus, scrape_targets
@@ -54,8 +55,6 @@ USER = [{"role": "user", "content": "Tell me a story about a cat."}]
 # About 300 tokens with the tiny models' tokenizer (context window 512): a few full KV blocks to reuse.
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog while the orchestrator counts every token. " * 8
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+\S+")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _LABEL_VALUES = re.compile(r"^label_values\((.*),\s*(\w+)\s*\)$", re.DOTALL)
 
 
@@ -78,13 +77,9 @@ def prometheus_url(deployment: Deployment, tmp_path_factory: pytest.TempPathFact
 
 
 def samples(text: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """(name, labels) of every sample line of a Prometheus text exposition."""
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        match = _SAMPLE.match(line)
-        if match:
-            yield match[1], dict(_LABEL.findall(match[2] or ""))
+    """(name, labels) of every ``ray_*`` sample of a Prometheus text exposition."""
+    for sample in parse_samples(text, prefix="ray_"):
+        yield sample.name, dict(sample.labels)
 
 
 def _text(chunk: object) -> str:
