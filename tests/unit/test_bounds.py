@@ -44,3 +44,30 @@ def test_cli_refuses_out_of_range_in_one_line(
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert main(["keys", "list"]) == 0
     assert "sk-orch" not in capsys.readouterr().out
+
+
+def test_concurrent_top_ups_cannot_pass_the_bound_together(db_url: str) -> None:
+    """Ten top-ups of 5 USD at once on a balance 10 USD below the bound: the check is in the
+    same UPDATE as the increment, so exactly two pass and the balance ends at the bound."""
+    from concurrent.futures import ThreadPoolExecutor
+    from decimal import Decimal
+
+    store = SQLStore(db_url)
+    store.open()
+    try:
+        now = datetime.now(UTC)
+        created = admin.create_key(store, KeyLimits(credits=MAX_USD - 10), workspace="default", pepper=b"", now=now)
+
+        def top_up(_: int) -> bool:
+            try:
+                admin.update_key(store, created.info.id, KeyLimits(), add_credits=Decimal(5))
+                return True
+            except OrchestratorError:
+                return False
+
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            passed = list(pool.map(top_up, range(10)))
+        assert passed.count(True) == 2
+        assert admin.get_key(store, created.info.id).credits == MAX_USD
+    finally:
+        store.close()
