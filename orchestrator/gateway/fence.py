@@ -11,11 +11,12 @@ over its rate-limit windows and let go. It lives in the database the ledgers sha
 * SQLite (one machine): an exclusive ``flock`` on a file beside the database, which the
   kernel drops when the process dies.
 
-Every method blocks (database or file I/O); the ledger calls them on its database thread.
+The methods may block (database or file I/O); the ledger calls them on its database thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -91,11 +92,9 @@ class AdvisoryLockFence:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # a dead connection may fail to close too
                 self._conn.invalidate()  # never back to the pool: the session holds the lock
                 self._conn.close()
-            except Exception:
-                pass
             self._conn = None
 
 
