@@ -256,7 +256,7 @@ def test_an_engine_that_stops_answering_gets_504_not_a_hung_client(deployment: D
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
     # The engine answers again once it runs, and both timed-out requests were recorded as 504.
-    resp = client.completions.create(model="tiny-c", prompt="Hello", max_tokens=4)
+    resp = client.completions.create(model="tiny-c", prompt="Hello", max_tokens=4, extra_body={"ignore_eos": True})
     assert resp.usage is not None and resp.usage.completion_tokens == 4
     time.sleep(1)  # records reach the database every 100 ms here
     engine = sa.create_engine(deployment.sqlite_url)
