@@ -100,12 +100,12 @@ class Settings(BaseSettings):
     key_pepper_file: Path | None = Field(default=None, description="File holding the key pepper (read at start).")
     database_url_file: Path | None = Field(default=None, description="File holding the database URL (read at start).")
     admission_ttl_seconds: float = Field(
-        default=3600.0,
-        gt=0,
+        default=60.0,
+        ge=1,
         description=(
-            "How long the gateway waits for an admitted request's settlement. Past it (its router died) the "
-            "request's holds are released and it is recorded as lost (500 internal_error, nothing billed). "
-            "Keep it above the longest request."
+            "Routers renew the holds of their running requests four times in this period. When a router is "
+            "not heard from for this long (it died), the gateway releases its requests' holds and records "
+            "each as lost (500 internal_error, nothing billed)."
         ),
     )
     usage_journal_dir: Path | None = Field(

@@ -8,8 +8,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 USER = "orch"
@@ -65,13 +66,31 @@ def _server_folder(workdir: Path) -> Iterator[tuple[Path, list[str]]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@contextmanager
-def running_postgres(workdir: Path) -> Iterator[str]:
-    """Starts a fresh PostgreSQL cluster and yields its SQLAlchemy URL; stops it on exit, also on error.
+@dataclass
+class PostgresServer:
+    """A running throwaway cluster: its URL, and :meth:`stop` and :meth:`start` to take it
+    down and bring it back on the same port with the same data (a database outage)."""
 
-    Yields ``postgresql+psycopg://orch@127.0.0.1:<port>/orch``: database ``orch``, superuser ``orch``, trust
-    authentication, listening on 127.0.0.1 only. The cluster (``pgdata``, unix socket, ``postgres.log``) lives
-    in ``workdir``; as root, in a private temp folder run by ``postgres``, with the log copied to ``workdir``.
+    url: str
+    _pg_ctl: Callable[..., None]
+
+    def stop(self) -> None:
+        """Stops the server at once (``pg_ctl stop -m immediate``: connections drop as in a crash)."""
+        self._pg_ctl("stop", "-m", "immediate", "-w")
+
+    def start(self) -> None:
+        """Starts it again and waits until it accepts connections."""
+        self._pg_ctl("start", "-w")
+
+
+@contextmanager
+def running_postgres(workdir: Path) -> Iterator[PostgresServer]:
+    """Starts a fresh PostgreSQL cluster and yields it; stops it on exit, also on error.
+
+    Its URL is ``postgresql+psycopg://orch@127.0.0.1:<port>/orch``: database ``orch``, superuser ``orch``,
+    trust authentication, listening on 127.0.0.1 only. The cluster (``pgdata``, unix socket, ``postgres.log``)
+    lives in ``workdir``; as root, in a private temp folder run by ``postgres``, with the log copied to
+    ``workdir``.
 
     Raises FileNotFoundError when the PostgreSQL binaries are missing, RuntimeError when a step fails.
     """
@@ -87,6 +106,9 @@ def running_postgres(workdir: Path) -> Iterator[str]:
                 output = f"{done.stdout}{done.stderr}{server_log}"
                 raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{output}")
 
+        def pg_ctl(action: str, *args: str) -> None:
+            run("pg_ctl", action, *args, "-D", str(pgdata), "-l", str(log))
+
         run("initdb", "-D", str(pgdata), "-U", USER, "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
         settings = {**SETTINGS, "port": str(port), "unix_socket_directories": str(folder)}
         with (pgdata / "postgresql.conf").open("a") as conf:
@@ -94,9 +116,9 @@ def running_postgres(workdir: Path) -> Iterator[str]:
                 quoted = value.replace("'", "''")
                 conf.write(f"{name} = '{quoted}'\n")
         try:
-            run("pg_ctl", "start", "-w", "-D", str(pgdata), "-l", str(log))
+            pg_ctl("start", "-w")
             run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", USER, DATABASE)
-            yield f"postgresql+psycopg://{USER}@127.0.0.1:{port}/{DATABASE}"
+            yield PostgresServer(f"postgresql+psycopg://{USER}@127.0.0.1:{port}/{DATABASE}", pg_ctl)
         finally:
             run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(pgdata), check=False)
             if folder != workdir and log.exists():

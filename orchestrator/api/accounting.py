@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -205,6 +206,10 @@ class Settler:
     records waiting so form a spool of at most ``max_spooled`` (past it a record is logged
     and dropped rather than held). Retrying is safe: the gateway stores and debits a request
     id once, also across its restarts.
+
+    Requests are admitted under :attr:`holder`, this router's id; :meth:`renew_holds` keeps
+    telling the gateway that it is alive, so the holds of its running requests last as long
+    as they run, and the gateway ends them soon after this router dies.
     """
 
     def __init__(
@@ -223,6 +228,17 @@ class Settler:
         self._first_retry_s = first_retry_s
         self._max_spooled = max_spooled
         self.spooled = 0  # settlements waiting for the gateway to come back
+        self.holder = uuid.uuid4().hex
+
+    async def renew_holds(self, every_s: float) -> None:
+        """Renews this router's holds with the gateway every ``every_s`` seconds, forever
+        (a failed renewal, such as while the gateway restarts, is retried next time)."""
+        while True:
+            try:
+                await self.gateway.renew(self.holder)
+            except Exception as exc:
+                logger.warning("renewing this router's holds failed: %s", exc)
+            await asyncio.sleep(every_s)
 
     async def _settle(self, admission: Admission, record: UsageRecord) -> None:
         deadline = time.monotonic() + self._retry_for_s

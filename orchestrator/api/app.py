@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -94,7 +95,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Four renewals per admission TTL: the gateway ends this router's holds only after
+        # it missed them all (it died).
+        renewing = asyncio.create_task(settler.renew_holds(settings.admission_ttl_seconds / 4))
         yield
+        renewing.cancel()
         await settler.drain()  # settlements of abandoned requests still in flight
 
     # `/path/` is an unknown path (404) like any other, not a redirect: no route answers 3xx.

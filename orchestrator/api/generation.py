@@ -138,7 +138,7 @@ async def generate(
         model = spec.name
         reserve = reservation(body, len(await request.body()), spec, budget)  # the body is cached
         admitting = asyncio.ensure_future(
-            gateway.admit(api_key, spec.names, reserve.tokens, generation_id, cost=reserve.cost)
+            gateway.admit(api_key, spec.names, reserve.tokens, generation_id, cost=reserve.cost, holder=settler.holder)
         )
         try:
             # Shielded: a client leaving now must not lose an admission the gateway made.

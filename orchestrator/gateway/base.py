@@ -22,8 +22,17 @@ class RequestGateway(Protocol):
     async def authenticate(self, api_key: str | None) -> KeyInfo | None: ...
 
     async def admit(
-        self, api_key: str | None, model_names: Sequence[str], tokens: int, request_id: str, *, cost: Decimal = ...
+        self,
+        api_key: str | None,
+        model_names: Sequence[str],
+        tokens: int,
+        request_id: str,
+        *,
+        cost: Decimal = ...,
+        holder: str | None = ...,
     ) -> Admission: ...
+
+    async def renew(self, holder: str) -> None: ...
 
     async def settle(self, admission: Admission, record: UsageRecord) -> bool: ...
 
@@ -66,6 +75,8 @@ def _methods(*protocols: type) -> frozenset[str]:
 GATEWAY_METHODS = _methods(RequestGateway, Gateway)
 """Every method a remote caller may run on a ledger: the request path and administration
 (not its lifecycle: ``start``, ``stop``, ``flush``)."""
+REQUEST_METHODS = _methods(RequestGateway)
+"""The request path's methods (admission, settlement, renewal, lookup)."""
 
 
 class OpenGateway:
@@ -75,9 +86,19 @@ class OpenGateway:
         return None
 
     async def admit(
-        self, api_key: str | None, model_names: Sequence[str], tokens: int, request_id: str, *, cost: Decimal = ZERO
+        self,
+        api_key: str | None,
+        model_names: Sequence[str],
+        tokens: int,
+        request_id: str,
+        *,
+        cost: Decimal = ZERO,
+        holder: str | None = None,
     ) -> Admission:
         return Admission(request_id=request_id)
+
+    async def renew(self, holder: str) -> None:
+        return None
 
     async def settle(self, admission: Admission, record: UsageRecord) -> bool:
         return False

@@ -53,6 +53,11 @@ _SETTLED_MEMORY = 200_000  # request ids remembered to refuse a second settlemen
 _UNKNOWN_CACHE_MAX = 10_000
 
 
+class LedgerStopped(RuntimeError):
+    """A ledger that is stopping (its replica is being replaced) refused a call before doing
+    anything: the caller retries it on the ledger that takes over."""
+
+
 @dataclass
 class _KeyEntry:
     record: KeyRecord | None  # None: no such key (cached to spare the database)
@@ -71,6 +76,7 @@ class _Admitted:
     model: str
     cost: Decimal  # its worst case, held against the key's balance and spend limits
     settled: asyncio.Event
+    holder: str | None = None  # the router that admitted it, which renews its holds while alive
 
 
 @dataclass
@@ -79,6 +85,14 @@ class _Spend:
     day_total: Decimal
     month: datetime
     month_total: Decimal
+
+
+def _handing_over() -> OrchestratorError:
+    return OrchestratorError(
+        ErrorCode.SERVICE_UNAVAILABLE,
+        "The gateway is handing over to a new instance; retry shortly.",
+        headers={"Retry-After": "2"},
+    )
 
 
 def _day_start(now: datetime) -> datetime:
@@ -112,10 +126,13 @@ class Ledger:
         key_cache_s: how long a key's row is trusted before it is read again (changes made
             by the CLI directly in the database show up within this time).
         lookup_wait_s: how long :meth:`generation` waits for an admitted request's record.
-        hold_ttl_s: how long an admitted request that never settles (its router died) holds
-            its reserved cost and stays awaited by lookups.
+        hold_ttl_s: how long an admitted request that never settles holds its reserved cost
+            and stays awaited by lookups after its router (its ``holder``) was last heard from
+            (an admission or :meth:`renew`); without a holder, after its admission. Past it the
+            router is taken for dead and the request is recorded as lost.
         outage_grace_s: while the database is unreachable, how long past ``key_cache_s`` a
-            cached key keeps being admitted (then: 503 ``service_unavailable``).
+            cached key keeps being admitted (then: 503 ``service_unavailable``), and how long
+            the ledger keeps admitting without seeing its fence (then admissions wait for it).
         fence: builds the fence that lets one ledger admit at a time on the database (None:
             no fence, for tests of one ledger alone).
         fence_wait_s: how long an admission waits for a fence another ledger holds (a
@@ -135,7 +152,7 @@ class Ledger:
         flush_interval_s: float = 0.2,
         key_cache_s: float = 2.0,
         lookup_wait_s: float = 30.0,
-        hold_ttl_s: float = 3600.0,
+        hold_ttl_s: float = 60.0,
         outage_grace_s: float = 300.0,
         fence: Callable[[Engine], Fence] | None = fence_for,
         fence_wait_s: float = 30.0,
@@ -159,12 +176,14 @@ class Ledger:
         self._fence_poll_s = fence_poll_s
         self._fencer: asyncio.Task[None] | None = None
         self._active = asyncio.Event()  # set while this ledger holds the fence and admits
+        self._stopping = False  # set when stop begins: request-path calls are refused from then on
         # Admitted, unsettled requests in admission order; by key, their count and the sum of
         # their held costs (kept beside them so that admission checks need no scan).
         self._admitted: dict[str, _Admitted] = {}
         self._running: dict[str, int] = {}
         self._held_cost: dict[str, Decimal] = {}
         self._expiries: set[asyncio.Task[bool]] = set()
+        self._holders: dict[str, float] = {}  # router -> when it was last heard from (monotonic)
         self.limiter = RateLimiter(monotonic)
         self._lock = threading.Lock()
         self._keys: dict[str, _KeyEntry] = {}
@@ -176,6 +195,7 @@ class Ledger:
         self._settled: OrderedDict[str, None] = OrderedDict()
         self._db: ThreadPoolExecutor | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -188,7 +208,7 @@ class Ledger:
             (an infrastructure fault, not a bug: the client may retry).
         """
         if self._db is None:
-            raise RuntimeError("ledger is not started")
+            raise LedgerStopped("the ledger is not running")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
         except (OperationalError, InterfaceError) as exc:
@@ -207,6 +227,7 @@ class Ledger:
         if self.journal is not None:
             await self._run(self.journal.open)
         self._flusher = asyncio.create_task(self._flush_loop())
+        self._reaper = asyncio.create_task(self._reap_loop())
         if self._fence_factory is None:
             await self._take_over()
             return
@@ -229,17 +250,27 @@ class Ledger:
 
     async def _keep_fence(self) -> None:
         # Waits for the fence while another ledger holds it; once held, checks that it still
-        # is (a PostgreSQL session can drop), pausing admissions until it is back.
+        # is. A PostgreSQL session can drop: the fence is taken again at once if it is free,
+        # and admissions pause if another ledger has it. While the database is unreachable
+        # nobody can take it, so admissions go on (from cached keys) for outage_grace_s.
+        assert self._fence is not None
+        held_at = self._monotonic()
         while True:
             await asyncio.sleep(self._fence_poll_s)
-            assert self._fence is not None
             try:
                 if self._active.is_set():
-                    if not await self._run(self._fence.still_held):
-                        logger.error("lost the ledger fence; admissions wait until it is held again")
+                    if await self._run(self._fence.still_held) or await self._run(self._fence.try_acquire):
+                        held_at = self._monotonic()
+                    else:
+                        logger.error("another ledger took the fence; admissions wait until it is free")
                         self._active.clear()
                 elif await self._run(self._fence.try_acquire):
                     await self._take_over()
+                    held_at = self._monotonic()
+            except OrchestratorError:  # the database is unreachable
+                if self._active.is_set() and self._monotonic() - held_at > self._outage_grace_s:
+                    logger.error("the database is unreachable past the outage grace; admissions wait for it")
+                    self._active.clear()
             except Exception:
                 logger.exception("ledger fence check failed")
 
@@ -248,14 +279,22 @@ class Ledger:
         UsageJournal.discard(segment)
         return len(fresh)
 
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise LedgerStopped("the ledger is stopping")
+
     async def stop(self) -> None:
         """Writes every finished record to the database, hands the rate-limit windows to
-        the next ledger, lets go of the fence, then closes the database."""
-        for task in (self._fencer, self._flusher):
+        the next ledger, lets go of the fence, then closes the database. From its start,
+        admissions, settlements, renewals and lookups raise :class:`LedgerStopped` (routers
+        retry them on the next ledger), so the windows handed over hold every admission
+        and no record arrives after the journal is closed."""
+        self._stopping = True
+        for task in (self._fencer, self._flusher, self._reaper):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._fencer = self._flusher = None
+        self._fencer = self._flusher = self._reaper = None
         if self._db is None:
             return
         await self.flush()
@@ -352,6 +391,7 @@ class Ledger:
         request_id: str,
         *,
         cost: Decimal = Decimal(0),
+        holder: str | None = None,
     ) -> Admission:
         """Lets a request in, reserving one request, ``tokens`` tokens and ``cost`` USD, or
         refuses it.
@@ -369,6 +409,8 @@ class Ledger:
             tokens: prompt tokens (estimated) plus the maximum output tokens.
             request_id: the request's id.
             cost: the request's worst-case cost in USD.
+            holder: the calling router's id; its holds last while it keeps renewing them
+                (:meth:`renew`), so a request may run longer than ``hold_ttl_s``.
 
         Returns:
             The admission, with the ``x-ratelimit-*`` headers for the response.
@@ -376,17 +418,16 @@ class Ledger:
         Raises:
             OrchestratorError: ``invalid_api_key`` 401, ``workspace_locked`` 403,
             ``model_not_allowed`` 403, ``insufficient_credits`` 402, ``key_limit_exceeded``
-            402, ``rate_limit_exceeded`` 429 (with ``Retry-After``).
+            402, ``rate_limit_exceeded`` 429 (with ``Retry-After``), ``service_unavailable``
+            503 (the database is unreachable, or another ledger holds the fence).
+            LedgerStopped: this ledger is stopping.
         """
+        self._check_running()
         if not self._active.is_set():
             try:
                 await asyncio.wait_for(self._active.wait(), self._fence_wait_s)
             except TimeoutError:
-                raise OrchestratorError(
-                    ErrorCode.SERVICE_UNAVAILABLE,
-                    "The gateway is handing over to a new instance; retry shortly.",
-                    headers={"Retry-After": "2"},
-                ) from None
+                raise _handing_over() from None
         key = await self._authenticate(api_key)
         if not model_allowed(key.models, model_names):
             raise OrchestratorError(
@@ -398,8 +439,12 @@ class Ledger:
             spend = self._spend.get(key.id)
             if spend is None or spend.day != _day_start(now) or spend.month != _month_start(now):
                 spend = await self._run(self._load_spend, key.id, now)  # 503 while the database is down
-        # Nothing below awaits: no other admission can slip between the checks and the holds.
-        self._expire()
+        # Nothing below awaits: no other admission can slip between the checks and the holds,
+        # and none is counted after stop() began (its windows would miss it) or while the
+        # fence is lost.
+        self._check_running()
+        if not self._active.is_set():
+            raise _handing_over()
         held = self._held_cost.get(key.id, Decimal(0))
         if key.credits is not None:
             available = key.credits - self._pending_cost.get(key.id, Decimal(0)) - held
@@ -440,9 +485,12 @@ class Ledger:
             )
         # Admitted, not yet settled: a lookup waits for the record instead of answering 404,
         # which lets routers settle after the response without a window of missing records.
+        at = self._monotonic()
         self._admitted[request_id] = _Admitted(
-            self._monotonic(), key.id, key.workspace_id, model_names[0], cost, asyncio.Event()
+            at, key.id, key.workspace_id, model_names[0], cost, asyncio.Event(), holder
         )
+        if holder is not None:
+            self._holders[holder] = at
         self._running[key.id] = running + 1
         if cost:
             self._held_cost[key.id] = held + cost
@@ -475,21 +523,30 @@ class Ledger:
                 del self._held_cost[key_id]
         return admitted
 
-    def _expire(self) -> None:
-        # Admissions never settled (their router died) end after hold_ttl_s: their holds are
-        # released, lookups stop waiting, and each is recorded as lost. Entries are in
-        # admission order, so the stale ones are at the front.
+    async def renew(self, holder: str) -> None:
+        """Notes that the router ``holder`` is alive: the holds of the requests it admitted
+        last another ``hold_ttl_s``. Routers call it every quarter of that while they run."""
+        self._check_running()
+        self._holders[holder] = self._monotonic()
+
+    def reap(self) -> None:
+        """Ends the admissions whose router was not heard from for ``hold_ttl_s`` (it died):
+        their holds are released, lookups stop waiting, and each is recorded as lost. Runs
+        every second (a quarter of ``hold_ttl_s`` if shorter) once the ledger is started."""
         now = self._monotonic()
-        while self._admitted:
-            oldest, admitted = next(iter(self._admitted.items()))
-            if now - admitted.at <= self._hold_ttl_s:
-                break
-            self._release(oldest)
+        stale = [
+            request_id
+            for request_id, admitted in self._admitted.items()
+            if now - max(admitted.at, self._holders.get(admitted.holder or "", 0.0)) > self._hold_ttl_s
+        ]
+        for request_id in stale:
+            admitted = self._admitted[request_id]
+            self._release(request_id)
             admitted.settled.set()
             # Its router is gone, and with it what the request used: it still leaves its one
             # record (nothing billed), marked as lost.
             record = UsageRecord(
-                request_id=oldest,
+                request_id=request_id,
                 key_id=admitted.key_id,
                 workspace_id=admitted.workspace_id,
                 model=admitted.model,
@@ -497,9 +554,11 @@ class Ledger:
                 error_code=ErrorCode.INTERNAL_ERROR.value,
                 created_at=datetime.fromtimestamp(self._clock(), UTC),
             )
-            task = asyncio.get_running_loop().create_task(self.settle(Admission(request_id=oldest), record))
+            task = asyncio.get_running_loop().create_task(self.settle(Admission(request_id=request_id), record))
             self._expiries.add(task)
             task.add_done_callback(self._expiries.discard)
+        holding = {admitted.holder for admitted in self._admitted.values()}
+        self._holders = {h: seen for h, seen in self._holders.items() if h in holding or now - seen <= self._hold_ttl_s}
 
     # -- settlement -------------------------------------------------------------------
 
@@ -509,7 +568,11 @@ class Ledger:
         The record is journaled and visible to :meth:`generation` before this returns (and
         lookups that arrived since admission are released); the database write happens in
         the background. Returns False for a repeated settlement.
+
+        Raises:
+            LedgerStopped: this ledger is stopping (nothing was recorded).
         """
+        self._check_running()
         rid = record.request_id
         if rid in self._settled:
             return False
@@ -603,6 +666,11 @@ class Ledger:
                 logger.exception("usage flush failed; records stay journaled and will be retried")
             self._report_backlog()
 
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self._hold_ttl_s / 4))
+            self.reap()
+
     # -- lookups ----------------------------------------------------------------------
 
     async def generation(self, generation_id: str, api_key: str | None, *, admin: bool = False) -> UsageRecord:
@@ -612,6 +680,7 @@ class Ledger:
             OrchestratorError: 401/403 for a bad key; 404 ``not_found`` for an unknown id or
             another key's request (the same answer, so ids cannot be probed).
         """
+        self._check_running()
         key_id = None if admin else (await self._authenticate(api_key)).id
         request_id = generation_id.removeprefix("gen-")
         admitted = self._admitted.get(request_id)

@@ -12,7 +12,9 @@ replacement replica starts a new one (which replays the usage journal).
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -23,9 +25,9 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from orchestrator.errors import ErrorCode, OrchestratorError, find_error
-from orchestrator.gateway.base import GATEWAY_METHODS, Gateway
+from orchestrator.gateway.base import GATEWAY_METHODS, REQUEST_METHODS, Gateway
 from orchestrator.gateway.journal import UsageJournal
-from orchestrator.gateway.ledger import Ledger
+from orchestrator.gateway.ledger import Ledger, LedgerStopped
 from orchestrator.gateway.store import SQLStore
 from orchestrator.metrics import GatewayMetrics, Sink
 from orchestrator.serving.telemetry import RaySink
@@ -96,14 +98,35 @@ class GatewayServer:
         ray.kill(self._actor)
 
 
+def _stopped(exc: BaseException) -> bool:
+    """Whether ``exc`` is or wraps (as Ray does) a :class:`LedgerStopped`."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, LedgerStopped):
+            return True
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return False
+
+
 class RemoteGateway:
     """Forwards every :class:`~orchestrator.gateway.base.Gateway` method to the ledger actor:
     ``await remote.admit(...)`` runs ``Ledger.admit(...)`` there (same arguments, same
-    result, the same OrchestratorError)."""
+    result, the same OrchestratorError).
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    A redeploy replaces the gateway: the old ledger hands over and stops, then its actor is
+    killed, while routers still hold its handle. A call it refused as stopping is retried on
+    the ledger Serve routes to next, up to ``retries`` times with doubling pauses from
+    ``first_pause_s``; the refusal came before the ledger did anything, so nothing doubles.
+    So is a request-path call (admission, settlement, renewal, lookup) whose actor died: an
+    admission a dead ledger made died with it (never journaled, no record), and a
+    settlement is stored once per request id.
+    """
+
+    def __init__(self, handle: DeploymentHandle, *, retries: int = 6, first_pause_s: float = 0.1) -> None:
         self._locate = handle.options(method_name="ledger_actor")
         self._actor: ActorHandle | None = None
+        self._retries = retries
+        self._first_pause_s = first_pause_s
 
     def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
         if method not in GATEWAY_METHODS:
@@ -111,26 +134,38 @@ class RemoteGateway:
         return functools.partial(self._run, method)
 
     async def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            if self._actor is None:
-                self._actor = await self._locate.remote()
-            return await self._actor.call.remote(method, *args, **kwargs)
-        except (RayActorError, RayServeException, TaskCancelledError) as exc:
-            # The gateway's replica (and its actor) died or is being replaced, or Ray cancelled
-            # the call from outside this coroutine: the next call finds the live actor. An
-            # infrastructure fault, not a bug: 503 with Retry-After (settlements retry on it).
-            self._actor = None
-            raise OrchestratorError(
-                ErrorCode.SERVICE_UNAVAILABLE,
-                "The gateway is restarting; retry the request.",
-                headers={"Retry-After": "1"},
-            ) from exc
-        except Exception as exc:
-            # Give the edge the OrchestratorError itself, not Ray's wrapper around it.
-            found = find_error(exc)
-            if found is None or found is exc:
-                raise
-            raise found from None
+        pause = self._first_pause_s
+        for attempt in itertools.count():
+            try:
+                if self._actor is None:
+                    self._actor = await self._locate.remote()
+                return await self._actor.call.remote(method, *args, **kwargs)
+            except Exception as exc:
+                # The ledger stopped or its actor died (its replica was replaced): the next
+                # attempt finds the live one. Request-path calls are retried (safe: a ledger
+                # that died took what it did for them with it; see the class docstring);
+                # others, and calls out of attempts, get 503 with Retry-After, an
+                # infrastructure fault rather than a bug (settlements retry on it).
+                gone = isinstance(exc, RayActorError | RayServeException | TaskCancelledError)
+                if not gone and not _stopped(exc):
+                    # Give the edge the OrchestratorError itself, not Ray's wrapper around it.
+                    found = find_error(exc)
+                    if found is None or found is exc:
+                        raise
+                    raise found from None
+                self._actor = None
+                retry = _stopped(exc) or (isinstance(exc, RayActorError) and method in REQUEST_METHODS)
+                if not retry or attempt == self._retries:
+                    raise _restarting() from exc
+            await asyncio.sleep(pause)
+            pause *= 2
+        raise AssertionError("unreachable")
+
+
+def _restarting() -> OrchestratorError:
+    return OrchestratorError(
+        ErrorCode.SERVICE_UNAVAILABLE, "The gateway is restarting; retry the request.", headers={"Retry-After": "1"}
+    )
 
 
 def remote_gateway(handle: DeploymentHandle) -> Gateway:

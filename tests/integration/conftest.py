@@ -21,8 +21,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -30,6 +31,7 @@ import pytest
 import yaml
 
 from orchestrator.engine.weights import build_tiny_llama
+from tests.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -60,6 +62,9 @@ class Deployment:
     sqlite_url: str
     metrics_url: str = ""
     api_key: str = ""
+    postgres: PostgresServer | None = None  # the main app's database server, when the tests run it
+    config: dict[str, Any] = field(default_factory=dict)  # the Serve config deployed
+    config_path: Path | None = None
 
     @property
     def sqlite_base_url(self) -> str:
@@ -72,6 +77,23 @@ class Deployment:
     def serve_status(self) -> dict:  # type: ignore[type-arg]
         """Returns `serve status` as data."""
         return dict(yaml.safe_load(_run(self.env, str(BIN / "serve"), "status", timeout=60).stdout))
+
+    def redeploy(self, config: dict[str, Any]) -> None:
+        """Deploys ``config`` (a changed copy of :attr:`config`) with ``serve deploy``, as an
+        operator updates a running cluster; returns once Serve accepted it."""
+        assert self.config_path is not None
+        self.config_path.write_text(yaml.safe_dump(config))
+        address = self.env["RAY_DASHBOARD_ADDRESS"]
+        deployed = _run(self.env, str(BIN / "serve"), "deploy", str(self.config_path), "--address", address)
+        assert deployed.returncode == 0, deployed.stderr
+        self.config = config
+
+    def replica_actors(self, fragment: str) -> set[str]:
+        """Names of the live Serve replica actors whose name contains ``fragment``
+        (``orchestrator#gateway``: the main app's gateway replicas)."""
+        done = _run(self.env, sys.executable, "-c", _REPLICAS, self.gcs_address, fragment)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return set(done.stdout.split())
 
     def running_replicas(self, deployment: str, app: str = "orchestrator") -> int:
         states = self.serve_status()["applications"][app]["deployments"][deployment]["replica_states"]
@@ -174,7 +196,9 @@ def _wait_ready(base_url: str, proc_env: dict[str, str], models: list[str]) -> N
 
 
 @pytest.fixture(scope="session")
-def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[Deployment]:
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer | None, postgres_url: str
+) -> Iterator[Deployment]:
     work = tmp_path_factory.mktemp("cluster")
     catalog, small = work / "catalog.yaml", work / "small.yaml"
     entries = [
@@ -213,6 +237,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
                         "keepalive_seconds": 15,
                         "router_replicas": 2,
                         "database_url": postgres_url,
+                        # A dead router's holds end 20 s after its last renewal (the router
+                        # replica test waits for that); live routers renew every 5 s.
+                        "admission_ttl_seconds": 20,
                         **gateway,
                     },
                 },
@@ -278,6 +305,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
             database_url=postgres_url,
             sqlite_url=sqlite_url,
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            postgres=postgres,
+            config=config,
+            config_path=config_path,
         )
         deployed_app.api_key = deployed_app.new_key(name="integration")
         yield deployed_app
@@ -291,6 +321,39 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
 def client(deployment: Deployment) -> openai.OpenAI:
     return deployment.client(timeout=120)
 
+
+_KILLER = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+found = sorted((a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith("SERVE_REPLICA") and sys.argv[2] in a["name"])
+assert len(found) == int(sys.argv[3]), found
+actor = ray.get_actor(found[0][0], namespace=found[0][1])
+print("ready", flush=True)
+sys.stdin.readline()
+ray.kill(actor, no_restart=True)
+print("killed", flush=True)
+"""
+
+
+def replica_killer(deployment: Deployment, replica: str, count: int = 1) -> subprocess.Popen[str]:
+    """Starts a process attached to the cluster that kills one of the ``count`` Serve replicas
+    whose actor name contains ``replica`` when it reads "kill" (and then prints "killed")."""
+    killer = subprocess.Popen(
+        [sys.executable, "-c", _KILLER, deployment.gcs_address, replica, str(count)],
+        env=deployment.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert killer.stdout is not None and killer.stdout.readline().strip() == "ready"
+    return killer
+
+
+_REPLICAS = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+for actor in ray.util.list_named_actors(all_namespaces=True):
+    if actor["name"].startswith("SERVE_REPLICA") and sys.argv[2] in actor["name"]:
+        print(actor["name"])
+"""
 
 _PROBE = """
 import sys, ray

@@ -397,3 +397,29 @@ async def test_a_settlement_runs_outside_its_requests_context(catalog: Catalog, 
     marker.set("the request's")
     await settler.finish(RequestMeter(spec, admission, streamed=False), 200)
     assert seen == ["fresh"]
+
+
+async def test_a_running_router_renews_its_holds_and_admits_under_the_id_it_renews(
+    catalog: Catalog, engines: dict[str, FakeEngine], ledger: Ledger
+) -> None:
+    renewals: list[str] = []
+
+    class Renewing(_RestartingGateway):
+        async def renew(self, holder: str) -> None:  # recorded, not passed on
+            renewals.append(holder)
+            if len(renewals) == 1:
+                raise OrchestratorError(ErrorCode.SERVICE_UNAVAILABLE, "restarting")
+
+    settings = Settings(admin_key=ADMIN, admission_ttl_seconds=1)
+    app = create_app(catalog, LocalBackend(engines), settings, gateway=Renewing(ledger, failures=0))  # type: ignore[arg-type]
+    key = await new_key(ledger)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            assert (await http.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status_code == 200
+        await asyncio.sleep(0.6)
+    # Every 0.25 s (a quarter of the TTL) from startup, on past a failed renewal, one id.
+    assert len(renewals) >= 3 and len(set(renewals)) == 1, renewals
+    assert set(ledger._holders) == set(renewals)  # the request was admitted under it
+    count = len(renewals)
+    await asyncio.sleep(0.4)
+    assert len(renewals) == count  # stopped with the app

@@ -1,5 +1,6 @@
 """The ledger actor runs only the gateway's named methods: a router (or anything holding
-the actor's handle) cannot stop it, flush it or reach its internals through ``call``."""
+the actor's handle) cannot stop it, flush it or reach its internals through ``call``. The
+routers' client of it finds the next ledger when one stops or dies."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.gateway.base import GATEWAY_METHODS, RequestGateway, _methods
+from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.base import GATEWAY_METHODS, REQUEST_METHODS, RequestGateway, _methods
 from orchestrator.gateway.journal import UsageJournal
-from orchestrator.gateway.ledger import Ledger
+from orchestrator.gateway.ledger import Ledger, LedgerStopped
 from orchestrator.gateway.records import KeyLimits
 from orchestrator.gateway.store import SQLStore
 from orchestrator.serving.gateway_server import LedgerActor, RemoteGateway
@@ -27,7 +29,7 @@ async def actor(tmp_path: Path) -> AsyncIterator[LedgerActor]:
 
 def test_the_method_sets_are_the_protocols() -> None:
     request_path = _methods(RequestGateway)
-    assert {"authenticate", "admit", "settle", "generation"} == request_path
+    assert {"authenticate", "admit", "renew", "settle", "generation"} == request_path == REQUEST_METHODS
     assert request_path < GATEWAY_METHODS and {"create_key", "update_key", "usage_report"} <= GATEWAY_METHODS
     assert not GATEWAY_METHODS & {"start", "stop", "flush", "store", "call"}
 
@@ -54,3 +56,81 @@ def test_remote_gateway_offers_only_gateway_methods() -> None:
     for name in ("stop", "flush", "start"):
         with pytest.raises(AttributeError):
             getattr(remote, name)
+
+
+class _Actors:
+    """Stands in for the gateway deployment's handle: each lookup returns the next actor,
+    whose ``call`` raises its failure (if any), else answers with its name."""
+
+    def __init__(self, *failures: BaseException | None) -> None:
+        self.failures = list(failures)
+        self.lookups = 0
+        self.calls: list[tuple[int, str]] = []
+
+    def options(self, **_: object) -> _Actors:
+        return self
+
+    async def _lookup(self) -> object:
+        index = self.lookups
+        self.lookups += 1
+        actors = self
+
+        class Call:
+            async def _answer(self, method: str) -> str:
+                actors.calls.append((index, method))
+                failure = actors.failures[index] if index < len(actors.failures) else None
+                if failure is not None:
+                    raise failure
+                return f"actor-{index}"
+
+            def remote(self, method: str, *args: object, **kwargs: object) -> object:
+                return self._answer(method)
+
+        class Actor:
+            call = Call()
+
+        return Actor()
+
+    def remote(self) -> object:
+        return self._lookup()
+
+
+def _stopping() -> BaseException:
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("call", "traceback", LedgerStopped("the ledger is stopping"))  # as Ray delivers it
+
+
+async def test_a_call_a_stopping_ledger_refused_is_retried_on_the_next() -> None:
+    actors = _Actors(_stopping(), _stopping(), None)
+    remote = RemoteGateway(actors, first_pause_s=0.001)  # type: ignore[arg-type]
+    assert await remote.admit("k", ["m"], 1, "r") == "actor-2"
+    assert await remote.create_key(KeyLimits()) == "actor-2"  # the live actor is kept
+    assert actors.lookups == 3 and actors.calls[-1] == (2, "create_key")
+
+
+async def test_only_request_path_calls_are_retried_when_the_actor_died() -> None:
+    from ray.exceptions import RayActorError
+
+    actors = _Actors(RayActorError(), None)
+    assert await RemoteGateway(actors, first_pause_s=0.001).settle("a", "r") == "actor-1"  # type: ignore[arg-type]
+    admin = _Actors(RayActorError(), None)
+    with pytest.raises(OrchestratorError) as info:  # it may have created the key before dying
+        await RemoteGateway(admin, first_pause_s=0.001).create_key(KeyLimits())  # type: ignore[arg-type]
+    assert info.value.code is ErrorCode.SERVICE_UNAVAILABLE and admin.calls == [(0, "create_key")]
+
+
+async def test_a_ledger_that_keeps_stopping_gives_503_after_the_retries() -> None:
+    actors = _Actors(*[_stopping()] * 10)
+    with pytest.raises(OrchestratorError) as info:
+        await RemoteGateway(actors, retries=3, first_pause_s=0.001).admit("k", ["m"], 1, "r")  # type: ignore[arg-type]
+    assert info.value.code is ErrorCode.SERVICE_UNAVAILABLE and info.value.headers["Retry-After"]
+    assert actors.lookups == 4
+
+
+async def test_a_stopping_ledger_refuses_the_request_path(actor: LedgerActor) -> None:
+    created = await actor.call("create_key", KeyLimits(name="k"))
+    await actor.stop()
+    for method, args in [("admit", (created.key, ["m"], 1, "r")), ("renew", ("router",)), ("generation", ("g", None))]:
+        with pytest.raises(LedgerStopped):
+            await actor.call(method, *args)

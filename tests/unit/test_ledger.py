@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -14,6 +16,7 @@ from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger, model_allowed
 from orchestrator.gateway.records import Admission, KeyLimits, UsageRecord
 from orchestrator.gateway.store import SQLStore
+from tests.postgres import PostgresServer
 
 NAMES = ["tiny-a", "a", "org/tiny-a"]
 
@@ -245,12 +248,14 @@ async def test_top_up_beside_pending_debits_is_exact(ledger: Ledger) -> None:
     )
 
 
-async def test_admissions_never_settled_are_recorded_as_lost_after_an_hour(ledger: Ledger) -> None:
-    import asyncio
-
+async def test_admissions_without_a_holder_never_settled_are_recorded_as_lost_after_the_ttl(ledger: Ledger) -> None:
     created = await ledger.create_key(KeyLimits(credits=Decimal(1)))
     await ledger.admit(created.key, NAMES, 10, "orphan", cost=Decimal("0.5"))  # its router died: never settled
-    ledger._clock.now += 3601  # type: ignore[attr-defined]  # the fixture's clock is also the monotonic one
+    ledger._clock.now += 60  # type: ignore[attr-defined]  # the fixture's clock is also the monotonic one
+    ledger.reap()
+    assert list(ledger._admitted) == ["orphan"]
+    ledger._clock.now += 1  # type: ignore[attr-defined]
+    ledger.reap()
     await ledger.admit(created.key, NAMES, 10, "fresh", cost=Decimal("0.5"))  # the orphan's hold is free again
     assert list(ledger._admitted) == ["fresh"]
     await asyncio.gather(*ledger._expiries)
@@ -312,15 +317,37 @@ async def test_spend_limits_count_holds(ledger: Ledger) -> None:
     await ledger.admit(created.key, NAMES, 10, "d2", cost=Decimal("0.6"))  # 0.2 spent + 0.6 held <= 1
 
 
-async def test_a_dead_routers_holds_expire(ledger: Ledger) -> None:
+async def test_a_dead_routers_holds_expire_and_a_live_ones_last(ledger: Ledger) -> None:
+    """Holds last while their router renews them, however long the request runs; once the
+    router is silent for hold_ttl_s (60 s by default) they end and the request is recorded
+    as lost, nothing billed."""
+    clock = ledger._clock  # type: ignore[attr-defined]  # the fixture's clock is also the monotonic one
     created = await ledger.create_key(KeyLimits(credits=Decimal("1")))
-    await ledger.admit(created.key, NAMES, 10, "orphan", cost=Decimal("1"))  # its router died
+    await ledger.admit(created.key, NAMES, 10, "long", cost=Decimal("0.5"), holder="live")
+    await ledger.admit(created.key, NAMES, 10, "orphan", cost=Decimal("0.5"), holder="dead")
     assert (await refused(ledger.admit(created.key, NAMES, 10, "r", cost=Decimal("0.1")))).code is (
         ErrorCode.INSUFFICIENT_CREDITS
     )
-    ledger._clock.now += 3601  # type: ignore[attr-defined]
-    await ledger.admit(created.key, NAMES, 10, "r", cost=Decimal("0.1"))
-    assert ledger._held_cost == {created.info.id: Decimal("0.1")}
+    for _ in range(10):  # ten minutes: "live" renews every 15 s, "dead" never again
+        for _ in range(4):
+            clock.now += 15
+            await ledger.renew("live")
+        ledger.reap()
+    await asyncio.gather(*ledger._expiries)
+    assert ledger._held_cost == {created.info.id: Decimal("0.5")}  # the live router's request still holds
+    await ledger.admit(created.key, NAMES, 10, "r", cost=Decimal("0.1"), holder="live")
+    lost = await ledger.generation("gen-orphan", None, admin=True)
+    assert lost.status_code == 500 and lost.error_code == "internal_error" and lost.cost == 0
+    # The live router stops renewing (it died): 60 s later its requests end too.
+    clock.now += 60
+    ledger.reap()
+    assert "long" in ledger._admitted
+    clock.now += 1
+    ledger.reap()
+    await asyncio.gather(*ledger._expiries)
+    assert ledger._admitted == {} and ledger._held_cost == {} and ledger._holders == {}
+    await ledger.flush()
+    assert (await ledger.get_key(created.info.id)).credits == Decimal("1")
 
 
 class FlakyStore(SQLStore):
@@ -378,6 +405,53 @@ async def test_a_database_outage_admits_cached_keys_for_a_while_and_loses_nothin
         await ledger.stop()
 
 
+async def test_postgresql_stopped_keeps_its_ledger_admitting_cached_keys_then_all_records_land(
+    postgres: PostgresServer | None, tmp_path: Path
+) -> None:
+    """A real outage: the server stops, so the fence's session and lock go with it. Nobody
+    can take the fence meanwhile, so the ledger goes on admitting cached keys for the grace
+    (a ledger that paused on a lost session would refuse them all); then it waits. When the
+    server is back it holds the fence again and every record lands once."""
+    if postgres is None:
+        pytest.skip("ORCH_TEST_POSTGRES_URL names a server this test does not control")
+    from sqlalchemy import create_engine, text
+
+    url = postgres.url.rsplit("/", 1)[0] + "/outage_" + uuid.uuid4().hex[:8]
+    admin_engine = create_engine(postgres.url, isolation_level="AUTOCOMMIT")
+    with admin_engine.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {url.rsplit('/', 1)[1]}"))
+    admin_engine.dispose()
+    clock = Clock()
+    ledger = _ledger(url, tmp_path, clock, key_cache_s=1, outage_grace_s=60, fence_wait_s=0.2)
+    await ledger.start()
+    try:
+        created = await ledger.create_key(KeyLimits(credits=Decimal(10)))
+        first = await ledger.admit(created.key, NAMES, 10, "before", cost=Decimal("0.1"))
+        await ledger.settle(first, record(ledger, first, cost="0.1"))
+        await ledger.flush()
+        postgres.stop()
+        try:
+            await asyncio.sleep(0.5)  # the fence keeper finds its session gone, the database unreachable
+            clock.now += 5  # past the key cache: each admission tries the database
+            for i in range(5):
+                admission = await ledger.admit(created.key, NAMES, 10, f"during-{i}", cost=Decimal("0.1"))
+                await ledger.settle(admission, record(ledger, admission, cost="0.1"))
+            clock.now += 60  # past the grace: neither the key nor the fence is trusted any longer
+            await asyncio.sleep(0.5)
+            assert not ledger._active.is_set()
+            late = await refused(ledger.admit(created.key, NAMES, 10, "late"))
+            assert late.code is ErrorCode.SERVICE_UNAVAILABLE and late.headers["Retry-After"]
+        finally:
+            postgres.start()
+        await asyncio.wait_for(ledger._active.wait(), 10)  # the fence is this ledger's again
+        await ledger.flush()
+        assert (await ledger.get_key(created.info.id)).credits == Decimal(10) - Decimal("0.1") * 6
+        report = await ledger.usage_report(group_by=["key"])
+        assert {row["key"]: row["requests"] for row in report} == {created.info.id: 6}
+    finally:
+        await ledger.stop()
+
+
 def _ledger(db_url: str, tmp_path: Path, clock: Clock, **kwargs: object) -> Ledger:
     return Ledger(
         SQLStore(db_url), UsageJournal(tmp_path / "journal"), clock=clock, monotonic=clock,
@@ -404,6 +478,50 @@ async def test_one_ledger_admits_at_a_time_and_rpm_stays_exact_across_a_handover
         assert admitted.headers["x-ratelimit-remaining-requests"] == "1"  # 3 + this one of 5
         await new.admit(key, NAMES, 10, "new-1")
         assert (await refused(new.admit(key, NAMES, 10, "new-2"))).code is ErrorCode.RATE_LIMIT_EXCEEDED
+    finally:
+        await old.stop()
+        await new.stop()
+
+
+async def test_a_handover_under_concurrent_load_admits_exactly_rpm(db_url: str, tmp_path: Path) -> None:
+    """Sixty admissions arrive while the old ledger stops; each goes where a router sends it
+    (the old ledger, then the next one once the old refuses as stopping). Exactly the
+    key's 20 requests per minute are admitted, by both ledgers together, each recorded once."""
+    from orchestrator.gateway.ledger import LedgerStopped
+
+    clock = Clock()
+    old, new = _ledger(db_url, tmp_path, clock), _ledger(db_url, tmp_path, clock)
+    await old.start()
+    await new.start()
+    try:
+        key = (await old.create_key(KeyLimits(rpm=20))).key
+        by: dict[str, list[Admission]] = {"old": [], "new": []}
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(i * 0.004)
+            for name, ledger in (("old", old), ("new", new)):
+                try:
+                    admission = await ledger.admit(key, NAMES, 10, f"h{i}")
+                except LedgerStopped:
+                    continue
+                except OrchestratorError as exc:
+                    assert exc.code is ErrorCode.RATE_LIMIT_EXCEEDED, exc
+                    return
+                by[name].append(admission)
+                try:
+                    await ledger.settle(admission, record(ledger, admission))
+                except LedgerStopped:
+                    await new.settle(admission, record(new, admission))  # the router's retry
+                return
+
+        async def stop_old() -> None:
+            await asyncio.sleep(0.03)
+            await old.stop()
+
+        await asyncio.gather(stop_old(), *(one(i) for i in range(60)))
+        assert len(by["old"]) + len(by["new"]) == 20 and by["old"] and by["new"], {k: len(v) for k, v in by.items()}
+        report = await new.usage_report(group_by=["key"])
+        assert [row["requests"] for row in report] == [20]
     finally:
         await old.stop()
         await new.stop()
