@@ -8,6 +8,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -423,3 +424,37 @@ async def test_a_running_router_renews_its_holds_and_admits_under_the_id_it_rene
     count = len(renewals)
     await asyncio.sleep(0.4)
     assert len(renewals) == count  # stopped with the app
+
+
+async def test_max_concurrent_from_the_admin_api_and_the_cli_with_its_headers(
+    catalog: Catalog, engines: dict[str, FakeEngine], ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key's cap on requests running at once, set through the admin API (and the CLI,
+    on the same database): the second concurrent request gets 429 with the concurrency
+    headers, and a slot frees when a request ends."""
+    from orchestrator.cli import main
+
+    engines["tiny-a"].first_delay_s = 0.5
+    app = create_app(catalog, LocalBackend(engines), Settings(admin_key=ADMIN), gateway=ledger)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        made = await http.post("/admin/keys", json={"max_concurrent": 1}, headers=auth(ADMIN))
+        assert made.status_code == 201 and made.json()["info"]["max_concurrent"] == 1
+        key = made.json()["key"]
+
+        async def second() -> httpx.Response:
+            await asyncio.sleep(0.1)  # the first request is running
+            return await http.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+
+        slow = {**CHAT, "stream": True}  # its first token comes after 0.5 s
+        first, refused = await asyncio.gather(http.post("/v1/chat/completions", json=slow, headers=auth(key)), second())
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit-concurrency"] == "1"
+        assert first.headers["x-ratelimit-remaining-concurrency"] == "0"
+        assert (refused.status_code, code(refused)) == (429, "rate_limit_exceeded")
+        assert refused.headers["x-ratelimit-remaining-concurrency"] == "0" and refused.headers["retry-after"] == "1"
+        assert (await http.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status_code == 200
+    # The CLI sets the same field in the database.
+    monkeypatch.setenv("ORCH_DATABASE_URL", str(ledger.store.engine.url.render_as_string(hide_password=False)))
+    assert main(["keys", "create", "--max-concurrent", "3", "--name", "cli-capped"]) == 0
+    (info,) = [k for k in await ledger.list_keys() if k.name == "cli-capped"]
+    assert info.max_concurrent == 3
