@@ -122,7 +122,7 @@ folder inside the cache volume. */}}
 - name: secrets
   secret:
     secretName: {{ include "orchestrator.secretName" . }}
-- {{ merge (dict "name" "cache") (deepCopy .Values.cache.volume) | toYaml | nindent 2 | trim }}
+- {{ merge (dict "name" "cache") (deepCopy (.Values.cache.volume | default (dict "emptyDir" dict))) | toYaml | nindent 2 | trim }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
