@@ -42,12 +42,8 @@ FAST_INGRESS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
 FILE_ENV = [f"ORCH_{name.upper()}_FILE" for name in SECRETS]
 # Settings the chart owns (not accepted in values.settings): the secrets and their files, the
 # catalog, the cache folder (its volume), and the fields only `orchestrator serve` reads.
-CHART_OWNED = {*SECRETS, *(f"{name}_file" for name in SECRETS), "catalog", "cache_dir"} | {
-    "host",
-    "port",
-    "metrics_port",
-    "fast_ingress",
-}
+SERVE_ONLY = {"host", "port", "metrics_port", "fast_ingress"}
+CHART_OWNED = {*SECRETS, *(f"{name}_file" for name in SECRETS), "catalog", "cache_dir", *SERVE_ONLY}
 
 Docs = list[dict[str, Any]]
 
