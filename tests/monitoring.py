@@ -21,9 +21,9 @@ import yaml
 from orchestrator.metrics import ALL, MetricSpec
 
 REPO = Path(__file__).resolve().parents[1]
-MONITORING = REPO / "deployments" / "monitoring"
-DASHBOARD = MONITORING / "grafana-dashboard.json"
-ALERTS = MONITORING / "alerts.yaml"
+# The dashboard ships in the Helm chart (one copy, rendered into a ConfigMap by the chart).
+DASHBOARD = REPO / "helm" / "orchestrator" / "files" / "grafana-dashboard.json"
+ALERTS = REPO / "deployments" / "monitoring" / "alerts.yaml"
 
 # Metrics the dashboard may use that others export: vLLM's RayPrometheusStatLogger and Ray Serve.
 EXTERNAL_METRICS = frozenset(

