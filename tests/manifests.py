@@ -2,7 +2,8 @@
 
 Built-in kinds are checked with kubernetes-validate's strict schemas (unknown fields are
 errors). Custom resources are checked against their CRD's ``openAPIV3Schema``, read from the
-CRD files in ``ORCH_CRDS_DIR`` or ``<repo>/../shared/crds`` (data kept outside the project). The
+CRD files in ``ORCH_CRDS_DIR``, ``<repo>/../shared/crds`` or ``/work/shared/crds`` (data kept
+outside the project). The
 OpenAPI flavour is turned into JSON Schema the way the API server reads it: ``nullable`` allows
 null, an object with ``x-kubernetes-preserve-unknown-fields`` accepts any keys, and any other
 object with ``properties`` accepts only those (the API server would silently drop the rest).
@@ -22,15 +23,21 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILES = ("ray.io_rayservices.yaml", "monitoring.coreos.com_servicemonitors.yaml")
+SHARED_CRDS = Path("/work/shared/crds")
 
 
 def crds_dir() -> Path:
     """The folder of the CRD files.
 
     Raises:
-        FileNotFoundError: neither ``ORCH_CRDS_DIR`` nor ``<repo>/../shared/crds`` holds them.
+        FileNotFoundError: none of those folders holds them.
     """
-    folder = Path(os.environ.get("ORCH_CRDS_DIR") or REPO.parent / "shared" / "crds")
+    if os.environ.get("ORCH_CRDS_DIR"):
+        folder = Path(os.environ["ORCH_CRDS_DIR"])
+    else:
+        # Beside the clone; else this machine's shared folder (a clone made elsewhere).
+        candidates = [REPO.parent / "shared" / "crds", SHARED_CRDS]
+        folder = next((c for c in candidates if (c / CRD_FILES[0]).is_file()), candidates[0])
     missing = [name for name in CRD_FILES if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(
