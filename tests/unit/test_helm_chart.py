@@ -213,6 +213,7 @@ def test_the_validation_rejects_unknown_fields(crds: None, rendered: dict[str, D
         manifests.validate(metrics, KUBE_VERSIONS[:1])
 
 
+@pytest.mark.engine  # build_app checks engine_args against vLLM's
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_serve_config_builds_the_app_from_the_mounted_files(
     rendered: dict[str, Docs], layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

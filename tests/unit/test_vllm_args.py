@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import pytest
 
 from orchestrator.engine.vllm_args import engine_arg_names
+
+pytestmark = pytest.mark.engine
 
 
 def test_known_names_present() -> None:
@@ -14,7 +15,6 @@ def test_known_names_present() -> None:
     assert "max_num_seq" not in names
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
 def test_source_parse_matches_vllm_dataclass_fields() -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
