@@ -10,7 +10,7 @@ only ever added, never renamed or re-mapped.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 
 class ErrorCode(StrEnum):
@@ -144,15 +144,23 @@ class OrchestratorError(Exception):
         return f"OrchestratorError({self.code.value!r}, {self.message!r}, param={self.param!r})"
 
 
-def find_error(exc: BaseException) -> OrchestratorError | None:
-    """Returns the OrchestratorError ``exc`` is or wraps (Ray wraps a replica's exception and
-    keeps the original as ``cause``), or None."""
+E = TypeVar("E", bound=BaseException)
+
+
+def find_cause(exc: BaseException, kind: type[E]) -> E | None:
+    """Returns the exception of type ``kind`` that ``exc`` is or wraps (Ray wraps a remote
+    exception and keeps the original as ``cause``), or None."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OrchestratorError):
+        if isinstance(seen, kind):
             return seen
         seen = getattr(seen, "cause", None) or seen.__cause__
     return None
+
+
+def find_error(exc: BaseException) -> OrchestratorError | None:
+    """Returns the OrchestratorError ``exc`` is or wraps, or None."""
+    return find_cause(exc, OrchestratorError)
 
 
 def _rebuild(code: str, message: str, param: str | None, headers: dict[str, str]) -> OrchestratorError:

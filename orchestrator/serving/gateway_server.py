@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from orchestrator.errors import ErrorCode, OrchestratorError, find_error
+from orchestrator.errors import ErrorCode, OrchestratorError, find_cause, find_error
 from orchestrator.gateway.base import GATEWAY_METHODS, REQUEST_METHODS, Gateway
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger, LedgerStopped
@@ -98,16 +98,6 @@ class GatewayServer:
         ray.kill(self._actor)
 
 
-def _stopped(exc: BaseException) -> bool:
-    """Whether ``exc`` is or wraps (as Ray does) a :class:`LedgerStopped`."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, LedgerStopped):
-            return True
-        seen = getattr(seen, "cause", None) or seen.__cause__
-    return False
-
-
 class RemoteGateway:
     """Forwards every :class:`~orchestrator.gateway.base.Gateway` method to the ledger actor:
     ``await remote.admit(...)`` runs ``Ledger.admit(...)`` there (same arguments, same
@@ -147,14 +137,15 @@ class RemoteGateway:
                 # others, and calls out of attempts, get 503 with Retry-After, an
                 # infrastructure fault rather than a bug (settlements retry on it).
                 gone = isinstance(exc, RayActorError | RayServeException | TaskCancelledError)
-                if not gone and not _stopped(exc):
+                stopped = find_cause(exc, LedgerStopped) is not None
+                if not gone and not stopped:
                     # Give the edge the OrchestratorError itself, not Ray's wrapper around it.
                     found = find_error(exc)
                     if found is None or found is exc:
                         raise
                     raise found from None
                 self._actor = None
-                retry = _stopped(exc) or (isinstance(exc, RayActorError) and method in REQUEST_METHODS)
+                retry = stopped or (isinstance(exc, RayActorError) and method in REQUEST_METHODS)
                 if not retry or attempt == self._retries:
                     raise _restarting() from exc
             await asyncio.sleep(pause)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
@@ -83,13 +84,13 @@ def _chat(deployment: Deployment, key: str, max_tokens: int = 2) -> httpx.Respon
     )
 
 
-def test_killing_the_gateway_mid_load_loses_and_doubles_nothing(deployment: Deployment) -> None:
-    """Eight streams run while the gateway's replica (and its ledger actor) is killed: Serve
-    starts a new one, which takes the database's fence and replays the old journal; the
-    routers retry their settlements until it answers."""
-    credits = Decimal(1)
-    key, key_id = _new_key(deployment, credits=str(credits))
-    killer = replica_killer(deployment, "orchestrator#gateway")
+def _kill_mid_load(
+    deployment: Deployment, key: str, replica: str, replicas: int = 1, during: Callable[[], None] | None = None
+) -> list[list[str]]:
+    """Starts eight long streams on ``key``; once all are streaming, kills one of the
+    ``replicas`` Serve replicas whose actor name contains ``replica`` and runs ``during``.
+    Returns each stream's SSE lines."""
+    killer = replica_killer(deployment, replica, count=replicas)
     assert killer.stdout is not None and killer.stdin is not None
     started = threading.Barrier(9)
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -98,11 +99,26 @@ def test_killing_the_gateway_mid_load_loses_and_doubles_nothing(deployment: Depl
         killer.stdin.write("kill\n")
         killer.stdin.flush()
         assert killer.stdout.readline().strip() == "killed"
-        # While the new gateway starts, a request is refused as unavailable (503), never a 500.
-        during = _chat(deployment, deployment.api_key)
-        assert during.status_code in (200, 503), during.text
+        if during is not None:
+            during()
         streams = [f.result(timeout=300) for f in futures]
     killer.wait(timeout=60)
+    return streams
+
+
+def test_killing_the_gateway_mid_load_loses_and_doubles_nothing(deployment: Deployment) -> None:
+    """Eight streams run while the gateway's replica (and its ledger actor) is killed: Serve
+    starts a new one, which takes the database's fence and replays the old journal; the
+    routers retry their settlements until it answers."""
+    credits = Decimal(1)
+    key, key_id = _new_key(deployment, credits=str(credits))
+
+    def during() -> None:
+        # While the new gateway starts, a request is refused as unavailable (503), never a 500.
+        resp = _chat(deployment, deployment.api_key)
+        assert resp.status_code in (200, 503), resp.text
+
+    streams = _kill_mid_load(deployment, key, "orchestrator#gateway", during=during)
     assert all(_completed(lines) for lines in streams), [lines[-2:] for lines in streams]
     count, cost = _settled(deployment, key_id, 8)
     assert count == 8, count
@@ -116,17 +132,7 @@ def test_killing_a_router_replica_mid_load_loses_and_doubles_nothing(deployment:
     500, nothing billed. Every admitted request leaves exactly one record."""
     credits = Decimal(1)
     key, key_id = _new_key(deployment, credits=str(credits))
-    killer = replica_killer(deployment, "orchestrator#router", count=2)
-    assert killer.stdout is not None and killer.stdin is not None
-    started = threading.Barrier(9)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(_stream_all, deployment, key, started) for _ in range(8)]
-        started.wait(timeout=120)
-        killer.stdin.write("kill\n")
-        killer.stdin.flush()
-        assert killer.stdout.readline().strip() == "killed"
-        streams = [f.result(timeout=300) for f in futures]
-    killer.wait(timeout=60)
+    streams = _kill_mid_load(deployment, key, "orchestrator#router", replicas=2)
     cut = sum(1 for lines in streams if not _completed(lines))
     # Both replicas served: the dead one's streams were cut, the live one's completed.
     assert 0 < cut < 8, [lines[-2:] for lines in streams]
