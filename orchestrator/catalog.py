@@ -118,6 +118,14 @@ class Resources(_Frozen):
         default_factory=dict,
         description="Ray custom resources per replica (e.g. `{fast_disk: 1}`): only nodes that have them host it.",
     )
+    node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Ray node labels the replica's node must have (`ray start --labels`), as Ray label selectors: "
+            "`{zone: us-east1-b}`, `{market: '!spot'}`, `{zone: 'in(us-east1-b,us-east1-c)'}`. Every GPU of a "
+            "tensor-parallel replica is placed by them too."
+        ),
+    )
 
     @model_validator(mode="after")
     def _gpu_only_fields(self) -> Resources:
@@ -125,6 +133,8 @@ class Resources(_Frozen):
             raise ValueError("tensor_parallel_size > 1 needs device: gpu")
         if self.device == "cpu" and self.accelerator_type is not None:
             raise ValueError("accelerator_type needs device: gpu")
+        if any(not key or not value for key, value in self.node_labels.items()):
+            raise ValueError("node_labels: every label needs a name and a value")
         return self
 
     @property

@@ -40,6 +40,10 @@ def placement(spec: ModelSpec) -> dict[str, Any]:
       only) and one ``{"GPU": 1}`` bundle per shard, packed onto one node
       (``STRICT_PACK``: tensor parallelism needs the GPUs' fast interconnect). vLLM's Ray
       executor then places one worker in each GPU bundle.
+
+    Custom resources and node labels pin the replica (every bundle of its placement group)
+    to the nodes that have them: labels as the actor's ``label_selector``, or one bundle
+    label selector that Serve applies to every bundle.
     """
     res = spec.resources
     actor: dict[str, Any] = {"num_cpus": res.cpus}
@@ -48,20 +52,25 @@ def placement(spec: ModelSpec) -> dict[str, Any]:
     if res.custom:
         actor["resources"] = dict(res.custom)
     accel = {f"accelerator_type:{res.accelerator_type}": 0.001} if res.accelerator_type else {}
-    if res.device == "cpu":
-        return {"ray_actor_options": actor}
-    if res.tensor_parallel_size == 1:
-        actor["num_gpus"] = 1
-        if accel:
-            actor["accelerator_type"] = res.accelerator_type
+    labels = dict(res.node_labels)
+    if res.device == "cpu" or res.tensor_parallel_size == 1:
+        if res.device == "gpu":
+            actor["num_gpus"] = 1
+            if accel:
+                actor["accelerator_type"] = res.accelerator_type
+        if labels:
+            actor["label_selector"] = labels
         return {"ray_actor_options": actor}
     replica_bundle: dict[str, float] = {"CPU": res.cpus, **res.custom}
     gpu_bundle: dict[str, float] = {"GPU": 1, **accel}
-    return {
+    options: dict[str, Any] = {
         "ray_actor_options": actor,
         "placement_group_bundles": [replica_bundle] + [dict(gpu_bundle) for _ in range(res.tensor_parallel_size)],
         "placement_group_strategy": "STRICT_PACK",
     }
+    if labels:
+        options["placement_group_bundle_label_selector"] = [labels]
+    return options
 
 
 # vLLM's max_num_seqs when the catalog does not set it is chosen per device at engine

@@ -75,3 +75,36 @@ def test_custom_resources_pin_a_replica_to_nodes_that_have_them() -> None:
         update={"resources": CPU.resolve("tiny-random").resources.model_copy(update={"custom": {"fast_disk": 1.0}})}
     )
     assert model_deployment_options(entry, SETTINGS)["ray_actor_options"]["resources"] == {"fast_disk": 1.0}
+
+
+def _with(name: str, catalog: object, **resources: object) -> object:
+    spec = catalog.resolve(name)  # type: ignore[attr-defined]
+    return spec.model_copy(update={"resources": spec.resources.model_copy(update=resources)})
+
+
+def test_node_labels_pin_a_replica_and_every_bundle_and_serve_accepts_them() -> None:
+    from ray import serve
+
+    from orchestrator.serving.model_server import ModelServer
+
+    labels = {"zone": "in(us-east1-b,us-east1-c)", "market": "!spot"}
+    cpu = model_deployment_options(_with("tiny-random", CPU, node_labels=labels), SETTINGS)  # type: ignore[arg-type]
+    assert cpu["ray_actor_options"]["label_selector"] == labels
+    gpu = model_deployment_options(_with("qwen3-8b", GPU, node_labels=labels), SETTINGS)  # type: ignore[arg-type]
+    assert gpu["ray_actor_options"]["label_selector"] == labels and gpu["ray_actor_options"]["num_gpus"] == 1
+    tp = model_deployment_options(_with("llama-70b", GPU, node_labels=labels), SETTINGS)  # type: ignore[arg-type]
+    assert tp["placement_group_bundle_label_selector"] == [labels]  # Serve applies one selector to every bundle
+    assert "label_selector" not in tp["ray_actor_options"]
+    for options in (cpu, gpu, tp):
+        serve.deployment(ModelServer).options(**options)  # Serve validates label selectors and bundles
+    assert "label_selector" not in model_deployment_options(CPU.resolve("tiny-random"), SETTINGS)["ray_actor_options"]
+
+
+def test_malformed_node_labels_are_refused() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from orchestrator.catalog import Resources
+
+    with pytest.raises(ValidationError, match="node_labels"):
+        Resources.model_validate({"node_labels": {"zone": ""}})
