@@ -96,10 +96,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Four renewals per admission TTL: the gateway ends this router's holds only after
-        # it missed them all (it died).
-        renewing = asyncio.create_task(settler.renew_holds(settings.admission_ttl_seconds / 4))
+        # it missed them all (it died). Open mode holds nothing.
+        renewing = None
+        if gateway is not None:
+            renewing = asyncio.create_task(settler.renew_holds(settings.admission_ttl_seconds / 4))
         yield
-        renewing.cancel()
+        if renewing is not None:
+            renewing.cancel()
         await settler.drain()  # settlements of abandoned requests still in flight
 
     # `/path/` is an unknown path (404) like any other, not a redirect: no route answers 3xx.

@@ -182,7 +182,6 @@ class Ledger:
         self._admitted: dict[str, _Admitted] = {}
         self._running: dict[str, int] = {}
         self._held_cost: dict[str, Decimal] = {}
-        self._expiries: set[asyncio.Task[bool]] = set()
         self._holders: dict[str, float] = {}  # router -> when it was last heard from (monotonic)
         self.limiter = RateLimiter(monotonic)
         self._lock = threading.Lock()
@@ -534,29 +533,29 @@ class Ledger:
         their holds are released, lookups stop waiting, and each is recorded as lost. Runs
         every second (a quarter of ``hold_ttl_s`` if shorter) once the ledger is started."""
         now = self._monotonic()
+
+        def heard(admitted: _Admitted) -> float:
+            renewed = self._holders.get(admitted.holder) if admitted.holder is not None else None
+            return admitted.at if renewed is None else max(admitted.at, renewed)
+
         stale = [
-            request_id
-            for request_id, admitted in self._admitted.items()
-            if now - max(admitted.at, self._holders.get(admitted.holder or "", 0.0)) > self._hold_ttl_s
+            (rid, admitted) for rid, admitted in self._admitted.items() if now - heard(admitted) > self._hold_ttl_s
         ]
-        for request_id in stale:
-            admitted = self._admitted[request_id]
-            self._release(request_id)
-            admitted.settled.set()
+        for request_id, admitted in stale:
             # Its router is gone, and with it what the request used: it still leaves its one
             # record (nothing billed), marked as lost.
-            record = UsageRecord(
-                request_id=request_id,
-                key_id=admitted.key_id,
-                workspace_id=admitted.workspace_id,
-                model=admitted.model,
-                status_code=500,
-                error_code=ErrorCode.INTERNAL_ERROR.value,
-                created_at=datetime.fromtimestamp(self._clock(), UTC),
+            self._record(
+                Admission(request_id=request_id),
+                UsageRecord(
+                    request_id=request_id,
+                    key_id=admitted.key_id,
+                    workspace_id=admitted.workspace_id,
+                    model=admitted.model,
+                    status_code=500,
+                    error_code=ErrorCode.INTERNAL_ERROR.value,
+                    created_at=datetime.fromtimestamp(self._clock(), UTC),
+                ),
             )
-            task = asyncio.get_running_loop().create_task(self.settle(Admission(request_id=request_id), record))
-            self._expiries.add(task)
-            task.add_done_callback(self._expiries.discard)
         holding = {admitted.holder for admitted in self._admitted.values()}
         self._holders = {h: seen for h, seen in self._holders.items() if h in holding or now - seen <= self._hold_ttl_s}
 
@@ -573,6 +572,11 @@ class Ledger:
             LedgerStopped: this ledger is stopping (nothing was recorded).
         """
         self._check_running()
+        return self._record(admission, record)
+
+    def _record(self, admission: Admission, record: UsageRecord) -> bool:
+        # settle() without the running check, and synchronous: nothing between the release of
+        # the holds and the record's arrival in `_pending` can interleave.
         rid = record.request_id
         if rid in self._settled:
             return False

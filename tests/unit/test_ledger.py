@@ -258,7 +258,6 @@ async def test_admissions_without_a_holder_never_settled_are_recorded_as_lost_af
     ledger.reap()
     await ledger.admit(created.key, NAMES, 10, "fresh", cost=Decimal("0.5"))  # the orphan's hold is free again
     assert list(ledger._admitted) == ["fresh"]
-    await asyncio.gather(*ledger._expiries)
     # It still leaves its one record: lost (500), nothing billed.
     lost = await ledger.generation("gen-orphan", created.key)
     assert (lost.status_code, lost.error_code, lost.cost, lost.model) == (500, "internal_error", 0, "tiny-a")
@@ -333,7 +332,6 @@ async def test_a_dead_routers_holds_expire_and_a_live_ones_last(ledger: Ledger) 
             clock.now += 15
             await ledger.renew("live")
         ledger.reap()
-    await asyncio.gather(*ledger._expiries)
     assert ledger._held_cost == {created.info.id: Decimal("0.5")}  # the live router's request still holds
     await ledger.admit(created.key, NAMES, 10, "r", cost=Decimal("0.1"), holder="live")
     lost = await ledger.generation("gen-orphan", None, admin=True)
@@ -344,7 +342,6 @@ async def test_a_dead_routers_holds_expire_and_a_live_ones_last(ledger: Ledger) 
     assert "long" in ledger._admitted
     clock.now += 1
     ledger.reap()
-    await asyncio.gather(*ledger._expiries)
     assert ledger._admitted == {} and ledger._held_cost == {} and ledger._holders == {}
     await ledger.flush()
     assert (await ledger.get_key(created.info.id)).credits == Decimal("1")
