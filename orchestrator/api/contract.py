@@ -109,10 +109,8 @@ _SSE_EVENT = {
 def request_body(model: type[BaseModel]) -> dict[str, Any]:
     """Returns ``openapi_extra`` for a route that reads ``model`` itself (for the error
     envelope) and answers with JSON or, when ``stream`` is true, server-sent events."""
-    schema = model.model_json_schema(ref_template=REF)
-    defs = schema.pop("$defs", {})
     # The `$defs` move to components in `install_contract`, so every reference resolves.
-    body = {"$ref": REF.format(model=model.__name__), "$defs": {**defs, model.__name__: schema}}
+    body = {"$ref": REF.format(model=model.__name__), "$defs": _schemas(model)}
     return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
         "responses": {"200": {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}},
@@ -195,6 +193,7 @@ def _header(name: str) -> dict[str, Any]:
 
 
 def _schemas(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s schema and the schemas it refers to, by name."""
     schema = model.model_json_schema(ref_template=REF)
     return {**schema.pop("$defs", {}), model.__name__: schema}
 
