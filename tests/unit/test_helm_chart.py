@@ -58,15 +58,19 @@ class Chart:
         base = ["--set", f"image.repository={IMAGE}", "--set-file", f"secrets.databaseUrl={self.db_url_file}"]
         return run_helm(command, *(base if required else []), *args)
 
-    def render(self, *args: str, required: bool = True, api_versions: bool = True) -> Docs:
+    def template(
+        self, *args: str, required: bool = True, api_versions: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         extra = MONITORING_API if api_versions else ()
-        result = self.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra, *args, required=required)
+        return self.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra, *args, required=required)
+
+    def render(self, *args: str, required: bool = True) -> Docs:
+        result = self.template(*args, required=required)
         assert result.returncode == 0, result.stderr
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
     def error(self, *args: str, required: bool = True, api_versions: bool = True) -> str:
-        extra = MONITORING_API if api_versions else ()
-        result = self.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra, *args, required=required)
+        result = self.template(*args, required=required, api_versions=api_versions)
         assert result.returncode != 0, "helm rendered what it should have refused"
         return result.stderr
 
