@@ -136,8 +136,9 @@ group's values), head (bool). */}}
 {{- $values := $root.Values -}}
 {{- $resources := deepCopy ($group.resources | default dict) -}}
 {{- if $group.gpus -}}
-{{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" ($group.gpus | int)) ($resources.limits | default dict)) -}}
-{{- $_ := set $resources "requests" (merge (dict "nvidia.com/gpu" ($group.gpus | int)) ($resources.requests | default dict)) -}}
+{{- range $kind := list "limits" "requests" -}}
+{{- $_ := set $resources $kind (merge (dict "nvidia.com/gpu" ($group.gpus | int)) (get $resources $kind | default dict)) -}}
+{{- end -}}
 {{- end -}}
 metadata:
   labels:
