@@ -212,8 +212,9 @@ spec:
     {{- include "orchestrator.volumes" $root | nindent 4 }}
 {{- end -}}
 
-{{/* rayStartParams of a group: the group's own, then the chart's (metrics port; num-gpus and
-custom resources for workers). Every value is a string, as KubeRay requires. */}}
+{{/* rayStartParams of a group: the group's own, then the chart's (metrics port; dashboard-host
+for the head; num-gpus and custom resources for workers). Every value is a string, as
+KubeRay requires. */}}
 {{- define "orchestrator.rayStartParams" -}}
 {{- $params := deepCopy (.group.rayStartParams | default dict) -}}
 {{- $_ := set $params "metrics-export-port" .root.Values.metrics.port -}}
