@@ -101,7 +101,7 @@ def helm_binary() -> Path:
     return path
 
 
-def run_helm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
     """Runs helm with its cache, config and data folders in a fresh temporary folder."""
     binary = helm_binary()
     with tempfile.TemporaryDirectory(prefix="helm-home-") as home:
@@ -111,7 +111,7 @@ def run_helm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
             "HELM_CONFIG_HOME": f"{home}/config",
             "HELM_DATA_HOME": f"{home}/data",
         }
-        return subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, cwd=cwd, check=False)
+        return subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, check=False)
 
 
 def main() -> int:

@@ -3,10 +3,10 @@
 Built-in kinds are checked with kubernetes-validate's strict schemas (unknown fields are
 errors). Custom resources are checked against their CRD's ``openAPIV3Schema``, read from the
 CRD files in ``ORCH_CRDS_DIR``, ``<repo>/../shared/crds`` or ``/work/shared/crds`` (data kept
-outside the project). The
-OpenAPI flavour is turned into JSON Schema the way the API server reads it: ``nullable`` allows
-null, an object with ``x-kubernetes-preserve-unknown-fields`` accepts any keys, and any other
-object with ``properties`` accepts only those (the API server would silently drop the rest).
+outside the project). The OpenAPI flavour is turned into JSON Schema the way the API server
+reads it: ``nullable`` allows null, an object with ``x-kubernetes-preserve-unknown-fields``
+accepts any keys, and any other object with ``properties`` accepts only those (the API
+server would silently drop the rest).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ secret files the pods mount give ``build_app`` what it needs. helm is fetched on
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import shlex
 import subprocess
@@ -58,15 +59,19 @@ class Chart:
         base = ["--set", f"image.repository={IMAGE}", "--set-file", f"secrets.databaseUrl={self.db_url_file}"]
         return run_helm(command, *(base if required else []), *args)
 
-    def render(self, *args: str, required: bool = True, api_versions: bool = True) -> Docs:
+    def template(
+        self, *args: str, required: bool = True, api_versions: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         extra = MONITORING_API if api_versions else ()
-        result = self.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra, *args, required=required)
+        return self.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra, *args, required=required)
+
+    def render(self, *args: str, required: bool = True) -> Docs:
+        result = self.template(*args, required=required)
         assert result.returncode == 0, result.stderr
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
     def error(self, *args: str, required: bool = True, api_versions: bool = True) -> str:
-        extra = MONITORING_API if api_versions else ()
-        result = self.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra, *args, required=required)
+        result = self.template(*args, required=required, api_versions=api_versions)
         assert result.returncode != 0, "helm rendered what it should have refused"
         return result.stderr
 
@@ -202,12 +207,12 @@ def test_every_pod_volume_has_one_source(rendered: dict[str, Docs], layout: str)
 
 
 def test_the_validation_rejects_unknown_fields(crds: None, rendered: dict[str, Docs]) -> None:
-    service = json.loads(json.dumps(only(rendered["default"], "RayService")))
+    service = copy.deepcopy(only(rendered["default"], "RayService"))
     service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParam"] = {}
     service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
     errors = "\n".join(manifests.custom_resource_errors(service))
     assert "'rayStartParam' was unexpected" in errors and "0 is not of type 'string'" in errors
-    metrics = json.loads(json.dumps(only(rendered["default"], "Service")))
+    metrics = copy.deepcopy(only(rendered["default"], "Service"))
     metrics["spec"]["publishNotReadyAdresses"] = True
     with pytest.raises(AssertionError, match="publishNotReadyAdresses"):
         manifests.validate(metrics, KUBE_VERSIONS[:1])

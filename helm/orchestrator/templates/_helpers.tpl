@@ -136,8 +136,9 @@ group's values), head (bool). */}}
 {{- $values := $root.Values -}}
 {{- $resources := deepCopy ($group.resources | default dict) -}}
 {{- if $group.gpus -}}
-{{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" ($group.gpus | int)) ($resources.limits | default dict)) -}}
-{{- $_ := set $resources "requests" (merge (dict "nvidia.com/gpu" ($group.gpus | int)) ($resources.requests | default dict)) -}}
+{{- range $kind := list "limits" "requests" -}}
+{{- $_ := set $resources $kind (merge (dict "nvidia.com/gpu" ($group.gpus | int)) (get $resources $kind | default dict)) -}}
+{{- end -}}
 {{- end -}}
 metadata:
   labels:
@@ -211,8 +212,9 @@ spec:
     {{- include "orchestrator.volumes" $root | nindent 4 }}
 {{- end -}}
 
-{{/* rayStartParams of a group: the group's own, then the chart's (metrics port; num-gpus and
-custom resources for workers). Every value is a string, as KubeRay requires. */}}
+{{/* rayStartParams of a group: the group's own, then the chart's (metrics port; dashboard-host
+for the head; num-gpus and custom resources for workers). Every value is a string, as
+KubeRay requires. */}}
 {{- define "orchestrator.rayStartParams" -}}
 {{- $params := deepCopy (.group.rayStartParams | default dict) -}}
 {{- $_ := set $params "metrics-export-port" .root.Values.metrics.port -}}
