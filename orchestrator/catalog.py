@@ -369,27 +369,54 @@ def load_catalog(paths: Sequence[str | Path], *, engine_arg_names: Collection[st
             files.extend(found)
         else:
             files.append(p)
-    specs: list[ModelSpec] = []
-    owners: dict[str, tuple[str, str]] = {}
+    documents: list[tuple[str, str, Any, Path]] = []
     for path in files:
         docs, doc_problems = _documents(path)
         problems.extend(doc_problems)
-        for prefix, entry in docs:
-            if engine_arg_names is not None:
-                problems.extend(_check_engine_args(entry, engine_arg_names, str(path), prefix))
-            try:
-                spec = ModelSpec.model_validate(entry, context={"base_dir": path.parent.resolve()})
-            except ValidationError as exc:
-                for err in exc.errors(include_url=False):
-                    msg = _explain(err)
-                    problems.append(CatalogProblem(file=str(path), field=_loc(err["loc"], prefix), message=msg))
-                continue
-            problems.extend(_clashes(spec, str(path), prefix, owners))
-            specs.append(spec)
+        documents.extend((str(path), prefix, entry, path.parent.resolve()) for prefix, entry in docs)
+    return _validated(documents, problems, engine_arg_names, origin=", ".join(map(str, paths)))
+
+
+def catalog_from_entries(
+    entries: Sequence[Any], *, origin: str, engine_arg_names: Collection[str] | None = None
+) -> Catalog:
+    """Validates catalog entries given inline (a Serve application's ``args``) exactly as
+    :func:`load_catalog` validates files; problems name ``origin`` as their file. A local
+    source's relative path resolves against the working directory.
+
+    Raises:
+        CatalogError: listing every problem found.
+    """
+    documents = [(origin, f"models.{i}", entry, Path.cwd()) for i, entry in enumerate(entries)]
+    return _validated(documents, [], engine_arg_names, origin=origin)
+
+
+def _validated(
+    documents: Sequence[tuple[str, str, Any, Path]],
+    problems: list[CatalogProblem],
+    engine_arg_names: Collection[str] | None,
+    *,
+    origin: str,
+) -> Catalog:
+    """Validates (file, field prefix, entry, base folder) documents into a Catalog."""
+    specs: list[ModelSpec] = []
+    owners: dict[str, tuple[str, str]] = {}
+    for file, prefix, entry, base_dir in documents:
+        if engine_arg_names is not None:
+            problems.extend(_check_engine_args(entry, engine_arg_names, file, prefix))
+        try:
+            spec = ModelSpec.model_validate(entry, context={"base_dir": base_dir})
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False):
+                msg = _explain(err)
+                problems.append(CatalogProblem(file=file, field=_loc(err["loc"], prefix), message=msg))
+            continue
+        problems.extend(_clashes(spec, file, prefix, owners))
+        specs.append(spec)
     if problems:
         raise CatalogError(problems)
     if not specs:
-        raise CatalogError([CatalogProblem(file=", ".join(map(str, paths)) or "-", field="", message="no models")])
+        raise CatalogError([CatalogProblem(file=origin or "-", field="", message="no models")])
     return Catalog(specs)
 
 

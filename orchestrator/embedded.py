@@ -19,7 +19,6 @@ from orchestrator.catalog import CatalogError
 from orchestrator.settings import Settings
 
 logger = logging.getLogger(__name__)
-APP_NAME = "orchestrator"
 
 
 def serve_forever(
@@ -65,7 +64,7 @@ def serve_forever(
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
     from orchestrator.engine.weights import prepare_weights
-    from orchestrator.serving.builder import load_validated_catalog, resolve_paths
+    from orchestrator.serving.builder import load_validated_catalog
 
     try:
         models = load_validated_catalog(settings.catalog)
@@ -79,8 +78,10 @@ def serve_forever(
 
     import ray
     from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
 
-    from orchestrator.serving import build_app
+    from orchestrator.layout import serve_config
 
     # Replicas reserve logical CPUs; vLLM's worker processes are not Ray tasks, so a small
     # machine may hold more replicas than it has cores.
@@ -99,12 +100,19 @@ def serve_forever(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(True))
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
         print("Starting engines (about a minute on a CPU) ...", flush=True)
-        # Secrets stay out of the app's args; Ray's processes inherit this one's environment.
-        args = {"catalog": resolve_paths(settings.catalog), "settings": settings.shareable(), "local": True}
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
-        while not stop and not _running():
+        # The config `orchestrator serve-config` writes for a cluster (one application per
+        # model), deployed as `serve run CONFIG` deploys one. Secrets stay out of the apps'
+        # args; Ray's processes inherit this process's environment.
+        config = ServeDeploySchema.model_validate(
+            serve_config(models, settings.shareable(), host=settings.host, port=settings.port, local=True)
+        )
+        client = serve_api.serve_start(
+            http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
+        )
+        client.deploy_apps(config)
+        apps = [app.name for app in config.applications]
+        while not stop and not _running(apps):
             time.sleep(1)
         if not stop:
             url = f"http://{settings.host}:{settings.port}/v1"
@@ -212,10 +220,13 @@ def _metrics_url() -> str:
     return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
-def _running() -> bool:
+def _running(apps: list[str]) -> bool:
+    """Whether every application runs. Raises RuntimeError when one failed to deploy."""
     from ray import serve
 
-    status = serve.status().applications.get(APP_NAME)
-    if status is not None and status.status == "DEPLOY_FAILED":
-        raise RuntimeError(f"deploy failed: {status.message}")
-    return status is not None and status.status == "RUNNING"
+    found = serve.status().applications
+    for name in apps:
+        status = found.get(name)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"deploy of {name} failed: {status.message}")
+    return all(name in found and found[name].status == "RUNNING" for name in apps)

@@ -86,6 +86,7 @@ class RequestMeter:
         first_token_batch: index of the batch with the first token (1 for chat, whose
             first batch is the role alone).
         clock: monotonic seconds; wall: epoch seconds (record time).
+        started_at: when the request arrived, on ``clock`` (default: now).
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class RequestMeter:
         first_token_batch: int = 0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        started_at: float | None = None,
     ) -> None:
         self.spec = spec
         self.admission = admission
@@ -105,7 +107,7 @@ class RequestMeter:
         self.streamed = streamed
         self._clock = clock
         self._wall = wall
-        self._start = clock()
+        self._start = clock() if started_at is None else started_at
         self._first: float | None = None
         self._batches = 0
         self._first_token_batch = first_token_batch

@@ -94,13 +94,14 @@ class _MeteredStream:
 
 
 def _settle_if_admitted(
-    admitting: asyncio.Future[Admission], spec: ModelSpec, route: str, stream: bool, settler: Settler
+    admitting: asyncio.Future[Admission], spec: ModelSpec, route: str, stream: bool, settler: Settler, arrived: float
 ) -> None:
     """Settles, as abandoned (499, nothing generated), an admission whose client left while
     it was being made, so it leaves its one record and releases its holds."""
     if admitting.cancelled() or admitting.exception() is not None:
         return
-    settler.finish(RequestMeter(spec, admitting.result(), route=route, streamed=stream), CLIENT_CLOSED, cancelled=True)
+    meter = RequestMeter(spec, admitting.result(), route=route, streamed=stream, started_at=arrived)
+    settler.finish(meter, CLIENT_CLOSED, cancelled=True)
 
 
 async def generate(
@@ -123,6 +124,7 @@ async def generate(
     # and the billing key, so a repeated header can neither clash in the engine nor make a
     # second request look like an already-settled one.
     request_id: str = request.state.request_id
+    arrived: float = request.state.arrived_at
     generation_id = uuid.uuid4().hex
     api_key = bearer_token(request)
     route = ROUTES[kind]
@@ -145,7 +147,7 @@ async def generate(
             admission = await asyncio.shield(admitting)
         except asyncio.CancelledError:
             admitting.add_done_callback(
-                lambda done: _settle_if_admitted(done, spec, route, bool(body.get("stream")), settler)
+                lambda done: _settle_if_admitted(done, spec, route, bool(body.get("stream")), settler, arrived)
             )
             raise
     except OrchestratorError as exc:
@@ -153,7 +155,10 @@ async def generate(
         raise
     body["model"] = spec.name
     stream = bool(body.get("stream"))
-    meter = RequestMeter(spec, admission, route=route, streamed=stream, first_token_batch=1 if kind == "chat" else 0)
+    first_token_batch = 1 if kind == "chat" else 0
+    meter = RequestMeter(
+        spec, admission, route=route, streamed=stream, first_token_batch=first_token_batch, started_at=arrived
+    )
     try:
         if not stream:
             result = meter.on_response(await backend.complete(spec, kind, body, generation_id))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from typing import Any
 
@@ -40,7 +41,11 @@ class RequestContext:
         headers = dict(scope.get("headers") or [])
         incoming = headers.get(b"x-request-id", b"")
         request_id = incoming.decode() if _SANE_ID.match(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        # Latency and time to first token count from here, as the client sees them: body
+        # reading, admission and routing included.
+        state["arrived_at"] = time.monotonic()
         id_header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.layout import instance_of
 from orchestrator.metrics import ScalingMetrics, Sink
 
 
@@ -93,7 +94,8 @@ class QueueDepthPolicy:
             self._metrics = ScalingMetrics(self._sink)
         self._metrics.observe(
             self.model,
-            ctx.app_name or "",
+            # Labelled with the router's application, which labels the same model's traffic.
+            instance_of(ctx.app_name or "", ctx.deployment_name),
             target=int(ctx.target_num_replicas),
             replicas=int(ctx.current_num_replicas),
             waiting=sum(r.waiting for r in loads) + queued,

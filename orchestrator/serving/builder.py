@@ -14,7 +14,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from orchestrator.catalog import Catalog, load_catalog
+from orchestrator.catalog import Catalog, ModelSpec, catalog_from_entries, load_catalog
 from orchestrator.serving.gateway_server import GatewayServer
 from orchestrator.serving.model_server import ServedModelServer
 from orchestrator.serving.options import (
@@ -85,9 +85,54 @@ def load_validated_catalog(paths: list[str]) -> Catalog:
     return load_catalog(resolve_paths(paths), engine_arg_names=engine_arg_names())
 
 
+def _checked_settings(overrides: dict[str, Any], *, local: bool, gateway: bool = True) -> Settings:
+    """Settings from an application's ``args.settings``, refusing an unsafe cluster.
+
+    ``gateway``: the application holds or reaches the gateway (a model's does not, so it
+    needs no admin key or database)."""
+    _refuse_plain_secrets(overrides)
+    settings = Settings(**overrides)
+    if not gateway:
+        return settings
+    if settings.admin_key is None and not settings.open_access and not local:
+        raise UnsafeConfigError(
+            "Refusing to deploy without an admin key: set ORCH_ADMIN_KEY (or ORCH_ADMIN_KEY_FILE) to a secret of "
+            "16+ characters, or set open_access: true to serve without API keys."
+        )
+    cluster_gateway = not settings.open_access and not local
+    if cluster_gateway and not settings.allow_sqlite and settings.resolved_database_url().startswith("sqlite"):
+        raise UnsafeConfigError(
+            "Refusing to keep a cluster's gateway database in SQLite (a file on one node: keys and balances "
+            "would vanish if the gateway moved): set ORCH_DATABASE_URL (or ORCH_DATABASE_URL_FILE) to "
+            "PostgreSQL, or set allow_sqlite: true for a one-machine cluster."
+        )
+    return settings
+
+
+def _model_server(spec: ModelSpec, settings: Settings) -> Application:
+    deployment: Deployment = serve.deployment(ServedModelServer)  # type: ignore[assignment]
+    # No secret travels as an init argument (Serve shows those in its config and state API).
+    return deployment.options(**model_deployment_options(spec, settings)).bind(
+        spec.model_dump(mode="json", by_alias=True), settings.shareable()
+    )
+
+
+def _gateway(settings: Settings) -> Application:
+    deployment: Deployment = serve.deployment(GatewayServer)  # type: ignore[assignment]
+    return deployment.options(**gateway_deployment_options(settings)).bind(settings.shareable())
+
+
+def _router(catalog: Catalog, settings: Settings, models: Any, gateway: Any) -> Application:
+    router: Deployment = serve.deployment(RouterDeployment)  # type: ignore[assignment]
+    specs = [spec.model_dump(mode="json", by_alias=True) for spec in catalog]
+    return router.options(**router_deployment_options(settings)).bind(specs, settings.shareable(), models, gateway)
+
+
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
-    """Builds the Serve application: one ModelServer deployment per catalog model and the
-    Router ingress holding a handle to each.
+    """Builds the whole catalog as one Serve application: one ModelServer deployment per
+    catalog model, the gateway (without open access) and the Router ingress holding a
+    handle to each. Serve restarts every deployment of it on any change to its args; the
+    layout of :mod:`orchestrator.layout` (one application per model) does not.
 
     Raises:
         CatalogError: the catalog is invalid (nothing is deployed).
@@ -96,38 +141,78 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
             ``allow_sqlite``.
     """
     args = AppArgs.model_validate(args or {}) if not isinstance(args, AppArgs) else args
-    _refuse_plain_secrets(args.settings)
     overrides = dict(args.settings)
     if args.catalog is not None:
         overrides["catalog"] = args.catalog
-    settings = Settings(**overrides)
-    if settings.admin_key is None and not settings.open_access and not args.local:
-        raise UnsafeConfigError(
-            "Refusing to deploy without an admin key: set ORCH_ADMIN_KEY (or ORCH_ADMIN_KEY_FILE) to a secret of "
-            "16+ characters, or set open_access: true to serve without API keys."
-        )
-    cluster_gateway = not settings.open_access and not args.local
-    if cluster_gateway and not settings.allow_sqlite and settings.resolved_database_url().startswith("sqlite"):
-        raise UnsafeConfigError(
-            "Refusing to keep a cluster's gateway database in SQLite (a file on one node: keys and balances "
-            "would vanish if the gateway moved): set ORCH_DATABASE_URL (or ORCH_DATABASE_URL_FILE) to "
-            "PostgreSQL, or set allow_sqlite: true for a one-machine cluster."
-        )
+    settings = _checked_settings(overrides, local=args.local)
     catalog = load_validated_catalog(settings.catalog)
-    # No secret travels as an init argument (Serve shows those in its config and state API):
-    # the router and gateway read theirs from their environment or *_file in their process.
-    settings_data = settings.shareable()
-    model_server: Deployment = serve.deployment(ServedModelServer)  # type: ignore[assignment]
-    models = {
-        spec.name: model_server.options(**model_deployment_options(spec, settings)).bind(
-            spec.model_dump(mode="json", by_alias=True), settings_data
-        )
-        for spec in catalog
-    }
-    specs = [spec.model_dump(mode="json", by_alias=True) for spec in catalog]
-    gateway = None
-    if not settings.open_access:
-        gateway_server: Deployment = serve.deployment(GatewayServer)  # type: ignore[assignment]
-        gateway = gateway_server.options(**gateway_deployment_options(settings)).bind(settings_data)
-    router: Deployment = serve.deployment(RouterDeployment)  # type: ignore[assignment]
-    return router.options(**router_deployment_options(settings)).bind(specs, settings_data, models, gateway)
+    models = {spec.name: _model_server(spec, settings) for spec in catalog}
+    gateway = None if settings.open_access else _gateway(settings)
+    return _router(catalog, settings, models, gateway)
+
+
+class RouterAppArgs(BaseModel):
+    """Serve config ``args`` for :func:`build_router_app` (see :mod:`orchestrator.layout`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[dict[str, Any]] = Field(min_length=1, description="Catalog entries, inline.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="Settings overrides (see Settings).")
+    local: bool = Field(default=False, description="As AppArgs.local.")
+
+
+class ModelAppArgs(BaseModel):
+    """Serve config ``args`` for :func:`build_model_app`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: dict[str, Any] = Field(description="One catalog entry, inline.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="Settings overrides (see Settings).")
+
+
+class GatewayAppArgs(BaseModel):
+    """Serve config ``args`` for :func:`build_gateway_app`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    settings: dict[str, Any] = Field(default_factory=dict, description="Settings overrides (see Settings).")
+    local: bool = Field(default=False, description="As AppArgs.local.")
+
+
+def build_router_app(args: RouterAppArgs | dict[str, Any]) -> Application:
+    """Builds the router application of :mod:`orchestrator.layout`: the Router ingress alone,
+    reaching each model and the gateway in their own applications.
+
+    Raises:
+        CatalogError: the entries are invalid.
+        UnsafeConfigError: as :func:`build_app`.
+    """
+    args = RouterAppArgs.model_validate(args) if not isinstance(args, RouterAppArgs) else args
+    settings = _checked_settings(args.settings, local=args.local)
+    catalog = catalog_from_entries(args.models, origin="args.models", engine_arg_names=None)
+    return _router(catalog, settings, None, None)
+
+
+def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
+    """Builds one model's application of :mod:`orchestrator.layout`: its ModelServer.
+
+    Raises:
+        CatalogError: the entry is invalid (``engine_args`` are checked against vLLM's).
+        UnsafeConfigError: a secret is written in ``args.settings``.
+    """
+    from orchestrator.engine.vllm_args import engine_arg_names
+
+    args = ModelAppArgs.model_validate(args) if not isinstance(args, ModelAppArgs) else args
+    settings = _checked_settings(args.settings, local=True, gateway=False)
+    (spec,) = catalog_from_entries([args.model], origin="args.model", engine_arg_names=engine_arg_names())
+    return _model_server(spec, settings)
+
+
+def build_gateway_app(args: GatewayAppArgs | dict[str, Any] | None = None) -> Application:
+    """Builds the gateway's application of :mod:`orchestrator.layout`.
+
+    Raises:
+        UnsafeConfigError: as :func:`build_app`.
+    """
+    args = GatewayAppArgs.model_validate(args or {}) if not isinstance(args, GatewayAppArgs) else args
+    return _gateway(_checked_settings(args.settings, local=args.local))

@@ -12,10 +12,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from orchestrator.api.backend import ModelHealth
 from orchestrator.catalog import Catalog
+from orchestrator.serving.cluster import DeploymentKey as Location
+from orchestrator.serving.cluster import deployments_from_serve_status
 
 logger = logging.getLogger(__name__)
 
@@ -32,25 +33,15 @@ class DeploymentState:
     message: str = ""
 
 
-def _running(replica_states: dict[Any, int]) -> int:
-    # Keys are Serve's ReplicaState, a str enum.
-    return sum(n for state, n in replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
-
-
-def serve_states(app_name: str) -> dict[str, DeploymentState]:
-    """Returns every deployment of the application (one controller call, blocking)."""
+def serve_states() -> dict[Location, DeploymentState]:
+    """Returns every deployment of every application (one controller call, blocking)."""
     from ray import serve
 
-    app = serve.status().applications.get(app_name)
-    if app is None:
-        return {}
     return {
-        name: DeploymentState(
-            status=str(getattr(d.status, "value", d.status)),
-            running=_running(d.replica_states),
-            message=d.message or "",
+        key: DeploymentState(
+            status=found["status"], running=found["replica_states"].get("RUNNING", 0), message=found["message"] or ""
         )
-        for name, d in app.deployments.items()
+        for key, found in deployments_from_serve_status(serve.status()).items()
     }
 
 
@@ -58,8 +49,9 @@ class ModelStates:
     """Per-model replica state, refreshed every ``period_s`` in the background.
 
     Args:
-        catalog: the models (deployment names and min_replicas).
-        fetch: returns the current deployment states by deployment name (blocking; run in a
+        catalog: the models (min_replicas).
+        locations: each model's deployment, by display name.
+        fetch: returns the current deployment states by location (blocking; run in a
             thread).
         period_s: refresh interval.
         clock: monotonic seconds.
@@ -68,15 +60,17 @@ class ModelStates:
     def __init__(
         self,
         catalog: Catalog,
-        fetch: Callable[[], dict[str, DeploymentState]],
+        locations: dict[str, Location],
+        fetch: Callable[[], dict[Location, DeploymentState]],
         period_s: float = REFRESH_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.catalog = catalog
+        self._locations = locations
         self._fetch = fetch
         self._period_s = period_s
         self._clock = clock
-        self._states: dict[str, DeploymentState] = {}
+        self._states: dict[Location, DeploymentState] = {}
         self.refreshed_at: float | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -101,15 +95,15 @@ class ModelStates:
     def running(self, model: str) -> int | None:
         """Running replicas of a model, or None before the first refresh."""
         spec = self.catalog.resolve(model)
-        state = self._states.get(spec.deployment_name)
+        state = self._states.get(self._locations[spec.name])
         return None if state is None else state.running
 
     def health(self) -> dict[str, ModelHealth]:
         """Returns every model's readiness (see :class:`~orchestrator.api.backend.ModelHealth`)."""
-        return {spec.name: self._one(spec.deployment_name, spec.autoscaling.min_replicas) for spec in self.catalog}
+        return {s.name: self._one(self._locations[s.name], s.autoscaling.min_replicas) for s in self.catalog}
 
-    def _one(self, deployment: str, min_replicas: int) -> ModelHealth:
-        state = self._states.get(deployment)
+    def _one(self, location: Location, min_replicas: int) -> ModelHealth:
+        state = self._states.get(location)
         if state is None:
             return ModelHealth(ready=False, state="unknown", reason="no state from Serve yet")
         if state.status in _UNHEALTHY:
@@ -128,12 +122,3 @@ def current_app_name() -> str:
     from ray import serve
 
     return str(serve.get_replica_context().app_name)
-
-
-def states_fetcher(app_name: str) -> Callable[[], dict[str, DeploymentState]]:
-    """Returns a fetch function for :class:`ModelStates` bound to one application."""
-
-    def fetch() -> dict[str, Any]:
-        return serve_states(app_name)
-
-    return fetch

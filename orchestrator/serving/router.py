@@ -21,8 +21,9 @@ from orchestrator.api import Kind, create_app
 from orchestrator.api.backend import ModelHealth
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.layout import GATEWAY_DEPLOYMENT, gateway_app_name, model_app_name
 from orchestrator.serving.gateway_server import remote_gateway
-from orchestrator.serving.model_states import ModelStates, current_app_name, states_fetcher
+from orchestrator.serving.model_states import ModelStates, current_app_name, serve_states
 from orchestrator.serving.telemetry import RaySink
 from orchestrator.settings import Settings
 
@@ -89,24 +90,42 @@ class Router:
     Args:
         specs: catalog entries as plain dicts (``ModelSpec.model_dump``).
         settings: settings as a plain dict.
-        handles: model display name -> the ModelServer deployment handle.
-        gateway: the gateway deployment's handle (None: open mode, no keys).
+        handles: model display name -> the ModelServer deployment handle, bound in this
+            application; ``None``: each model is in its own application and the gateway in
+            one, named after this one (:mod:`orchestrator.layout`).
+        gateway: the gateway deployment's handle (None: open mode, no keys; or, without
+            ``handles``, the gateway application's).
     """
 
     def __init__(
         self,
         specs: list[dict[str, Any]],
         settings: dict[str, Any],
-        handles: dict[str, DeploymentHandle],
+        handles: dict[str, DeploymentHandle] | None,
         gateway: DeploymentHandle | None = None,
     ) -> None:
         self.catalog = Catalog([ModelSpec.model_validate(s) for s in specs])
         self.settings = Settings(**settings)
+        app = current_app_name()
+        if handles is None:
+            locations = {s.name: (model_app_name(app, s.deployment_name), s.deployment_name) for s in self.catalog}
+            # Without an existence check: the other applications may not be built yet, and a
+            # call waits for their replicas like any cold model's.
+            handles = {
+                name: serve.get_deployment_handle(deployment, app_name=where, _check_exists=False)
+                for name, (where, deployment) in locations.items()
+            }
+            if not self.settings.open_access:
+                gateway = serve.get_deployment_handle(
+                    GATEWAY_DEPLOYMENT, app_name=gateway_app_name(app), _check_exists=False
+                )
+        else:
+            locations = {s.name: (app, s.deployment_name) for s in self.catalog}
         self.gateway = None if gateway is None else remote_gateway(gateway)
         self._complete = {name: h.options(method_name="complete") for name, h in handles.items()}
         # Streams come back as a generator; each item is one batch of SSE frames.
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}
-        self.states = ModelStates(self.catalog, states_fetcher(current_app_name()))
+        self.states = ModelStates(self.catalog, locations, serve_states)
         self._cold_waiters: dict[str, int] = {}
 
     def __serve_build_asgi_app__(self) -> Any:

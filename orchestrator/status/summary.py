@@ -13,6 +13,7 @@ from typing import Any
 
 from orchestrator import metrics
 from orchestrator.catalog import deployment_name
+from orchestrator.layout import instance_of
 from orchestrator.status.exposition import (
     COMPLETION_TOKENS,
     KV_CACHE_USAGE,
@@ -52,7 +53,13 @@ class ModelStatus:
 
 
 def _model_deployments(deployments: Mapping[Key, Mapping[str, Any]]) -> dict[Key, Mapping[str, Any]]:
-    return {key: info for key, info in deployments.items() if key[1].startswith(MODEL_DEPLOYMENT_PREFIX)}
+    """The model deployments, each under its router's application (a model in an application
+    of its own, as orchestrator.layout lays a catalog out, is shown with the router's)."""
+    return {
+        (instance_of(app, name), name): info
+        for (app, name), info in deployments.items()
+        if name.startswith(MODEL_DEPLOYMENT_PREFIX)
+    }
 
 
 def _row_keys(

@@ -1,9 +1,11 @@
-"""One real Ray cluster and two deployed apps for the whole integration session.
+"""One real Ray cluster and three deployed apps for the whole integration session.
 
 The apps are deployed the way operators deploy them: ``serve deploy`` of a Serve config file
-(``orchestrator.serving:build_app`` with catalog args) onto a cluster started with
-``ray start --head``. The main app (route ``/``) keeps its gateway in a real PostgreSQL
-server and runs two router replicas; the second (route ``/sqlite``) serves one tiny model
+onto a cluster started with ``ray start --head``. The main app (route ``/``) is laid out as
+``orchestrator serve-config`` writes it, one Serve application per model
+(orchestrator/layout.py); it keeps its gateway in a real PostgreSQL server and runs two
+router replicas. The other two are ``orchestrator.serving:build_app`` with catalog args, the
+whole catalog in one application: the second (route ``/sqlite``) serves one tiny model
 with the embedded SQLite default; the third (route ``/ops``, open mode) holds the models
 the operations tests scale, shed and starve (see :data:`OPS_MODELS`). Ray's metrics export
 port serves every series as Prometheus text. Everything binds to 127.0.0.1 on free ports
@@ -30,7 +32,9 @@ import openai
 import pytest
 import yaml
 
+from orchestrator.catalog import load_catalog
 from orchestrator.engine.weights import build_tiny_llama
+from orchestrator.layout import applications, model_app_name
 from tests.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,13 +94,17 @@ class Deployment:
 
     def replica_actors(self, fragment: str) -> set[str]:
         """Names of the live Serve replica actors whose name contains ``fragment``
-        (``orchestrator#gateway``: the main app's gateway replicas)."""
+        (``orchestrator-gateway#gateway``: the main app's gateway replicas)."""
         done = _run(self.env, sys.executable, "-c", _REPLICAS, self.gcs_address, fragment)
         assert done.returncode == 0, done.stderr[-2000:]
         return set(done.stdout.split())
 
     def running_replicas(self, deployment: str, app: str = "orchestrator") -> int:
-        states = self.serve_status()["applications"][app]["deployments"][deployment]["replica_states"]
+        """RUNNING replicas of a deployment of router application ``app``, in ``app`` itself
+        or in the deployment's own application (orchestrator/layout.py)."""
+        apps = self.serve_status()["applications"]
+        where = app if deployment in apps[app]["deployments"] else model_app_name(app, deployment)
+        states = apps[where]["deployments"][deployment]["replica_states"]
         return int(states.get("RUNNING", 0))
 
     def client(self, api_key: str | None = None, base_url: str | None = None, **kwargs: object) -> openai.OpenAI:
@@ -227,23 +235,20 @@ def deployment(
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": http_port},
         "applications": [
-            {
-                "name": "orchestrator",
-                "route_prefix": "/",
-                "import_path": "orchestrator.serving:build_app",
-                "args": {
-                    "catalog": [str(catalog), str(REPO / "catalog" / "smollm2-135m-instruct.yaml")],
-                    "settings": {
-                        "keepalive_seconds": 15,
-                        "router_replicas": 2,
-                        "database_url": postgres_url,
-                        # A dead router's holds end 20 s after its last renewal (the router
-                        # replica test waits for that); live routers renew every 5 s.
-                        "admission_ttl_seconds": 20,
-                        **gateway,
-                    },
+            # The main app is laid out as `orchestrator serve-config` writes it: the router,
+            # the gateway and each model in an application of its own (orchestrator/layout.py).
+            *applications(
+                load_catalog([catalog, REPO / "catalog" / "smollm2-135m-instruct.yaml"]),
+                {
+                    "keepalive_seconds": 15,
+                    "router_replicas": 2,
+                    "database_url": postgres_url,
+                    # A dead router's holds end 20 s after its last renewal (the router
+                    # replica test waits for that); live routers renew every 5 s.
+                    "admission_ttl_seconds": 20,
+                    **gateway,
                 },
-            },
+            ),
             {
                 "name": "sqlite",
                 "route_prefix": "/sqlite",
@@ -359,7 +364,7 @@ _PROBE = """
 import sys, ray
 from ray import serve
 ray.init(address=sys.argv[1], namespace="serve", logging_level="ERROR", log_to_driver=False)
-handle = serve.get_deployment_handle(sys.argv[2], app_name="orchestrator")
+handle = serve.get_deployment_handle(sys.argv[2], app_name=sys.argv[3])
 print(handle.num_unfinished_requests.remote().result(timeout_s=60))
 """
 
@@ -377,8 +382,9 @@ def open_stream(
 
 
 def engine_unfinished(deployment: Deployment, model_deployment: str) -> int:
-    """Returns the requests waiting or running inside a model's engine (asked through Ray)."""
-    done = _run(deployment.env, sys.executable, "-c", _PROBE, deployment.gcs_address, model_deployment)
+    """Returns the requests waiting or running inside a main-app model's engine (asked through Ray)."""
+    app = model_app_name("orchestrator", model_deployment)
+    done = _run(deployment.env, sys.executable, "-c", _PROBE, deployment.gcs_address, model_deployment, app)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     return int(done.stdout.strip().splitlines()[-1])

@@ -118,7 +118,7 @@ def test_killing_the_gateway_mid_load_loses_and_doubles_nothing(deployment: Depl
         resp = _chat(deployment, deployment.api_key)
         assert resp.status_code in (200, 503), resp.text
 
-    streams = _kill_mid_load(deployment, key, "orchestrator#gateway", during=during)
+    streams = _kill_mid_load(deployment, key, "orchestrator-gateway#gateway", during=during)
     assert all(_completed(lines) for lines in streams), [lines[-2:] for lines in streams]
     count, cost = _settled(deployment, key_id, 8)
     assert count == 8, count
@@ -205,16 +205,17 @@ def test_redeploying_the_gateway_under_load_keeps_rpm_exact(deployment: Deployme
     first = time.monotonic()
     results = [_chat(deployment, key).status_code for _ in range(5)]
     assert results == [200] * 5
-    old = deployment.replica_actors("orchestrator#gateway")
+    old = deployment.replica_actors("orchestrator-gateway#gateway")
     assert len(old) == 1
     config = copy.deepcopy(deployment.config)
-    config["applications"][0]["deployments"] = [{"name": "gateway", "ray_actor_options": {"num_cpus": 0.11}}]
+    (gateway,) = [app for app in config["applications"] if app["name"] == "orchestrator-gateway"]
+    gateway["deployments"] = [{"name": "gateway", "ray_actor_options": {"num_cpus": 0.11}}]
     deployment.redeploy(config)
     during: list[int] = []
     deadline = time.monotonic() + 180
     while True:  # one request per second while Serve replaces the gateway
         during.append(_chat(deployment, key).status_code)
-        replicas = deployment.replica_actors("orchestrator#gateway")
+        replicas = deployment.replica_actors("orchestrator-gateway#gateway")
         if replicas and not replicas & old:
             break
         assert time.monotonic() < deadline, replicas

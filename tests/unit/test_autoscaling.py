@@ -72,6 +72,7 @@ def context(**overrides: Any) -> SimpleNamespace:
         "current_num_replicas": 1,
         "target_num_replicas": 1,
         "app_name": "ops",
+        "deployment_name": "model-tiny",
     }
     return SimpleNamespace(**{**base, **overrides})
 
@@ -87,6 +88,13 @@ def test_policy_decides_and_exports_what_it_saw() -> None:
     assert sink.get("orchestrator_model_kv_cache_usage_ratio", **labels) == 0.75
     assert sink.get("orchestrator_model_target_replicas", **labels) == 1
     assert sink.get("orchestrator_model_running_replicas", **labels) == 1
+
+
+def test_a_model_in_its_own_application_is_labelled_with_the_routers() -> None:
+    sink = MemorySink()
+    policy = QueueDepthPolicy(model="tiny", target_waiting_per_replica=1, sink=sink)
+    policy(context(app_name="ops-model-tiny"))  # orchestrator.layout: the router app is "ops"
+    assert sink.get("orchestrator_model_waiting_requests", model="tiny", application="ops") == 6.0
 
 
 @pytest.mark.parametrize("replicas", [0, 2])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -10,27 +11,59 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from orchestrator.catalog import load_catalog
-from orchestrator.serving.builder import AppArgs, resolve_paths
+from orchestrator import layout
+from orchestrator.catalog import catalog_from_entries, load_catalog
+from orchestrator.serving.builder import GatewayAppArgs, ModelAppArgs, RouterAppArgs
 from orchestrator.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["local-cpu.yaml", "gpu-cluster.yaml"])
+SHIPPED = ["local-cpu.yaml", "gpu-cluster.yaml"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_serve_config_valid(name: str) -> None:
+    """One application per model, each with only its own entry; the router's has them all."""
     config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "deployments" / name).read_text()))
-    (app,) = config.applications
-    assert app.import_path == "orchestrator.serving:build_app"
-    args = AppArgs.model_validate(app.args)
-    Settings(**args.settings)
-    assert args.catalog is not None
-    assert len(load_catalog(resolve_paths(args.catalog))) >= 2
+    router, *others = config.applications
+    assert router.import_path == layout.ROUTER_IMPORT and router.route_prefix == "/"
+    router_args = RouterAppArgs.model_validate(router.args)
+    catalog = catalog_from_entries(router_args.models, origin=name)
+    assert len(catalog) >= 2
+    expected = {layout.gateway_app_name(router.name): layout.GATEWAY_IMPORT}
+    expected |= {layout.model_app_name(router.name, s.deployment_name): layout.MODEL_IMPORT for s in catalog}
+    assert {app.name: app.import_path for app in others} == expected
+    for app in others:
+        assert app.route_prefix is None and app.args["settings"] == router_args.settings
+        if app.import_path == layout.MODEL_IMPORT:
+            (spec,) = catalog_from_entries([ModelAppArgs.model_validate(app.args).model], origin=name)
+            assert app.name == layout.model_app_name(router.name, spec.deployment_name)
+            assert spec == catalog.resolve(spec.name)
+        else:
+            GatewayAppArgs.model_validate(app.args)
+    Settings(**router_args.settings)
+
+
+@pytest.mark.engine  # serve-config checks engine_args against vLLM's
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_are_what_serve_config_writes(name: str, tmp_path: Path) -> None:
+    """Each file says the command that wrote it; run again, it writes the same file (so a
+    catalog change without regenerating the config fails here)."""
+    from orchestrator.cli import GENERATED, main
+
+    shipped = (REPO / "deployments" / name).read_text()
+    first = shipped.splitlines()[0]
+    prefix = GENERATED.split("{")[0]
+    assert first.startswith(prefix)
+    out = tmp_path / name
+    assert main(["serve-config", *shlex.split(first.removeprefix(prefix)), "-o", str(out)]) == 0
+    assert out.read_text() == shipped
 
 
 def test_gpu_config_has_tensor_parallel_model() -> None:
     config = yaml.safe_load((REPO / "deployments" / "gpu-cluster.yaml").read_text())
-    catalog = load_catalog(resolve_paths(config["applications"][0]["args"]["catalog"]))
+    catalog = catalog_from_entries(config["applications"][0]["args"]["models"], origin="gpu-cluster.yaml")
     assert max(s.resources.tensor_parallel_size for s in catalog) > 1
 
 

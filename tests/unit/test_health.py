@@ -5,27 +5,37 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
 from orchestrator.api import create_app
 from orchestrator.catalog import Catalog, load_catalog
+from orchestrator.layout import model_app_name
 from orchestrator.serving.model_states import DeploymentState, ModelStates
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend
 from tests.unit.conftest import TINY, write_catalog
 
+BROKEN = DeploymentState("UNHEALTHY", 0, "another application's")
+
 
 class StatesBackend(LocalBackend):
     """The fake backend, with readiness from a ModelStates fed by a fake controller."""
 
-    def __init__(self, catalog: Catalog, view: dict[str, DeploymentState]) -> None:
+    def __init__(self, catalog: Catalog, view: dict[str, DeploymentState], *, own_apps: bool = False) -> None:
         super().__init__({spec.name: FakeEngine() for spec in catalog})
         self.fetches = 0
 
-        def fetch() -> dict[str, DeploymentState]:
-            self.fetches += 1
-            return dict(view)
+        def app(deployment: str) -> str:
+            # The router's application "app", or each model in one of its own (orchestrator.layout).
+            return model_app_name("app", deployment) if own_apps else "app"
 
-        self.states = ModelStates(catalog, fetch)
+        # Every application's deployments, as Serve reports them; another app's are ignored.
+        def fetch() -> dict[tuple[str, str], DeploymentState]:
+            self.fetches += 1
+            return {**{(app(name), name): state for name, state in view.items()}, ("other", "model-tiny-a"): BROKEN}
+
+        locations = {spec.name: (app(spec.deployment_name), spec.deployment_name) for spec in catalog}
+        self.states = ModelStates(catalog, locations, fetch)
 
     def health(self):  # type: ignore[no-untyped-def]
         return self.states.health()
@@ -37,14 +47,15 @@ def zero_catalog(tmp_path: Path) -> Catalog:
     return load_catalog([write_catalog(tmp_path, TINY, other, zero)])
 
 
-async def test_one_broken_model_leaves_the_others_ready(tmp_path: Path) -> None:
+@pytest.mark.parametrize("own_apps", [False, True])
+async def test_one_broken_model_leaves_the_others_ready(tmp_path: Path, own_apps: bool) -> None:
     catalog = zero_catalog(tmp_path)
     view = {
         "model-tiny-a": DeploymentState("HEALTHY", 2),
         "model-tiny-b": DeploymentState("UNHEALTHY", 0, "replica failed its health check"),
         "model-tiny-z": DeploymentState("HEALTHY", 0),
     }
-    backend = StatesBackend(catalog, view)
+    backend = StatesBackend(catalog, view, own_apps=own_apps)
     await backend.states.refresh()
     app = create_app(catalog, backend, Settings())
     engine_calls_before = sum(e.running for e in backend.engines.values())
@@ -93,13 +104,13 @@ async def test_a_failed_refresh_keeps_the_last_view(tmp_path: Path) -> None:
     catalog = zero_catalog(tmp_path)
     calls = []
 
-    def fetch() -> dict[str, DeploymentState]:
+    def fetch() -> dict[tuple[str, str], DeploymentState]:
         calls.append(1)
         if len(calls) > 1:
             raise ConnectionError("controller restarting")
-        return {"model-tiny-a": DeploymentState("HEALTHY", 1)}
+        return {("app", "model-tiny-a"): DeploymentState("HEALTHY", 1)}
 
-    states = ModelStates(catalog, fetch)
+    states = ModelStates(catalog, {spec.name: ("app", spec.deployment_name) for spec in catalog}, fetch)
     await states.refresh()
     await states.refresh()
     assert states.running("tiny-a") == 1 and len(calls) == 2

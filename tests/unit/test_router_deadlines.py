@@ -24,7 +24,8 @@ def spec_and_router(
     }
     catalog: Catalog = load_catalog([write_catalog(tmp_path, entry)])
     router = Router.__new__(Router)  # no Serve handles needed for the deadline logic
-    router.states = ModelStates(catalog, lambda: dict(view), period_s=0.05)
+    locations = {s.name: ("app", s.deployment_name) for s in catalog}
+    router.states = ModelStates(catalog, locations, lambda: {("app", k): v for k, v in view.items()}, period_s=0.05)
     router._cold_waiters = {}
     return catalog.resolve("tiny-a"), router
 

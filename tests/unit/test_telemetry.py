@@ -105,3 +105,45 @@ def test_names_follow_the_house_convention() -> None:
     assert requests_spec.kind == "counter" and "key" not in requests_spec.labels
     assert any(s.name.endswith("time_to_first_token_seconds") and s.kind == "histogram" for s in ALL)
     assert any(s.name.endswith("cost_usd") and s.kind == "counter" for s in ALL)
+
+
+async def test_latency_counts_from_arrival_and_timeouts_and_cold_starts_are_counted_and_settled(
+    catalog: Catalog, ledger: Ledger
+) -> None:
+    """TTFT and duration include the gateway's admission (what the client waits for); 504
+    provider_timeout and 503 model_unavailable are counted by reason and settled."""
+
+    class SlowAdmission:
+        def __init__(self, inner: Ledger) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        async def admit(self, *args: object, **kwargs: object) -> object:
+            await asyncio.sleep(0.3)
+            return await self.inner.admit(*args, **kwargs)  # type: ignore[arg-type]
+
+    sink = MemorySink()
+    engines = {"tiny-a": FakeEngine(words=["x"]), "tiny-b": FakeEngine()}
+    app = create_app(
+        catalog, LocalBackend(engines, batch_s=0.0), Settings(), gateway=SlowAdmission(ledger), metrics=sink
+    )  # type: ignore[arg-type]
+    key = (await ledger.create_key(KeyLimits(), workspace="team-a")).key
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        assert (await http.post(ROUTE, json={**CHAT, "stream": True}, headers=headers)).status_code == 200
+        for code, status in ((ErrorCode.PROVIDER_TIMEOUT, 504), (ErrorCode.MODEL_UNAVAILABLE, 503)):
+            engines["tiny-a"].fail_before_first = OrchestratorError(code, "no answer")
+            assert (await http.post(ROUTE, json=CHAT, headers=headers)).status_code == status
+    await asyncio.sleep(0.1)
+    (ttft,) = sink.get("orchestrator_time_to_first_token_seconds", model="tiny-a", route=ROUTE)  # type: ignore[misc]
+    assert ttft >= 0.3  # the engine answered at once; the client waited for admission
+    durations = sink.get("orchestrator_request_duration_seconds", model="tiny-a", route=ROUTE)
+    assert isinstance(durations, list) and len(durations) == 3 and min(durations) >= 0.3
+    assert requests(sink, "tiny-a", "504", "provider_timeout") == 1
+    assert requests(sink, "tiny-a", "503", "model_unavailable") == 1
+    assert sink.get("orchestrator_rejected_requests", model="tiny-a", reason="timeout", code="provider_timeout") == 1
+    assert sink.get("orchestrator_rejected_requests", model="tiny-a", reason="shed", code="model_unavailable") == 1
+    (row,) = await ledger.usage_report(group_by=["key"])
+    assert row["requests"] == 3  # each settled: one record apiece

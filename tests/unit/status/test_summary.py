@@ -70,3 +70,16 @@ def test_metrics_without_serve_deployment_and_no_window() -> None:
     assert (smol.status, smol.running_replicas, smol.target_replicas) == (None, 1, 2)  # the gauge's
     assert (smol.tokens_per_second, smol.errors_per_minute) == (None, None)
     assert {r.application for r in rows} == {"llm", "batch"}  # not the removed "old" app, not "unknown"
+
+
+def test_a_model_in_its_own_application_is_one_row_with_its_routers() -> None:
+    """orchestrator.layout puts model qwen of router app "batch" in app "batch-model-qwen2-5-7b"."""
+    before = [counter("ray_orchestrator_completion_tokens", "t", [tokens(HEAD, ROUTER_A, "batch", QWEN, 4.0)])]
+    after = [counter("ray_orchestrator_completion_tokens", "t", [tokens(HEAD, ROUTER_A, "batch", QWEN, 14.0)])]
+    deployments = {
+        ("batch-model-qwen2-5-7b", "model-qwen2-5-7b"): {"status": "HEALTHY", "replica_states": {"RUNNING": 3}},
+        ("batch-gateway", "gateway"): {"status": "HEALTHY", "replica_states": {"RUNNING": 1}},
+    }
+    (row,) = summarize(before, after, 5.0, deployments)
+    assert (row.application, row.model, row.status, row.running_replicas) == ("batch", QWEN, "HEALTHY", 3)
+    assert row.tokens_per_second == 2.0
