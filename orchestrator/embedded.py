@@ -121,6 +121,8 @@ def serve_forever(
                 names = ", ".join(spec.names[1:])
                 print(f"  model {spec.name}" + (f"  (also: {names})" if names else ""), flush=True)
             print(f"Metrics (Prometheus text) at {_metrics_url()}", flush=True)
+            gcs = ray.get_runtime_context().gcs_address
+            print(f"Ray cluster at {gcs}: orchestrator status --address {gcs}", flush=True)
             print("Press Ctrl-C to stop.", flush=True)
             while not stop:
                 time.sleep(0.2)

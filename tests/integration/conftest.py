@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -367,6 +368,55 @@ ray.init(address=sys.argv[1], namespace="serve", logging_level="ERROR", log_to_d
 handle = serve.get_deployment_handle(sys.argv[2], app_name=sys.argv[3])
 print(handle.num_unfinished_requests.remote().result(timeout_s=60))
 """
+
+
+@dataclass
+class Load:
+    """What :func:`steady_load` saw: streams that ended with their usage chunk and
+    ``[DONE]``, and the failures (any other outcome)."""
+
+    completed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def steady_load(client: openai.OpenAI, model: str, *, streams: int = 2, max_tokens: int = 16) -> Iterator[Load]:
+    """Streams chat completions to ``model`` back to back from ``streams`` threads for as
+    long as the block runs, then waits for the streams in flight to end."""
+    load, stop = Load(), threading.Event()
+
+    def one() -> None:
+        chunks = list(
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "Count to ten."}],
+                max_tokens=max_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+        )
+        usage = chunks[-1].usage if chunks else None
+        if usage is None or usage.completion_tokens != max_tokens:
+            raise AssertionError(f"stream ended without its usage chunk: {chunks[-1:]}")
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                one()
+                load.completed += 1
+            except Exception as exc:  # every failure is what the caller asserts on
+                load.failures.append(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}"[:500])
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield load
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
 
 
 @contextmanager
