@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,7 +383,7 @@ class Load:
 def steady_load(client: openai.OpenAI, model: str, *, streams: int = 2, max_tokens: int = 16) -> Iterator[Load]:
     """Streams chat completions to ``model`` back to back from ``streams`` threads for as
     long as the block runs, then waits for the streams in flight to end."""
-    load, stop = Load(), threading.Event()
+    load = Load()
 
     def one() -> None:
         chunks = list(
@@ -400,23 +400,36 @@ def steady_load(client: openai.OpenAI, model: str, *, streams: int = 2, max_toke
         if usage is None or usage.completion_tokens != max_tokens:
             raise AssertionError(f"stream ended without its usage chunk: {chunks[-1:]}")
 
+    def once() -> None:
+        try:
+            one()
+            load.completed += 1
+        except Exception as exc:  # every failure is what the caller asserts on
+            load.failures.append(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}"[:500])
+
+    with repeating(once, threads=streams, join_timeout_s=120):
+        yield load
+
+
+@contextmanager
+def repeating(work: Callable[[], None], *, threads: int, join_timeout_s: float) -> Iterator[None]:
+    """Calls ``work`` over and over in each of ``threads`` threads while the block runs, then
+    waits (up to ``join_timeout_s``) for the calls in flight."""
+    stop = threading.Event()
+
     def loop() -> None:
         while not stop.is_set():
-            try:
-                one()
-                load.completed += 1
-            except Exception as exc:  # every failure is what the caller asserts on
-                load.failures.append(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}"[:500])
+            work()
 
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(streams)]
-    for thread in threads:
+    started = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+    for thread in started:
         thread.start()
     try:
-        yield load
+        yield
     finally:
         stop.set()
-        for thread in threads:
-            thread.join(timeout=120)
+        for thread in started:
+            thread.join(timeout=join_timeout_s)
 
 
 @contextmanager

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from orchestrator.status.exposition import parse_samples
-from tests.integration.conftest import BIN, Deployment, _run
+from tests.integration.conftest import BIN, Deployment, _run, repeating
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Tell me a story about a cat."}]
@@ -118,30 +117,21 @@ def test_a_model_that_cannot_start_gets_503_and_only_it_is_unready(deployment: D
 def steady_load(client: openai.OpenAI, model: str, workers: int) -> Iterator[list[int]]:
     """Keeps ``workers`` long non-streaming completions running until the block ends (light
     on the client and the router, so the CPU goes to the engines); yields the statuses."""
-    stop = threading.Event()
     statuses: list[int] = []
 
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                client.completions.create(
-                    model=model, prompt="Once upon a time", max_tokens=400, **{"extra_body": {"ignore_eos": True}}
-                )
-                statuses.append(200)
-            except openai.APIStatusError as exc:
-                statuses.append(exc.status_code)
-            except openai.APIError:
-                statuses.append(0)
+    def once() -> None:
+        try:
+            client.completions.create(
+                model=model, prompt="Once upon a time", max_tokens=400, **{"extra_body": {"ignore_eos": True}}
+            )
+            statuses.append(200)
+        except openai.APIStatusError as exc:
+            statuses.append(exc.status_code)
+        except openai.APIError:
+            statuses.append(0)
 
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(workers)]
-    for t in threads:
-        t.start()
-    try:
+    with repeating(once, threads=workers, join_timeout_s=300):
         yield statuses
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=300)
 
 
 def test_queue_depth_autoscaling_scales_up_under_load_and_back_down(deployment: Deployment) -> None:
