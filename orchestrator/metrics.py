@@ -92,6 +92,12 @@ TARGET_REPLICAS = MetricSpec(
     "orchestrator_model_target_replicas", "gauge", "Replicas the autoscaler aims for.", _SCALING_LABELS
 )
 RUNNING_REPLICAS = MetricSpec("orchestrator_model_running_replicas", "gauge", "Replicas serving now.", _SCALING_LABELS)
+MAX_REPLICAS = MetricSpec(
+    "orchestrator_model_max_replicas",
+    "gauge",
+    "The most replicas the autoscaler may ask for (the catalog's max, less what the cluster cannot hold).",
+    _SCALING_LABELS,
+)
 WAITING = MetricSpec(
     "orchestrator_model_waiting_requests",
     "gauge",
@@ -132,6 +138,7 @@ ALL: tuple[MetricSpec, ...] = (
     REJECTED,
     TARGET_REPLICAS,
     RUNNING_REPLICAS,
+    MAX_REPLICAS,
     WAITING,
     RUNNING,
     KV_CACHE,
@@ -237,6 +244,7 @@ class ScalingMetrics:
     def __init__(self, sink: Sink) -> None:
         self._target = sink.instrument(TARGET_REPLICAS)
         self._running_replicas = sink.instrument(RUNNING_REPLICAS)
+        self._max_replicas = sink.instrument(MAX_REPLICAS)
         self._waiting = sink.instrument(WAITING)
         self._running = sink.instrument(RUNNING)
         self._kv = sink.instrument(KV_CACHE)
@@ -248,6 +256,7 @@ class ScalingMetrics:
         *,
         target: int,
         replicas: int,
+        max_replicas: int,
         waiting: float,
         running: float,
         kv_cache: float,
@@ -255,6 +264,7 @@ class ScalingMetrics:
         tags = {"model": model, "application": application}
         self._target.record(target, tags)
         self._running_replicas.record(replicas, tags)
+        self._max_replicas.record(max_replicas, tags)
         self._waiting.record(waiting, tags)
         self._running.record(running, tags)
         self._kv.record(kv_cache, tags)

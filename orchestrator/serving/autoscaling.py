@@ -98,6 +98,7 @@ class QueueDepthPolicy:
             instance_of(ctx.app_name or "", ctx.deployment_name),
             target=int(ctx.target_num_replicas),
             replicas=int(ctx.current_num_replicas),
+            max_replicas=int(ctx.capacity_adjusted_max_replicas),
             waiting=sum(r.waiting for r in loads) + queued,
             running=sum(r.running for r in loads),
             kv_cache=sum(r.kv_cache for r in loads) / len(loads) if loads else 0.0,

@@ -71,6 +71,7 @@ def context(**overrides: Any) -> SimpleNamespace:
         "total_queued_requests": 1.0,
         "current_num_replicas": 1,
         "target_num_replicas": 1,
+        "capacity_adjusted_max_replicas": 4,
         "app_name": "ops",
         "deployment_name": "model-tiny",
     }
@@ -88,6 +89,7 @@ def test_policy_decides_and_exports_what_it_saw() -> None:
     assert sink.get("orchestrator_model_kv_cache_usage_ratio", **labels) == 0.75
     assert sink.get("orchestrator_model_target_replicas", **labels) == 1
     assert sink.get("orchestrator_model_running_replicas", **labels) == 1
+    assert sink.get("orchestrator_model_max_replicas", **labels) == 4
 
 
 def test_a_model_in_its_own_application_is_labelled_with_the_routers() -> None:

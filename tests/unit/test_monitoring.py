@@ -167,12 +167,13 @@ def _requests(model: str, status: str, code: str, values: str, worker: str) -> d
     )
 
 
-def _scaling(waiting: str, target: str, model: str = "m") -> list[dict[str, str]]:
+def _scaling(waiting: str, target: str, model: str = "m", most: str = "3x40") -> list[dict[str, str]]:
     labels = {"model": model, "application": "llm"}
     return [
         _series("ray_orchestrator_model_waiting_requests", waiting, **labels),
         _series("ray_orchestrator_model_target_replicas", target, **labels),
         _series("ray_orchestrator_model_running_replicas", target, **labels),
+        _series("ray_orchestrator_model_max_replicas", most, **labels),
     ]
 
 
@@ -208,9 +209,10 @@ CASES = [
     ),
     # Too early for `for: 5m`.
     _case([_requests("m", "500", "internal_error", "0+10x40", "w1")], ERRORS, "4m", []),
-    # Growing queue, flat target: saturated. Target rising or queue flat: not.
+    # Growing queue at max replicas: saturated. Below max (a flat target too), or queue flat: not.
     _case(_scaling("1+1x40", "3x40"), SATURATED, "25m", [{"severity": "warning", "model": "m", "application": "llm"}]),
-    _case(_scaling("1+1x40", "1+1x40"), SATURATED, "25m", []),
+    _case(_scaling("1+1x40", "1+1x40", most="50x40"), SATURATED, "25m", []),
+    _case(_scaling("1+1x40", "3x40", most="8x40"), SATURATED, "25m", []),
     _case(_scaling("50x40", "3x40"), SATURATED, "25m", []),
     _case(_scaling("1+1x40", "3x40"), SATURATED, "8m", []),
     # Pending records over 1000 and rising; journal segments piling up; a high but flat backlog is fine.
