@@ -23,9 +23,9 @@ pytestmark = pytest.mark.integration
 NAME = "rollout"  # the router's application; route /rollout, open mode
 
 
-def _config(deployment: Deployment, entries: list[dict[str, Any]]) -> dict[str, Any]:
+def _config(base: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:
     """The session's config plus the rollout apps (the others stay exactly as they are)."""
-    config = copy.deepcopy(deployment.config)
+    config = copy.deepcopy(base)
     specs = catalog_from_entries(entries, origin="test")
     # One router replica: the harder case, since no second replica serves while it rolls.
     settings = {"open_access": True, "keepalive_seconds": 2, "router_replicas": 1}
@@ -58,8 +58,8 @@ def test_changing_and_adding_a_model_leaves_the_others_streaming(
     a = tiny_entry("tiny-r1", "r1", weights)
     b = tiny_entry("tiny-r2", "r2", weights)
     c = tiny_entry("tiny-r3", "r3", weights)
-    base = deployment.config
-    deployment.redeploy(_config(deployment, [a, b]))
+    base = copy.deepcopy(deployment.config)
+    deployment.redeploy(_config(base, [a, b]))
     try:
         base_url = f"{deployment.base_url}/{NAME}"
         _wait_ready(base_url, deployment.env, ["tiny-r1", "tiny-r2"])
@@ -72,9 +72,9 @@ def test_changing_and_adding_a_model_leaves_the_others_streaming(
         with steady_load(client, "r1", streams=2) as load:
             time.sleep(3)
             changed_b = {**b, "aliases": ["r2", "r2-v2"]}  # only a new router and a new B know it
-            deployment.redeploy(_config(deployment, [a, changed_b]))
+            deployment.redeploy(_config(base, [a, changed_b]))
             timeline.append(("B changed, serving as r2-v2 after", _wait_serving(client, "r2-v2")))
-            deployment.redeploy(_config(deployment, [a, changed_b, c]))
+            deployment.redeploy(_config(base, [a, changed_b, c]))
             timeline.append(("C added, serving after", _wait_serving(client, "r3")))
             time.sleep(3)
         print(f"\nrollout: {timeline}; {load.completed} streams on A, {len(load.failures)} failed")
