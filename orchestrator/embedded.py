@@ -87,6 +87,9 @@ def serve_forever(
     # machine may hold more replicas than it has cores.
     needed = sum(s.resources.cpus for s in models) + 1
     ray.init(
+        # A cluster of its own, even when `ray start` left one running on this machine (which
+        # ray.init() would otherwise join).
+        address="local",
         _node_ip_address="127.0.0.1",
         num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
         include_dashboard=False,
