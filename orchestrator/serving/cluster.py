@@ -116,14 +116,15 @@ class RayCluster:
         import ray
 
         target = self.bootstrap_address(address)
-        if address == "auto":
-            # ray.init turns token auth on from ~/.ray/auth_token only for address="auto", and
-            # this passes the address it found instead: do what ray.init would have done.
-            from ray._private.authentication.authentication_token_setup import (
-                maybe_enable_token_auth_if_token_available,
-            )
+        # ray.init turns token auth on from ~/.ray/auth_token (or RAY_AUTH_TOKEN) only for
+        # address="auto". This passes the address it found, or the one given (which
+        # `orchestrator serve` prints for its own token-auth cluster): use the token this
+        # machine has, if any, as ray.init does for "auto".
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
 
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         try:
             ray.init(
                 address=target,

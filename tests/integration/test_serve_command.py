@@ -126,9 +126,11 @@ def test_status_once_and_watching_under_traffic(served: Served) -> None:
             env=served.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert watch.stdout is not None
-        frames = [json.loads(watch.stdout.readline()) for _ in range(2)]
+        lines = [watch.stdout.readline() for _ in range(2)]
         watch.send_signal(signal.SIGINT)
-        assert watch.wait(timeout=60) == 0  # Ctrl-C ends a watch quietly
+        code = watch.wait(timeout=60)
+        assert all(lines) and code == 0, (lines, code, watch.stderr.read() if watch.stderr else "")  # Ctrl-C: 0
+        frames = [json.loads(line) for line in lines]
     assert load.completed > 0 and not load.failures, load.failures
     assert done.returncode == 0, done.stderr[-2000:]
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])["models"]

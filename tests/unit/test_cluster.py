@@ -95,13 +95,11 @@ def test_unreachable_is_the_connection_error_the_status_command_converts() -> No
     assert issubclass(ClusterUnreachable, ConnectionError)
 
 
-@pytest.mark.parametrize(("address", "token_auth_checked"), [("auto", True), ("10.0.0.1:6379", False)])
-def test_a_local_cluster_found_automatically_gets_token_auth_like_ray_init(
-    monkeypatch: pytest.MonkeyPatch, address: str, token_auth_checked: bool
-) -> None:
+@pytest.mark.parametrize("address", ["auto", "10.0.0.1:6379"])
+def test_a_cluster_found_or_given_gets_token_auth_like_ray_init(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
     """ray.init enables token auth from ~/.ray/auth_token only for address="auto"; connect
-    passes the address it found, so it does that step itself (orchestrator serve's cluster
-    uses token auth) and only then."""
+    passes an address (found, or given as orchestrator serve prints it), so it does that step
+    itself before connecting (orchestrator serve's cluster uses token auth)."""
     import ray
     from ray._private.authentication import authentication_token_setup
 
@@ -115,4 +113,4 @@ def test_a_local_cluster_found_automatically_gets_token_auth_like_ray_init(
     cluster = RayCluster(probe=lambda host, port: True)
     monkeypatch.setattr(cluster, "bootstrap_address", lambda given: "127.0.0.1:6379")
     cluster.connect(address)
-    assert calls == (["token-auth"] if token_auth_checked else []) + ["init 127.0.0.1:6379"]
+    assert calls == ["token-auth", "init 127.0.0.1:6379"]
