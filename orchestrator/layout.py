@@ -16,7 +16,8 @@ entry), the gateway is one (its ``args`` hold only the settings), and the router
 Changing model B's entry then rebuilds B's application and the router's (which Serve
 rolls over, draining the old replica); model A's application and the gateway's keep their
 replicas. Pure data here (no ray import): ``orchestrator serve``, ``orchestrator
-serve-config``, the Helm chart's test and the router all use these names.
+serve-config``, the router, the autoscaling policy and ``orchestrator status`` use these
+names.
 """
 
 from __future__ import annotations

@@ -85,15 +85,11 @@ def load_validated_catalog(paths: list[str]) -> Catalog:
     return load_catalog(resolve_paths(paths), engine_arg_names=engine_arg_names())
 
 
-def _checked_settings(overrides: dict[str, Any], *, local: bool, gateway: bool = True) -> Settings:
-    """Settings from an application's ``args.settings``, refusing an unsafe cluster.
-
-    ``gateway``: the application holds or reaches the gateway (a model's does not, so it
-    needs no admin key or database)."""
+def _checked_settings(overrides: dict[str, Any], *, local: bool) -> Settings:
+    """Settings for an application that holds or reaches the gateway, from its
+    ``args.settings``, refusing an unsafe cluster."""
     _refuse_plain_secrets(overrides)
     settings = Settings(**overrides)
-    if not gateway:
-        return settings
     if settings.admin_key is None and not settings.open_access and not local:
         raise UnsafeConfigError(
             "Refusing to deploy without an admin key: set ORCH_ADMIN_KEY (or ORCH_ADMIN_KEY_FILE) to a secret of "
@@ -203,7 +199,8 @@ def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
     from orchestrator.engine.vllm_args import engine_arg_names
 
     args = ModelAppArgs.model_validate(args) if not isinstance(args, ModelAppArgs) else args
-    settings = _checked_settings(args.settings, local=True, gateway=False)
+    _refuse_plain_secrets(args.settings)  # a model needs no admin key or database
+    settings = Settings(**args.settings)
     (spec,) = catalog_from_entries([args.model], origin="args.model", engine_arg_names=engine_arg_names())
     return _model_server(spec, settings)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.catalog import ModelSpec
+from orchestrator.layout import GATEWAY_DEPLOYMENT
 from orchestrator.settings import Settings
 
 # Replicas get time to finish in-flight streams on scale-down or redeploy.
@@ -138,7 +139,7 @@ def gateway_deployment_options(settings: Settings) -> dict[str, Any]:
     """Returns the gateway deployment's options: exactly one replica (it holds the ledger
     every router shares), restarted by Serve if it dies; it replays its journal on start."""
     return {
-        "name": "gateway",
+        "name": GATEWAY_DEPLOYMENT,
         "num_replicas": 1,
         "max_ongoing_requests": 4096,
         "ray_actor_options": {"num_cpus": 0.1},

@@ -400,10 +400,13 @@ def steady_load(client: openai.OpenAI, model: str, *, streams: int = 2, max_toke
         if usage is None or usage.completion_tokens != max_tokens:
             raise AssertionError(f"stream ended without its usage chunk: {chunks[-1:]}")
 
+    counting = threading.Lock()  # the threads count into one Load
+
     def once() -> None:
         try:
             one()
-            load.completed += 1
+            with counting:
+                load.completed += 1
         except Exception as exc:  # every failure is what the caller asserts on
             load.failures.append(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}"[:500])
 
