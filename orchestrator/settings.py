@@ -116,6 +116,15 @@ class Settings(BaseSettings):
             "that next holds the database's fence replays what a crashed one left in it."
         ),
     )
+    gateway_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "How long a router waits for one gateway call (authentication, admission, settlement); past it the "
+            "request gets 503 service_unavailable. An admission that completes after its request gave up is "
+            "settled at once (nothing billed), so it holds nothing."
+        ),
+    )
     db_outage_grace_seconds: float = Field(
         default=300.0,
         ge=0,

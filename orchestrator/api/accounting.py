@@ -267,11 +267,19 @@ class Settler:
                 self.spooled -= 1
 
     def finish(
-        self, meter: RequestMeter, status: int, *, error: OrchestratorError | None = None, cancelled: bool = False
+        self,
+        meter: RequestMeter,
+        status: int,
+        *,
+        error: OrchestratorError | None = None,
+        cancelled: bool = False,
+        counted: bool = False,
     ) -> asyncio.Task[None]:
-        """Ends an admitted request: its metrics now, its settlement in a task of its own."""
+        """Ends an admitted request: its metrics now (unless ``counted``: its response was
+        already counted as refused), its settlement in a task of its own."""
         record = meter.record(status, error=error, cancelled=cancelled)
-        self.telemetry.finished(meter.route, record, meter.gaps)
+        if not counted:
+            self.telemetry.finished(meter.route, record, meter.gaps)
         # A fresh context: in a Ray actor the request's context says which Ray task this is,
         # and calls made under it are that request's children, which Ray cancels with it (a
         # client closing the connection right after the last chunk cancelled settlements).

@@ -94,14 +94,33 @@ class _MeteredStream:
 
 
 def _settle_if_admitted(
-    admitting: asyncio.Future[Admission], spec: ModelSpec, route: str, stream: bool, settler: Settler, arrived: float
+    admitting: asyncio.Future[Admission],
+    spec: ModelSpec,
+    route: str,
+    stream: bool,
+    settler: Settler,
+    arrived: float,
+    gave_up: OrchestratorError | None = None,
 ) -> None:
-    """Settles, as abandoned (499, nothing generated), an admission whose client left while
-    it was being made, so it leaves its one record and releases its holds."""
+    """Settles an admission its request stopped waiting for, so it leaves its one record
+    (nothing generated, nothing billed) and releases its holds: the client left while it
+    was being made (499), or the gateway made it past the deadline and the client already
+    got ``gave_up`` (its 503, counted when it was sent)."""
     if admitting.cancelled() or admitting.exception() is not None:
         return
     meter = RequestMeter(spec, admitting.result(), route=route, streamed=stream, started_at=arrived)
-    settler.finish(meter, CLIENT_CLOSED, cancelled=True)
+    if gave_up is None:
+        settler.finish(meter, CLIENT_CLOSED, cancelled=True)
+    else:
+        settler.finish(meter, gave_up.status, error=gave_up, counted=True)
+
+
+def _gateway_timed_out(seconds: float) -> OrchestratorError:
+    return OrchestratorError(
+        ErrorCode.SERVICE_UNAVAILABLE,
+        f"The gateway did not answer within {seconds:g} s; retry the request.",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def generate(
@@ -142,19 +161,24 @@ async def generate(
         admitting = asyncio.ensure_future(
             gateway.admit(api_key, spec.names, reserve.tokens, generation_id, cost=reserve.cost, holder=settler.holder)
         )
+        stream = bool(body.get("stream"))
         try:
-            # Shielded: a client leaving now must not lose an admission the gateway made.
-            admission = await asyncio.shield(admitting)
+            # Shielded: a client leaving, or the deadline passing, must not lose an admission
+            # the gateway still makes; it is settled when it comes.
+            admission = await asyncio.wait_for(asyncio.shield(admitting), settings.gateway_timeout_seconds)
         except asyncio.CancelledError:
-            admitting.add_done_callback(
-                lambda done: _settle_if_admitted(done, spec, route, bool(body.get("stream")), settler, arrived)
-            )
+            admitting.add_done_callback(lambda done: _settle_if_admitted(done, spec, route, stream, settler, arrived))
             raise
+        except TimeoutError:
+            late = _gateway_timed_out(settings.gateway_timeout_seconds)
+            admitting.add_done_callback(
+                lambda done: _settle_if_admitted(done, spec, route, stream, settler, arrived, late)
+            )
+            raise late from None
     except OrchestratorError as exc:
         settler.telemetry.refused(route, model, exc)
         raise
     body["model"] = spec.name
-    stream = bool(body.get("stream"))
     first_token_batch = 1 if kind == "chat" else 0
     meter = RequestMeter(
         spec, admission, route=route, streamed=stream, first_token_batch=first_token_batch, started_at=arrived

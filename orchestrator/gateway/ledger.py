@@ -49,6 +49,7 @@ from orchestrator.metrics import GatewayMetrics, NullSink
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+LOOKUP_WAIT_S = 30.0  # how long a lookup of an admitted request waits for its record, by default
 _SETTLED_MEMORY = 200_000  # request ids remembered to refuse a second settlement
 _UNKNOWN_CACHE_MAX = 10_000
 
@@ -151,7 +152,7 @@ class Ledger:
         monotonic: Callable[[], float] = time.monotonic,
         flush_interval_s: float = 0.2,
         key_cache_s: float = 2.0,
-        lookup_wait_s: float = 30.0,
+        lookup_wait_s: float = LOOKUP_WAIT_S,
         hold_ttl_s: float = 60.0,
         outage_grace_s: float = 300.0,
         fence: Callable[[Engine], Fence] | None = fence_for,
@@ -671,9 +672,12 @@ class Ledger:
             self._report_backlog()
 
     async def _reap_loop(self) -> None:
+        # Also reports the backlog: on this timer as well as after each flush, so the gauges
+        # keep moving while a flush waits on a database that stopped answering.
         while True:
             await asyncio.sleep(min(1.0, self._hold_ttl_s / 4))
             self.reap()
+            self._report_backlog()
 
     # -- lookups ----------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from orchestrator.errors import ErrorCode, OrchestratorError, find_cause, find_error
 from orchestrator.gateway.base import GATEWAY_METHODS, REQUEST_METHODS, Gateway
 from orchestrator.gateway.journal import UsageJournal
-from orchestrator.gateway.ledger import Ledger, LedgerStopped
+from orchestrator.gateway.ledger import LOOKUP_WAIT_S, Ledger, LedgerStopped
 from orchestrator.gateway.store import SQLStore
 from orchestrator.metrics import GatewayMetrics, Sink
 from orchestrator.serving.telemetry import RaySink
@@ -98,6 +98,9 @@ class GatewayServer:
         ray.kill(self._actor)
 
 
+ADMIN_TIMEOUT_S = 60.0  # the least deadline of an administrative call (it may write to the database)
+
+
 class RemoteGateway:
     """Forwards every :class:`~orchestrator.gateway.base.Gateway` method to the ledger actor:
     ``await remote.admit(...)`` runs ``Ledger.admit(...)`` there (same arguments, same
@@ -110,26 +113,49 @@ class RemoteGateway:
     So is a request-path call (admission, settlement, renewal, lookup) whose actor died: an
     admission a dead ledger made died with it (never journaled, no record), and a
     settlement is stored once per request id.
+
+    Every call has a deadline: ``timeout_s`` (a lookup, which waits for a running request's
+    record, that plus :data:`LOOKUP_WAIT_S`; an administrative call, which may write to the
+    database, at least :data:`ADMIN_TIMEOUT_S`). Past it the call gets 503, as for a gateway
+    that is restarting: a ledger that hangs (its database stops answering) cannot hold a
+    request. Admissions are the exception: a timed-out one may still be made, and only its
+    caller can settle it, so the caller bounds it (``generate`` does).
     """
 
-    def __init__(self, handle: DeploymentHandle, *, retries: int = 6, first_pause_s: float = 0.1) -> None:
+    def __init__(
+        self, handle: DeploymentHandle, *, timeout_s: float = 10.0, retries: int = 6, first_pause_s: float = 0.1
+    ) -> None:
         self._locate = handle.options(method_name="ledger_actor")
         self._actor: ActorHandle | None = None
         self._retries = retries
         self._first_pause_s = first_pause_s
+        self._deadlines: dict[str, float | None] = {m: max(timeout_s, ADMIN_TIMEOUT_S) for m in GATEWAY_METHODS}
+        self._deadlines |= {method: timeout_s for method in REQUEST_METHODS}
+        self._deadlines |= {"generation": timeout_s + LOOKUP_WAIT_S, "admit": None}
 
     def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
         if method not in GATEWAY_METHODS:
             raise AttributeError(method)
         return functools.partial(self._run, method)
 
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self._actor is None:
+            self._actor = await self._locate.remote()
+        return await self._actor.call.remote(method, *args, **kwargs)
+
     async def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
         pause = self._first_pause_s
+        deadline = self._deadlines[method]
         for attempt in itertools.count():
             try:
-                if self._actor is None:
-                    self._actor = await self._locate.remote()
-                return await self._actor.call.remote(method, *args, **kwargs)
+                return await asyncio.wait_for(self._call(method, *args, **kwargs), deadline)
+            except TimeoutError:
+                self._actor = None  # the next call looks the ledger up again
+                raise OrchestratorError(
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    f"The gateway did not answer within {deadline:g} s; retry the request.",
+                    headers={"Retry-After": "1"},
+                ) from None
             except Exception as exc:
                 # The ledger stopped or its actor died (its replica was replaced): the next
                 # attempt finds the live one. Request-path calls are retried (safe: a ledger
@@ -159,6 +185,7 @@ def _restarting() -> OrchestratorError:
     )
 
 
-def remote_gateway(handle: DeploymentHandle) -> Gateway:
-    """Returns the gateway deployment's ledger as a :class:`Gateway`."""
-    return cast(Gateway, RemoteGateway(handle))
+def remote_gateway(handle: DeploymentHandle, timeout_s: float) -> Gateway:
+    """Returns the gateway deployment's ledger as a :class:`Gateway` whose calls get 503
+    past ``timeout_s`` (see :class:`RemoteGateway`)."""
+    return cast(Gateway, RemoteGateway(handle, timeout_s=timeout_s))

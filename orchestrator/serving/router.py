@@ -121,7 +121,7 @@ class Router:
                 )
         else:
             locations = {s.name: (app, s.deployment_name) for s in self.catalog}
-        self.gateway = None if gateway is None else remote_gateway(gateway)
+        self.gateway = None if gateway is None else remote_gateway(gateway, self.settings.gateway_timeout_seconds)
         self._complete = {name: h.options(method_name="complete") for name, h in handles.items()}
         # Streams come back as a generator; each item is one batch of SSE frames.
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}

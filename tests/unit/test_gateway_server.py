@@ -4,6 +4,7 @@ routers' client of it finds the next ledger when one stops or dies."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -134,3 +135,44 @@ async def test_a_stopping_ledger_refuses_the_request_path(actor: LedgerActor) ->
     for method, args in [("admit", (created.key, ["m"], 1, "r")), ("renew", ("router",)), ("generation", ("g", None))]:
         with pytest.raises(LedgerStopped):
             await actor.call(method, *args)
+
+
+class _Hanging(_Actors):
+    """A ledger that answers each call only after ``delay_s`` (a database that stopped
+    answering holds it)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    async def _lookup(self) -> object:
+        self.lookups += 1
+        hanging = self
+
+        class Call:
+            async def _answer(self, method: str) -> str:
+                await asyncio.sleep(hanging.delay_s)
+                return method
+
+            def remote(self, method: str, *args: object, **kwargs: object) -> object:
+                return self._answer(method)
+
+        class Actor:
+            call = Call()
+
+        return Actor()
+
+
+async def test_every_call_but_admission_gets_503_past_its_deadline() -> None:
+    hanging = _Hanging(delay_s=0.3)
+    remote = RemoteGateway(hanging, timeout_s=0.05)  # type: ignore[arg-type]
+    for call in (remote.authenticate("k"), remote.settle("a", "r"), remote.renew("router")):
+        with pytest.raises(OrchestratorError) as info:
+            await call
+        assert info.value.code is ErrorCode.SERVICE_UNAVAILABLE and info.value.headers["Retry-After"] == "1"
+        assert "within 0.05 s" in info.value.message
+    assert hanging.lookups == 3  # each timeout drops the ledger's handle; the next call looks again
+    # A lookup waits for a running request's record, so its deadline is longer; an admission
+    # has none here (its caller bounds it, and settles one that comes late).
+    assert await remote.generation("g", None) == "generation"
+    assert await remote.admit("k", ["m"], 1, "r") == "admit"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger, model_allowed
 from orchestrator.gateway.records import Admission, KeyLimits, UsageRecord
 from orchestrator.gateway.store import SQLStore
+from orchestrator.metrics import GatewayMetrics, MemorySink
 from tests.postgres import PostgresServer
 
 NAMES = ["tiny-a", "a", "org/tiny-a"]
@@ -399,6 +401,53 @@ async def test_a_database_outage_admits_cached_keys_for_a_while_and_loses_nothin
         assert {row["key"]: row["requests"] for row in report} == {known.info.id: 21}
     finally:
         store.down = False
+        await ledger.stop()
+
+
+class HangingStore(SQLStore):
+    """A store whose database stops answering writes (no error, no reply) until
+    ``answering`` is set again."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.answering = threading.Event()
+        self.answering.set()
+
+    def write_usage(self, records: list[UsageRecord]) -> object:
+        self.answering.wait()
+        return super().write_usage(records)
+
+
+async def test_the_backlog_gauges_keep_reporting_while_a_flush_hangs(db_url: str, tmp_path: Path) -> None:
+    sink = MemorySink()
+    store = HangingStore(db_url)
+    ledger = Ledger(
+        store, UsageJournal(tmp_path / "journal"), flush_interval_s=0.05, hold_ttl_s=0.4,
+        metrics=GatewayMetrics(sink),
+    )  # fmt: skip
+    await ledger.start()
+    try:
+        created = await ledger.create_key(KeyLimits())
+        store.answering.clear()  # the database hangs: the next flush waits on it
+        for i in range(5):
+            admission = await ledger.admit(created.key, NAMES, 10, f"r{i}")
+            await ledger.settle(admission, record(ledger, admission, cost="0"))
+        seen = []
+        for _ in range(40):  # the gauge is reported every 0.1 s here (a quarter of the hold TTL)
+            await asyncio.sleep(0.05)
+            seen.append(sink.get("orchestrator_gateway_pending_records"))
+            if seen[-1] == 5:
+                break
+        assert seen[-1] == 5, seen  # reported while the flush still waits
+        assert ledger._flush_lock.locked()
+        store.answering.set()
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if sink.get("orchestrator_gateway_pending_records") == 0:
+                break
+        assert sink.get("orchestrator_gateway_pending_records") == 0
+    finally:
+        store.answering.set()
         await ledger.stop()
 
 

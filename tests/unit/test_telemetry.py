@@ -147,3 +147,52 @@ async def test_latency_counts_from_arrival_and_timeouts_and_cold_starts_are_coun
     assert sink.get("orchestrator_rejected_requests", model="tiny-a", reason="shed", code="model_unavailable") == 1
     (row,) = await ledger.usage_report(group_by=["key"])
     assert row["requests"] == 3  # each settled: one record apiece
+
+
+async def test_an_admission_past_the_gateway_deadline_gets_503_and_is_settled_when_it_comes(
+    catalog: Catalog, ledger: Ledger
+) -> None:
+    """A gateway that hangs cannot hold a request: past ``gateway_timeout_seconds`` the
+    client gets 503 with Retry-After. The gateway still admits it later; that admission is
+    settled at once (one record, nothing billed, its holds released) and counted once."""
+    release = asyncio.Event()
+
+    class HangingAdmission:
+        def __init__(self, inner: Ledger) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        async def admit(self, *args: object, **kwargs: object) -> object:
+            await release.wait()
+            return await self.inner.admit(*args, **kwargs)  # type: ignore[arg-type]
+
+    sink = MemorySink()
+    engines = {"tiny-a": FakeEngine(words=["x"]), "tiny-b": FakeEngine()}
+    settings = Settings(gateway_timeout_seconds=0.2)
+    app = create_app(
+        catalog, LocalBackend(engines, batch_s=0.0), settings, gateway=HangingAdmission(ledger), metrics=sink
+    )  # type: ignore[arg-type]
+    created = await ledger.create_key(KeyLimits(credits=Decimal("1"), max_concurrent=1))
+    headers = {"Authorization": f"Bearer {created.key}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        resp = await http.post(ROUTE, json={**CHAT, "stream": True}, headers=headers)
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+    assert resp.json()["error"]["code"] == "service_unavailable" and "0.2 s" in resp.json()["error"]["message"]
+    release.set()  # the gateway answers after all
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if not ledger._admitted and ledger._settled:
+            break
+    assert ledger._admitted == {} and ledger._running == {} and ledger._held_cost == {}  # nothing held
+    await ledger.flush()
+    (row,) = await ledger.usage_report(group_by=["key"])
+    assert row["requests"] == 1 and row["cost"] == 0
+    with ledger.store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("select status_code, error_code, completion_tokens from usage_records").all()
+    assert [tuple(r) for r in rows] == [(503, "service_unavailable", 0)]
+    assert requests(sink, "tiny-a", "503", "service_unavailable") == 1  # counted once, not again at settlement
+    # The key's one concurrent slot is free again: the next request runs.
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        assert (await http.post(ROUTE, json=CHAT, headers=headers)).status_code == 200
