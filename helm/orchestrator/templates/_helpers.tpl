@@ -28,10 +28,6 @@ app.kubernetes.io/component: ray
 {{- .Values.secrets.existingSecret | default (printf "%s-secrets" (include "orchestrator.fullname" .)) -}}
 {{- end -}}
 
-{{- define "orchestrator.catalogConfigMap" -}}
-{{- .Values.catalog.existingConfigMap | default (printf "%s-catalog" (include "orchestrator.fullname" .)) -}}
-{{- end -}}
-
 {{/* The stored data of the chart's Secret from an earlier install of the release, base64
 as stored (empty under `helm template`, which sees no cluster). */}}
 {{- define "orchestrator.storedSecret" -}}
@@ -64,14 +60,33 @@ keys (open_access) or keeps its database in SQLite (allow_sqlite). */}}
 {{- if not (or .Values.settings.allow_sqlite .Values.settings.open_access) -}}true{{- end -}}
 {{- end -}}
 
-{{/* The Serve config (KubeRay's serveConfigV2): one app built by orchestrator.serving:build_app
-from the mounted catalog and the settings; the cache folder is the cache volume. */}}
+{{/* The Serve config (KubeRay's serveConfigV2), the cache folder being the cache volume.
+With catalog.models, the layout of orchestrator/layout.py (what `orchestrator serve-config`
+writes): the router app `orchestrator` with every entry inline, the gateway app
+`orchestrator-gateway` (unless open_access), and one app per model, `orchestrator-model-<name>`
+(the name with characters other than letters, digits, `-` and `_` as `-`), holding only its
+entry. A catalog change then changes only this config: KubeRay hands it to Serve in place,
+which restarts the changed models' apps and the router's and leaves the others running.
+With catalog.existingConfigMap, one app that build_app builds from the mounted catalog. */}}
 {{- define "orchestrator.serveConfig" -}}
 {{- $settings := merge (dict "cache_dir" .Values.cache.mountPath) (deepCopy .Values.settings) -}}
+{{- $apps := list -}}
+{{- if .Values.catalog.existingConfigMap -}}
 {{- $args := dict "catalog" (list .Values.catalog.mountPath) "settings" $settings -}}
-{{- $app := dict "name" "orchestrator" "route_prefix" "/" "import_path" "orchestrator.serving:build_app" "args" $args -}}
+{{- $apps = append $apps (dict "name" "orchestrator" "route_prefix" "/" "import_path" "orchestrator.serving:build_app" "args" $args) -}}
+{{- else -}}
+{{- $router := dict "models" .Values.catalog.models "settings" $settings -}}
+{{- $apps = append $apps (dict "name" "orchestrator" "route_prefix" "/" "import_path" "orchestrator.serving:build_router_app" "args" $router) -}}
+{{- if not $settings.open_access -}}
+{{- $apps = append $apps (dict "name" "orchestrator-gateway" "route_prefix" nil "import_path" "orchestrator.serving:build_gateway_app" "args" (dict "settings" $settings)) -}}
+{{- end -}}
+{{- range .Values.catalog.models -}}
+{{- $app := printf "orchestrator-model-%s" (regexReplaceAll "[^A-Za-z0-9_-]" .name "-") -}}
+{{- $apps = append $apps (dict "name" $app "route_prefix" nil "import_path" "orchestrator.serving:build_model_app" "args" (dict "model" . "settings" $settings)) -}}
+{{- end -}}
+{{- end -}}
 {{- $http := dict "host" "0.0.0.0" "port" (.Values.servePort | int) -}}
-{{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $app)) -}}
+{{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "applications" $apps) -}}
 {{- end -}}
 
 {{/* Environment of every Ray container: the secrets as files, the fast-ingress switches
@@ -102,9 +117,11 @@ folder inside the cache volume. */}}
 {{- end -}}
 
 {{- define "orchestrator.volumeMounts" -}}
+{{- if .Values.catalog.existingConfigMap }}
 - name: catalog
   mountPath: {{ .Values.catalog.mountPath }}
   readOnly: true
+{{- end }}
 - name: secrets
   mountPath: {{ .Values.secrets.mountPath }}
   readOnly: true
@@ -116,9 +133,11 @@ folder inside the cache volume. */}}
 {{- end -}}
 
 {{- define "orchestrator.volumes" -}}
+{{- with .Values.catalog.existingConfigMap }}
 - name: catalog
   configMap:
-    name: {{ include "orchestrator.catalogConfigMap" . }}
+    name: {{ . }}
+{{- end }}
 - name: secrets
   secret:
     secretName: {{ include "orchestrator.secretName" . }}
@@ -146,12 +165,7 @@ metadata:
     {{- with $group.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- $annotations := deepCopy ($group.podAnnotations | default dict) }}
-  {{- if not $values.catalog.existingConfigMap }}
-  {{- /* A catalog change changes the pod templates, so KubeRay rolls out a cluster that mounts it. */}}
-  {{- $_ := set $annotations "checksum/catalog" (toYaml $values.catalog.models | sha256sum) }}
-  {{- end }}
-  {{- with $annotations }}
+  {{- with $group.podAnnotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
