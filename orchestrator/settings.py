@@ -134,7 +134,12 @@ class Settings(BaseSettings):
         ),
     )
     kv_cache_gb: int = Field(
-        default=1, ge=1, description="CPU engines only: KV cache per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
+        default=1,
+        ge=1,
+        description=(
+            "CPU engines only: KV cache per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE), for entries whose "
+            "engine_args do not set kv_cache_memory_bytes."
+        ),
     )
 
     @model_validator(mode="before")

@@ -25,8 +25,9 @@ SHED_HEADROOM = 8
 def engine_env(spec: ModelSpec, settings: Settings) -> dict[str, str]:
     """Environment variables for the engine's processes."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
-    if spec.resources.device == "cpu":
-        # On the CPU, vLLM's KV cache is host RAM; the GPU default (0.92 of it) fails.
+    if spec.resources.device == "cpu" and "kv_cache_memory_bytes" not in spec.engine_args:
+        # On the CPU, vLLM's KV cache is host RAM; the GPU default (0.92 of it) fails. An
+        # entry's own `kv_cache_memory_bytes` sizes it instead (this variable would win).
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gb)
     return env
 

@@ -247,18 +247,20 @@ def rule_problems(url: str) -> list[str]:
     return problems
 
 
-def scrape_problems(scrapes: list[str], keys: list[str]) -> list[str]:
-    """Required series missing from the raw scrapes, unbounded label values, keys anywhere in the text."""
+def scrape_problems(scrapes: list[str], keys: list[str], replicas: dict[str, set[str]]) -> list[str]:
+    """Required series missing from the raw scrapes, unbounded label values, keys anywhere in the
+    text, and model replicas (``replicas``: model -> Serve replica ids) without vLLM's series."""
     problems = []
     names: set[str] = set()
-    vllm_tiny_a = False
+    engines: dict[str, set[str]] = {}  # model_name -> ReplicaId of vLLM's generated-tokens counter
     for text in scrapes:
         for secret in keys:
             if secret in text:
                 problems.append(f"[scrape] an API key ({secret[:12]}...) appears in the metrics")
         for name, labels in samples(text):
             names.add(name)
-            vllm_tiny_a |= name.startswith("ray_vllm_") and labels.get("model_name") == "tiny-a"
+            if name == "ray_vllm_generation_tokens_total":
+                engines.setdefault(labels.get("model_name", ""), set()).add(labels.get("ReplicaId", ""))
             if name.startswith("ray_orchestrator_"):
                 problems.extend(
                     f"[scrape] {name} label {label}={value!r} looks like a key or a generation id"
@@ -266,9 +268,24 @@ def scrape_problems(scrapes: list[str], keys: list[str]) -> list[str]:
                     if value.startswith(SECRET_PREFIXES)
                 )
     problems.extend(f"[scrape] no {name} series" for name in REQUIRED_SERIES if name not in names)
-    if not vllm_tiny_a:
-        problems.append('[scrape] no ray_vllm_* series with model_name="tiny-a"')
+    for model, ids in sorted(replicas.items()):
+        if missing := ids - engines.get(model, set()):
+            problems.append(
+                f"[scrape] no ray_vllm_generation_tokens_total for {model} replica(s) {sorted(missing)} "
+                f"(seen: {engines.get(model)})"
+            )
     return sorted(set(problems))
+
+
+def model_replicas(deployment: Deployment) -> dict[str, set[str]]:
+    """Each main model's live Serve replica ids (the last part of the replica actor's name,
+    which vLLM's Ray stat logger puts in its ``ReplicaId`` label)."""
+    found = {}
+    for model in MAIN_MODELS:
+        actors = deployment.replica_actors(f"orchestrator-model-{model}#model-{model}#")
+        assert actors, f"no replica of {model}"
+        found[model] = {name.rsplit("#", 1)[-1] for name in actors}
+    return found
 
 
 def test_dashboard_and_alerts_against_real_prometheus(deployment: Deployment, prometheus_url: str) -> None:
@@ -279,7 +296,7 @@ def test_dashboard_and_alerts_against_real_prometheus(deployment: Deployment, pr
     end = time.time()
 
     problems = [
-        *scrape_problems(scrapes, keys),
+        *scrape_problems(scrapes, keys, model_replicas(deployment)),
         *dashboard_gaps(prometheus_url, start, end),
         *rule_problems(prometheus_url),
     ]

@@ -25,6 +25,13 @@ def test_cpu_model_reserves_cpus_and_sets_kv_cache() -> None:
     assert opts["max_ongoing_requests"] == 64 + 64 + 8 and "max_queued_requests" not in opts
 
 
+def test_an_entry_that_sizes_its_kv_cache_in_bytes_gets_no_gib_override() -> None:
+    spec = CPU.resolve("tiny-random")
+    sized = spec.model_copy(update={"engine_args": {**spec.engine_args, "kv_cache_memory_bytes": 32 * 2**20}})
+    env = model_deployment_options(sized, SETTINGS)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env  # vLLM's CPU platform lets the variable win
+
+
 def test_single_gpu_model_holds_one_gpu_of_its_type() -> None:
     opts = model_deployment_options(GPU.resolve("qwen3-8b"), SETTINGS)
     actor = opts["ray_actor_options"]

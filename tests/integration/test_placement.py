@@ -1,0 +1,173 @@
+"""Placement across Ray nodes: a second node joins the session's cluster on this machine
+(``ray start --address``, on 127.0.0.1, with a node label of its own), and a model pinned
+to that label runs there while the others stay on the head. Ray's state API says where each
+replica runs. Then the second node's processes are killed: the head's model goes on
+serving without a failure, the pinned model answers with a stable error (never a hang or a
+500), and it serves again once the node is back.
+
+The second node has one CPU, which the pinned model takes (``cpus: 1``), so no other
+replica lands there; the application is deployed before the node joins, so its router and
+its head model are already placed on the head."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import openai
+import psutil
+import pytest
+
+from orchestrator.catalog import catalog_from_entries
+from orchestrator.engine.weights import build_tiny_llama
+from orchestrator.layout import applications
+from tests.integration.conftest import BIN, Deployment, _run, _wait_ready, free_port, steady_load, tiny_entry
+
+pytestmark = pytest.mark.integration
+
+NAME = "placement"  # the router's application; route /placement, open mode
+LABEL = {"orch-test-zone": "two"}
+# Where each live Serve replica whose actor name contains argv[2] runs (Ray's state API).
+_PLACEMENT = """
+import json, sys, ray
+from ray.util.state import list_actors, list_nodes
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+nodes = {n.node_id: n for n in list_nodes(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)}
+found = {}
+for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10000, raise_on_missing_output=False):
+    if (actor.name or "").startswith("SERVE_REPLICA") and sys.argv[2] in actor.name:
+        node = nodes.get(actor.node_id)
+        found[actor.name] = {
+            "node_id": actor.node_id,
+            "head": bool(node and node.is_head_node),
+            "labels": dict(node.labels) if node else {},
+        }
+print(json.dumps(found))
+"""
+
+
+def _placement(deployment: Deployment, fragment: str) -> dict[str, dict[str, Any]]:
+    done = _run(deployment.env, sys.executable, "-c", _PLACEMENT, deployment.gcs_address, fragment, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found: dict[str, dict[str, Any]] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def start_node(deployment: Deployment) -> subprocess.Popen[str]:
+    labels = ",".join(f"{k}={v}" for k, v in LABEL.items())
+    return subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--block", f"--address={deployment.gcs_address}",
+            "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--labels={labels}",
+            # Ports of its own: the head's agent holds the default ones on this machine.
+            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", "--min-worker-port=20000", "--max-worker-port=20999",
+            "--disable-usage-stats",
+        ],
+        env=deployment.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def kill_tree(node: subprocess.Popen[str]) -> None:
+    """Kills the node's processes at once (SIGKILL), as a machine that died would."""
+    try:
+        root = psutil.Process(node.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(tree, timeout=30)
+
+
+def _ask(client: openai.OpenAI, model: str) -> str:
+    """One completion: "ok", or the error code and status the client got."""
+    try:
+        resp = client.completions.create(model=model, prompt="Hi", max_tokens=2)
+    except openai.APIStatusError as exc:
+        body = exc.body if isinstance(exc.body, dict) else {}
+        return f"{exc.status_code} {body.get('code') or exc.message}"
+    except openai.APIError as exc:  # no HTTP answer at all (a timeout, a dropped connection)
+        return f"{type(exc).__name__}: {exc}"
+    assert resp.usage is not None and resp.usage.completion_tokens > 0
+    return "ok"
+
+
+def _until(client: openai.OpenAI, model: str, want: str, timeout_s: float, seen: list[tuple[float, str]]) -> float:
+    """Asks ``model`` every 2 s until it answers ``want``; every answer goes to ``seen``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        answer = _ask(client, model)
+        seen.append((round(time.monotonic() - start, 1), answer))
+        if answer == want:
+            return time.monotonic() - start
+        time.sleep(2)
+    raise AssertionError(f"{model} did not answer {want!r} within {timeout_s:g} s: {seen}")
+
+
+def test_a_model_pinned_to_a_node_runs_there_and_survives_losing_it(
+    deployment: Deployment, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    weights = build_tiny_llama(tmp_path_factory.mktemp("placement") / "tiny", seed=9)
+    on_head = tiny_entry("tiny-p1", "p1", weights)
+    pinned = tiny_entry(
+        "tiny-p2", "p2", weights,
+        resources={"device": "cpu", "cpus": 1, "node_labels": LABEL},
+        # Without a replica, a request waits 5 s for one, then gets 503 model_unavailable.
+        autoscaling={"min_replicas": 1, "max_replicas": 1, "cold_start_timeout_s": 5},
+        overload={"request_timeout_s": 20, "stream_idle_timeout_s": 20},
+    )  # fmt: skip
+    base = copy.deepcopy(deployment.config)
+    config = copy.deepcopy(base)
+    settings = {"open_access": True, "keepalive_seconds": 2, "router_replicas": 1}
+    specs = catalog_from_entries([on_head, pinned], origin="test")
+    config["applications"] += applications(specs, settings, name=NAME, route_prefix=f"/{NAME}")
+    base_url = f"{deployment.base_url}/{NAME}"
+    nodes: list[subprocess.Popen[str]] = []
+    deployment.redeploy(config)
+    try:
+        _wait_ready(base_url, deployment.env, ["tiny-p1"])  # tiny-p2 has no node yet
+        client = deployment.client(base_url=base_url, api_key="none", timeout=90)
+        timeline: list[str] = []
+        nodes.append(start_node(deployment))
+        _wait_ready(base_url, deployment.env, ["tiny-p2"])
+        (p1,) = _placement(deployment, f"{NAME}-model-tiny-p1#").values()
+        (p2,) = _placement(deployment, f"{NAME}-model-tiny-p2#").values()
+        (router,) = _placement(deployment, f"{NAME}#router#").values()
+        assert p1["head"] and router["head"], (p1, router)
+        assert not p2["head"] and LABEL.items() <= p2["labels"].items(), p2
+        assert _ask(client, "p1") == "ok" and _ask(client, "p2") == "ok"
+        with steady_load(client, "p1", streams=1) as load:
+            time.sleep(2)
+            kill_tree(nodes[0])
+            seen: list[tuple[float, str]] = []
+            took = _until(client, "p2", "503 model_unavailable", 180, seen)
+            timeline.append(f"node 2 killed; p2 answered 503 model_unavailable after {took:.0f} s: {seen}")
+            # Once Serve knows, each request gets that answer at once.
+            again = [_ask(client, "p2") for _ in range(3)]
+            assert again == ["503 model_unavailable"] * 3, again
+            # Before Serve noticed, requests may have found the dead replica: each got an
+            # answer with a code from the taxonomy, never 500 and never no answer.
+            assert all(answer.split()[0] in {"502", "503", "504"} for _, answer in seen), seen
+            nodes.append(start_node(deployment))  # the node comes back
+            seen = []
+            took = _until(client, "p2", "ok", 600, seen)
+            timeline.append(f"node 2 back; p2 served after {took:.0f} s ({len(seen)} asks)")
+            time.sleep(2)
+        print(f"\nplacement: {timeline}; {load.completed} streams on p1, {len(load.failures)} failed")
+        assert load.completed > 0 and load.failures == [], load.failures
+        (p1_after,) = _placement(deployment, f"{NAME}-model-tiny-p1#").values()
+        assert p1_after["node_id"] == p1["node_id"]  # the head's model never moved
+        (p2_after,) = _placement(deployment, f"{NAME}-model-tiny-p2#").values()
+        assert not p2_after["head"] and p2_after["node_id"] != p2["node_id"]  # on the new node
+    finally:
+        deployment.redeploy(base)  # the placement apps go first, so no replica is left pending
+        for node in nodes:
+            kill_tree(node)
