@@ -21,6 +21,9 @@ class LoadResult:
     wall_s: float
     output_tokens: int
     ttft_s: list[float] = field(default_factory=list)
+    # Inter-token latency as vLLM's benchmark measures it: the gap between one chunk with
+    # content and the next, within a stream (a chunk carrying several tokens is one gap).
+    itl_s: list[float] = field(default_factory=list)
     server_cpu_s: float = 0.0
 
     @property
@@ -37,8 +40,10 @@ class LoadResult:
         return self.output_tokens / self.wall_s
 
     def ttft_ms(self, q: float) -> float:
-        ordered = sorted(self.ttft_s)
-        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return 1000 * _quantile(self.ttft_s, q)
+
+    def itl_ms(self, q: float) -> float:
+        return 1000 * _quantile(self.itl_s, q)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -49,13 +54,26 @@ class LoadResult:
             "ttft_p50_ms": round(self.ttft_ms(0.5), 1),
             "ttft_p99_ms": round(self.ttft_ms(0.99), 1),
             "ttft_mean_ms": round(1000 * statistics.fmean(self.ttft_s), 1) if self.ttft_s else None,
+            "itl_p50_ms": round(self.itl_ms(0.5), 2),
+            "itl_p99_ms": round(self.itl_ms(0.99), 2),
             "server_cpu_ms_per_request": round(self.cpu_ms_per_request, 1),
         }
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[float, int]:
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _one(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[float, int, list[float]]:
     start = time.perf_counter()
     ttft = None
+    last = start
+    gaps: list[float] = []
     tokens = 0
     async with client.stream("POST", url, json=body, headers=headers) as resp:
         if resp.status_code != 200:
@@ -73,13 +91,18 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], header
                 data = json.loads(event[6:])
                 if "error" in data:
                     raise RuntimeError(str(data["error"]))
-                if ttft is None and data.get("choices") and data["choices"][0].get("text"):
-                    ttft = time.perf_counter() - start
+                if data.get("choices") and data["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if ttft is None:
+                        ttft = now - start
+                    else:
+                        gaps.append(now - last)
+                    last = now
                 if data.get("usage") and not data.get("choices"):
                     tokens = data["usage"]["completion_tokens"]
     if ttft is None:
         raise RuntimeError("no content")
-    return ttft, tokens
+    return ttft, tokens, gaps
 
 
 async def run_load(
@@ -116,7 +139,7 @@ async def run_load(
             while not queue.empty():
                 queue.get_nowait()
                 try:
-                    ttft, tokens = await _one(client, url, body, headers or {})
+                    ttft, tokens, gaps = await _one(client, url, body, headers or {})
                 except Exception as exc:  # count and keep going: a benchmark reports errors
                     result.errors += 1
                     if result.errors <= 3:
@@ -125,6 +148,7 @@ async def run_load(
                 result.requests += 1
                 result.output_tokens += tokens
                 result.ttft_s.append(ttft)
+                result.itl_s.extend(gaps)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -1,11 +1,22 @@
-"""Orchestrator vs vLLM's own OpenAI server, same tiny model, same load, one run.
+"""Orchestrator vs vLLM's own OpenAI server, same tiny model, same load, one sitting.
 
-    .venv/bin/python benchmarks/vs_vllm.py [--requests 300] [--concurrency 32]
+    .venv/bin/python benchmarks/vs_vllm.py [--runs 3] [--requests 300] [--concurrency 32]
+        [--c1-requests 40] [--modes direct open gateway]
 
-Starts vLLM's OpenAI server on a tiny random-weight model, drives it with streaming
-completions (64-token prompts, 64 output tokens), stops it; then does the same through
-the orchestrator (`orchestrator serve` with a one-model catalog). Prints both and, as the
-last line, a JSON object with `throughput_ratio` and `ttft_p50_added_ms`.
+Each run starts vLLM's OpenAI server on a tiny random-weight model, drives it with streaming
+completions (64-token prompts, 64 output tokens) at ``--concurrency`` and then one at a
+time, and stops it; then does the same through the orchestrator (``orchestrator serve``
+with a one-model catalog), in open mode and with the gateway on (an admin key, a SQLite
+ledger, and a key whose RPM, TPM and credit limits are checked on every request and never
+reached). Server CPU is the CPU time of the server's whole process tree.
+
+Prints each measurement, then, as the last line, a JSON object: the median over the runs of
+each figure of the gateway mode at the top level (``throughput_ratio``,
+``ttft_p50_added_ms``, ``ttft_p99_ratio``, ``itl_p50_ms``, ``itl_p99_ms``,
+``itl_p99_ratio``, ``cpu_per_request_ratio``, and the same at concurrency 1 under ``c1``),
+open mode's under ``open``, direct's own figures under ``direct``, and every run's under
+``runs``. Ratios are orchestrator over direct within the same run. Inter-token latency is
+the gap between chunks with content, as vLLM's benchmark measures it.
 """
 
 from __future__ import annotations
@@ -14,13 +25,18 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -33,6 +49,8 @@ from orchestrator.engine.weights import build_tiny_llama
 
 BIN = Path(sys.executable).parent
 MAX_NUM_SEQS = 64
+MODES = ("direct", "open", "gateway")
+ADMIN_KEY = "bench-admin-" + secrets.token_hex(16)
 
 
 def free_port() -> int:
@@ -78,31 +96,55 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-def measure(base_url: str, model: str, args: argparse.Namespace, pid: int) -> LoadResult:
-    prompt = [(7 * i) % 400 + 10 for i in range(args.prompt_tokens)]
-    common = {"prompt": prompt, "output_tokens": args.output_tokens, "concurrency": args.concurrency}
-    asyncio.run(run_load(base_url, model, requests=max(8, args.concurrency), **common))  # warm-up
+@dataclass
+class Measured:
+    """One server's figures: under ``--concurrency`` streams, and one stream at a time."""
+
+    load: LoadResult
+    c1: LoadResult
+
+
+def _timed(base_url: str, headers: dict[str, str], pid: int, requests: int, concurrency: int, prompt: list[int],
+           output_tokens: int) -> LoadResult:  # fmt: skip
     before = tree_cpu_s(pid)
-    result = asyncio.run(run_load(base_url, model, requests=args.requests, **common))
+    result = asyncio.run(
+        run_load(base_url, "tiny", prompt=prompt, output_tokens=output_tokens, requests=requests,
+                 concurrency=concurrency, headers=headers)
+    )  # fmt: skip
     # Server CPU per request varies far less than throughput on a shared machine.
     result.server_cpu_s = tree_cpu_s(pid) - before
     return result
 
 
+def measure(base_url: str, headers: dict[str, str], args: argparse.Namespace, pid: int) -> Measured:
+    prompt = [(7 * i) % 400 + 10 for i in range(args.prompt_tokens)]
+    shape = {"prompt": prompt, "output_tokens": args.output_tokens}
+    asyncio.run(run_load(base_url, "tiny", requests=max(8, args.concurrency), concurrency=args.concurrency,
+                         headers=headers, **shape))  # warm-up  # fmt: skip
+    load = _timed(base_url, headers, pid, args.requests, args.concurrency, **shape)
+    c1 = _timed(base_url, headers, pid, args.c1_requests, 1, **shape)
+    return Measured(load, c1)
+
+
+Prepare = Callable[[str], dict[str, str]]  # base URL -> the request headers to send
+
+
 def serve_and_measure(
-    cmd: list[str], env: dict[str, str], port: int, ready_path: str, args: argparse.Namespace, log: Path
-) -> LoadResult:
+    cmd: list[str], env: dict[str, str], port: int, ready_path: str, args: argparse.Namespace, log: Path,
+    prepare: Prepare = lambda _: {},
+) -> Measured:  # fmt: skip
     """Starts a server, waits until ``ready_path`` answers 200, measures it, stops it."""
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            wait_ready(f"http://127.0.0.1:{port}{ready_path}", proc)
-            return measure(f"http://127.0.0.1:{port}", "tiny", args, proc.pid)
+            base_url = f"http://127.0.0.1:{port}"
+            wait_ready(base_url + ready_path, proc)
+            return measure(base_url, prepare(base_url), args, proc.pid)
         finally:
             stop(proc)
 
 
-def run_direct(model_dir: Path, args: argparse.Namespace, log: Path) -> LoadResult:
+def run_direct(model_dir: Path, args: argparse.Namespace, log: Path) -> Measured:
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -114,7 +156,20 @@ def run_direct(model_dir: Path, args: argparse.Namespace, log: Path) -> LoadResu
     return serve_and_measure(cmd, env, port, "/v1/models", args, log)
 
 
-def run_orchestrator(model_dir: Path, args: argparse.Namespace, work: Path, log: Path) -> LoadResult:
+def _gateway_key(base_url: str) -> dict[str, str]:
+    """Creates a key with limits that are checked on every request and never reached; checks
+    that the gateway refuses a request without one."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    resp = httpx.post(
+        base_url + "/admin/keys", json={"rpm": 10**9, "tpm": 10**9, "credits": "1000000"}, headers=admin, timeout=30
+    )
+    resp.raise_for_status()
+    keyless = httpx.post(base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)
+    assert keyless.status_code == 401, "the gateway must refuse a request without a key"
+    return {"Authorization": f"Bearer {resp.json()['key']}"}
+
+
+def run_orchestrator(model_dir: Path, args: argparse.Namespace, work: Path, mode: str) -> Measured:
     port = free_port()
     catalog = work / "bench-catalog.yaml"
     entry = {
@@ -127,48 +182,101 @@ def run_orchestrator(model_dir: Path, args: argparse.Namespace, work: Path, log:
     catalog.write_text(yaml.safe_dump(entry))
     cmd = [str(BIN / "orchestrator"), "serve", "--catalog", str(catalog), "--port", str(port)]
     env = {**os.environ, "ORCH_KV_CACHE_GB": "1"}
+    prepare: Prepare = lambda _: {}  # noqa: E731
+    if mode == "gateway":
+        db = work / f"gateway-{secrets.token_hex(4)}.db"  # a fresh ledger for each run
+        env |= {"ORCH_ADMIN_KEY": ADMIN_KEY, "ORCH_DATABASE_URL": f"sqlite:///{db}"}
+        prepare = _gateway_key
+    else:
+        env["ORCH_OPEN_ACCESS"] = "true"
     for pair in args.orch_env:
         key, _, value = pair.partition("=")
         env[key] = value
-    return serve_and_measure(cmd, env, port, "/health", args, log)
+    return serve_and_measure(cmd, env, port, "/health", args, work / f"orch-{mode}.log", prepare)
+
+
+def figures(o: LoadResult, d: LoadResult) -> dict[str, float]:
+    """The orchestrator's figures against direct's, from the same run."""
+    return {
+        "throughput_ratio": round(o.tokens_per_s / d.tokens_per_s, 3),
+        "ttft_p50_added_ms": round(o.ttft_ms(0.5) - d.ttft_ms(0.5), 1),
+        "ttft_p99_ratio": round(o.ttft_ms(0.99) / d.ttft_ms(0.99), 3),
+        "itl_p50_ms": round(o.itl_ms(0.5), 2),
+        "itl_p99_ms": round(o.itl_ms(0.99), 2),
+        "itl_p99_ratio": round(o.itl_ms(0.99) / d.itl_ms(0.99), 3),
+        "cpu_per_request_ratio": round(o.cpu_ms_per_request / d.cpu_ms_per_request, 3),
+    }
+
+
+def compare(o: Measured, d: Measured) -> dict[str, Any]:
+    return {**figures(o.load, d.load), "c1": figures(o.c1, d.c1)}
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the runs (nested dicts figure by figure)."""
+    out: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        if isinstance(value, dict):
+            out[key] = median_of([run[key] for run in runs])
+        elif isinstance(value, int | float):
+            out[key] = round(statistics.median(run[key] for run in runs), 3)
+    return out
+
+
+def print_table(run: int, results: dict[str, Measured]) -> None:
+    print(f"\nrun {run}: {'':4}{'req/s':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}"
+          f"{'ITL p99':>9}{'CPU/req':>9}{'errors':>7}")  # fmt: skip
+    for name, m in results.items():
+        for label, r in ((name, m.load), (f"{name} c1", m.c1)):
+            print(
+                f"{label:14}{r.rps:8.2f}{r.tokens_per_s:9.1f}{r.ttft_ms(0.5):8.1f}ms{r.ttft_ms(0.99):8.1f}ms"
+                f"{r.itl_ms(0.5):7.2f}ms{r.itl_ms(0.99):7.2f}ms{r.cpu_ms_per_request:7.1f}ms{r.errors:7d}"
+            )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--c1-requests", type=int, default=40, help="requests sent one at a time")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--only", choices=["direct", "orchestrator"], default=None)
-    parser.add_argument("--orch-env", action="append", default=[], help="KEY=VALUE for the orchestrator run")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--orch-env", action="append", default=[], help="KEY=VALUE for the orchestrator runs")
     args = parser.parse_args()
 
+    per_run: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
         work = Path(tmp)
         model_dir = build_tiny_llama(work / "tiny", seed=0)
-        results: dict[str, LoadResult] = {}
-        if args.only in (None, "direct"):
-            print("== vLLM OpenAI server (direct) ...", flush=True)
-            results["direct"] = run_direct(model_dir, args, work / "direct.log")
-            print(json.dumps(results["direct"].summary()), flush=True)
-        if args.only in (None, "orchestrator"):
-            print("== orchestrator (Ray Serve router -> ModelServer -> vLLM) ...", flush=True)
-            results["orchestrator"] = run_orchestrator(model_dir, args, work, work / "orch.log")
-            print(json.dumps(results["orchestrator"].summary()), flush=True)
+        for run in range(1, args.runs + 1):
+            results: dict[str, Measured] = {}
+            for mode in args.modes:
+                print(f"== run {run}: {mode} ...", flush=True)
+                if mode == "direct":
+                    results[mode] = run_direct(model_dir, args, work / "direct.log")
+                else:
+                    results[mode] = run_orchestrator(model_dir, args, work, mode)
+                print(json.dumps({"load": results[mode].load.summary(), "c1": results[mode].c1.summary()}),
+                      flush=True)  # fmt: skip
+            print_table(run, results)
+            row: dict[str, Any] = {}
+            if "direct" in results:
+                d = results["direct"]
+                row["direct"] = {**d.load.summary(), "c1": d.c1.summary()}
+                for mode in ("open", "gateway"):
+                    if mode in results:
+                        row[mode] = compare(results[mode], d)
+            per_run.append(row)
 
-    print()
-    print(f"{'':14}{'req/s':>8}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}{'CPU/req':>10}{'errors':>8}")
-    for name, r in results.items():
-        print(
-            f"{name:14}{r.rps:8.2f}{r.tokens_per_s:11.1f}{r.ttft_ms(0.5):9.1f}ms{r.ttft_ms(0.99):8.1f}ms"
-            f"{r.cpu_ms_per_request:8.1f}ms{r.errors:8d}"
-        )
-    final: dict[str, object] = {name: r.summary() for name, r in results.items()}
-    if len(results) == 2:
-        d, o = results["direct"], results["orchestrator"]
-        final["throughput_ratio"] = round(o.tokens_per_s / d.tokens_per_s, 3)
-        final["ttft_p50_added_ms"] = round(o.ttft_ms(0.5) - d.ttft_ms(0.5), 1)
-        final["server_cpu_ratio"] = round(o.cpu_ms_per_request / d.cpu_ms_per_request, 3)
+    final: dict[str, Any] = {}
+    medians = median_of(per_run) if per_run and per_run[0] else {}
+    final.update(medians.get("gateway", {}))
+    for key in ("open", "direct"):
+        if key in medians:
+            final[key] = medians[key]
+    final["runs"] = per_run
     print(json.dumps(final))
 
 
