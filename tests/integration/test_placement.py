@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -26,7 +27,7 @@ import pytest
 from orchestrator.catalog import catalog_from_entries
 from orchestrator.engine.weights import build_tiny_llama
 from orchestrator.layout import applications
-from tests.integration.conftest import BIN, Deployment, _run, _wait_ready, free_port, steady_load, tiny_entry
+from tests.integration.conftest import Deployment, _run, _wait_ready, free_port, steady_load, tiny_entry
 
 pytestmark = pytest.mark.integration
 
@@ -58,20 +59,57 @@ def _placement(deployment: Deployment, fragment: str) -> dict[str, dict[str, Any
     return found
 
 
-def start_node(deployment: Deployment) -> subprocess.Popen[str]:
+# `ray start` for a second node on this machine, everything on loopback. The session's
+# cluster keeps Ray's servers on 127.0.0.1 with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and under
+# that flag `ray start --address` refuses to add a node; without it, Ray resolves 127.0.0.1
+# to the machine's public address, where the GCS does not listen. So this runs Ray's own
+# CLI with the multi-node check passed and loopback addresses kept as given.
+_RAY_START = """
+import sys
+from ray._private import ray_constants, services
+ray_constants.ENABLE_RAY_CLUSTER = True
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv = ["ray", *sys.argv[1:]]
+main()
+"""
+
+
+_LABELLED_NODES = """
+import sys, ray
+from ray.util.state import list_nodes
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+key, value = sys.argv[2].split("=")
+alive = list_nodes(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+print(sum(1 for n in alive if n.labels.get(key) == value))
+"""
+
+
+def start_node(deployment: Deployment, log: Path) -> subprocess.Popen[str]:
+    """Starts the second node and returns once Ray lists it alive (its output goes to ``log``)."""
     labels = ",".join(f"{k}={v}" for k, v in LABEL.items())
-    return subprocess.Popen(
-        [
-            str(BIN / "ray"), "start", "--block", f"--address={deployment.gcs_address}",
-            "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--labels={labels}",
-            # Ports of its own: the head's agent holds the default ones on this machine.
-            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", "--min-worker-port=20000", "--max-worker-port=20999",
-            "--disable-usage-stats",
-        ],
-        env=deployment.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    with log.open("a") as out:
+        node = subprocess.Popen(
+            [
+                sys.executable, "-c", _RAY_START, "start", "--block", f"--address={deployment.gcs_address}",
+                "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--labels={labels}",
+                # Ports of its own: the head's agent holds the default ones on this machine.
+                f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", "--min-worker-port=20000", "--max-worker-port=20999",
+                "--disable-usage-stats",
+            ],
+            env=deployment.env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if node.poll() is not None:
+            raise RuntimeError(f"the second node exited ({node.returncode}):\n{log.read_text()[-3000:]}")
+        count = _run(deployment.env, sys.executable, "-c", _LABELLED_NODES, deployment.gcs_address, labels)
+        if count.returncode == 0 and count.stdout.strip().splitlines()[-1:] == ["1"]:
+            return node
+        time.sleep(2)
+    kill_tree(node)
+    raise TimeoutError(f"the second node did not join within 120 s:\n{log.read_text()[-3000:]}")
 
 
 def kill_tree(node: subprocess.Popen[str]) -> None:
@@ -130,13 +168,14 @@ def test_a_model_pinned_to_a_node_runs_there_and_survives_losing_it(
     specs = catalog_from_entries([on_head, pinned], origin="test")
     config["applications"] += applications(specs, settings, name=NAME, route_prefix=f"/{NAME}")
     base_url = f"{deployment.base_url}/{NAME}"
+    log = tmp_path_factory.mktemp("node-two") / "ray-start.log"
     nodes: list[subprocess.Popen[str]] = []
     deployment.redeploy(config)
     try:
         _wait_ready(base_url, deployment.env, ["tiny-p1"])  # tiny-p2 has no node yet
         client = deployment.client(base_url=base_url, api_key="none", timeout=90)
         timeline: list[str] = []
-        nodes.append(start_node(deployment))
+        nodes.append(start_node(deployment, log))
         _wait_ready(base_url, deployment.env, ["tiny-p2"])
         (p1,) = _placement(deployment, f"{NAME}-model-tiny-p1#").values()
         (p2,) = _placement(deployment, f"{NAME}-model-tiny-p2#").values()
@@ -156,7 +195,7 @@ def test_a_model_pinned_to_a_node_runs_there_and_survives_losing_it(
             # Before Serve noticed, requests may have found the dead replica: each got an
             # answer with a code from the taxonomy, never 500 and never no answer.
             assert all(answer.split()[0] in {"502", "503", "504"} for _, answer in seen), seen
-            nodes.append(start_node(deployment))  # the node comes back
+            nodes.append(start_node(deployment, log))  # the node comes back
             seen = []
             took = _until(client, "p2", "ok", 600, seen)
             timeline.append(f"node 2 back; p2 served after {took:.0f} s ({len(seen)} asks)")
