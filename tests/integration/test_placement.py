@@ -85,8 +85,19 @@ print(sum(1 for n in alive if n.labels.get(key) == value))
 """
 
 
-def start_node(deployment: Deployment, log: Path) -> subprocess.Popen[str]:
-    """Starts the second node and returns once Ray lists it alive (its output goes to ``log``)."""
+def start_node(deployment: Deployment, log: Path, attempts: int = 2) -> subprocess.Popen[str]:
+    """Starts the second node and returns once Ray lists it alive (its output goes to ``log``).
+    A start that fails (Ray's own start-up deadlines, on a busy machine) is tried again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_node(deployment, log)
+        except RuntimeError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_node(deployment: Deployment, log: Path) -> subprocess.Popen[str]:
     labels = ",".join(f"{k}={v}" for k, v in LABEL.items())
     with log.open("a") as out:
         node = subprocess.Popen(
