@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -114,6 +116,7 @@ def _start_node(deployment: Deployment, log: Path) -> subprocess.Popen[str]:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if node.poll() is not None:
+            kill_tree(node)  # what it started and left behind
             raise RuntimeError(f"the second node exited ({node.returncode}):\n{log.read_text()[-3000:]}")
         count = _run(deployment.env, sys.executable, "-c", _LABELLED_NODES, deployment.gcs_address, labels)
         if count.returncode == 0 and count.stdout.strip().splitlines()[-1:] == ["1"]:
@@ -124,16 +127,20 @@ def _start_node(deployment: Deployment, log: Path) -> subprocess.Popen[str]:
 
 
 def kill_tree(node: subprocess.Popen[str]) -> None:
-    """Kills the node's processes at once (SIGKILL), as a machine that died would."""
+    """Kills the node's processes at once (SIGKILL), as a machine that died would: the
+    process tree under ``node``, and its process group (what outlived its parent)."""
     try:
         root = psutil.Process(node.pid)
         tree = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return
+        tree = []
     for proc in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(node.pid, signal.SIGKILL)  # started with a session, and so a group, of its own
     psutil.wait_procs(tree, timeout=30)
+    node.wait(timeout=30)
 
 
 def _ask(client: openai.OpenAI, model: str) -> str:
