@@ -28,13 +28,15 @@ from tests.integration.conftest import BIN, free_port, steady_load, tiny_entry
 pytestmark = pytest.mark.integration
 
 
-# Ours, measured at the router and by the scaling policy, by model. (vLLM's own series are
-# asserted on the session cluster's scrape, tests/integration/test_prometheus.py.)
+# Ours, measured at the router and by the scaling policy, and vLLM's from the model's
+# replica (labelled model_name), by model.
 WANTED = {
     "ray_orchestrator_requests_total",
     "ray_orchestrator_time_to_first_token_seconds_bucket",
     "ray_orchestrator_model_running_replicas",
     "ray_orchestrator_model_waiting_requests",
+    "ray_vllm_generation_tokens_total",
+    "ray_vllm_time_to_first_token_seconds_bucket",
 }
 
 
