@@ -457,3 +457,30 @@ def engine_unfinished(deployment: Deployment, model_deployment: str) -> int:
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     return int(done.stdout.strip().splitlines()[-1])
+
+
+def ask(client: openai.OpenAI, model: str) -> str:
+    """One completion: "ok", or the error code and status the client got."""
+    try:
+        resp = client.completions.create(model=model, prompt="Hi", max_tokens=2)
+    except openai.APIStatusError as exc:
+        body = exc.body if isinstance(exc.body, dict) else {}
+        return f"{exc.status_code} {body.get('code') or exc.message}"
+    except openai.APIError as exc:  # no HTTP answer at all (a timeout, a dropped connection)
+        return f"{type(exc).__name__}: {exc}"
+    assert resp.usage is not None and resp.usage.completion_tokens > 0
+    return "ok"
+
+
+def answers_within(
+    client: openai.OpenAI, model: str, want: str, timeout_s: float, seen: list[tuple[float, str]]
+) -> float:
+    """Asks ``model`` every 2 s until it answers ``want``; every answer goes to ``seen``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        answer = ask(client, model)
+        seen.append((round(time.monotonic() - start, 1), answer))
+        if answer == want:
+            return time.monotonic() - start
+        time.sleep(2)
+    raise AssertionError(f"{model} did not answer {want!r} within {timeout_s:g} s: {seen}")

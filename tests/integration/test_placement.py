@@ -22,14 +22,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import openai
 import psutil
 import pytest
 
 from orchestrator.catalog import catalog_from_entries
 from orchestrator.engine.weights import build_tiny_llama
 from orchestrator.layout import applications
-from tests.integration.conftest import Deployment, _run, _wait_ready, free_port, steady_load, tiny_entry
+from tests.integration.conftest import (
+    Deployment,
+    _run,
+    _wait_ready,
+    answers_within,
+    ask,
+    free_port,
+    steady_load,
+    tiny_entry,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -143,31 +151,6 @@ def kill_tree(node: subprocess.Popen[str]) -> None:
     node.wait(timeout=30)
 
 
-def _ask(client: openai.OpenAI, model: str) -> str:
-    """One completion: "ok", or the error code and status the client got."""
-    try:
-        resp = client.completions.create(model=model, prompt="Hi", max_tokens=2)
-    except openai.APIStatusError as exc:
-        body = exc.body if isinstance(exc.body, dict) else {}
-        return f"{exc.status_code} {body.get('code') or exc.message}"
-    except openai.APIError as exc:  # no HTTP answer at all (a timeout, a dropped connection)
-        return f"{type(exc).__name__}: {exc}"
-    assert resp.usage is not None and resp.usage.completion_tokens > 0
-    return "ok"
-
-
-def _until(client: openai.OpenAI, model: str, want: str, timeout_s: float, seen: list[tuple[float, str]]) -> float:
-    """Asks ``model`` every 2 s until it answers ``want``; every answer goes to ``seen``."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        answer = _ask(client, model)
-        seen.append((round(time.monotonic() - start, 1), answer))
-        if answer == want:
-            return time.monotonic() - start
-        time.sleep(2)
-    raise AssertionError(f"{model} did not answer {want!r} within {timeout_s:g} s: {seen}")
-
-
 def test_a_model_pinned_to_a_node_runs_there_and_survives_losing_it(
     deployment: Deployment, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -200,15 +183,15 @@ def test_a_model_pinned_to_a_node_runs_there_and_survives_losing_it(
         (router,) = _placement(deployment, f"{NAME}#router#").values()
         assert p1["head"] and router["head"], (p1, router)
         assert not p2["head"] and LABEL.items() <= p2["labels"].items(), p2
-        assert _ask(client, "p1") == "ok" and _ask(client, "p2") == "ok"
+        assert ask(client, "p1") == "ok" and ask(client, "p2") == "ok"
         with steady_load(client, "p1", streams=1) as load:
             time.sleep(2)
             kill_tree(nodes[0])
             seen: list[tuple[float, str]] = []
-            took = _until(client, "p2", "503 model_unavailable", 180, seen)
+            took = answers_within(client, "p2", "503 model_unavailable", 180, seen)
             timeline.append(f"node 2 killed; p2 answered 503 model_unavailable after {took:.0f} s: {seen}")
             # Once Serve knows, each request gets that answer at once.
-            again = [_ask(client, "p2") for _ in range(3)]
+            again = [ask(client, "p2") for _ in range(3)]
             assert again == ["503 model_unavailable"] * 3, again
             # Before Serve noticed, requests may have found the dead replica: each got an
             # answer with a code from the taxonomy, never 500 and never no answer.
@@ -219,10 +202,10 @@ def test_a_model_pinned_to_a_node_runs_there_and_survives_losing_it(
         # can miss the raylet's start-up deadline).
         nodes.append(start_node(deployment, log))
         seen = []
-        took = _until(client, "p2", "ok", 600, seen)
+        took = answers_within(client, "p2", "ok", 600, seen)
         timeline.append(f"node 2 back; p2 served after {took:.0f} s ({len(seen)} asks)")
         print(f"\nplacement: {timeline}")
-        assert _ask(client, "p1") == "ok"
+        assert ask(client, "p1") == "ok"
         (p1_after,) = _placement(deployment, f"{NAME}-model-tiny-p1#").values()
         assert p1_after["node_id"] == p1["node_id"]  # the head's model never moved
         (p2_after,) = _placement(deployment, f"{NAME}-model-tiny-p2#").values()

@@ -10,13 +10,12 @@ import copy
 import time
 from typing import Any
 
-import openai
 import pytest
 
 from orchestrator.catalog import catalog_from_entries
 from orchestrator.engine.weights import build_tiny_llama
 from orchestrator.layout import applications
-from tests.integration.conftest import Deployment, _wait_ready, steady_load, tiny_entry
+from tests.integration.conftest import Deployment, _wait_ready, answers_within, ask, steady_load, tiny_entry
 
 pytestmark = pytest.mark.integration
 
@@ -31,24 +30,6 @@ def _config(base: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, An
     settings = {"open_access": True, "keepalive_seconds": 2, "router_replicas": 1}
     config["applications"] += applications(specs, settings, name=NAME, route_prefix=f"/{NAME}")
     return config
-
-
-def _serves(client: openai.OpenAI, model: str) -> bool:
-    try:
-        resp = client.completions.create(model=model, prompt="Hi", max_tokens=2)
-    except openai.APIError:
-        return False
-    return resp.usage is not None and resp.usage.completion_tokens > 0
-
-
-def _wait_serving(client: openai.OpenAI, model: str, timeout_s: float = 600) -> float:
-    """Waits until ``model`` answers; returns the seconds it took."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if _serves(client, model):
-            return time.monotonic() - start
-        time.sleep(2)
-    raise TimeoutError(f"{model} did not serve within {timeout_s:g} s")
 
 
 def test_changing_and_adding_a_model_leaves_the_others_streaming(
@@ -73,9 +54,9 @@ def test_changing_and_adding_a_model_leaves_the_others_streaming(
             time.sleep(3)
             changed_b = {**b, "aliases": ["r2", "r2-v2"]}  # only a new router and a new B know it
             deployment.redeploy(_config(base, [a, changed_b]))
-            timeline.append(("B changed, serving as r2-v2 after", _wait_serving(client, "r2-v2")))
+            timeline.append(("B changed, serving as r2-v2 after", answers_within(client, "r2-v2", "ok", 600, [])))
             deployment.redeploy(_config(base, [a, changed_b, c]))
-            timeline.append(("C added, serving after", _wait_serving(client, "r3")))
+            timeline.append(("C added, serving after", answers_within(client, "r3", "ok", 600, [])))
             time.sleep(3)
         print(f"\nrollout: {timeline}; {load.completed} streams on A, {len(load.failures)} failed")
         assert load.completed > 0 and load.failures == [], load.failures
@@ -84,6 +65,6 @@ def test_changing_and_adding_a_model_leaves_the_others_streaming(
         assert deployment.replica_actors("orchestrator-model-tiny-a#") == others_before
         routers_after = deployment.replica_actors(f"{NAME}#router#")
         assert len(routers_after) == 1 and routers_after != routers_before
-        assert _serves(client, "r1") and _serves(client, "r2")
+        assert ask(client, "r1") == ask(client, "r2") == "ok"
     finally:
         deployment.redeploy(base)  # the rollout apps go; the session's stay as they were

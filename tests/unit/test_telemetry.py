@@ -4,7 +4,7 @@ tokens and cost by model; gateway backlog; bounded labels."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -38,6 +38,21 @@ async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
     await ledger.start()
     yield ledger
     await ledger.stop()
+
+
+class DelayedAdmission:
+    """The ledger, whose admissions first await ``delay()`` (a slow or hanging gateway)."""
+
+    def __init__(self, inner: Ledger, delay: Callable[[], Awaitable[object]]) -> None:
+        self.inner = inner
+        self.delay = delay
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def admit(self, *args: object, **kwargs: object) -> object:
+        await self.delay()
+        return await self.inner.admit(*args, **kwargs)  # type: ignore[arg-type]
 
 
 def requests(sink: MemorySink, model: str, status: str, code: str) -> object:
@@ -112,23 +127,10 @@ async def test_latency_counts_from_arrival_and_timeouts_and_cold_starts_are_coun
 ) -> None:
     """TTFT and duration include the gateway's admission (what the client waits for); 504
     provider_timeout and 503 model_unavailable are counted by reason and settled."""
-
-    class SlowAdmission:
-        def __init__(self, inner: Ledger) -> None:
-            self.inner = inner
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.inner, name)
-
-        async def admit(self, *args: object, **kwargs: object) -> object:
-            await asyncio.sleep(0.3)
-            return await self.inner.admit(*args, **kwargs)  # type: ignore[arg-type]
-
+    slow = DelayedAdmission(ledger, lambda: asyncio.sleep(0.3))
     sink = MemorySink()
     engines = {"tiny-a": FakeEngine(words=["x"]), "tiny-b": FakeEngine()}
-    app = create_app(
-        catalog, LocalBackend(engines, batch_s=0.0), Settings(), gateway=SlowAdmission(ledger), metrics=sink
-    )  # type: ignore[arg-type]
+    app = create_app(catalog, LocalBackend(engines, batch_s=0.0), Settings(), gateway=slow, metrics=sink)  # type: ignore[arg-type]
     key = (await ledger.create_key(KeyLimits(), workspace="team-a")).key
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
@@ -156,24 +158,11 @@ async def test_an_admission_past_the_gateway_deadline_gets_503_and_is_settled_wh
     client gets 503 with Retry-After. The gateway still admits it later; that admission is
     settled at once (one record, nothing billed, its holds released) and counted once."""
     release = asyncio.Event()
-
-    class HangingAdmission:
-        def __init__(self, inner: Ledger) -> None:
-            self.inner = inner
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.inner, name)
-
-        async def admit(self, *args: object, **kwargs: object) -> object:
-            await release.wait()
-            return await self.inner.admit(*args, **kwargs)  # type: ignore[arg-type]
-
+    hanging = DelayedAdmission(ledger, release.wait)
     sink = MemorySink()
     engines = {"tiny-a": FakeEngine(words=["x"]), "tiny-b": FakeEngine()}
     settings = Settings(gateway_timeout_seconds=0.2)
-    app = create_app(
-        catalog, LocalBackend(engines, batch_s=0.0), settings, gateway=HangingAdmission(ledger), metrics=sink
-    )  # type: ignore[arg-type]
+    app = create_app(catalog, LocalBackend(engines, batch_s=0.0), settings, gateway=hanging, metrics=sink)  # type: ignore[arg-type]
     created = await ledger.create_key(KeyLimits(credits=Decimal("1"), max_concurrent=1))
     headers = {"Authorization": f"Bearer {created.key}"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
