@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 from orchestrator.catalog import CatalogError
-from orchestrator.settings import Settings
+from orchestrator.settings import FAST_INGRESS_ENV, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def serve_forever(
     if settings.fast_ingress:
         # Serve reads these when ray.serve is first imported (handle defaults are fixed
         # then), so they are set before anything imports ray; Ray's processes inherit them.
-        for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
-            os.environ.setdefault(key, "1")
+        for key, value in FAST_INGRESS_ENV.items():
+            os.environ.setdefault(key, value)
         wrapper = shutil.which("orchestrator-haproxy", path=str(Path(sys.executable).parent))
         if is_loopback(settings.host) and wrapper:
             # HAProxy's stats and metrics listeners bind every interface in Serve's config;

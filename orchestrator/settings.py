@@ -26,6 +26,17 @@ def database_password(url: str) -> bool:
     return bool(make_url(url).password)
 
 
+# The environment of every Ray process with fast ingress (`fast_ingress`, the Helm chart's
+# `fastIngress`): Serve's HAProxy ingress and throughput-optimized mode, with user code kept
+# in Serve's own thread (on the replicas' main loop, as throughput-optimized mode has it, no
+# vLLM series reached Ray's metrics export: measured with `orchestrator serve`).
+FAST_INGRESS_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+}
+
+
 class Settings(BaseSettings):
     """Process-wide settings. Every field can be set as ``ORCH_<FIELD>`` in the environment,
     or passed explicitly (Serve config ``args.settings``), which wins."""
@@ -56,7 +67,7 @@ class Settings(BaseSettings):
         default=True,
         description=(
             "`orchestrator serve` only: start Ray with Serve's HAProxy ingress and throughput-optimized "
-            "mode (see docs/ARCHITECTURE.md). On a loopback host HAProxy's stats and metrics ports are moved to "
+            "mode, user code in Serve's own thread (FAST_INGRESS_ENV; see docs/ARCHITECTURE.md). On a loopback host HAProxy's stats and metrics ports are moved to "
             "127.0.0.1 (orchestrator-haproxy); on another host they listen on all interfaces."
         ),
     )

@@ -24,14 +24,7 @@ SHED_HEADROOM = 8
 
 def engine_env(spec: ModelSpec, settings: Settings) -> dict[str, str]:
     """Environment variables for the engine's processes."""
-    env = {
-        "TOKENIZERS_PARALLELISM": "false",
-        # The replica's own code in a thread of its own (Serve's default). Under
-        # RAY_SERVE_THROUGHPUT_OPTIMIZED (fast ingress) it would run on the replica's main
-        # event loop, where no vLLM series reached Ray's metrics export (measured with
-        # `orchestrator serve`; the serve-command integration test asserts them).
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
-    }
+    env = {"TOKENIZERS_PARALLELISM": "false"}
     if spec.resources.device == "cpu" and "kv_cache_memory_bytes" not in spec.engine_args:
         # On the CPU, vLLM's KV cache is host RAM; the GPU default (0.92 of it) fails. An
         # entry's own `kv_cache_memory_bytes` sizes it instead (this variable would win).

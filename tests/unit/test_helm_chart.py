@@ -27,7 +27,7 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from orchestrator.catalog import ModelSpec, catalog_from_entries, load_catalog
 from orchestrator.layout import applications, entry
 from orchestrator.serving.builder import AppArgs
-from orchestrator.settings import SECRETS, Settings
+from orchestrator.settings import FAST_INGRESS_ENV, SECRETS, Settings
 from tests import manifests
 from tests.helm import HELM_VERSION, HelmUnavailable, extract_helm, helm_binary, run_helm
 
@@ -42,7 +42,6 @@ MONITORING_API = ("--api-versions", "monitoring.coreos.com/v1")
 # The chart's kubeVersion floor and the newest Kubernetes kubernetes-validate knows.
 KUBE_VERSIONS = ("1.25", latest_version())
 LAYOUTS = {"default": (), "gpu": ("-f", str(GPU_VALUES))}
-FAST_INGRESS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
 FILE_ENV = [f"ORCH_{name.upper()}_FILE" for name in SECRETS]
 # Settings the chart owns (not accepted in values.settings): the secrets and their files, the
 # catalog, the cache folder (its volume), and the fields only `orchestrator serve` reads.
@@ -367,9 +366,9 @@ def test_the_values_schema_accepts_exactly_the_settings_the_chart_leaves_open(ch
 
 def test_fast_ingress_is_on_by_default_and_can_be_turned_off(chart: Chart, rendered: dict[str, Docs]) -> None:
     for container in ray_containers(rendered["default"]):
-        assert all(env_of(container)[name] == "1" for name in FAST_INGRESS)
+        assert FAST_INGRESS_ENV.items() <= env_of(container).items()  # as `orchestrator serve` sets them
     for container in ray_containers(chart.render("--set", "fastIngress=false")):
-        assert not set(FAST_INGRESS) & set(env_of(container))
+        assert not set(FAST_INGRESS_ENV) & set(env_of(container))
 
 
 def test_the_service_monitor_scrapes_ray_metrics_on_every_ray_pod(chart: Chart, rendered: dict[str, Docs]) -> None:

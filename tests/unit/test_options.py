@@ -19,8 +19,6 @@ def test_cpu_model_reserves_cpus_and_sets_kv_cache() -> None:
     actor = opts["ray_actor_options"]
     assert actor["num_cpus"] == 0.5 and "num_gpus" not in actor
     assert actor["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "2"
-    # vLLM's metrics reach Ray's export only from a replica running its code in a thread.
-    assert actor["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
     assert "placement_group_bundles" not in opts
     assert opts["name"] == "model-tiny-random" and "num_replicas" not in opts
     # max_num_seqs 64 + max_waiting_per_replica 64 + headroom for refusals.
