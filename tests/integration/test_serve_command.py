@@ -108,7 +108,7 @@ def test_serve_prints_its_metrics_port_which_serves_our_series(served: Served) -
     # Under load: Ray stops exporting a gauge that is not set again.
     with steady_load(client, "e", streams=1) as load:
         while time.monotonic() < deadline:  # Ray exports every second here
-            samples = parse_samples(httpx.get(url, timeout=30).text)
+            samples = parse_samples(httpx.get(url, timeout=30).text, prefix="ray_")  # ours and vLLM's
             names = {s.name for s in samples if "tiny-e" in (s.labels.get("model"), s.labels.get("model_name"))}
             if names >= WANTED:
                 break
