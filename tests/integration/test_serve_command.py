@@ -29,8 +29,9 @@ pytestmark = pytest.mark.integration
 
 
 # Ours, measured at the router and by the scaling policy, and vLLM's from the model's
-# replica (labelled model_name), by model.
+# replica (labelled model_name), by model; Serve's for the model's deployment.
 WANTED = {
+    "ray_serve_autoscaling_target_replicas",
     "ray_orchestrator_requests_total",
     "ray_orchestrator_time_to_first_token_seconds_bucket",
     "ray_orchestrator_model_running_replicas",
@@ -108,8 +109,10 @@ def test_serve_prints_its_metrics_port_which_serves_our_series(served: Served) -
     # Under load: Ray stops exporting a gauge that is not set again.
     with steady_load(client, "e", streams=1) as load:
         while time.monotonic() < deadline:  # Ray exports every second here
-            samples = parse_samples(httpx.get(url, timeout=30).text, prefix="ray_")  # ours and vLLM's
+            samples = parse_samples(httpx.get(url, timeout=30).text, prefix="ray_")  # ours, vLLM's, Serve's
             names = {s.name for s in samples if "tiny-e" in (s.labels.get("model"), s.labels.get("model_name"))}
+            # Serve's, labelled by deployment: the model's ModelServer.
+            names |= {s.name for s in samples if s.labels.get("deployment") == "model-tiny-e"}
             if names >= WANTED:
                 break
             time.sleep(2)
