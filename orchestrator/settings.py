@@ -67,8 +67,9 @@ class Settings(BaseSettings):
         default=True,
         description=(
             "`orchestrator serve` only: start Ray with Serve's HAProxy ingress and throughput-optimized "
-            "mode, user code in Serve's own thread (FAST_INGRESS_ENV; see docs/ARCHITECTURE.md). On a loopback host HAProxy's stats and metrics ports are moved to "
-            "127.0.0.1 (orchestrator-haproxy); on another host they listen on all interfaces."
+            "mode, user code in Serve's own thread (FAST_INGRESS_ENV; see docs/ARCHITECTURE.md). On a "
+            "loopback host HAProxy's stats and metrics ports are moved to 127.0.0.1 (orchestrator-haproxy); "
+            "on another host they listen on all interfaces."
         ),
     )
     database_url: str | None = Field(
