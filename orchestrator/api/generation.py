@@ -18,7 +18,7 @@ from orchestrator.api.backend import Backend, Kind
 from orchestrator.api.sse import StreamHead, as_orchestrator_error, drive
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
-from orchestrator.gateway.base import RequestGateway
+from orchestrator.gateway.base import RequestGateway, gateway_timed_out
 from orchestrator.gateway.records import Admission
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
 from orchestrator.settings import Settings
@@ -115,14 +115,6 @@ def _settle_if_admitted(
         settler.finish(meter, gave_up.status, error=gave_up, counted=True)
 
 
-def _gateway_timed_out(seconds: float) -> OrchestratorError:
-    return OrchestratorError(
-        ErrorCode.SERVICE_UNAVAILABLE,
-        f"The gateway did not answer within {seconds:g} s; retry the request.",
-        headers={"Retry-After": "1"},
-    )
-
-
 async def generate(
     kind: Kind,
     request: Request,
@@ -170,7 +162,7 @@ async def generate(
             admitting.add_done_callback(lambda done: _settle_if_admitted(done, spec, route, stream, settler, arrived))
             raise
         except TimeoutError:
-            late = _gateway_timed_out(settings.gateway_timeout_seconds)
+            late = gateway_timed_out(settings.gateway_timeout_seconds)
             admitting.add_done_callback(
                 lambda done: _settle_if_admitted(done, spec, route, stream, settler, arrived, late)
             )

@@ -79,6 +79,16 @@ REQUEST_METHODS = _methods(RequestGateway)
 """The request path's methods (admission, settlement, renewal, lookup)."""
 
 
+def gateway_timed_out(seconds: float) -> OrchestratorError:
+    """The error of a gateway call past its deadline: 503 with ``Retry-After``, as for a
+    gateway that is restarting (an infrastructure fault; the client may retry)."""
+    return OrchestratorError(
+        ErrorCode.SERVICE_UNAVAILABLE,
+        f"The gateway did not answer within {seconds:g} s; retry the request.",
+        headers={"Retry-After": "1"},
+    )
+
+
 class OpenGateway:
     """Open mode: everyone is let in anonymously, without limits, and nothing is recorded."""
 

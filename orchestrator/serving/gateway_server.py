@@ -25,13 +25,15 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from orchestrator.errors import ErrorCode, OrchestratorError, find_cause, find_error
-from orchestrator.gateway.base import GATEWAY_METHODS, REQUEST_METHODS, Gateway
+from orchestrator.gateway.base import GATEWAY_METHODS, REQUEST_METHODS, Gateway, gateway_timed_out
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import LOOKUP_WAIT_S, Ledger, LedgerStopped
 from orchestrator.gateway.store import SQLStore
 from orchestrator.metrics import GatewayMetrics, Sink
 from orchestrator.serving.telemetry import RaySink
 from orchestrator.settings import Settings
+
+ADMIN_TIMEOUT_S = 60.0  # the least deadline of an administrative call (it may write to the database)
 
 
 def ledger_for(settings: Settings, metrics: Sink | None = None) -> Ledger:
@@ -98,9 +100,6 @@ class GatewayServer:
         ray.kill(self._actor)
 
 
-ADMIN_TIMEOUT_S = 60.0  # the least deadline of an administrative call (it may write to the database)
-
-
 class RemoteGateway:
     """Forwards every :class:`~orchestrator.gateway.base.Gateway` method to the ledger actor:
     ``await remote.admit(...)`` runs ``Ledger.admit(...)`` there (same arguments, same
@@ -151,11 +150,8 @@ class RemoteGateway:
                 return await asyncio.wait_for(self._call(method, *args, **kwargs), deadline)
             except TimeoutError:
                 self._actor = None  # the next call looks the ledger up again
-                raise OrchestratorError(
-                    ErrorCode.SERVICE_UNAVAILABLE,
-                    f"The gateway did not answer within {deadline:g} s; retry the request.",
-                    headers={"Retry-After": "1"},
-                ) from None
+                assert deadline is not None  # only a call with a deadline times out
+                raise gateway_timed_out(deadline) from None
             except Exception as exc:
                 # The ledger stopped or its actor died (its replica was replaced): the next
                 # attempt finds the live one. Request-path calls are retried (safe: a ledger
