@@ -61,10 +61,12 @@ def test_remote_gateway_offers_only_gateway_methods() -> None:
 
 class _Actors:
     """Stands in for the gateway deployment's handle: each lookup returns the next actor,
-    whose ``call`` raises its failure (if any), else answers with its name."""
+    whose ``call`` raises its failure (if any), else answers with its name, ``delay_s``
+    after it was called (a database that stopped answering holds the ledger)."""
 
-    def __init__(self, *failures: BaseException | None) -> None:
+    def __init__(self, *failures: BaseException | None, delay_s: float = 0.0) -> None:
         self.failures = list(failures)
+        self.delay_s = delay_s
         self.lookups = 0
         self.calls: list[tuple[int, str]] = []
 
@@ -79,6 +81,7 @@ class _Actors:
         class Call:
             async def _answer(self, method: str) -> str:
                 actors.calls.append((index, method))
+                await asyncio.sleep(actors.delay_s)
                 failure = actors.failures[index] if index < len(actors.failures) else None
                 if failure is not None:
                     raise failure
@@ -137,34 +140,8 @@ async def test_a_stopping_ledger_refuses_the_request_path(actor: LedgerActor) ->
             await actor.call(method, *args)
 
 
-class _Hanging(_Actors):
-    """A ledger that answers each call only after ``delay_s`` (a database that stopped
-    answering holds it)."""
-
-    def __init__(self, delay_s: float) -> None:
-        super().__init__()
-        self.delay_s = delay_s
-
-    async def _lookup(self) -> object:
-        self.lookups += 1
-        hanging = self
-
-        class Call:
-            async def _answer(self, method: str) -> str:
-                await asyncio.sleep(hanging.delay_s)
-                return method
-
-            def remote(self, method: str, *args: object, **kwargs: object) -> object:
-                return self._answer(method)
-
-        class Actor:
-            call = Call()
-
-        return Actor()
-
-
 async def test_every_call_but_admission_gets_503_past_its_deadline() -> None:
-    hanging = _Hanging(delay_s=0.3)
+    hanging = _Actors(delay_s=0.3)
     remote = RemoteGateway(hanging, timeout_s=0.05)  # type: ignore[arg-type]
     for call in (remote.authenticate("k"), remote.settle("a", "r"), remote.renew("router")):
         with pytest.raises(OrchestratorError) as info:
@@ -174,5 +151,6 @@ async def test_every_call_but_admission_gets_503_past_its_deadline() -> None:
     assert hanging.lookups == 3  # each timeout drops the ledger's handle; the next call looks again
     # A lookup waits for a running request's record, so its deadline is longer; an admission
     # has none here (its caller bounds it, and settles one that comes late).
-    assert await remote.generation("g", None) == "generation"
-    assert await remote.admit("k", ["m"], 1, "r") == "admit"
+    assert await remote.generation("g", None) == "actor-3"
+    assert await remote.admit("k", ["m"], 1, "r") == "actor-3"
+    assert hanging.calls[-2:] == [(3, "generation"), (3, "admit")]  # both answered, after 0.3 s
