@@ -185,3 +185,31 @@ async def test_an_admission_past_the_gateway_deadline_gets_503_and_is_settled_wh
     # The key's one concurrent slot is free again: the next request runs.
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
         assert (await http.post(ROUTE, json=CHAT, headers=headers)).status_code == 200
+
+
+async def test_many_concurrent_admissions_past_the_deadline_leak_no_hold(catalog: Catalog, ledger: Ledger) -> None:
+    """Eight requests at once against a key that may run eight, all given up on at the
+    deadline and all admitted afterwards: every late admission is settled, so the key's
+    eight slots and its credits are free again (a leaked hold would refuse the next round)."""
+    release = asyncio.Event()
+    hanging = DelayedAdmission(ledger, release.wait)
+    engines = {"tiny-a": FakeEngine(words=["x"]), "tiny-b": FakeEngine()}
+    settings = Settings(gateway_timeout_seconds=0.2)
+    app = create_app(catalog, LocalBackend(engines, batch_s=0.0), settings, gateway=hanging)  # type: ignore[arg-type]
+    created = await ledger.create_key(KeyLimits(credits=Decimal("1"), max_concurrent=8))
+    headers = {"Authorization": f"Bearer {created.key}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        first = await asyncio.gather(*(http.post(ROUTE, json=CHAT, headers=headers) for _ in range(8)))
+        assert [r.status_code for r in first] == [503] * 8
+        release.set()
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if len(ledger._settled) == 8:
+                break
+        assert len(ledger._settled) == 8 and ledger._admitted == {} and ledger._running == {}
+        assert ledger._held_cost == {}
+        second = await asyncio.gather(*(http.post(ROUTE, json=CHAT, headers=headers) for _ in range(8)))
+        assert [r.status_code for r in second] == [200] * 8
+    await ledger.flush()
+    (row,) = await ledger.usage_report(group_by=["key"])
+    assert row["requests"] == 16
