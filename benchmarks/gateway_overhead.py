@@ -37,7 +37,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cluster import serve_cluster
-from benchmarks.load import LoadResult, run_load
+from benchmarks.load import LoadResult, percentile, run_load, unrefused_key
 from benchmarks.vs_vllm import free_port
 from orchestrator.engine.weights import build_tiny_llama
 
@@ -48,11 +48,6 @@ def summary(load: LoadResult) -> dict[str, Any]:
     data = load.summary()
     data.pop("server_cpu_ms_per_request")  # not separable per app in one cluster
     return data
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def wait_ready(urls: list[str], timeout_s: float = 900) -> None:
@@ -168,14 +163,7 @@ def main() -> None:
             urls = {"open": base + "/open", "gateway": base + "/gw"}
             print("deploying two apps (open, gateway) ...", flush=True)
             wait_ready(list(urls.values()))
-            created = httpx.post(
-                urls["gateway"] + "/admin/keys",
-                json={"rpm": 10**9, "tpm": 10**9, "credits": "1000"},
-                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-            ).json()
-            headers = {"open": {}, "gateway": {"Authorization": f"Bearer {created['key']}"}}
-            keyless = httpx.post(urls["gateway"] + "/v1/completions", json={"model": "tiny", "prompt": "x"})
-            assert keyless.status_code == 401, "the gateway app must refuse requests without a key"
+            headers = {"open": {}, "gateway": unrefused_key(urls["gateway"], ADMIN_KEY)}
             print("sequential, 1 output token, interleaved ...", flush=True)
             latencies = sequential(urls, headers, args.sequential)
             print(f"streaming, 64 output tokens, {args.concurrency} concurrent, interleaved blocks ...", flush=True)

@@ -40,10 +40,10 @@ class LoadResult:
         return self.output_tokens / self.wall_s
 
     def ttft_ms(self, q: float) -> float:
-        return 1000 * _quantile(self.ttft_s, q)
+        return 1000 * percentile(self.ttft_s, q)
 
     def itl_ms(self, q: float) -> float:
-        return 1000 * _quantile(self.itl_s, q)
+        return 1000 * percentile(self.itl_s, q)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -60,7 +60,8 @@ class LoadResult:
         }
 
 
-def _quantile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank); NaN for none."""
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -103,6 +104,22 @@ async def _one(
     if ttft is None:
         raise RuntimeError("no content")
     return ttft, tokens, gaps
+
+
+def unrefused_key(base_url: str, admin_key: str) -> dict[str, str]:
+    """Creates, through the admin API, a key whose RPM, TPM and credit limits are checked on
+    every request and never reached; checks that the gateway refuses a request without a
+    key. Returns the headers that send the new key."""
+    resp = httpx.post(
+        base_url + "/admin/keys",
+        json={"rpm": 10**9, "tpm": 10**9, "credits": "1000000"},
+        headers={"Authorization": f"Bearer {admin_key}"},
+        timeout=30,
+    )
+    resp.raise_for_status()
+    keyless = httpx.post(base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)
+    assert keyless.status_code == 401, "the gateway must refuse a request without a key"
+    return {"Authorization": f"Bearer {resp.json()['key']}"}
 
 
 async def run_load(

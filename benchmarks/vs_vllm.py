@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -44,7 +45,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.load import LoadResult, run_load
+from benchmarks.load import LoadResult, run_load, unrefused_key
 from orchestrator.engine.weights import build_tiny_llama
 
 BIN = Path(sys.executable).parent
@@ -156,19 +157,6 @@ def run_direct(model_dir: Path, args: argparse.Namespace, log: Path) -> Measured
     return serve_and_measure(cmd, env, port, "/v1/models", args, log)
 
 
-def _gateway_key(base_url: str) -> dict[str, str]:
-    """Creates a key with limits that are checked on every request and never reached; checks
-    that the gateway refuses a request without one."""
-    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    resp = httpx.post(
-        base_url + "/admin/keys", json={"rpm": 10**9, "tpm": 10**9, "credits": "1000000"}, headers=admin, timeout=30
-    )
-    resp.raise_for_status()
-    keyless = httpx.post(base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)
-    assert keyless.status_code == 401, "the gateway must refuse a request without a key"
-    return {"Authorization": f"Bearer {resp.json()['key']}"}
-
-
 def run_orchestrator(model_dir: Path, args: argparse.Namespace, work: Path, mode: str) -> Measured:
     port = free_port()
     catalog = work / "bench-catalog.yaml"
@@ -186,7 +174,7 @@ def run_orchestrator(model_dir: Path, args: argparse.Namespace, work: Path, mode
     if mode == "gateway":
         db = work / f"gateway-{secrets.token_hex(4)}.db"  # a fresh ledger for each run
         env |= {"ORCH_ADMIN_KEY": ADMIN_KEY, "ORCH_DATABASE_URL": f"sqlite:///{db}"}
-        prepare = _gateway_key
+        prepare = functools.partial(unrefused_key, admin_key=ADMIN_KEY)
     else:
         env["ORCH_OPEN_ACCESS"] = "true"
     for pair in args.orch_env:
