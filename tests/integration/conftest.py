@@ -45,8 +45,9 @@ ENGINE = {
     "dtype": "float32",
     "enforce_eager": True,
     "max_num_seqs": 16,
-    # 32 MiB of KV cache (32k tokens of the tiny model) instead of a whole GiB per engine:
-    # the session's cluster holds up to nine engines at once on this 24 GiB machine.
+    # 32 MiB of KV cache (32k tokens of the tiny model) instead of a whole GiB per engine: with
+    # a GiB each, the session's five engines and a test's three more took this 24 GiB machine
+    # to Ray's memory threshold, and Ray killed replicas.
     "kv_cache_memory_bytes": 32 * 2**20,
     "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
 }

@@ -85,19 +85,29 @@ main()
 """
 
 
+# The ids of the live nodes that carry the label argv[2] (key=value).
 _LABELLED_NODES = """
-import sys, ray
+import json, sys, ray
 from ray.util.state import list_nodes
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 key, value = sys.argv[2].split("=")
 alive = list_nodes(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-print(sum(1 for n in alive if n.labels.get(key) == value))
+print(json.dumps([n.node_id for n in alive if n.labels.get(key) == value]))
 """
 
 
+def _labelled_nodes(deployment: Deployment, labels: str) -> set[str] | None:
+    done = _run(deployment.env, sys.executable, "-c", _LABELLED_NODES, deployment.gcs_address, labels)
+    if done.returncode != 0 or not done.stdout.strip():
+        return None  # the state API did not answer this time
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def start_node(deployment: Deployment, log: Path, attempts: int = 2) -> subprocess.Popen[str]:
-    """Starts the second node and returns once Ray lists it alive (its output goes to ``log``).
-    A start that fails (Ray's own start-up deadlines, on a busy machine) is tried again."""
+    """Starts the second node and returns once Ray lists it alive: a labelled node that was
+    not alive before (a killed one may still be listed for a while). Its output goes to
+    ``log``. A start that fails (Ray's own start-up deadlines, on a busy machine) is tried
+    again."""
     for attempt in range(1, attempts + 1):
         try:
             return _start_node(deployment, log)
@@ -109,6 +119,8 @@ def start_node(deployment: Deployment, log: Path, attempts: int = 2) -> subproce
 
 def _start_node(deployment: Deployment, log: Path) -> subprocess.Popen[str]:
     labels = ",".join(f"{k}={v}" for k, v in LABEL.items())
+    before = _labelled_nodes(deployment, labels)
+    assert before is not None, "Ray's state API did not answer"
     with log.open("a") as out:
         node = subprocess.Popen(
             [
@@ -126,8 +138,8 @@ def _start_node(deployment: Deployment, log: Path) -> subprocess.Popen[str]:
         if node.poll() is not None:
             kill_tree(node)  # what it started and left behind
             raise RuntimeError(f"the second node exited ({node.returncode}):\n{log.read_text()[-3000:]}")
-        count = _run(deployment.env, sys.executable, "-c", _LABELLED_NODES, deployment.gcs_address, labels)
-        if count.returncode == 0 and count.stdout.strip().splitlines()[-1:] == ["1"]:
+        alive = _labelled_nodes(deployment, labels)
+        if alive is not None and alive - before:
             return node
         time.sleep(2)
     kill_tree(node)

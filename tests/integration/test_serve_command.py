@@ -94,7 +94,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                     process.kill()
 
 
-def test_serve_prints_its_metrics_port_which_serves_our_series(served: Served) -> None:
+def test_serve_prints_its_metrics_port_which_serves_every_series(served: Served) -> None:
     url = served.line(r"Metrics \(Prometheus text\) at (\S+)").group(1)
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", url)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{served.port}/v1", api_key="none", max_retries=0)
