@@ -128,24 +128,26 @@ def measure(base_url: str, headers: dict[str, str], args: argparse.Namespace, pi
 
 
 Prepare = Callable[[str], dict[str, str]]  # base URL -> the request headers to send
+# base URL, request headers, arguments, server pid -> what was measured
+Measure = Callable[[str, dict[str, str], argparse.Namespace, int], Any]
 
 
 def serve_and_measure(
     cmd: list[str], env: dict[str, str], port: int, ready_path: str, args: argparse.Namespace, log: Path,
-    prepare: Prepare = lambda _: {},
-) -> Measured:  # fmt: skip
+    prepare: Prepare = lambda _: {}, measure_fn: Measure = measure,
+) -> Any:  # fmt: skip
     """Starts a server, waits until ``ready_path`` answers 200, measures it, stops it."""
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             base_url = f"http://127.0.0.1:{port}"
             wait_ready(base_url + ready_path, proc)
-            return measure(base_url, prepare(base_url), args, proc.pid)
+            return measure_fn(base_url, prepare(base_url), args, proc.pid)
         finally:
             stop(proc)
 
 
-def run_direct(model_dir: Path, args: argparse.Namespace, log: Path) -> Measured:
+def run_direct(model_dir: Path, args: argparse.Namespace, log: Path, measure_fn: Measure = measure) -> Any:
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -154,10 +156,12 @@ def run_direct(model_dir: Path, args: argparse.Namespace, log: Path) -> Measured
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    return serve_and_measure(cmd, env, port, "/v1/models", args, log)
+    return serve_and_measure(cmd, env, port, "/v1/models", args, log, measure_fn=measure_fn)
 
 
-def run_orchestrator(model_dir: Path, args: argparse.Namespace, work: Path, mode: str) -> Measured:
+def run_orchestrator(
+    model_dir: Path, args: argparse.Namespace, work: Path, mode: str, measure_fn: Measure = measure
+) -> Any:
     port = free_port()
     catalog = work / "bench-catalog.yaml"
     entry = {
@@ -180,7 +184,7 @@ def run_orchestrator(model_dir: Path, args: argparse.Namespace, work: Path, mode
     for pair in args.orch_env:
         key, _, value = pair.partition("=")
         env[key] = value
-    return serve_and_measure(cmd, env, port, "/health", args, work / f"orch-{mode}.log", prepare)
+    return serve_and_measure(cmd, env, port, "/health", args, work / f"orch-{mode}.log", prepare, measure_fn)
 
 
 def figures(o: LoadResult, d: LoadResult) -> dict[str, float]:

@@ -59,7 +59,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     keepalive_seconds: float = Field(default=15.0, gt=0, description="SSE keep-alive comment interval.")
     stream_batch_ms: float = Field(
-        default=50.0, ge=0, description="After the first chunk, stream chunks are sent in batches this often."
+        default=50.0,
+        ge=0,
+        description="After the first chunk, stream chunks are sent in batches at most this far apart.",
+    )
+    stream_batches_per_second: float = Field(
+        default=400.0,
+        gt=0,
+        description=(
+            "Stream batches a model replica sends per second before it coalesces chunks: with N streams in "
+            "flight each stream's batches are N / this seconds apart (at most stream_batch_ms), so a lone "
+            "stream gets every chunk at once."
+        ),
     )
     router_replicas: int = Field(default=1, ge=1, description="Router deployment replicas.")
     router_max_ongoing_requests: int = Field(default=256, ge=1, description="Concurrent requests per router.")

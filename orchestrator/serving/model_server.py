@@ -44,9 +44,11 @@ class ModelServer:
         self.settings = Settings(**settings).without_secrets()
         self.engine = engine_factory(self.spec, self.settings)
         self._batch_s = self.settings.stream_batch_ms / 1000.0
+        self._batches_per_s = self.settings.stream_batches_per_second
         # Requests in this replica (running in the engine or waiting for a slot), counted
         # here because the engine's own figures lag by a step.
         self.in_flight = 0
+        self.streams = 0  # of which streaming
 
     async def start(self) -> None:
         """Loads the weights and starts the engine."""
@@ -80,8 +82,15 @@ class ModelServer:
         finally:
             self.in_flight -= 1
 
+    def batch_interval_s(self) -> float:
+        """How far apart one stream's batches are sent now: the streams in flight share
+        ``stream_batches_per_second``, at most ``stream_batch_ms`` apart. A lone stream
+        (at ordinary token rates) gets every chunk as it comes."""
+        return min(self._batch_s, self.streams / self._batches_per_s)
+
     async def stream(self, kind: Kind, body: dict[str, Any], request_id: str) -> AsyncIterator[list[str]]:
-        """Yields batches of SSE frames: the first token at once, then one batch per interval.
+        """Yields batches of SSE frames: the first token at once, then batches whose interval
+        grows with the streams in flight (:meth:`batch_interval_s`).
 
         Cancelling the caller (client disconnect) closes this generator, which aborts the
         request inside the engine. Raises 529 ``provider_overloaded`` before the first batch
@@ -89,12 +98,15 @@ class ModelServer:
         """
         self._admit()
         self.in_flight += 1
+        self.streams += 1
         try:
             eager = 2 if kind == "chat" else 1  # chat's first frame is the role alone
-            async for batch in batch_frames(self.engine.stream(kind, body, request_id), self._batch_s, eager=eager):
+            frames = self.engine.stream(kind, body, request_id)
+            async for batch in batch_frames(frames, self.batch_interval_s, eager=eager):
                 yield batch
         finally:
             self.in_flight -= 1
+            self.streams -= 1
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What Serve's autoscaler gets from this replica (serving/autoscaling.py reads it):

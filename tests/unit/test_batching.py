@@ -48,3 +48,19 @@ async def test_eager_frames_sent_alone_before_batching() -> None:
     out = await collect(batch_frames(frames(clock, 5, 0.001), 0.05, eager=2, clock=clock))
     assert out[:2] == [["f0"], ["f1"]]
     assert [f for b in out for f in b] == [f"f{i}" for i in range(5)]
+
+
+async def test_a_callable_interval_is_read_after_each_send() -> None:
+    # 10 ms per frame; the interval is 0 until the fourth send, then 25 ms: every frame
+    # alone at first, then batches of three.
+    clock = StepClock()
+    sends = 0
+
+    def interval() -> float:
+        nonlocal sends
+        sends += 1
+        return 0.0 if sends < 4 else 0.025
+
+    out = await collect(batch_frames(frames(clock, 9, 0.01), interval, clock=clock))
+    assert [len(b) for b in out] == [1, 1, 1, 1, 3, 2]
+    assert [f for b in out for f in b] == [f"f{i}" for i in range(9)]

@@ -61,7 +61,8 @@ async def test_dead_engine_fails_health_check(catalog: Catalog) -> None:
 
 async def test_chat_stream_sends_first_token_unbatched(catalog: Catalog) -> None:
     engine = DyingEngine(words=["a", "b", "c", "d", "e", "f"])
-    srv = server(catalog, engine, stream_batch_ms=10_000)
+    # A budget of one batch a second: even a lone stream's batches are 1 s apart.
+    srv = server(catalog, engine, stream_batch_ms=10_000, stream_batches_per_second=1)
     body = {"model": "tiny-a", "messages": [{"role": "user", "content": "x"}]}
     raw = [b async for b in srv.stream("chat", body, "r1")]
     # The eager batches end with the running-usage trailer; the router strips it.
@@ -72,6 +73,34 @@ async def test_chat_stream_sends_first_token_unbatched(catalog: Catalog) -> None
     assert len(batches[1]) == 1 and '"content":"a "' in batches[1][0]
     assert len(batches) == 3  # the rest arrive as one batch at the end
     assert '"usage"' in batches[-1][-1]
+
+
+async def test_a_lone_stream_gets_every_chunk_at_once_and_batches_grow_with_streams(catalog: Catalog) -> None:
+    import asyncio
+
+    # Tokens 20 ms apart. A replica budget of 1000 batches a second: one stream's batches
+    # may be 1 ms apart, so every chunk goes alone; with 40 streams, 40 ms apart.
+    engine = DyingEngine(words=[f"w{i}" for i in range(12)], token_delay_s=0.02, capacity=64)
+    srv = server(catalog, engine, stream_batch_ms=10_000, stream_batches_per_second=1000)
+    body = {"model": "tiny-a", "prompt": "x", "stream": True}
+    assert srv.batch_interval_s() == 0.0
+
+    async def batches() -> list[list[str]]:
+        return [[f for f in b if not f.startswith(":")] async for b in srv.stream("completion", body, "r")]
+
+    alone = await batches()
+    assert [len(b) for b in alone] == [1] * 13  # 12 words and the usage chunk
+    together = await asyncio.gather(*(batches() for _ in range(40)))
+    # Without the load-dependent interval, each of the 40 would also send 13 batches.
+    assert all(sum(map(len, b)) == 13 and len(b) < 13 for b in together)
+    assert srv.streams == 0 and srv.batch_interval_s() == 0.0
+
+
+async def test_the_batch_interval_is_shared_by_the_streams_and_capped(catalog: Catalog) -> None:
+    srv = server(catalog, DyingEngine(), stream_batch_ms=50, stream_batches_per_second=400)
+    for streams, interval_ms in ((1, 2.5), (8, 20.0), (20, 50.0), (64, 50.0)):
+        srv.streams = streams
+        assert srv.batch_interval_s() * 1000 == pytest.approx(interval_ms)
 
 
 async def test_past_the_queue_bound_new_requests_are_shed_while_admitted_ones_finish(catalog: Catalog) -> None:
