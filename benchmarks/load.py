@@ -25,6 +25,7 @@ class LoadResult:
     # content and the next, within a stream (a chunk carrying several tokens is one gap).
     itl_s: list[float] = field(default_factory=list)
     server_cpu_s: float = 0.0
+    shed: int = 0  # answered 529 provider_overloaded (not counted in ``errors``)
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -57,7 +58,16 @@ class LoadResult:
             "itl_p50_ms": round(self.itl_ms(0.5), 2),
             "itl_p99_ms": round(self.itl_ms(0.99), 2),
             "server_cpu_ms_per_request": round(self.cpu_ms_per_request, 1),
+            "shed": self.shed,
         }
+
+
+class Shed(Exception):
+    """The server answered 529: it sheds load; ``retry_after_s`` is its Retry-After."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"529, retry after {retry_after_s:g} s")
+        self.retry_after_s = retry_after_s
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -77,6 +87,9 @@ async def _one(
     gaps: list[float] = []
     tokens = 0
     async with client.stream("POST", url, json=body, headers=headers) as resp:
+        if resp.status_code == 529:
+            await resp.aread()
+            raise Shed(float(resp.headers.get("retry-after", "1")))
         if resp.status_code != 200:
             await resp.aread()
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
@@ -132,7 +145,8 @@ async def run_load(
     concurrency: int,
     headers: dict[str, str] | None = None,
 ) -> LoadResult:
-    """Sends ``requests`` streaming completions, ``concurrency`` at a time."""
+    """Sends ``requests`` streaming completions, ``concurrency`` at a time. A request shed
+    with 529 is counted in ``shed``, and its client waits its Retry-After before the next."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -157,6 +171,10 @@ async def run_load(
                 queue.get_nowait()
                 try:
                     ttft, tokens, gaps = await _one(client, url, body, headers or {})
+                except Shed as shed:
+                    result.shed += 1
+                    await asyncio.sleep(shed.retry_after_s)
+                    continue
                 except Exception as exc:  # count and keep going: a benchmark reports errors
                     result.errors += 1
                     if result.errors <= 3:

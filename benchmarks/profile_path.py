@@ -52,6 +52,12 @@ COMPONENTS = (
     ("ServeController", "Serve controller"),
     ("vllm.entrypoints.openai.api_server", "vLLM API server"),
     ("orchestrator serve", "orchestrator serve (launcher)"),
+    ("gcs_server", "Ray GCS"),
+    ("raylet/raylet", "Ray raylet"),
+    ("DashboardAgent", "Ray dashboard agent (metrics export)"),
+    ("dashboard/dashboard.py", "Ray dashboard"),
+    ("log_monitor.py", "Ray log monitor"),
+    ("autoscaler/_private/monitor.py", "Ray autoscaler monitor"),
 )
 # Components py-spy samples (the Python ones on the request path).
 SAMPLED = ("vLLM API server", "model replica", "router replica", "gateway replica", "Serve proxy", "vLLM engine core")
@@ -65,7 +71,7 @@ def component(proc: psutil.Process) -> str:
     for needle, name in COMPONENTS:
         if needle in title:
             return name
-    return "Ray system (GCS, raylet, agents, ...)" if "ray" in title else "other"
+    return "Ray, other" if "ray" in title else "other"
 
 
 def snapshot(pid: int) -> dict[int, tuple[str, float]]:

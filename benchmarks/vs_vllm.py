@@ -1,7 +1,7 @@
 """Orchestrator vs vLLM's own OpenAI server, same tiny model, same load, one sitting.
 
     .venv/bin/python benchmarks/vs_vllm.py [--runs 3] [--requests 300] [--concurrency 32]
-        [--c1-requests 40] [--modes direct open gateway]
+        [--c1-requests 40] [--overload N] [--modes direct open gateway]
 
 Each run starts vLLM's OpenAI server on a tiny random-weight model, drives it with streaming
 completions (64-token prompts, 64 output tokens) at ``--concurrency`` and then one at a
@@ -13,7 +13,9 @@ reached). Server CPU is the CPU time of the server's whole process tree.
 Prints each measurement, then, as the last line, a JSON object: the median over the runs of
 each figure of the gateway mode at the top level (``throughput_ratio``,
 ``ttft_p50_added_ms``, ``ttft_p99_ratio``, ``itl_p50_ms``, ``itl_p99_ms``,
-``itl_p99_ratio``, ``cpu_per_request_ratio``, and the same at concurrency 1 under ``c1``),
+``itl_p99_ratio``, ``cpu_per_request_ratio``, the same at concurrency 1 under ``c1``, and
+with ``--overload N`` at N x max_num_seqs streams under ``overload``, with the fraction of
+requests shed with 529),
 open mode's under ``open``, direct's own figures under ``direct``, and every run's under
 ``runs``. Ratios are orchestrator over direct within the same run. Inter-token latency is
 the gap between chunks with content, as vLLM's benchmark measures it.
@@ -99,10 +101,12 @@ def tree_cpu_s(pid: int) -> float:
 
 @dataclass
 class Measured:
-    """One server's figures: under ``--concurrency`` streams, and one stream at a time."""
+    """One server's figures: under ``--concurrency`` streams, one stream at a time, and (if
+    asked) at ``--overload`` times the streams the engine runs at once."""
 
     load: LoadResult
     c1: LoadResult
+    overload: LoadResult | None = None
 
 
 def _timed(base_url: str, headers: dict[str, str], pid: int, requests: int, concurrency: int, prompt: list[int],
@@ -124,7 +128,11 @@ def measure(base_url: str, headers: dict[str, str], args: argparse.Namespace, pi
                          headers=headers, **shape))  # warm-up  # fmt: skip
     load = _timed(base_url, headers, pid, args.requests, args.concurrency, **shape)
     c1 = _timed(base_url, headers, pid, args.c1_requests, 1, **shape)
-    return Measured(load, c1)
+    overload = None
+    if args.overload:
+        streams = args.overload * MAX_NUM_SEQS
+        overload = _timed(base_url, headers, pid, 2 * streams, streams, **shape)
+    return Measured(load, c1, overload)
 
 
 Prepare = Callable[[str], dict[str, str]]  # base URL -> the request headers to send
@@ -201,7 +209,18 @@ def figures(o: LoadResult, d: LoadResult) -> dict[str, float]:
 
 
 def compare(o: Measured, d: Measured) -> dict[str, Any]:
-    return {**figures(o.load, d.load), "c1": figures(o.c1, d.c1)}
+    out = {**figures(o.load, d.load), "c1": figures(o.c1, d.c1)}
+    if o.overload and d.overload:
+        offered = o.overload.requests + o.overload.shed + o.overload.errors
+        out["overload"] = {**figures(o.overload, d.overload), "shed_fraction": round(o.overload.shed / offered, 3)}
+    return out
+
+
+def summaries(m: Measured) -> dict[str, Any]:
+    out = {**m.load.summary(), "c1": m.c1.summary()}
+    if m.overload:
+        out["overload"] = m.overload.summary()
+    return out
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -217,12 +236,13 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def print_table(run: int, results: dict[str, Measured]) -> None:
     print(f"\nrun {run}: {'':4}{'req/s':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}"
-          f"{'ITL p99':>9}{'CPU/req':>9}{'errors':>7}")  # fmt: skip
+          f"{'ITL p99':>9}{'CPU/req':>9}{'errors':>7}{'shed':>6}")  # fmt: skip
     for name, m in results.items():
-        for label, r in ((name, m.load), (f"{name} c1", m.c1)):
+        loads = [(name, m.load), (f"{name} c1", m.c1)] + ([(f"{name} over", m.overload)] if m.overload else [])
+        for label, r in loads:
             print(
                 f"{label:14}{r.rps:8.2f}{r.tokens_per_s:9.1f}{r.ttft_ms(0.5):8.1f}ms{r.ttft_ms(0.99):8.1f}ms"
-                f"{r.itl_ms(0.5):7.2f}ms{r.itl_ms(0.99):7.2f}ms{r.cpu_ms_per_request:7.1f}ms{r.errors:7d}"
+                f"{r.itl_ms(0.5):7.2f}ms{r.itl_ms(0.99):7.2f}ms{r.cpu_ms_per_request:7.1f}ms{r.errors:7d}{r.shed:6d}"
             )
 
 
@@ -235,6 +255,13 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--overload",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run N x max_num_seqs concurrent streams (2 requests each); 529s are counted as shed",
+    )
     parser.add_argument("--orch-env", action="append", default=[], help="KEY=VALUE for the orchestrator runs")
     args = parser.parse_args()
 
@@ -250,13 +277,12 @@ def main() -> None:
                     results[mode] = run_direct(model_dir, args, work / "direct.log")
                 else:
                     results[mode] = run_orchestrator(model_dir, args, work, mode)
-                print(json.dumps({"load": results[mode].load.summary(), "c1": results[mode].c1.summary()}),
-                      flush=True)  # fmt: skip
+                print(json.dumps(summaries(results[mode])), flush=True)
             print_table(run, results)
             row: dict[str, Any] = {}
             if "direct" in results:
                 d = results["direct"]
-                row["direct"] = {**d.load.summary(), "c1": d.c1.summary()}
+                row["direct"] = summaries(d)
                 for mode in ("open", "gateway"):
                     if mode in results:
                         row[mode] = compare(results[mode], d)
