@@ -47,6 +47,7 @@ COMPONENTS = (
     ("ServeReplica:orchestrator-model-", "model replica"),
     ("ServeReplica:orchestrator-gateway", "gateway replica"),
     ("ServeReplica:orchestrator:", "router replica"),
+    ("LedgerActor", "ledger actor (gateway)"),
     ("haproxy", "HAProxy"),
     ("ProxyActor", "Serve proxy"),
     ("ServeController", "Serve controller"),
@@ -60,7 +61,7 @@ COMPONENTS = (
     ("autoscaler/_private/monitor.py", "Ray autoscaler monitor"),
 )
 # Components py-spy samples (the Python ones on the request path).
-SAMPLED = ("vLLM API server", "model replica", "router replica", "gateway replica", "Serve proxy", "vLLM engine core")
+SAMPLED = ("vLLM API server", "model replica", "router replica", "ledger actor (gateway)", "vLLM engine core")
 
 
 def component(proc: psutil.Process) -> str:
