@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import time
-from collections.abc import Awaitable
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ray import serve
@@ -24,6 +26,7 @@ from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.layout import GATEWAY_DEPLOYMENT, gateway_app_name, model_app_name
 from orchestrator.serving.gateway_server import remote_gateway
 from orchestrator.serving.model_states import ModelStates, current_app_name, serve_states
+from orchestrator.serving.options import DEFAULT_MAX_NUM_SEQS
 from orchestrator.serving.telemetry import RaySink
 from orchestrator.settings import Settings
 
@@ -55,14 +58,70 @@ def _unavailable(spec: ModelSpec) -> OrchestratorError:
     )
 
 
-class _HandleStream:
-    """A ChunkStream over a handle's generator with the router's deadlines and error codes."""
+class InFlight:
+    """Requests this router has sent to each model and not yet seen end, bounded by the
+    model's running replicas.
 
-    def __init__(self, router: Router, spec: ModelSpec, source: DeploymentResponseGenerator) -> None:
+    Each replica holds ``max_num_seqs`` running plus ``overload.max_waiting_per_replica``
+    waiting requests (the replica sheds past that); the routers share those places. A
+    request past this router's share gets 529 at once, instead of waiting in Serve's queue
+    for a replica slot for as long as the overload lasts. The replica's own check stays the
+    exact one: this one only stops the queue in front of it.
+
+    Args:
+        routers: router replicas sharing the places.
+    """
+
+    def __init__(self, routers: int) -> None:
+        self._routers = routers
+        self.counts: dict[str, int] = {}
+
+    def bound(self, spec: ModelSpec, running: int | None) -> int | None:
+        """This router's share of the places (None while no replica runs: requests for a
+        cold model are bounded while they wait for one, in :meth:`Router.bounded`)."""
+        if not running:
+            return None
+        per_replica = (spec.max_num_seqs or DEFAULT_MAX_NUM_SEQS) + spec.overload.max_waiting_per_replica
+        return math.ceil(running * per_replica / self._routers)
+
+    def take(self, spec: ModelSpec, running: int | None) -> Callable[[], None]:
+        """Counts a request in; returns the function that counts it out (once, however
+        often it is called).
+
+        Raises:
+            OrchestratorError: ``provider_overloaded`` (529, ``Retry-After``) past the bound.
+        """
+        count = self.counts.get(spec.name, 0)
+        bound = self.bound(spec, running)
+        if bound is not None and count >= bound:
+            raise _overloaded(spec)
+        self.counts[spec.name] = count + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.counts[spec.name] -= 1
+
+        return release
+
+
+class _HandleStream:
+    """A ChunkStream over a handle's generator with the router's deadlines and error codes;
+    ``release`` is called once when it ends, fails, is cancelled or is dropped."""
+
+    def __init__(
+        self, router: Router, spec: ModelSpec, source: DeploymentResponseGenerator, release: Callable[[], None]
+    ) -> None:
         self._router = router
         self._spec = spec
         self._source = source
         self._first = True
+        self._release = release
+        # A stream the response never iterated (the client left first) is neither ended
+        # nor cancelled; it is counted out when it is collected.
+        weakref.finalize(self, release)
 
     def __aiter__(self) -> _HandleStream:
         return self
@@ -74,14 +133,16 @@ class _HandleStream:
                 self._spec, anext(self._source), self._spec.overload.stream_idle_timeout_s, may_be_cold=first
             )
         except StopAsyncIteration:
+            self._release()
             raise
         except BaseException:
-            self._source.cancel()
+            self.cancel()
             raise
         return batch
 
     def cancel(self) -> None:
         self._source.cancel()
+        self._release()
 
 
 class Router:
@@ -127,6 +188,7 @@ class Router:
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}
         self.states = ModelStates(self.catalog, locations, serve_states)
         self._cold_waiters: dict[str, int] = {}
+        self.in_flight = InFlight(self.settings.router_replicas)
 
     def __serve_build_asgi_app__(self) -> Any:
         # Serve's proxy assigns X-Request-Id (keeping a sane client one) and echoes it.
@@ -135,8 +197,11 @@ class Router:
         )
 
     def _cold(self, spec: ModelSpec) -> bool:
+        return self._running(spec) == 0
+
+    def _running(self, spec: ModelSpec) -> int | None:
         self.states.start()
-        return self.states.running(spec.name) == 0
+        return self.states.running(spec.name)
 
     async def bounded(self, spec: ModelSpec, call: Awaitable[Any], timeout_s: float, *, may_be_cold: bool) -> Any:
         """Awaits a handle call within its deadline.
@@ -183,17 +248,28 @@ class Router:
                 task.cancel()
 
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        call = self._complete[spec.name].remote(kind, body, request_id)
+        release = self.in_flight.take(spec, self._running(spec))
         try:
-            result: dict[str, Any] = await self.bounded(spec, call, spec.overload.request_timeout_s, may_be_cold=True)
-        except BaseException:
-            call.cancel()  # the replica stops generating (Serve cancels its task)
-            raise
+            call = self._complete[spec.name].remote(kind, body, request_id)
+            try:
+                result: dict[str, Any] = await self.bounded(
+                    spec, call, spec.overload.request_timeout_s, may_be_cold=True
+                )
+            except BaseException:
+                call.cancel()  # the replica stops generating (Serve cancels its task)
+                raise
+        finally:
+            release()
         return result
 
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _HandleStream:
-        source: Any = self._stream[spec.name].remote(kind, body, request_id)  # stream=True: a generator
-        return _HandleStream(self, spec, source)
+        release = self.in_flight.take(spec, self._running(spec))
+        try:
+            source: Any = self._stream[spec.name].remote(kind, body, request_id)  # stream=True: a generator
+        except BaseException:
+            release()
+            raise
+        return _HandleStream(self, spec, source, release)
 
     def health(self) -> dict[str, ModelHealth]:
         self.states.start()
