@@ -28,7 +28,6 @@ from orchestrator.errors import ErrorCode, OrchestratorError, find_cause, find_e
 from orchestrator.gateway.base import GATEWAY_METHODS, REQUEST_METHODS, Gateway, gateway_timed_out
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import LOOKUP_WAIT_S, Ledger, LedgerStopped
-from orchestrator.gateway.records import Admission, UsageRecord
 from orchestrator.gateway.store import SQLStore
 from orchestrator.metrics import GatewayMetrics, Sink
 from orchestrator.serving.telemetry import RaySink
@@ -76,67 +75,6 @@ class LedgerActor:
         if method not in GATEWAY_METHODS:
             raise AttributeError(f"{method!r} is not a gateway method")
         return await getattr(self.ledger, method)(*args, **kwargs)
-
-    async def settle_many(self, settlements: list[tuple[Admission, UsageRecord]]) -> list[Any]:
-        """Settles each (admission, record) pair as :meth:`Ledger.settle` would one by one;
-        returns each one's result, or the exception it raised, in order."""
-        results: list[Any] = []
-        for admission, record in settlements:
-            try:
-                results.append(await self.ledger.settle(admission, record))
-            except Exception as exc:  # returned to its own caller only
-                results.append(exc)
-        return results
-
-
-class SettlementBatch:
-    """Sends the settlements that arrive while one is on its way to the ledger together, in
-    one actor call: a lone settlement goes at once, and under load a router makes about one
-    ledger call per request (its admission) instead of two. Settlements never wait on the
-    database (the ledger journals them), so none in a batch holds up the others.
-
-    Args:
-        send: sends a batch of (admission, record) pairs; returns each one's result or
-            exception, in order.
-    """
-
-    def __init__(self, send: Callable[[list[tuple[Any, Any]]], Awaitable[list[Any]]]) -> None:
-        self._send = send
-        self._waiting: list[tuple[tuple[Any, Any], asyncio.Future[Any]]] = []
-        self._sending: asyncio.Task[None] | None = None
-        self.calls = 0  # batches sent
-
-    async def settle(self, admission: Any, record: Any) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(((admission, record), future))
-        if self._sending is None:
-            self._sending = asyncio.create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, []
-                self.calls += 1
-                try:
-                    results = await self._send([pair for pair, _ in batch])
-                except asyncio.CancelledError:
-                    self._waiting[:0] = batch
-                    raise
-                except Exception as exc:  # the call itself failed (the actor died): so did each settlement
-                    results = [exc] * len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():  # its caller gave up (a deadline); the ledger has it anyway
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-        finally:
-            self._sending = None
-            for _, future in self._waiting:  # left only if this task was cancelled (the router stops)
-                future.cancel()
-            self._waiting = []
 
 
 class GatewayServer:
@@ -193,26 +131,16 @@ class RemoteGateway:
         self._deadlines: dict[str, float | None] = {m: max(timeout_s, ADMIN_TIMEOUT_S) for m in GATEWAY_METHODS}
         self._deadlines |= {method: timeout_s for method in REQUEST_METHODS}
         self._deadlines |= {"generation": timeout_s + LOOKUP_WAIT_S, "admit": None}
-        self.settlements = SettlementBatch(self._settle_many)
 
     def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
         if method not in GATEWAY_METHODS:
             raise AttributeError(method)
         return functools.partial(self._run, method)
 
-    async def _ledger(self) -> ActorHandle:
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._actor is None:
             self._actor = await self._locate.remote()
-        return self._actor
-
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if method == "settle":
-            return await self.settlements.settle(*args, **kwargs)
-        return await (await self._ledger()).call.remote(method, *args, **kwargs)
-
-    async def _settle_many(self, settlements: list[tuple[Any, Any]]) -> list[Any]:
-        results: list[Any] = await (await self._ledger()).settle_many.remote(settlements)
-        return results
+        return await self._actor.call.remote(method, *args, **kwargs)
 
     async def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
         pause = self._first_pause_s

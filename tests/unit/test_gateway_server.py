@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,9 @@ from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.base import GATEWAY_METHODS, REQUEST_METHODS, RequestGateway, _methods
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger, LedgerStopped
-from orchestrator.gateway.records import KeyLimits, UsageRecord
+from orchestrator.gateway.records import KeyLimits
 from orchestrator.gateway.store import SQLStore
-from orchestrator.serving.gateway_server import LedgerActor, RemoteGateway, SettlementBatch
+from orchestrator.serving.gateway_server import LedgerActor, RemoteGateway
 
 
 @pytest.fixture
@@ -70,7 +69,6 @@ class _Actors:
         self.delay_s = delay_s
         self.lookups = 0
         self.calls: list[tuple[int, str]] = []
-        self.settle_batches: list[int] = []  # settlements per settle_many call
 
     def options(self, **_: object) -> _Actors:
         return self
@@ -92,17 +90,8 @@ class _Actors:
             def remote(self, method: str, *args: object, **kwargs: object) -> object:
                 return self._answer(method)
 
-        class SettleMany:
-            async def _answer(self, pairs: list[object]) -> list[object]:
-                actors.settle_batches.append(len(pairs))
-                return [await Call()._answer("settle") for _ in pairs[:1]] * len(pairs)
-
-            def remote(self, pairs: list[object]) -> object:
-                return self._answer(pairs)
-
         class Actor:
             call = Call()
-            settle_many = SettleMany()
 
         return Actor()
 
@@ -165,63 +154,3 @@ async def test_every_call_but_admission_gets_503_past_its_deadline() -> None:
     assert await remote.generation("g", None) == "actor-3"
     assert await remote.admit("k", ["m"], 1, "r") == "actor-3"
     assert hanging.calls[-2:] == [(3, "generation"), (3, "admit")]  # both answered, after 0.3 s
-
-
-async def test_settlements_that_arrive_while_one_is_sent_go_together() -> None:
-    actors = _Actors(delay_s=0.05)
-    remote = RemoteGateway(actors)  # type: ignore[arg-type]
-    assert await remote.settle("a", "r") == "actor-0"  # a lone settlement goes at once
-    first = asyncio.ensure_future(remote.settle("a0", "r0"))
-    await asyncio.sleep(0.01)  # on its way
-    results = await asyncio.gather(first, *(remote.settle(f"a{i}", f"r{i}") for i in range(1, 20)))
-    assert results == ["actor-0"] * 20
-    # The 19 that came while the first was on its way went together, in one call.
-    assert actors.settle_batches == [1, 1, 19] and remote.settlements.calls == 3
-
-
-async def test_a_batch_whose_actor_died_is_settled_again_on_the_next_ledger() -> None:
-    from ray.exceptions import RayActorError
-
-    actors = _Actors(RayActorError(), None, delay_s=0.02)
-    remote = RemoteGateway(actors, first_pause_s=0.001)  # type: ignore[arg-type]
-    assert await asyncio.gather(*(remote.settle(f"a{i}", f"r{i}") for i in range(10))) == ["actor-1"] * 10
-    assert actors.settle_batches[0] == 10 and sum(actors.settle_batches) == 20  # every one sent twice
-    assert actors.lookups == 2  # the dead actor's handle was dropped once, not per settlement
-
-
-async def test_each_settlement_in_a_batch_gets_its_own_result(actor: LedgerActor) -> None:
-    created = await actor.call("create_key", KeyLimits(name="k", credits="10"))
-    admissions = [await actor.call("admit", created.key, ["m"], 10, f"r{i}") for i in range(3)]
-
-    def used(i: int) -> UsageRecord:
-        a = admissions[i]
-        return UsageRecord(
-            request_id=a.request_id, key_id=a.key_id, workspace_id=a.workspace_id, model="m",
-            prompt_tokens=5, completion_tokens=5, cost="0.5", latency_ms=1.0, created_at=datetime.now(UTC),
-        )  # fmt: skip
-
-    pairs = [(admissions[0], used(0)), (admissions[1], used(1)), (admissions[0], used(0))]
-    assert await actor.settle_many(pairs) == [True, True, False]  # the repeat is not recorded twice
-    await actor.stop()
-    stopped = await actor.settle_many([(admissions[2], used(2))])
-    assert len(stopped) == 1 and isinstance(stopped[0], LedgerStopped)  # returned, not raised
-
-
-async def test_a_cancelled_batch_cancels_its_waiting_settlements() -> None:
-    started = asyncio.Event()
-
-    async def hang(pairs: list[tuple[object, object]]) -> list[object]:
-        started.set()
-        await asyncio.sleep(3600)
-        raise AssertionError("unreachable")
-
-    batch = SettlementBatch(hang)
-    first = asyncio.ensure_future(batch.settle("a", "r"))
-    await started.wait()
-    second = asyncio.ensure_future(batch.settle("b", "r"))
-    await asyncio.sleep(0)
-    assert batch._sending is not None
-    batch._sending.cancel()
-    for waiting in (first, second):
-        with pytest.raises(asyncio.CancelledError):
-            await waiting  # neither hangs
