@@ -128,12 +128,17 @@ def test_status_once_and_watching_under_traffic(served: Served) -> None:
         watch = subprocess.Popen(
             [str(BIN / "orchestrator"), "status", "--address", served.line(r"Ray cluster at (\S+):").group(1),
              "--json", "--watch", "3", "--window", "3"],
-            env=served.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**served.env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert watch.stdout is not None
         lines = [watch.stdout.readline() for _ in range(2)]
         watch.send_signal(signal.SIGINT)
-        code = watch.wait(timeout=60)
+        code: int | None = None
+        try:
+            code = watch.wait(timeout=120)  # Ray's disconnect took up to 7 s here under load
+        except subprocess.TimeoutExpired:
+            watch.send_signal(signal.SIGABRT)  # the fault handler writes every thread's stack to stderr
+            watch.wait(timeout=30)
         assert all(lines) and code == 0, (lines, code, watch.stderr.read() if watch.stderr else "")  # Ctrl-C: 0
         frames = [json.loads(line) for line in lines]
     assert load.completed > 0 and not load.failures, load.failures
