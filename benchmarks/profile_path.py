@@ -37,7 +37,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.load import run_load
-from benchmarks.vs_vllm import MODES, run_direct, run_orchestrator
+from benchmarks.vs_vllm import add_load_arguments, run_direct, run_orchestrator
 from orchestrator.engine.weights import build_tiny_llama
 
 # (substring of the process title or command line, component); the first match wins.
@@ -176,12 +176,7 @@ def measure_components(args: argparse.Namespace, label: str) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--orch-env", action="append", default=[], help="KEY=VALUE for the orchestrator runs")
+    add_load_arguments(parser)
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR", help="also sample with py-spy into DIR")
     parser.add_argument("--top", type=int, default=25, help="functions to print per profile")
     args = parser.parse_args()

@@ -246,15 +246,22 @@ def print_table(run: int, results: dict[str, Measured]) -> None:
             )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3)
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load's shape, the servers to run and the orchestrator's environment (shared with
+    profile_path.py)."""
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--c1-requests", type=int, default=40, help="requests sent one at a time")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--orch-env", action="append", default=[], help="KEY=VALUE for the orchestrator runs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--c1-requests", type=int, default=40, help="requests sent one at a time")
+    add_load_arguments(parser)
     parser.add_argument(
         "--overload",
         type=int,
@@ -262,7 +269,6 @@ def main() -> None:
         metavar="N",
         help="also run N x max_num_seqs concurrent streams (2 requests each); 529s are counted as shed",
     )
-    parser.add_argument("--orch-env", action="append", default=[], help="KEY=VALUE for the orchestrator runs")
     args = parser.parse_args()
 
     per_run: list[dict[str, Any]] = []
