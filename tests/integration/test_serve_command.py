@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -120,14 +121,22 @@ def test_serve_prints_its_metrics_port_which_serves_every_series(served: Served)
     assert names >= WANTED, sorted(names)
 
 
+_WITH_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def test_status_once_and_watching_under_traffic(served: Served) -> None:
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{served.port}/v1", api_key="none", max_retries=0)
     with steady_load(client, "e", streams=2) as load:
         time.sleep(5)  # a few streams, so the window sees tokens
         done = served.status("--json", "--window", "5")
+        # Through an exec that restores SIGINT's default: a shell's background job (how a
+        # suite may be run) starts with SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt, so Ctrl-C would not reach the command.
         watch = subprocess.Popen(
-            [str(BIN / "orchestrator"), "status", "--address", served.line(r"Ray cluster at (\S+):").group(1),
-             "--json", "--watch", "3", "--window", "3"],
+            [sys.executable, "-c", _WITH_SIGINT, str(BIN / "orchestrator"), "status",
+             "--address", served.line(r"Ray cluster at (\S+):").group(1), "--json", "--watch", "3", "--window", "3"],
             env={**served.env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert watch.stdout is not None
@@ -139,6 +148,7 @@ def test_status_once_and_watching_under_traffic(served: Served) -> None:
         except subprocess.TimeoutExpired:
             watch.send_signal(signal.SIGABRT)  # the fault handler writes every thread's stack to stderr
             watch.wait(timeout=30)
+            print("orchestrator status did not end on Ctrl-C; its stderr:", watch.stderr.read() if watch.stderr else "")
         assert all(lines) and code == 0, (lines, code, watch.stderr.read() if watch.stderr else "")  # Ctrl-C: 0
         frames = [json.loads(line) for line in lines]
     assert load.completed > 0 and not load.failures, load.failures
