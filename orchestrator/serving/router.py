@@ -3,7 +3,8 @@
 It never imports vllm. Only plain data crosses the handles: the request body (dict), the
 request id, and back batches of SSE frames (lists of str) or the response dict. Every
 handle call has a deadline (the catalog's ``overload`` timeouts, or its cold-start bound
-while the model has no running replica).
+while the model has no running replica), and the requests in flight to each model are
+bounded (:class:`InFlight`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import inspect
 import math
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 from ray import serve
@@ -84,9 +85,8 @@ class InFlight:
         per_replica = (spec.max_num_seqs or DEFAULT_MAX_NUM_SEQS) + spec.overload.max_waiting_per_replica
         return math.ceil(running * per_replica / self._routers)
 
-    def take(self, spec: ModelSpec, running: int | None) -> Callable[[], None]:
-        """Counts a request in; returns the function that counts it out (once, however
-        often it is called).
+    def take(self, spec: ModelSpec, running: int | None) -> None:
+        """Counts a request in (:meth:`release` counts it out).
 
         Raises:
             OrchestratorError: ``provider_overloaded`` (529, ``Retry-After``) past the bound.
@@ -96,32 +96,24 @@ class InFlight:
         if bound is not None and count >= bound:
             raise _overloaded(spec)
         self.counts[spec.name] = count + 1
-        released = False
 
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.counts[spec.name] -= 1
-
-        return release
+    def release(self, model: str) -> None:
+        self.counts[model] -= 1
 
 
 class _HandleStream:
-    """A ChunkStream over a handle's generator with the router's deadlines and error codes;
-    ``release`` is called once when it ends, fails, is cancelled or is dropped."""
+    """A ChunkStream over a handle's generator with the router's deadlines and error codes.
+    It is counted out of the router's :class:`InFlight` once: when it ends, fails or is
+    cancelled, or, if the response never read it (the client left first), when it is
+    collected."""
 
-    def __init__(
-        self, router: Router, spec: ModelSpec, source: DeploymentResponseGenerator, release: Callable[[], None]
-    ) -> None:
+    def __init__(self, router: Router, spec: ModelSpec, source: DeploymentResponseGenerator) -> None:
         self._router = router
         self._spec = spec
         self._source = source
         self._first = True
-        self._release = release
-        # A stream the response never iterated (the client left first) is neither ended
-        # nor cancelled; it is counted out when it is collected.
-        weakref.finalize(self, release)
+        # A finalizer runs its function at most once, whether called or collected.
+        self._release = weakref.finalize(self, router.in_flight.release, spec.name)
 
     def __aiter__(self) -> _HandleStream:
         return self
@@ -248,7 +240,7 @@ class Router:
                 task.cancel()
 
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        release = self.in_flight.take(spec, self._running(spec))
+        self.in_flight.take(spec, self._running(spec))
         try:
             call = self._complete[spec.name].remote(kind, body, request_id)
             try:
@@ -259,17 +251,17 @@ class Router:
                 call.cancel()  # the replica stops generating (Serve cancels its task)
                 raise
         finally:
-            release()
+            self.in_flight.release(spec.name)
         return result
 
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _HandleStream:
-        release = self.in_flight.take(spec, self._running(spec))
+        self.in_flight.take(spec, self._running(spec))
         try:
             source: Any = self._stream[spec.name].remote(kind, body, request_id)  # stream=True: a generator
         except BaseException:
-            release()
+            self.in_flight.release(spec.name)
             raise
-        return _HandleStream(self, spec, source, release)
+        return _HandleStream(self, spec, source)
 
     def health(self) -> dict[str, ModelHealth]:
         self.states.start()
