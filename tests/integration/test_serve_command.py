@@ -144,12 +144,14 @@ def test_status_once_and_watching_under_traffic(served: Served) -> None:
         watch.send_signal(signal.SIGINT)
         code: int | None = None
         try:
-            code = watch.wait(timeout=120)  # Ray's disconnect took up to 7 s here under load
+            code = watch.wait(timeout=60)
         except subprocess.TimeoutExpired:
             watch.send_signal(signal.SIGABRT)  # the fault handler writes every thread's stack to stderr
             watch.wait(timeout=30)
-            print("orchestrator status did not end on Ctrl-C; its stderr:", watch.stderr.read() if watch.stderr else "")
-        assert all(lines) and code == 0, (lines, code, watch.stderr.read() if watch.stderr else "")  # Ctrl-C: 0
+        stderr = watch.stderr.read() if watch.stderr else ""
+        if code != 0:
+            print("orchestrator status --watch after Ctrl-C; its stderr:", stderr)  # whole, unlike the assertion's
+        assert all(lines) and code == 0, (lines, code, stderr[-2000:])  # Ctrl-C: 0
         frames = [json.loads(line) for line in lines]
     assert load.completed > 0 and not load.failures, load.failures
     assert done.returncode == 0, done.stderr[-2000:]
