@@ -1,12 +1,13 @@
 """Orchestrator vs vLLM's own OpenAI server, same tiny model, same load, one sitting.
 
     .venv/bin/python benchmarks/vs_vllm.py [--runs 3] [--requests 300] [--concurrency 32]
-        [--c1-requests 40] [--overload N] [--modes direct open gateway]
+        [--c1-requests 40] [--overload N] [--modes direct open gateway] [--route model|router]
 
 Each run starts vLLM's OpenAI server on a tiny random-weight model, drives it with streaming
 completions (64-token prompts, 64 output tokens) at ``--concurrency`` and then one at a
 time, and stops it; then does the same through the orchestrator (``orchestrator serve``
-with a one-model catalog), in open mode and with the gateway on (an admin key, a SQLite
+with a one-model catalog; by default on the model's own route, ``/models/tiny/v1``, with
+``--route router`` on the router's ``/v1``), in open mode and with the gateway on (an admin key, a SQLite
 ledger, and a key whose RPM, TPM and credit limits are checked on every request and never
 reached). Server CPU is the CPU time of the server's whole process tree.
 
@@ -142,15 +143,16 @@ Measure = Callable[[str, dict[str, str], argparse.Namespace, int], Any]
 
 def serve_and_measure(
     cmd: list[str], env: dict[str, str], port: int, ready_path: str, args: argparse.Namespace, log: Path,
-    prepare: Prepare = lambda _: {}, measure_fn: Measure = measure,
+    prepare: Prepare = lambda _: {}, measure_fn: Measure = measure, route: str = "",
 ) -> Any:  # fmt: skip
-    """Starts a server, waits until ``ready_path`` answers 200, measures it, stops it."""
+    """Starts a server, waits until ``ready_path`` answers 200, measures it under ``route``
+    (a path prefix), stops it."""
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             base_url = f"http://127.0.0.1:{port}"
-            wait_ready(base_url + ready_path, proc)
-            return measure_fn(base_url, prepare(base_url), args, proc.pid)
+            wait_ready(base_url + route + ready_path, proc)
+            return measure_fn(base_url + route, prepare(base_url), args, proc.pid)
         finally:
             stop(proc)
 
@@ -192,7 +194,10 @@ def run_orchestrator(
     for pair in args.orch_env:
         key, _, value = pair.partition("=")
         env[key] = value
-    return serve_and_measure(cmd, env, port, "/health", args, work / f"orch-{mode}.log", prepare, measure_fn)
+    # The model's own route (/models/tiny) or the router's (/v1 for every model).
+    route = "/models/tiny" if args.route == "model" else ""
+    log = work / f"orch-{mode}.log"
+    return serve_and_measure(cmd, env, port, "/health", args, log, prepare, measure_fn, route)
 
 
 def figures(o: LoadResult, d: LoadResult) -> dict[str, float]:
@@ -255,6 +260,12 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--orch-env", action="append", default=[], help="KEY=VALUE for the orchestrator runs")
+    parser.add_argument(
+        "--route",
+        choices=("model", "router"),
+        default="model",
+        help="send the orchestrator's load to the model's own route (/models/tiny/v1) or the router's (/v1)",
+    )
 
 
 def main() -> None:
@@ -300,6 +311,7 @@ def main() -> None:
     for key in ("open", "direct"):
         if key in medians:
             final[key] = medians[key]
+    final["route"] = args.route
     final["runs"] = per_run
     print(json.dumps(final))
 

@@ -81,7 +81,7 @@ def serve_forever(
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    from orchestrator.layout import serve_config
+    from orchestrator.layout import model_route, serve_config
 
     # Replicas reserve logical CPUs; vLLM's worker processes are not Ray tasks, so a small
     # machine may hold more replicas than it has cores.
@@ -123,6 +123,8 @@ def serve_forever(
             for spec in models:
                 names = ", ".join(spec.names[1:])
                 print(f"  model {spec.name}" + (f"  (also: {names})" if names else ""), flush=True)
+                own = f"http://{settings.host}:{settings.port}{model_route(spec)}/v1"
+                print(f"    its own route, without the router: {own}", flush=True)
             print(f"Metrics (Prometheus text) at {_metrics_url()}", flush=True)
             gcs = ray.get_runtime_context().gcs_address
             print(f"Ray cluster at {gcs}: orchestrator status --address {gcs}", flush=True)

@@ -11,7 +11,9 @@ entry), the gateway is one (its ``args`` hold only the settings), and the router
 * ``<name>-gateway``: the gateway, unless the settings say ``open_access``
   (``build_gateway_app``);
 * ``<name>-<deployment>``: each model's ModelServer (``build_model_app``), where
-  ``<deployment>`` is :func:`orchestrator.catalog.deployment_name` of its display name.
+  ``<deployment>`` is :func:`orchestrator.catalog.deployment_name` of its display name. Its
+  replicas also answer the OpenAI API for that model alone on the model's own route,
+  :func:`model_route` (``/models/<model>``, under the router's prefix), without the router.
 
 Changing model B's entry then rebuilds B's application and the router's (which Serve
 rolls over, draining the old replica); model A's application and the gateway's keep their
@@ -42,6 +44,13 @@ def model_app_name(instance: str, deployment: str) -> str:
 def gateway_app_name(instance: str) -> str:
     """The Serve application of the gateway of the router application ``instance``."""
     return f"{instance}-{GATEWAY_DEPLOYMENT}"
+
+
+def model_route(spec: ModelSpec, route_prefix: str = "/") -> str:
+    """The route prefix of a model's own application: ``/models/`` and its deployment name
+    without ``model-`` (the display name with anything but letters, digits, ``-`` and ``_``
+    made ``-``), under the router's ``route_prefix``."""
+    return f"{route_prefix.rstrip('/')}/models/{spec.deployment_name.removeprefix('model-')}"
 
 
 def instance_of(application: str, deployment: str) -> str:
@@ -91,7 +100,7 @@ def applications(
     apps.extend(
         {
             "name": model_app_name(name, spec.deployment_name),
-            "route_prefix": None,
+            "route_prefix": model_route(spec, route_prefix),
             "import_path": MODEL_IMPORT,
             "args": {"model": entry(spec), **shared},
         }

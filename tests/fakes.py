@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.api.backend import Kind, ModelHealth
+from orchestrator.api.backend import GeneratorStream, Kind, ModelHealth
 from orchestrator.api.sse import frame
 from orchestrator.catalog import ModelSpec
 from orchestrator.engine.base import EngineLoad
@@ -123,20 +123,6 @@ class FakeEngine:
             self.running -= 1
 
 
-class _Stream:
-    def __init__(self, source: AsyncIterator[list[str]]) -> None:
-        self._source = source
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> list[str]:
-        return await anext(self._source)
-
-    def cancel(self) -> None:
-        self.closing = asyncio.ensure_future(self._source.aclose())  # type: ignore[attr-defined]
-
-
 class LocalBackend:
     """Runs fake engines in-process, batching frames like a ModelServer does."""
 
@@ -147,8 +133,8 @@ class LocalBackend:
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         return await self.engines[spec.name].complete(kind, body, request_id)
 
-    def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _Stream:
-        return _Stream(batch_frames(self.engines[spec.name].stream(kind, body, request_id), self.batch_s))
+    def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> GeneratorStream:
+        return GeneratorStream(batch_frames(self.engines[spec.name].stream(kind, body, request_id), self.batch_s))
 
     def health(self) -> dict[str, ModelHealth]:
         return {name: ModelHealth(ready=True, state="serving", replicas=1) for name in self.engines}

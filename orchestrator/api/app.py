@@ -76,6 +76,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     echo_request_id: bool = True,
     metrics: Sink | None = None,
+    admin_routes: bool = True,
 ) -> FastAPI:
     """Builds the OpenAI-compatible HTTP app.
 
@@ -89,6 +90,8 @@ def create_app(
         echo_request_id: add ``X-Request-Id`` to responses (off behind Ray Serve's proxy,
             which adds it itself).
         metrics: where request metrics go (Ray's metrics in Serve; none by default).
+        admin_routes: serve ``/admin`` with a gateway (off on a model's own route, whose
+            replicas hold no admin key).
     """
     gate: RequestGateway = gateway if gateway is not None else OpenGateway()
     settler = Settler(gate, Telemetry(metrics))
@@ -116,7 +119,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, echo_header=echo_request_id)
-    if gateway is not None:
+    if gateway is not None and admin_routes:
         app.include_router(admin_router(gateway, settings.admin_key))
     created = int(clock())
     run = functools.partial(

@@ -6,7 +6,9 @@ Serve handles; unit tests use a small deterministic fake (tests/fakes.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
@@ -14,7 +16,7 @@ from pydantic import BaseModel, Field
 from orchestrator.catalog import ModelSpec
 from orchestrator.engine.base import Kind
 
-__all__ = ["Backend", "ChunkStream", "Kind", "ModelHealth"]
+__all__ = ["Backend", "ChunkStream", "GeneratorStream", "Kind", "ModelHealth"]
 
 
 class ModelHealth(BaseModel):
@@ -39,6 +41,34 @@ class ChunkStream(Protocol):
 
     def cancel(self) -> None:
         """Stops the generation upstream (the engine aborts the request)."""
+
+
+class GeneratorStream:
+    """A :class:`ChunkStream` over an async generator of batches in this process.
+
+    The edge cancels the task reading a stream before it calls :meth:`cancel`, and that
+    cancellation closes the generator (its ``finally`` aborts the request); :meth:`cancel`
+    closes a generator that no task is reading.
+    """
+
+    def __init__(self, source: AsyncGenerator[list[str]]) -> None:
+        self._source = source
+        self._closing: asyncio.Future[None] | None = None
+
+    def __aiter__(self) -> GeneratorStream:
+        return self
+
+    async def __anext__(self) -> list[str]:
+        return await anext(self._source)
+
+    def cancel(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+
+    async def _close(self) -> None:
+        # RuntimeError: it is still being read, and the reader's cancellation closes it.
+        with contextlib.suppress(RuntimeError):
+            await self._source.aclose()
 
 
 class Backend(Protocol):

@@ -10,7 +10,7 @@ server makes it zero for a lone stream and longer as streams are added.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 
 async def batch_frames(
@@ -19,7 +19,7 @@ async def batch_frames(
     *,
     eager: int = 1,
     clock: Callable[[], float] = time.monotonic,
-) -> AsyncIterator[list[str]]:
+) -> AsyncGenerator[list[str]]:
     """Yields the first ``eager`` frames alone, then lists of frames gathered over ``interval_s``
     (a number, or a function read after each send for the next batch's interval).
 

@@ -16,6 +16,7 @@ from ray.serve.deployment import Deployment
 
 from orchestrator.catalog import Catalog, ModelSpec, catalog_from_entries, load_catalog
 from orchestrator.serving.gateway_server import GatewayServer
+from orchestrator.serving.model_route import ModelRouteDeployment
 from orchestrator.serving.model_server import ServedModelServer
 from orchestrator.serving.options import (
     gateway_deployment_options,
@@ -105,8 +106,10 @@ def _checked_settings(overrides: dict[str, Any], *, local: bool) -> Settings:
     return settings
 
 
-def _model_server(spec: ModelSpec, settings: Settings) -> Application:
-    deployment: Deployment = serve.deployment(ServedModelServer)  # type: ignore[assignment]
+def _model_server(spec: ModelSpec, settings: Settings, *, routed: bool = False) -> Application:
+    # `routed`: the ingress of the model's own application, answering on its route.
+    served = ModelRouteDeployment if routed else ServedModelServer
+    deployment: Deployment = serve.deployment(served)  # type: ignore[assignment]
     # No secret travels as an init argument (Serve shows those in its config and state API).
     return deployment.options(**model_deployment_options(spec, settings)).bind(
         spec.model_dump(mode="json", by_alias=True), settings.shareable()
@@ -190,7 +193,8 @@ def build_router_app(args: RouterAppArgs | dict[str, Any]) -> Application:
 
 
 def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
-    """Builds one model's application of :mod:`orchestrator.layout`: its ModelServer.
+    """Builds one model's application of :mod:`orchestrator.layout`: its ModelServer, which
+    also answers on the model's own route (:mod:`orchestrator.serving.model_route`).
 
     Raises:
         CatalogError: the entry is invalid (``engine_args`` are checked against vLLM's).
@@ -202,7 +206,7 @@ def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
     _refuse_plain_secrets(args.settings)  # a model needs no admin key or database
     settings = Settings(**args.settings)
     (spec,) = catalog_from_entries([args.model], origin="args.model", engine_arg_names=engine_arg_names())
-    return _model_server(spec, settings)
+    return _model_server(spec, settings, routed=True)
 
 
 def build_gateway_app(args: GatewayAppArgs | dict[str, Any] | None = None) -> Application:

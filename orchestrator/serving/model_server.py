@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from orchestrator.catalog import ModelSpec
@@ -88,9 +88,12 @@ class ModelServer:
         (at ordinary token rates) gets every chunk as it comes."""
         return min(self._batch_s, self.streams / self._batches_per_s)
 
-    async def stream(self, kind: Kind, body: dict[str, Any], request_id: str) -> AsyncIterator[list[str]]:
+    async def stream(
+        self, kind: Kind, body: dict[str, Any], request_id: str, *, batch: bool = True
+    ) -> AsyncGenerator[list[str]]:
         """Yields batches of SSE frames: the first token at once, then batches whose interval
-        grows with the streams in flight (:meth:`batch_interval_s`).
+        grows with the streams in flight (:meth:`batch_interval_s`); without ``batch``, every
+        frame alone (for a caller in this process: nothing crosses a handle).
 
         Cancelling the caller (client disconnect) closes this generator, which aborts the
         request inside the engine. Raises 529 ``provider_overloaded`` before the first batch
@@ -102,8 +105,8 @@ class ModelServer:
         try:
             eager = 2 if kind == "chat" else 1  # chat's first frame is the role alone
             frames = self.engine.stream(kind, body, request_id)
-            async for batch in batch_frames(frames, self.batch_interval_s, eager=eager):
-                yield batch
+            async for frames_out in batch_frames(frames, self.batch_interval_s if batch else 0.0, eager=eager):
+                yield frames_out
         finally:
             self.in_flight -= 1
             self.streams -= 1

@@ -105,6 +105,13 @@ def test_serve_prints_its_metrics_port_which_serves_every_series(served: Served)
         model="e", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
     )
     assert len(list(stream)) > 1  # a time to first token
+    # The model's own route, through HAProxy straight to the model's replica.
+    own = served.line(r"its own route, without the router: (\S+)").group(1)
+    assert own == f"http://127.0.0.1:{served.port}/models/tiny-e/v1"
+    route = openai.OpenAI(base_url=own, api_key="none", max_retries=0)
+    assert [m.id for m in route.models.list()] == ["tiny-e"]
+    chunks = list(route.completions.create(model="e", prompt="Hi", max_tokens=4, stream=True))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     names: set[str] = set()
     deadline = time.monotonic() + 120
     # Under load: Ray stops exporting a gauge that is not set again.

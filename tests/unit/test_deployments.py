@@ -34,8 +34,9 @@ def test_serve_config_valid(name: str) -> None:
     expected = {layout.gateway_app_name(router.name): layout.GATEWAY_IMPORT}
     expected |= {layout.model_app_name(router.name, s.deployment_name): layout.MODEL_IMPORT for s in catalog}
     assert {app.name: app.import_path for app in others} == expected
+    routes = {layout.model_app_name(router.name, s.deployment_name): layout.model_route(s) for s in catalog}
     for app in others:
-        assert app.route_prefix is None and app.args["settings"] == router_args.settings
+        assert app.route_prefix == routes.get(app.name) and app.args["settings"] == router_args.settings
         if app.import_path == layout.MODEL_IMPORT:
             (spec,) = catalog_from_entries([ModelAppArgs.model_validate(app.args).model], origin=name)
             assert app.name == layout.model_app_name(router.name, spec.deployment_name)

@@ -48,7 +48,9 @@ def test_changing_one_model_changes_only_its_application_and_the_routers() -> No
 
 def test_open_access_has_no_gateway_application_and_names_follow_the_router() -> None:
     apps = layout.applications(specs(TINY), {"open_access": True}, name="ops", route_prefix="/ops")
-    assert [(a["name"], a["route_prefix"]) for a in apps] == [("ops", "/ops"), ("ops-model-tiny-a", None)]
+    # Each model answers on its own route, under the router's prefix.
+    routes = [(a["name"], a["route_prefix"]) for a in apps]
+    assert routes == [("ops", "/ops"), ("ops-model-tiny-a", "/ops/models/tiny-a")]
     for app in apps:
         ServeApplicationSchema.model_validate(app)
     assert layout.instance_of("ops-model-tiny-a", "model-tiny-a") == "ops"

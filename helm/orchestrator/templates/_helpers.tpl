@@ -65,7 +65,7 @@ With catalog.models, the layout of orchestrator/layout.py (what `orchestrator se
 writes): the router app `orchestrator` with every entry inline, the gateway app
 `orchestrator-gateway` (unless open_access), and one app per model, `orchestrator-model-<name>`
 (the name with characters other than letters, digits, `-` and `_` as `-`), holding only its
-entry. A catalog change then changes only this config: KubeRay hands it to Serve in place,
+entry and answering on the model's own route, `/models/<name>`. A catalog change then changes only this config: KubeRay hands it to Serve in place,
 which restarts the changed models' apps and the router's and leaves the others running.
 With catalog.existingConfigMap, one app that build_app builds from the mounted catalog. */}}
 {{- define "orchestrator.serveConfig" -}}
@@ -81,8 +81,9 @@ With catalog.existingConfigMap, one app that build_app builds from the mounted c
 {{- $apps = append $apps (dict "name" "orchestrator-gateway" "route_prefix" nil "import_path" "orchestrator.serving:build_gateway_app" "args" (dict "settings" $settings)) -}}
 {{- end -}}
 {{- range .Values.catalog.models -}}
-{{- $app := printf "orchestrator-model-%s" (regexReplaceAll "[^A-Za-z0-9_-]" .name "-") -}}
-{{- $apps = append $apps (dict "name" $app "route_prefix" nil "import_path" "orchestrator.serving:build_model_app" "args" (dict "model" . "settings" $settings)) -}}
+{{- $slug := regexReplaceAll "[^A-Za-z0-9_-]" .name "-" -}}
+{{- $app := printf "orchestrator-model-%s" $slug -}}
+{{- $apps = append $apps (dict "name" $app "route_prefix" (printf "/models/%s" $slug) "import_path" "orchestrator.serving:build_model_app" "args" (dict "model" . "settings" $settings)) -}}
 {{- end -}}
 {{- end -}}
 {{- $http := dict "host" "0.0.0.0" "port" (.Values.servePort | int) -}}

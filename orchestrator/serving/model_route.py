@@ -1,0 +1,76 @@
+"""A model's own route: its ModelServer replicas answer the OpenAI API themselves.
+
+In the layout of :mod:`orchestrator.layout` each model's application has its own HTTP
+route, ``/models/<name>/v1`` (:func:`orchestrator.layout.model_route`), served by the
+model's replicas with the same FastAPI app as the router (keys, limits, metering and
+errors are the router's code, run here), over a :class:`ReplicaBackend` instead of Serve
+handles. Requests on it skip the router replica and the handle hop between them; the
+ingress (HAProxy or Serve's proxy) sends them straight to a replica of the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from orchestrator.api import Kind, create_app
+from orchestrator.api.backend import GeneratorStream, ModelHealth
+from orchestrator.catalog import Catalog, ModelSpec
+from orchestrator.layout import GATEWAY_DEPLOYMENT, gateway_app_name, instance_of
+from orchestrator.serving.gateway_server import remote_gateway
+from orchestrator.serving.model_server import ModelServer, ServedModelServer
+from orchestrator.serving.model_states import current_app_name
+from orchestrator.serving.telemetry import RaySink
+
+
+class ReplicaBackend:
+    """Implements :class:`orchestrator.api.Backend` over one ModelServer in this process."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self._server = server
+
+    async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        return await self._server.complete(kind, body, request_id)
+
+    def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> GeneratorStream:
+        # Every frame alone: nothing crosses a handle, so batching would only delay tokens.
+        return GeneratorStream(self._server.stream(kind, body, request_id, batch=False))
+
+    def health(self) -> dict[str, ModelHealth]:
+        """This replica's model: it answers, so it serves."""
+        return {self._server.spec.name: ModelHealth(ready=True, state="serving", replicas=1)}
+
+
+class RoutedModelServer(ServedModelServer):
+    """A ModelServer that also answers HTTP on its model's route (Serve's ingress)."""
+
+    def __serve_build_asgi_app__(self) -> Any:
+        gateway = None
+        if not self.settings.open_access:
+            instance = instance_of(current_app_name(), self.spec.deployment_name)
+            handle = serve.get_deployment_handle(
+                GATEWAY_DEPLOYMENT, app_name=gateway_app_name(instance), _check_exists=False
+            )
+            gateway = remote_gateway(handle, self.settings.gateway_timeout_seconds)
+        return create_app(
+            Catalog([self.spec]),
+            ReplicaBackend(self),
+            self.settings,
+            gateway=gateway,
+            admin_routes=False,
+            echo_request_id=False,
+            metrics=RaySink(),
+        )
+
+    async def __del__(self) -> None:  # type: ignore[misc]
+        # In the class serve.ingress builds, Serve's ASGI wrapper follows ModelServer in the
+        # MRO; its __del__ ends the app's lifespan (settlements still in flight). Then the
+        # engine stops.
+        end_lifespan = getattr(super(ModelServer, self), "__del__", None)
+        if end_lifespan is not None:
+            await end_lifespan()
+        await self.shutdown()
+
+
+ModelRouteDeployment = serve.ingress()(RoutedModelServer)

@@ -1,0 +1,131 @@
+"""A model's own route (serving/model_route.py): the router's HTTP app over the replica's
+own ModelServer, with the real ledger (SQLite) and a fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from ray.serve._private.http_util import ASGIAppReplicaWrapper
+
+from orchestrator.api import create_app
+from orchestrator.catalog import Catalog
+from orchestrator.gateway.ledger import Ledger
+from orchestrator.gateway.records import KeyLimits
+from orchestrator.serving.model_route import ModelRouteDeployment, ReplicaBackend
+from orchestrator.serving.model_server import ModelServer
+from orchestrator.settings import Settings
+from tests.fakes import FakeEngine
+
+CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+def server(catalog: Catalog, engine: FakeEngine, **overload: Any) -> ModelServer:
+    spec = catalog.resolve("tiny-a").model_dump(mode="json")
+    spec["overload"] = overload
+    settings = Settings(stream_batch_ms=10_000, stream_batches_per_second=1).model_dump(mode="json")
+    return ModelServer(spec, settings, engine_factory=lambda s, st: engine)  # type: ignore[arg-type,return-value]
+
+
+@pytest.fixture
+async def route(catalog: Catalog, ledger: Ledger) -> AsyncIterator[tuple[httpx.AsyncClient, ModelServer]]:
+    srv = server(catalog, FakeEngine(words=["one", "two", "three"], token_delay_s=0.005))
+    spec = catalog.resolve("tiny-a")
+    app = create_app(Catalog([spec]), ReplicaBackend(srv), srv.settings, gateway=ledger, admin_routes=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        yield client, srv
+
+
+async def test_every_frame_goes_alone_where_a_handle_stream_batches(catalog: Catalog) -> None:
+    srv = server(catalog, FakeEngine(words=[f"w{i}" for i in range(12)]))
+    spec = catalog.resolve("tiny-a")
+    body = {"model": "tiny-a", "prompt": "x", "stream": True}
+    local = [b async for b in ReplicaBackend(srv).stream(spec, "completion", body, "r1")]
+    contents = [[f for f in b if not f.startswith(":")] for b in local]
+    assert [len(b) for b in contents] == [1] * 13  # 12 words and the usage chunk
+    # The same engine through the handle path's batches (one a second here): far fewer.
+    batched = [b async for b in srv.stream("completion", body, "r2")]
+    assert len(batched) < 13
+    assert srv.in_flight == 0 and srv.streams == 0
+
+
+async def test_cancelling_an_unread_stream_ends_it_in_the_engine(catalog: Catalog) -> None:
+    engine = FakeEngine(words=["w"] * 50, token_delay_s=0.01)
+    srv = server(catalog, engine)
+    stream = ReplicaBackend(srv).stream(catalog.resolve("tiny-a"), "chat", CHAT, "r")
+    await anext(stream)
+    assert srv.in_flight == 1 and engine.running == 1
+    stream.cancel()
+    stream.cancel()  # twice is once
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert srv.in_flight == 0 and engine.running == 0
+
+
+async def test_cancelling_the_reader_ends_the_stream_in_the_engine(catalog: Catalog) -> None:
+    engine = FakeEngine(words=["w"] * 50, token_delay_s=1.0)
+    srv = server(catalog, engine)
+    stream = ReplicaBackend(srv).stream(catalog.resolve("tiny-a"), "chat", CHAT, "r")
+    await anext(stream)  # the role, before the first word's second
+    reader = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.02)
+    reader.cancel()  # as the edge does first when a client leaves
+    stream.cancel()  # then this, while the reader is still inside the generator
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert srv.in_flight == 0 and engine.running == 0
+
+
+async def test_the_route_checks_keys_meters_and_serves_only_its_model(
+    route: tuple[httpx.AsyncClient, ModelServer], ledger: Ledger
+) -> None:
+    http, srv = route
+    assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 401
+    key = (await ledger.create_key(KeyLimits(rpm=100))).key
+    headers = {"Authorization": f"Bearer {key}"}
+    resp = await http.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers)
+    assert resp.status_code == 200 and resp.headers["x-ratelimit-limit-requests"] == "100"
+    events = [line.removeprefix("data: ") for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])["usage"]
+    assert usage["completion_tokens"] == 3 and float(usage["cost"]) > 0
+    generation = json.loads(events[-2])["id"]
+    found = await http.get("/v1/generation", params={"id": generation}, headers=headers)
+    data = found.json()["data"]
+    assert found.status_code == 200 and data["streamed"] is True and data["cost"] == usage["cost"]
+    # Another catalog model is not served here, and neither is the admin API.
+    other = await http.post("/v1/chat/completions", json={**CHAT, "model": "tiny-b"}, headers=headers)
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+    assert (await http.get("/admin/keys", headers=headers)).status_code == 404
+    models = (await http.get("/v1/models", headers=headers)).json()["data"]
+    assert [m["id"] for m in models] == ["tiny-a"]
+    assert srv.in_flight == 0
+
+
+async def test_the_route_sheds_past_the_replicas_queue(catalog: Catalog) -> None:
+    engine = FakeEngine(words=["w"] * 20, token_delay_s=0.01, capacity=1)
+    srv = server(catalog, engine, max_waiting_per_replica=0)
+    app = create_app(Catalog([catalog.resolve("tiny-a")]), ReplicaBackend(srv), srv.settings, admin_routes=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        first = asyncio.ensure_future(http.post("/v1/chat/completions", json={**CHAT, "stream": True}))
+        for _ in range(1000):  # until the first is in the replica
+            if srv.in_flight:
+                break
+            await asyncio.sleep(0.001)
+        shed = await http.post("/v1/chat/completions", json=CHAT)
+        assert shed.status_code == 529 and shed.headers["retry-after"] == "1"
+        assert shed.json()["error"]["code"] == "provider_overloaded"
+        assert (await first).status_code == 200
+
+
+def test_serves_ingress_class_ends_the_apps_lifespan_before_the_engine() -> None:
+    # RoutedModelServer.__del__ reaches Serve's ASGI wrapper through the MRO of the class
+    # serve.ingress builds: that wrapper must follow ModelServer in it.
+    ending = super(ModelServer, ModelRouteDeployment).__del__  # type: ignore[misc]
+    assert ending is ASGIAppReplicaWrapper.__del__
