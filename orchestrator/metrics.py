@@ -40,7 +40,7 @@ class MetricSpec:
     buckets: tuple[float, ...] = ()
 
 
-# --- measured at the router: what the client sees
+# --- measured where a request is answered (the router, or a model replica on its own route): what the client sees
 REQUESTS = MetricSpec(
     "orchestrator_requests",
     "counter",
@@ -50,7 +50,7 @@ REQUESTS = MetricSpec(
 TTFT = MetricSpec(
     "orchestrator_time_to_first_token_seconds",
     "histogram",
-    "Time from request arrival to the first token leaving the router.",
+    "Time from request arrival to the first token leaving the router (or the model's replica, on its own route).",
     ("model", "route"),
     _LATENCY_BUCKETS,
 )

@@ -10,6 +10,7 @@ from typing import Any
 
 from orchestrator.catalog import ModelSpec
 from orchestrator.layout import GATEWAY_DEPLOYMENT
+from orchestrator.serving.model_server import SHED_RETRY_AFTER_S
 from orchestrator.settings import Settings
 
 # Replicas get time to finish in-flight streams on scale-down or redeploy.
@@ -117,6 +118,10 @@ def model_deployment_options(spec: ModelSpec, settings: Settings) -> dict[str, A
         # Not Serve's max_queued_requests: it also counts requests that are only being routed,
         # so a burst is refused while replicas have room. The router bounds the one queue
         # Serve would hold (requests waiting for a cold model) itself.
+        # Past max_ongoing_requests a request on the model's own route is refused by Serve
+        # before our app sees it (a burst faster than the 529s): 503 with Retry-After, as
+        # the replica's own 529 has.
+        backpressure_config={"status_code": 503, "retry_after_s": SHED_RETRY_AFTER_S},
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,

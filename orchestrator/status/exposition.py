@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 from orchestrator import metrics
+from orchestrator.catalog import deployment_name
+from orchestrator.layout import instance_of
 
 _PREFIX = "ray_orchestrator_"
 
@@ -92,9 +94,17 @@ def collect_series(texts: Iterable[str]) -> dict[tuple[str, frozenset[tuple[str,
 
 
 def key_of(labels: Iterable[tuple[str, str]]) -> Key:
-    """Returns a series' (application, model) from its labels; ``""`` for a missing label."""
+    """Returns a series' (application, model) from its labels; ``""`` for a missing label.
+
+    A series recorded on a model's own route carries the model's application
+    (:mod:`orchestrator.layout`); it is keyed by its router's, like the router's series.
+    """
     found = dict(labels)
-    return found.get("application", ""), found.get("model", "")
+    model = found.get("model", "")
+    application = found.get("application", "")
+    if model and found.get("deployment") == deployment_name(model):
+        application = instance_of(application, deployment_name(model))
+    return application, model
 
 
 def gauge_values(series: Series, name: str) -> dict[Key, float]:

@@ -130,6 +130,16 @@ class Deployment:
         env = {**self.env, "ORCH_DATABASE_URL": database_url or self.database_url}
         return _run(env, str(BIN / "orchestrator"), *args, timeout=120)
 
+    def record(self, gen_id: str) -> dict[str, Any]:
+        """A generation's usage record, read with the admin key (waits up to 30 s for it)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            resp = self.admin("GET", "/v1/generation", params={"id": gen_id})
+            if resp.status_code == 200:
+                return dict(resp.json()["data"])
+            time.sleep(0.2)
+        raise AssertionError(f"no record for {gen_id}")
+
     def new_key(self, base_url: str | None = None, **limits: object) -> str:
         """Creates a key through the admin API and returns it."""
         resp = self.admin("POST", "/admin/keys", base_url=base_url, json=limits)

@@ -151,16 +151,6 @@ def test_generation_lookup_straight_after_the_response(deployment: Deployment) -
     assert deployment.admin("GET", "/v1/generation", params={"id": resp.id}).status_code == 200
 
 
-def _record(deployment: Deployment, gen_id: str) -> dict:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        resp = deployment.admin("GET", "/v1/generation", params={"id": gen_id})
-        if resp.status_code == 200:
-            return dict(resp.json()["data"])
-        time.sleep(0.2)
-    raise AssertionError(f"no record for {gen_id}")
-
-
 def test_credits_debited_once_when_the_client_disconnects(deployment: Deployment) -> None:
     created = deployment.admin("POST", "/admin/keys", json={"credits": "1"}).json()
     key, key_id = created["key"], created["info"]["id"]
@@ -170,7 +160,7 @@ def test_credits_debited_once_when_the_client_disconnects(deployment: Deployment
         for _ in range(6):
             next(lines)
     gen_id = first.split('"id":"', 1)[1].split('"', 1)[0]
-    record = _record(deployment, gen_id)
+    record = deployment.record(gen_id)
     assert record["cancelled"] is True and record["status_code"] == 499
     assert record["prompt_tokens"] > 0 and 0 < record["completion_tokens"] < 480
     deadline = time.monotonic() + 30
@@ -308,7 +298,7 @@ def test_a_cut_short_stream_with_several_choices_is_billed_for_all(deployment: D
                     seen[choice["index"]] = seen.get(choice["index"], 0) + 1
             if len(seen) == 4 and sum(seen.values()) >= 40:
                 break
-    record = _record(deployment, gen_id)
+    record = deployment.record(gen_id)
     assert record["cancelled"] is True and record["completion_tokens"] < 4 * 300
     # Every choice's tokens are billed, not only the last one's (about a quarter of them).
     assert record["completion_tokens"] >= sum(seen.values()), (record["completion_tokens"], seen)

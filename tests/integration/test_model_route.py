@@ -22,16 +22,6 @@ def _route(deployment: Deployment) -> str:
     return deployment.base_url + "/models/tiny-a"
 
 
-def _record(deployment: Deployment, gen_id: str) -> dict:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        resp = deployment.admin("GET", "/v1/generation", params={"id": gen_id})
-        if resp.status_code == 200:
-            return dict(resp.json()["data"])
-        time.sleep(0.2)
-    raise AssertionError(f"no record for {gen_id}")
-
-
 def test_the_route_answers_for_its_model_alone(deployment: Deployment) -> None:
     route = deployment.client(base_url=_route(deployment), timeout=120)
     # The model's application answered, not the router (which lists every model).
@@ -77,7 +67,7 @@ def test_limits_and_credits_are_shared_exactly_with_the_router(deployment: Deplo
 
     # Every generation has its record whichever route served it, and the balance is the
     # credits less exactly their costs.
-    costs = [Decimal(str(_record(deployment, gen_id)["cost"])) for gen_id in ids]
+    costs = [Decimal(str(deployment.record(gen_id)["cost"])) for gen_id in ids]
     time.sleep(1)  # the flusher runs every 100 ms
     info = deployment.admin("GET", f"/admin/keys/{key_id}").json()
     assert Decimal(info["credits"]) == Decimal(1) - sum(costs)
@@ -92,10 +82,37 @@ def test_a_client_leaving_the_route_mid_stream_ends_it_in_the_engine(deployment:
         for _ in range(6):
             next(lines)
     gen_id = first.split('"id":"', 1)[1].split('"', 1)[0]
-    record = _record(deployment, gen_id)
+    record = deployment.record(gen_id)
     assert record["cancelled"] is True and record["status_code"] == 499
     assert 0 < record["completion_tokens"] < 480
     deadline = time.monotonic() + 30
     while engine_unfinished(deployment, "model-tiny-a") and time.monotonic() < deadline:
         time.sleep(1)
     assert engine_unfinished(deployment, "model-tiny-a") == 0
+
+
+def test_a_burst_past_the_replicas_places_is_refused_at_once_with_retry_after(deployment: Deployment) -> None:
+    # tiny-b's replica holds 16 running + 2 waiting and sheds the rest with 529; Serve itself
+    # turns away what comes past its max_ongoing_requests (those places + 8) with 503.
+    route = deployment.client(base_url=deployment.base_url + "/models/tiny-b", timeout=180)
+    refused: list[tuple[int, str]] = []
+
+    def one(_: int) -> int:
+        try:
+            chunks = list(
+                route.chat.completions.create(
+                    model="tiny-b", messages=USER, stream=True, max_tokens=200, extra_body={"ignore_eos": True}
+                )
+            )
+            assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 200
+            return 200
+        except openai.APIStatusError as exc:
+            refused.append((exc.status_code, exc.response.headers.get("retry-after", "")))
+            return exc.status_code
+
+    n = 60
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        statuses = list(pool.map(one, range(n)))
+    assert statuses.count(200) >= 18 and set(statuses) <= {200, 529, 503}, sorted(statuses)
+    assert statuses.count(529) >= 1 and all(retry == "1" for _, retry in refused), refused
+    assert engine_unfinished(deployment, "model-tiny-b") == 0

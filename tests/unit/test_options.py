@@ -23,6 +23,8 @@ def test_cpu_model_reserves_cpus_and_sets_kv_cache() -> None:
     assert opts["name"] == "model-tiny-random" and "num_replicas" not in opts
     # max_num_seqs 64 + max_waiting_per_replica 64 + headroom for refusals.
     assert opts["max_ongoing_requests"] == 64 + 64 + 8 and "max_queued_requests" not in opts
+    # Past that, Serve's own refusal on the model's route says when to retry, as a 529 does.
+    assert opts["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}
 
 
 def test_an_entry_that_sizes_its_kv_cache_in_bytes_gets_no_gib_override() -> None:

@@ -83,3 +83,21 @@ def test_a_model_in_its_own_application_is_one_row_with_its_routers() -> None:
     (row,) = summarize(before, after, 5.0, deployments)
     assert (row.application, row.model, row.status, row.running_replicas) == ("batch", QWEN, "HEALTHY", 3)
     assert row.tokens_per_second == 2.0
+
+
+def test_requests_on_a_models_own_route_count_in_its_routers_row() -> None:
+    """The model's replicas record the requests they answer themselves under their own
+    application and deployment; the row is still the router application's."""
+    own = {"application": "batch-model-qwen2-5-7b", "deployment": "model-qwen2-5-7b", "replica": "model#r"}
+    before = [counter("ray_orchestrator_completion_tokens", "t", [tokens(HEAD, ROUTER_A, "batch", QWEN, 4.0)])]
+    after = [
+        counter(
+            "ray_orchestrator_completion_tokens",
+            "t",
+            [tokens(HEAD, ROUTER_A, "batch", QWEN, 14.0), (tokens(HEAD, "cccc0003", "x", QWEN, 20.0)[0] | own, 20.0)],
+        )
+    ]
+    deployments = {("batch-model-qwen2-5-7b", "model-qwen2-5-7b"): {"status": "HEALTHY", "replica_states": {}}}
+    (row,) = summarize(before, after, 5.0, deployments)
+    assert (row.application, row.model) == ("batch", QWEN)
+    assert row.tokens_per_second == 6.0  # 10 through the router and 20 on its own route, in 5 s
