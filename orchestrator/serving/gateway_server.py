@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import ray
+from ray import serve
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.exceptions import RayServeException
@@ -29,6 +30,7 @@ from orchestrator.gateway.base import GATEWAY_METHODS, REQUEST_METHODS, Gateway,
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import LOOKUP_WAIT_S, Ledger, LedgerStopped
 from orchestrator.gateway.store import SQLStore
+from orchestrator.layout import GATEWAY_DEPLOYMENT, gateway_app_name
 from orchestrator.metrics import GatewayMetrics, Sink
 from orchestrator.serving.telemetry import RaySink
 from orchestrator.settings import Settings
@@ -185,3 +187,11 @@ def remote_gateway(handle: DeploymentHandle, timeout_s: float) -> Gateway:
     """Returns the gateway deployment's ledger as a :class:`Gateway` whose calls get 503
     past ``timeout_s`` (see :class:`RemoteGateway`)."""
     return cast(Gateway, RemoteGateway(handle, timeout_s=timeout_s))
+
+
+def instance_gateway(instance: str, timeout_s: float) -> Gateway:
+    """Returns the gateway of router application ``instance`` in the layout of
+    :mod:`orchestrator.layout` (its own application), looked up without an existence check:
+    the applications are built concurrently, and a call waits for it like any cold model."""
+    handle = serve.get_deployment_handle(GATEWAY_DEPLOYMENT, app_name=gateway_app_name(instance), _check_exists=False)
+    return remote_gateway(handle, timeout_s)

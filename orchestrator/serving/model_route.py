@@ -17,8 +17,8 @@ from ray import serve
 from orchestrator.api import Kind, create_app
 from orchestrator.api.backend import GeneratorStream, ModelHealth
 from orchestrator.catalog import Catalog, ModelSpec
-from orchestrator.layout import GATEWAY_DEPLOYMENT, gateway_app_name, instance_of
-from orchestrator.serving.gateway_server import remote_gateway
+from orchestrator.layout import instance_of
+from orchestrator.serving.gateway_server import instance_gateway
 from orchestrator.serving.model_server import ModelServer, ServedModelServer
 from orchestrator.serving.model_states import current_app_name
 from orchestrator.serving.telemetry import RaySink
@@ -43,16 +43,18 @@ class ReplicaBackend:
 
 
 class RoutedModelServer(ServedModelServer):
-    """A ModelServer that also answers HTTP on its model's route (Serve's ingress)."""
+    """A ModelServer that also answers HTTP on its model's route (Serve's ingress).
+
+    On a graceful stop the class ``serve.ingress`` builds ends the app's lifespan (the
+    settlements still in flight) first, then calls ServedModelServer's ``__del__``, which
+    stops the engine.
+    """
 
     def __serve_build_asgi_app__(self) -> Any:
         gateway = None
         if not self.settings.open_access:
             instance = instance_of(current_app_name(), self.spec.deployment_name)
-            handle = serve.get_deployment_handle(
-                GATEWAY_DEPLOYMENT, app_name=gateway_app_name(instance), _check_exists=False
-            )
-            gateway = remote_gateway(handle, self.settings.gateway_timeout_seconds)
+            gateway = instance_gateway(instance, self.settings.gateway_timeout_seconds)
         return create_app(
             Catalog([self.spec]),
             ReplicaBackend(self),
@@ -62,15 +64,6 @@ class RoutedModelServer(ServedModelServer):
             echo_request_id=False,
             metrics=RaySink(),
         )
-
-    async def __del__(self) -> None:  # type: ignore[misc]
-        # In the class serve.ingress builds, Serve's ASGI wrapper follows ModelServer in the
-        # MRO; its __del__ ends the app's lifespan (settlements still in flight). Then the
-        # engine stops.
-        end_lifespan = getattr(super(ModelServer, self), "__del__", None)
-        if end_lifespan is not None:
-            await end_lifespan()
-        await self.shutdown()
 
 
 ModelRouteDeployment = serve.ingress()(RoutedModelServer)

@@ -118,6 +118,7 @@ def model_deployment_options(spec: ModelSpec, settings: Settings) -> dict[str, A
         # Not Serve's max_queued_requests: it also counts requests that are only being routed,
         # so a burst is refused while replicas have room. The router bounds the one queue
         # Serve would hold (requests waiting for a cold model) itself.
+        #
         # Past max_ongoing_requests a request on the model's own route is refused by Serve
         # before our app sees it (a burst faster than the 529s): 503 with Retry-After, as
         # the replica's own 529 has.

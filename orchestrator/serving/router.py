@@ -24,8 +24,8 @@ from orchestrator.api import Kind, create_app
 from orchestrator.api.backend import ModelHealth
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
-from orchestrator.layout import GATEWAY_DEPLOYMENT, gateway_app_name, model_app_name
-from orchestrator.serving.gateway_server import remote_gateway
+from orchestrator.layout import model_app_name
+from orchestrator.serving.gateway_server import instance_gateway, remote_gateway
 from orchestrator.serving.model_states import ModelStates, current_app_name, serve_states
 from orchestrator.serving.options import DEFAULT_MAX_NUM_SEQS
 from orchestrator.serving.telemetry import RaySink
@@ -168,13 +168,11 @@ class Router:
                 name: serve.get_deployment_handle(deployment, app_name=where, _check_exists=False)
                 for name, (where, deployment) in locations.items()
             }
-            if not self.settings.open_access:
-                gateway = serve.get_deployment_handle(
-                    GATEWAY_DEPLOYMENT, app_name=gateway_app_name(app), _check_exists=False
-                )
+            timeout_s = self.settings.gateway_timeout_seconds
+            self.gateway = None if self.settings.open_access else instance_gateway(app, timeout_s)
         else:
             locations = {s.name: (app, s.deployment_name) for s in self.catalog}
-        self.gateway = None if gateway is None else remote_gateway(gateway, self.settings.gateway_timeout_seconds)
+            self.gateway = None if gateway is None else remote_gateway(gateway, self.settings.gateway_timeout_seconds)
         self._complete = {name: h.options(method_name="complete") for name, h in handles.items()}
         # Streams come back as a generator; each item is one batch of SSE frames.
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}

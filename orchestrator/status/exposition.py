@@ -102,8 +102,9 @@ def key_of(labels: Iterable[tuple[str, str]]) -> Key:
     found = dict(labels)
     model = found.get("model", "")
     application = found.get("application", "")
-    if model and found.get("deployment") == deployment_name(model):
-        application = instance_of(application, deployment_name(model))
+    deployment = deployment_name(model)
+    if model and found.get("deployment") == deployment:
+        application = instance_of(application, deployment)
     return application, model
 
 

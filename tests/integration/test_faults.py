@@ -1,5 +1,6 @@
 """Each part of the running cluster fails under concurrent load: the gateway replica is
-killed, a router replica is killed, PostgreSQL stops for 30 s, the gateway is redeployed.
+killed, a router replica is killed, a model replica serving its own route is killed,
+PostgreSQL stops for 30 s, the gateway is redeployed.
 Afterwards the main app's PostgreSQL holds exactly one usage record per admitted request,
 the key's balance is debited by exactly their costs, and limits held. Real Ray Serve, real
 vLLM tiny models, a real PostgreSQL server; streams sent over HTTP on 127.0.0.1."""
@@ -53,12 +54,12 @@ def _new_key(deployment: Deployment, **limits: object) -> tuple[str, str]:
     return created["key"], created["info"]["id"]
 
 
-def _stream_all(deployment: Deployment, key: str, started: threading.Barrier) -> list[str]:
+def _stream_all(deployment: Deployment, key: str, started: threading.Barrier, base_url: str | None) -> list[str]:
     """One long stream: waits at ``started`` once it is admitted and streaming, then reads
     the rest. Returns the SSE lines it got (a cut connection ends them early)."""
     lines: list[str] = []
     try:
-        with open_stream(deployment, LONG, key) as stream:
+        with open_stream(deployment, LONG, key, base_url=base_url) as stream:
             lines.append(next(stream))
             started.wait(timeout=120)
             lines.extend(line for line in stream if line)
@@ -85,16 +86,21 @@ def _chat(deployment: Deployment, key: str, max_tokens: int = 2) -> httpx.Respon
 
 
 def _kill_mid_load(
-    deployment: Deployment, key: str, replica: str, replicas: int = 1, during: Callable[[], None] | None = None
+    deployment: Deployment,
+    key: str,
+    replica: str,
+    replicas: int = 1,
+    during: Callable[[], None] | None = None,
+    base_url: str | None = None,
 ) -> list[list[str]]:
-    """Starts eight long streams on ``key``; once all are streaming, kills one of the
-    ``replicas`` Serve replicas whose actor name contains ``replica`` and runs ``during``.
-    Returns each stream's SSE lines."""
+    """Starts eight long streams on ``key`` (through the router, or ``base_url``); once all
+    are streaming, kills one of the ``replicas`` Serve replicas whose actor name contains
+    ``replica`` and runs ``during``. Returns each stream's SSE lines."""
     killer = replica_killer(deployment, replica, count=replicas)
     assert killer.stdout is not None and killer.stdin is not None
     started = threading.Barrier(9)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(_stream_all, deployment, key, started) for _ in range(8)]
+        futures = [pool.submit(_stream_all, deployment, key, started, base_url) for _ in range(8)]
         started.wait(timeout=120)
         killer.stdin.write("kill\n")
         killer.stdin.flush()
@@ -149,6 +155,39 @@ def test_killing_a_router_replica_mid_load_loses_and_doubles_nothing(deployment:
     assert _chat(deployment, deployment.api_key).status_code == 200
 
 
+def test_killing_the_model_replica_on_its_own_route_loses_and_doubles_nothing(deployment: Deployment) -> None:
+    """Eight streams on tiny-b's own route, where its one replica also meters them; the
+    replica is killed. Every stream is cut, and the gateway, no longer hearing from that
+    replica, records each request as lost 20 s later (500, nothing billed): exactly one
+    record each, and the balance untouched."""
+    credits = Decimal(1)
+    key, key_id = _new_key(deployment, credits=str(credits))
+    route = deployment.base_url + "/models/tiny-b"
+    streams = _kill_mid_load(deployment, key, "orchestrator-model-tiny-b#model-tiny-b", base_url=route)
+    assert not any(_completed(lines) for lines in streams), [lines[-2:] for lines in streams]
+    count, cost = _settled(deployment, key_id, 8, within_s=120)
+    assert count == 8, count
+    lost, lost_cost = _stored(deployment, key_id, "and status_code = 500 and error_code = 'internal_error'")
+    assert (lost, lost_cost, cost) == (8, 0, 0)
+    assert _balance(deployment, key_id) == credits
+    # Serve replaces the replica (a new engine starts), and the route answers again.
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            resp = httpx.post(
+                route + "/v1/chat/completions",
+                json={"model": "tiny-b", "messages": USER, "max_tokens": 2},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=120,
+            )
+            if resp.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass  # the proxy may cut the connection while the replica is gone
+        assert time.monotonic() < deadline, deployment.serve_status()
+        time.sleep(3)
+
+
 def test_postgresql_stopped_30s_mid_load_loses_and_doubles_nothing(deployment: Deployment) -> None:
     """PostgreSQL stops for 30 s while six streams run and a request arrives every 3 s.
     The gateway goes on admitting the key it has seen (cached), journals the records, and
@@ -165,7 +204,7 @@ def test_postgresql_stopped_30s_mid_load_loses_and_doubles_nothing(deployment: D
     started = threading.Barrier(7)
     statuses: list[int] = []
     with ThreadPoolExecutor(max_workers=6) as pool:
-        futures = [pool.submit(_stream_all, deployment, key, started) for _ in range(6)]
+        futures = [pool.submit(_stream_all, deployment, key, started, None) for _ in range(6)]
         started.wait(timeout=120)
         deployment.postgres.stop()
         try:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from ray.serve._private.http_util import ASGIAppReplicaWrapper
 
 from orchestrator.api import create_app
 from orchestrator.catalog import Catalog
@@ -124,8 +124,31 @@ async def test_the_route_sheds_past_the_replicas_queue(catalog: Catalog) -> None
         assert (await first).status_code == 200
 
 
-def test_serves_ingress_class_ends_the_apps_lifespan_before_the_engine() -> None:
-    # RoutedModelServer.__del__ reaches Serve's ASGI wrapper through the MRO of the class
-    # serve.ingress builds: that wrapper must follow ModelServer in it.
-    ending = super(ModelServer, ModelRouteDeployment).__del__  # type: ignore[misc]
-    assert ending is ASGIAppReplicaWrapper.__del__
+async def test_a_stopping_replica_ends_the_apps_lifespan_before_the_engine(catalog: Catalog) -> None:
+    """Serve calls the ingress class's __del__ on a graceful stop: the app's lifespan (the
+    settlements still in flight) must end while the engine still runs, then the engine stops."""
+    order: list[str] = []
+
+    class Lifespan:
+        logger = logging.getLogger("test-lifespan")
+
+        async def shutdown(self) -> None:
+            order.append("lifespan")
+
+    class Engine(FakeEngine):
+        async def shutdown(self) -> None:
+            order.append("engine")
+
+    # The class Serve instantiates, built without its constructor (which starts the engine).
+    replica = ModelRouteDeployment.__new__(ModelRouteDeployment)
+    replica.engine = Engine()
+    replica._serve_asgi_lifespan = Lifespan()
+    await replica.__del__()
+    assert order == ["lifespan", "engine"]
+    # Collected, Python would call the async __del__ again without awaiting it; Serve calls
+    # it once, as above.
+    replica.__class__ = _Stopped
+
+
+class _Stopped:
+    """A replica that was stopped: nothing left to end."""
