@@ -21,6 +21,8 @@ from orchestrator.serving.cluster import deployments_from_serve_status
 logger = logging.getLogger(__name__)
 
 REFRESH_S = 2.0
+# How old the view may be when a decision needs it fresh (:meth:`ModelStates.recheck`).
+RECHECK_S = 0.25
 _UNHEALTHY = {"UNHEALTHY", "DEPLOY_FAILED"}
 
 
@@ -73,6 +75,7 @@ class ModelStates:
         self._states: dict[Location, DeploymentState] = {}
         self.refreshed_at: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._recheck: asyncio.Future[None] | None = None
 
     async def refresh(self) -> None:
         """Reads the controller once (keeps the previous view if that fails)."""
@@ -81,6 +84,16 @@ class ModelStates:
             self.refreshed_at = self._clock()
         except Exception:
             logger.warning("could not read deployment states from Serve", exc_info=True)
+
+    async def recheck(self, max_age_s: float = RECHECK_S) -> None:
+        """Refreshes the view now unless it is younger than ``max_age_s``. Callers at the same
+        time share one controller call, so a burst makes at most one call per refresh."""
+        if self.refreshed_at is not None and self._clock() - self.refreshed_at < max_age_s:
+            return
+        if self._recheck is None or self._recheck.done():
+            self._recheck = asyncio.ensure_future(self.refresh())
+        # A caller cancelled while waiting leaves the shared call to the others.
+        await asyncio.shield(self._recheck)
 
     def start(self) -> None:
         """Starts the background refresh (idempotent; needs a running event loop)."""

@@ -203,7 +203,8 @@ class Router:
             OrchestratorError: ``model_unavailable`` (503) when no replica came up in time,
                 ``provider_timeout`` (504) past ``timeout_s``, ``provider_overloaded`` (529)
                 when this router already holds ``overload.max_waiting_per_replica`` requests
-                waiting for the model's first replica.
+                waiting for the model's first replica and a fresh read of Serve's state
+                still shows none running.
         """
         try:
             if may_be_cold and self._cold(spec):
@@ -217,6 +218,12 @@ class Router:
     async def _after_cold_start(self, spec: ModelSpec, call: Awaitable[Any], timeout_s: float) -> Any:
         waiting = self._cold_waiters.get(spec.name, 0)
         if waiting >= max(spec.overload.max_waiting_per_replica, 1):
+            # The view may be a refresh period old: a replica that came up since (one Serve
+            # just replaced, say) serves this request instead of it being refused.
+            await self.states.recheck()
+            if not self._cold(spec):
+                async with asyncio.timeout(timeout_s):
+                    return await call
             if inspect.iscoroutine(call):
                 call.close()
             raise _overloaded(spec)

@@ -63,13 +63,18 @@ def _stream_all(deployment: Deployment, key: str, started: threading.Barrier, ba
             lines.append(next(stream))
             started.wait(timeout=120)
             lines.extend(line for line in stream if line)
-    except httpx.HTTPError:
-        pass
+    except httpx.HTTPError as exc:
+        lines.append(f"! {type(exc).__name__}")  # not an SSE line: the stream did not complete
     return lines
 
 
 def _completed(lines: list[str]) -> bool:
     return bool(lines) and lines[-1] == "data: [DONE]" and '"error"' not in lines[-2]
+
+
+def _ends(streams: list[list[str]]) -> list[tuple[int, int, str]]:
+    """For an assertion message: each stream's index, line count and last two lines, cut short."""
+    return [(i, len(lines), " | ".join(lines[-2:])[-300:]) for i, lines in enumerate(streams)]
 
 
 def _balance(deployment: Deployment, key_id: str) -> Decimal:
@@ -125,7 +130,7 @@ def test_killing_the_gateway_mid_load_loses_and_doubles_nothing(deployment: Depl
         assert resp.status_code in (200, 503), resp.text
 
     streams = _kill_mid_load(deployment, key, "orchestrator-gateway#gateway", during=during)
-    assert all(_completed(lines) for lines in streams), [lines[-2:] for lines in streams]
+    assert all(_completed(lines) for lines in streams), _ends(streams)
     count, cost = _settled(deployment, key_id, 8)
     assert count == 8, count
     assert cost > 0 and _balance(deployment, key_id) == credits - cost
@@ -141,7 +146,7 @@ def test_killing_a_router_replica_mid_load_loses_and_doubles_nothing(deployment:
     streams = _kill_mid_load(deployment, key, "orchestrator#router", replicas=2)
     cut = sum(1 for lines in streams if not _completed(lines))
     # Both replicas served: the dead one's streams were cut, the live one's completed.
-    assert 0 < cut < 8, [lines[-2:] for lines in streams]
+    assert 0 < cut < 8, _ends(streams)
     count, cost = _settled(deployment, key_id, 8, within_s=120)
     assert count == 8, count
     lost, lost_cost = _stored(deployment, key_id, "and status_code = 500 and error_code = 'internal_error'")
@@ -164,7 +169,7 @@ def test_killing_the_model_replica_on_its_own_route_loses_and_doubles_nothing(de
     key, key_id = _new_key(deployment, credits=str(credits))
     route = deployment.base_url + "/models/tiny-b"
     streams = _kill_mid_load(deployment, key, "orchestrator-model-tiny-b#model-tiny-b", base_url=route)
-    assert not any(_completed(lines) for lines in streams), [lines[-2:] for lines in streams]
+    assert not any(_completed(lines) for lines in streams), _ends(streams)
     count, cost = _settled(deployment, key_id, 8, within_s=120)
     assert count == 8, count
     lost, lost_cost = _stored(deployment, key_id, "and status_code = 500 and error_code = 'internal_error'")
@@ -226,7 +231,7 @@ def test_postgresql_stopped_30s_mid_load_loses_and_doubles_nothing(deployment: D
             deployment.postgres.start()
         streams = [f.result(timeout=300) for f in futures]
     assert statuses and set(statuses) == {200}, statuses  # admitted throughout, from the cache
-    assert all(_completed(lines) for lines in streams), [lines[-2:] for lines in streams]
+    assert all(_completed(lines) for lines in streams), _ends(streams)
     assert pending > 0 and 0 < segments <= 2, (pending, segments)  # a backlog, in at most two files
     count, cost = _settled(deployment, key_id, 1 + 6 + len(statuses))
     assert count == 1 + 6 + len(statuses), count

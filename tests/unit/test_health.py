@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -114,3 +115,23 @@ async def test_a_failed_refresh_keeps_the_last_view(tmp_path: Path) -> None:
     await states.refresh()
     await states.refresh()
     assert states.running("tiny-a") == 1 and len(calls) == 2
+
+
+async def test_a_recheck_reads_the_controller_once_for_a_burst_and_not_when_the_view_is_fresh(tmp_path: Path) -> None:
+    catalog = zero_catalog(tmp_path)
+    now = [100.0]
+    calls = []
+
+    def fetch() -> dict[tuple[str, str], DeploymentState]:
+        calls.append(1)
+        return {("app", "model-tiny-a"): DeploymentState("HEALTHY", len(calls))}
+
+    locations = {spec.name: ("app", spec.deployment_name) for spec in catalog}
+    states = ModelStates(catalog, locations, fetch, clock=lambda: now[0])
+    await states.refresh()
+    now[0] += 0.1
+    await states.recheck(max_age_s=0.25)
+    assert len(calls) == 1  # the view is 0.1 s old: no controller call
+    now[0] += 1.0
+    await asyncio.gather(*(states.recheck(max_age_s=0.25) for _ in range(20)))
+    assert len(calls) == 2 and states.running("tiny-a") == 2  # twenty callers, one fresh read

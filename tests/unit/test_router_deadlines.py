@@ -89,3 +89,27 @@ async def test_past_the_bound_of_requests_waiting_for_a_cold_model_new_ones_get_
             await task
         assert late.value.code is ErrorCode.MODEL_UNAVAILABLE
     assert router._cold_waiters == {"tiny-a": 0}  # every slot was given back
+
+
+async def test_at_the_cold_bound_a_replica_that_came_up_since_the_last_refresh_serves_instead_of_529(
+    tmp_path: Path,
+) -> None:
+    view = {"model-tiny-a": DeploymentState("UPSCALING", 0)}
+    spec, router = spec_and_router(tmp_path, view, max_waiting=2)
+    router.states._period_s = 60  # no background refresh: only a recheck can see the replica
+    await router.states.refresh()
+    gate = asyncio.Event()
+
+    async def answer() -> str:
+        await gate.wait()
+        return "answered"
+
+    waiting = [asyncio.ensure_future(router.bounded(spec, answer(), 30.0, may_be_cold=True)) for _ in range(2)]
+    await asyncio.sleep(0.3)  # the view is now older than RECHECK_S
+    view["model-tiny-a"] = DeploymentState("HEALTHY", 1)  # Serve replaced the replica; the view is stale
+    third = asyncio.ensure_future(router.bounded(spec, answer(), 30.0, may_be_cold=True))
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await third == "answered"
+    assert [await task for task in waiting] == ["answered"] * 2
+    assert router._cold_waiters == {"tiny-a": 0}
