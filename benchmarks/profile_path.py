@@ -1,7 +1,7 @@
 """Where the CPU goes: server CPU per request by component, orchestrator against vLLM's own
 server, under the load of ``vs_vllm.py``; optionally where inside each Python component.
 
-    .venv/bin/python benchmarks/profile_path.py [--modes direct open gateway] [--requests 300]
+    .venv/bin/python benchmarks/profile_path.py [--modes direct floor open gateway] [--requests 300]
         [--concurrency 32] [--py-spy DIR]
 
 For each mode it starts the server as ``vs_vllm.py`` does, warms it up, then drives
@@ -37,7 +37,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.load import run_load
-from benchmarks.vs_vllm import add_load_arguments, run_direct, run_orchestrator
+from benchmarks.vs_vllm import add_load_arguments, run_mode
 from orchestrator.engine.weights import build_tiny_llama
 
 # (substring of the process title or command line, component); the first match wins.
@@ -47,12 +47,14 @@ COMPONENTS = (
     ("ServeReplica:orchestrator-model-", "model replica"),
     ("ServeReplica:orchestrator-gateway", "gateway replica"),
     ("ServeReplica:orchestrator:", "router replica"),
+    ("ServeReplica:vllm-in-serve", "vLLM API server in a Serve replica (floor)"),
     ("LedgerActor", "ledger actor (gateway)"),
     ("haproxy", "HAProxy"),
     ("ProxyActor", "Serve proxy"),
     ("ServeController", "Serve controller"),
     ("vllm.entrypoints.openai.api_server", "vLLM API server"),
     ("orchestrator serve", "orchestrator serve (launcher)"),
+    ("serve_floor.py", "serve_floor.py (launcher)"),
     ("gcs_server", "Ray GCS"),
     ("raylet/raylet", "Ray raylet"),
     ("DashboardAgent", "Ray dashboard agent (metrics export)"),
@@ -61,7 +63,14 @@ COMPONENTS = (
     ("autoscaler/_private/monitor.py", "Ray autoscaler monitor"),
 )
 # Components py-spy samples (the Python ones on the request path).
-SAMPLED = ("vLLM API server", "model replica", "router replica", "ledger actor (gateway)", "vLLM engine core")
+SAMPLED = (
+    "vLLM API server",
+    "vLLM API server in a Serve replica (floor)",
+    "model replica",
+    "router replica",
+    "ledger actor (gateway)",
+    "vLLM engine core",
+)
 
 
 def component(proc: psutil.Process) -> str:
@@ -190,10 +199,7 @@ def main() -> None:
         for mode in args.modes:
             print(f"== {mode} ...", flush=True)
             measure = measure_components(args, mode)
-            if mode == "direct":
-                results[mode] = run_direct(model_dir, args, work / "direct.log", measure_fn=measure)
-            else:
-                results[mode] = run_orchestrator(model_dir, args, work, mode, measure_fn=measure)
+            results[mode] = run_mode(mode, model_dir, args, work, measure)
             print(json.dumps(results[mode]), flush=True)
 
     names = sorted({name for r in results.values() for name in r["cpu_ms_per_request"]})

@@ -1,7 +1,7 @@
 """Orchestrator vs vLLM's own OpenAI server, same tiny model, same load, one sitting.
 
     .venv/bin/python benchmarks/vs_vllm.py [--runs 3] [--requests 300] [--concurrency 32]
-        [--c1-requests 40] [--overload N] [--modes direct open gateway] [--route model|router]
+        [--c1-requests 40] [--overload N] [--modes direct floor open gateway] [--route model|router]
 
 Each run starts vLLM's OpenAI server on a tiny random-weight model, drives it with streaming
 completions (64-token prompts, 64 output tokens) at ``--concurrency`` and then one at a
@@ -9,7 +9,10 @@ time, and stops it; then does the same through the orchestrator (``orchestrator 
 with a one-model catalog; by default on the model's own route, ``/models/tiny/v1``, with
 ``--route router`` on the router's ``/v1``), in open mode and with the gateway on (an admin key, a SQLite
 ledger, and a key whose RPM, TPM and credit limits are checked on every request and never
-reached). Server CPU is the CPU time of the server's whole process tree.
+reached). Server CPU is the CPU time of the server's whole process tree. The ``floor`` mode
+(not run unless named) is vLLM's own server app in one Ray Serve replica, started as
+``orchestrator serve`` starts Ray (``serve_floor.py``): Ray Serve's cost with none of the
+orchestrator's code.
 
 Prints each measurement, then, as the last line, a JSON object: the median over the runs of
 each figure of the gateway mode at the top level (``throughput_ratio``,
@@ -17,7 +20,7 @@ each figure of the gateway mode at the top level (``throughput_ratio``,
 ``itl_p99_ratio``, ``cpu_per_request_ratio``, the same at concurrency 1 under ``c1``, and
 with ``--overload N`` at N x max_num_seqs streams under ``overload``, with the fraction of
 requests shed with 529),
-open mode's under ``open``, direct's own figures under ``direct``, and every run's under
+open mode's under ``open``, the floor's under ``floor``, direct's own figures under ``direct``, and every run's under
 ``runs``. Ratios are orchestrator over direct within the same run. Inter-token latency is
 the gap between chunks with content, as vLLM's benchmark measures it.
 """
@@ -53,7 +56,8 @@ from orchestrator.engine.weights import build_tiny_llama
 
 BIN = Path(sys.executable).parent
 MAX_NUM_SEQS = 64
-MODES = ("direct", "open", "gateway")
+MODES = ("direct", "floor", "open", "gateway")
+DEFAULT_MODES = ("direct", "open", "gateway")
 ADMIN_KEY = "bench-admin-" + secrets.token_hex(16)
 
 
@@ -157,16 +161,37 @@ def serve_and_measure(
             stop(proc)
 
 
+def vllm_server_args(model_dir: Path) -> list[str]:
+    """vLLM's server arguments for the tiny model, shared by ``direct`` and ``floor``."""
+    return [
+        "--model", str(model_dir), "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", "1024", "--max-num-seqs", str(MAX_NUM_SEQS), "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+
+
 def run_direct(model_dir: Path, args: argparse.Namespace, log: Path, measure_fn: Measure = measure) -> Any:
     port = free_port()
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-        "--max-num-seqs", str(MAX_NUM_SEQS), "--host", "127.0.0.1", "--port", str(port),
-        "--disable-uvicorn-access-log",
-    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *vllm_server_args(model_dir),
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     return serve_and_measure(cmd, env, port, "/v1/models", args, log, measure_fn=measure_fn)
+
+
+def run_floor(model_dir: Path, args: argparse.Namespace, log: Path, measure_fn: Measure = measure) -> Any:
+    """vLLM's own server app in one Ray Serve replica (benchmarks/serve_floor.py)."""
+    port = free_port()
+    script = Path(__file__).with_name("serve_floor.py")
+    cmd = [sys.executable, str(script), "--port", str(port), "--", *vllm_server_args(model_dir)]
+    return serve_and_measure(cmd, dict(os.environ), port, "/v1/models", args, log, measure_fn=measure_fn)
+
+
+def run_mode(mode: str, model_dir: Path, args: argparse.Namespace, work: Path, measure_fn: Measure = measure) -> Any:
+    """Starts the server of ``mode`` (one of MODES), measures it with ``measure_fn``, stops it."""
+    if mode == "direct":
+        return run_direct(model_dir, args, work / "direct.log", measure_fn)
+    if mode == "floor":
+        return run_floor(model_dir, args, work / "floor.log", measure_fn)
+    return run_orchestrator(model_dir, args, work, mode, measure_fn)
 
 
 def run_orchestrator(
@@ -258,7 +283,13 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(DEFAULT_MODES),
+        help="floor: vLLM's own server app in one Ray Serve replica, nothing of the orchestrator",
+    )
     parser.add_argument("--orch-env", action="append", default=[], help="KEY=VALUE for the orchestrator runs")
     parser.add_argument(
         "--route",
@@ -290,17 +321,14 @@ def main() -> None:
             results: dict[str, Measured] = {}
             for mode in args.modes:
                 print(f"== run {run}: {mode} ...", flush=True)
-                if mode == "direct":
-                    results[mode] = run_direct(model_dir, args, work / "direct.log")
-                else:
-                    results[mode] = run_orchestrator(model_dir, args, work, mode)
+                results[mode] = run_mode(mode, model_dir, args, work)
                 print(json.dumps(summaries(results[mode])), flush=True)
             print_table(run, results)
             row: dict[str, Any] = {}
             if "direct" in results:
                 d = results["direct"]
                 row["direct"] = summaries(d)
-                for mode in ("open", "gateway"):
+                for mode in ("floor", "open", "gateway"):
                     if mode in results:
                         row[mode] = compare(results[mode], d)
             per_run.append(row)
@@ -308,7 +336,7 @@ def main() -> None:
     final: dict[str, Any] = {}
     medians = median_of(per_run) if per_run and per_run[0] else {}
     final.update(medians.get("gateway", {}))
-    for key in ("open", "direct"):
+    for key in ("open", "floor", "direct"):
         if key in medians:
             final[key] = medians[key]
     final["route"] = args.route
