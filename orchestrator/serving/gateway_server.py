@@ -3,9 +3,11 @@
 A single ledger decides, so rate limits and balances are exact however many routers run
 (docs/ARCHITECTURE.md says why this beats a per-router limiter or Redis here). It lives in a
 plain Ray actor owned by the gateway deployment's one replica: Serve gives it a lifecycle
-(deploy, health checks, replacement, graceful shutdown), while routers call the actor
-directly, which costs about half of a Serve handle call (benchmarks/handle_hop.py: 1.2 ms
-against 2.5 ms here).
+(deploy, health checks, replacement, graceful shutdown), while routers and model replicas
+call the actor directly, which costs about half of a Serve handle call
+(benchmarks/handle_hop.py: 1.2 ms against 2.5 ms here); those on the actor's node call it
+over its Unix-socket channel instead (:mod:`orchestrator.serving.ledger_channel`), a tenth
+of that at rest and far less again while the engine keeps the cores busy.
 The actor shares its owner's fate: if the replica dies, so does the actor, and Serve's
 replacement replica starts a new one (which replays the usage journal).
 """
@@ -15,6 +17,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -32,8 +38,11 @@ from orchestrator.gateway.ledger import LOOKUP_WAIT_S, Ledger, LedgerStopped
 from orchestrator.gateway.store import SQLStore
 from orchestrator.layout import GATEWAY_DEPLOYMENT, gateway_app_name
 from orchestrator.metrics import GatewayMetrics, Sink
+from orchestrator.serving.ledger_channel import Channel, ChannelClosed, ChannelServer
 from orchestrator.serving.telemetry import RaySink
 from orchestrator.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 ADMIN_TIMEOUT_S = 60.0  # the least deadline of an administrative call (it may write to the database)
 
@@ -53,16 +62,39 @@ def ledger_for(settings: Settings, metrics: Sink | None = None) -> Ledger:
 
 
 class LedgerActor:
-    """The Ray actor holding the ledger; :meth:`call` runs one of its gateway methods."""
+    """The Ray actor holding the ledger; :meth:`call` runs one of its gateway methods, as an
+    actor call or over its Unix-socket channel (:mod:`~orchestrator.serving.ledger_channel`)
+    for callers on its node."""
 
     def __init__(self, settings: dict[str, Any], ledger: Ledger | None = None) -> None:
         self.ledger = ledger or ledger_for(Settings(**settings), RaySink())
+        self._channel: ChannelServer | None = None
 
     async def start(self) -> None:
         await self.ledger.start()
+        folder = tempfile.mkdtemp(prefix="orch-ledger-")  # mode 0700: only this user connects
+        channel = ChannelServer(os.path.join(folder, "ledger.sock"), self.call)
+        try:
+            await channel.start()
+        except OSError:  # e.g. a socket path past the system's limit: every call takes the actor
+            logger.exception("the ledger's channel did not start; callers use the actor call")
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        self._channel = channel
 
     async def stop(self) -> None:
         await self.ledger.stop()
+        if self._channel is not None:
+            # Unlinked, not closed: connections already open keep getting answers (each call
+            # refused as stopping, so callers retry on the next ledger) until the process
+            # ends; new callers cannot find it and use the actor call.
+            shutil.rmtree(os.path.dirname(self._channel.path), ignore_errors=True)
+
+    def channel_address(self) -> tuple[str, str] | None:
+        """Where the channel listens: (this Ray node's id, socket path); None before start."""
+        if self._channel is None:
+            return None
+        return this_node(), self._channel.path
 
     async def ping(self) -> bool:
         return True
@@ -128,6 +160,7 @@ class RemoteGateway:
     ) -> None:
         self._locate = handle.options(method_name="ledger_actor")
         self._actor: ActorHandle | None = None
+        self._channel: Channel | None = None
         self._retries = retries
         self._first_pause_s = first_pause_s
         self._deadlines: dict[str, float | None] = {m: max(timeout_s, ADMIN_TIMEOUT_S) for m in GATEWAY_METHODS}
@@ -141,8 +174,23 @@ class RemoteGateway:
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._actor is None:
-            self._actor = await self._locate.remote()
+            actor = await self._locate.remote()
+            channel = await _open_channel(actor)
+            if self._actor is None:
+                self._actor, self._channel = actor, channel
+            elif channel is not None:
+                channel.close()  # a concurrent call located the ledger first
+        channel = self._channel
+        if channel is not None and channel.loop is asyncio.get_running_loop():
+            return await channel.call(method, *args, **kwargs)  # ChannelClosed: the ledger died
         return await self._actor.call.remote(method, *args, **kwargs)
+
+    def _forget(self) -> None:
+        """Drops the ledger's handle and channel: the next call looks the ledger up again."""
+        self._actor = None
+        if self._channel is not None:
+            self._channel.close_when_idle()  # calls still waiting on it keep their answers
+            self._channel = None
 
     async def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
         pause = self._first_pause_s
@@ -151,7 +199,7 @@ class RemoteGateway:
             try:
                 return await asyncio.wait_for(self._call(method, *args, **kwargs), deadline)
             except TimeoutError:
-                self._actor = None  # the next call looks the ledger up again
+                self._forget()  # the next call looks the ledger up again
                 assert deadline is not None  # only a call with a deadline times out
                 raise gateway_timed_out(deadline) from None
             except Exception as exc:
@@ -160,7 +208,7 @@ class RemoteGateway:
                 # that died took what it did for them with it; see the class docstring);
                 # others, and calls out of attempts, get 503 with Retry-After, an
                 # infrastructure fault rather than a bug (settlements retry on it).
-                gone = isinstance(exc, RayActorError | RayServeException | TaskCancelledError)
+                gone = isinstance(exc, RayActorError | RayServeException | TaskCancelledError | ChannelClosed)
                 stopped = find_cause(exc, LedgerStopped) is not None
                 if not gone and not stopped:
                     # Give the edge the OrchestratorError itself, not Ray's wrapper around it.
@@ -168,13 +216,34 @@ class RemoteGateway:
                     if found is None or found is exc:
                         raise
                     raise found from None
-                self._actor = None
-                retry = stopped or (isinstance(exc, RayActorError) and method in REQUEST_METHODS)
+                self._forget()
+                died = isinstance(exc, RayActorError | ChannelClosed)
+                retry = stopped or (died and method in REQUEST_METHODS)
                 if not retry or attempt == self._retries:
                     raise _restarting() from exc
             await asyncio.sleep(pause)
             pause *= 2
         raise AssertionError("unreachable")
+
+
+def this_node() -> str:
+    """This process's Ray node id."""
+    return str(ray.get_runtime_context().get_node_id())
+
+
+async def _open_channel(actor: ActorHandle) -> Channel | None:
+    """Opens the ledger's channel if it runs on this node (None otherwise, or if it cannot be
+    reached: calls then go through the actor)."""
+    address = await actor.channel_address.remote()
+    if address is None:
+        return None
+    node, path = address
+    if node != this_node():
+        return None
+    try:
+        return await Channel.open(path)
+    except OSError:
+        return None  # it stopped since (its socket is gone): the actor call gets its refusal
 
 
 def _restarting() -> OrchestratorError:
