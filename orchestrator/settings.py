@@ -119,6 +119,13 @@ class Settings(BaseSettings):
     key_cache_seconds: float = Field(
         default=2.0, ge=0, description="How long the gateway trusts a cached key row (CLI changes show up after this)."
     )
+    ledger_channel: bool = Field(
+        default=True,
+        description=(
+            "Callers on the gateway ledger's node call it over a Unix socket instead of a Ray actor call "
+            "(much faster while the engine keeps the cores busy); false: every call is an actor call."
+        ),
+    )
     admin_key_file: Path | None = Field(default=None, description="File holding the admin key (read at start).")
     key_pepper_file: Path | None = Field(default=None, description="File holding the key pepper (read at start).")
     database_url_file: Path | None = Field(default=None, description="File holding the database URL (read at start).")

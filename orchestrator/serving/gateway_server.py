@@ -67,11 +67,15 @@ class LedgerActor:
     for callers on its node."""
 
     def __init__(self, settings: dict[str, Any], ledger: Ledger | None = None) -> None:
-        self.ledger = ledger or ledger_for(Settings(**settings), RaySink())
+        parsed = Settings(**settings)
+        self.ledger = ledger or ledger_for(parsed, RaySink())
+        self._serve_channel = parsed.ledger_channel
         self._channel: ChannelServer | None = None
 
     async def start(self) -> None:
         await self.ledger.start()
+        if not self._serve_channel:
+            return
         folder = tempfile.mkdtemp(prefix="orch-ledger-")  # mode 0700: only this user connects
         channel = ChannelServer(os.path.join(folder, "ledger.sock"), self.call)
         try:

@@ -220,3 +220,11 @@ async def test_a_stopped_ledgers_socket_is_gone_and_open_connections_are_refused
     with pytest.raises(LedgerStopped):
         await channel.call("admit", "k", ["m"], 1, "r")
     channel.close()
+
+
+async def test_with_the_channel_off_the_ledger_offers_none(tmp_path: Path) -> None:
+    ledger = Ledger(SQLStore(f"sqlite:///{tmp_path / 'g.db'}"), UsageJournal(tmp_path / "j"))
+    actor = LedgerActor({"ledger_channel": False}, ledger=ledger)
+    await actor.start()
+    assert actor.channel_address() is None  # callers use the actor call
+    await actor.stop()
