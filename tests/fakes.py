@@ -138,3 +138,17 @@ class LocalBackend:
 
     def health(self) -> dict[str, ModelHealth]:
         return {name: ModelHealth(ready=True, state="serving", replicas=1) for name in self.engines}
+
+
+class RemoteMethod:
+    """Stands in for a Ray actor's method or a deployment handle: ``.remote(*args)`` returns
+    what ``fn(*args)`` returns (an awaitable), and ``.options(...)`` is itself."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def options(self, **_: object) -> RemoteMethod:
+        return self
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)

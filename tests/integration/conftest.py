@@ -194,8 +194,10 @@ OPS_MODELS = {
 }
 
 
-def _run(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+def _run(
+    env: dict[str, str], *args: str, timeout: float = 180, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=False, input=input)
 
 
 def _wait_ready(base_url: str, proc_env: dict[str, str], models: list[str]) -> None:
@@ -380,7 +382,9 @@ import sys, ray
 from ray import serve
 ray.init(address=sys.argv[1], namespace="serve", logging_level="ERROR", log_to_driver=False)
 handle = serve.get_deployment_handle(sys.argv[2], app_name=sys.argv[3])
-print(handle.num_unfinished_requests.remote().result(timeout_s=60))
+print(handle.num_unfinished_requests.remote().result(timeout_s=60), flush=True)
+for _ in sys.stdin:  # engine_probe: one answer per line asked
+    print(handle.num_unfinished_requests.remote().result(timeout_s=60), flush=True)
 """
 
 
@@ -464,10 +468,37 @@ def open_stream(
 def engine_unfinished(deployment: Deployment, model_deployment: str) -> int:
     """Returns the requests waiting or running inside a main-app model's engine (asked through Ray)."""
     app = model_app_name("orchestrator", model_deployment)
-    done = _run(deployment.env, sys.executable, "-c", _PROBE, deployment.gcs_address, model_deployment, app)
+    done = _run(deployment.env, sys.executable, "-c", _PROBE, deployment.gcs_address, model_deployment, app, input="")
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     return int(done.stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def engine_probe(deployment: Deployment, model_deployment: str) -> Iterator[Callable[[], int]]:
+    """Like :func:`engine_unfinished`, from a process connected to Ray before the block
+    starts: each call answers in milliseconds, not the seconds a new process takes to join
+    the cluster (a short request can end in that time)."""
+    app = model_app_name("orchestrator", model_deployment)
+    args = [sys.executable, "-c", _PROBE, deployment.gcs_address, model_deployment, app]
+    proc = subprocess.Popen(args, env=deployment.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    def unfinished() -> int:
+        stdin.write("?\n")
+        stdin.flush()
+        return int(stdout.readline())
+
+    try:
+        int(stdout.readline())  # connected
+        yield unfinished
+    finally:
+        stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def ask(client: openai.OpenAI, model: str) -> str:

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import Deployment, engine_unfinished, open_stream
+from tests.integration.conftest import Deployment, engine_probe, open_stream
 from tests.stream_shape import GOLDEN, PATHS, REQUESTS, golden, stream_shape
 
 pytestmark = pytest.mark.integration
@@ -167,13 +167,16 @@ def test_context_overflow(client: openai.OpenAI, stream: bool) -> None:
 
 def test_client_disconnect_aborts_engine_request(deployment: Deployment) -> None:
     slow = {"model": "tiny-b", "messages": USER, "max_tokens": 480, "stream": True, "ignore_eos": True}
-    with open_stream(deployment, slow) as lines:
-        assert next(lines).startswith("data: ")
-        assert engine_unfinished(deployment, "model-tiny-b") >= 1
-    # Leaving the block closed the connection mid-stream.
-    deadline = time.monotonic() + 60
-    while (running := engine_unfinished(deployment, "model-tiny-b")) and time.monotonic() < deadline:
-        time.sleep(1)
+    # The probe joins Ray first: a new process takes seconds to, and 480 tokens of the tiny
+    # model can be generated (and buffered in the sockets) in about one.
+    with engine_probe(deployment, "model-tiny-b") as unfinished:
+        with open_stream(deployment, slow) as lines:
+            assert next(lines).startswith("data: ")
+            assert unfinished() >= 1
+        # Leaving the block closed the connection mid-stream.
+        deadline = time.monotonic() + 60
+        while (running := unfinished()) and time.monotonic() < deadline:
+            time.sleep(1)
     assert running == 0
 
 

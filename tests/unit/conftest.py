@@ -13,6 +13,7 @@ from orchestrator.catalog import Catalog, load_catalog
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.store import SQLStore
+from orchestrator.serving.gateway_server import LedgerActor
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend
 
@@ -75,3 +76,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         conn.execute(text(f"CREATE DATABASE {name}"))
     engine.dispose()
     return base.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture
+async def actor(tmp_path: Path) -> AsyncIterator[LedgerActor]:
+    """The ledger actor's class, run in this process (its channel included), on SQLite."""
+    ledger = Ledger(SQLStore(f"sqlite:///{tmp_path / 'g.db'}"), UsageJournal(tmp_path / "j"))
+    actor = LedgerActor({}, ledger=ledger)
+    await actor.start()
+    yield actor
+    await actor.stop()

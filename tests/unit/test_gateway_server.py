@@ -5,27 +5,15 @@ routers' client of it finds the next ledger when one stops or dies."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.base import GATEWAY_METHODS, REQUEST_METHODS, RequestGateway, _methods
-from orchestrator.gateway.journal import UsageJournal
-from orchestrator.gateway.ledger import Ledger, LedgerStopped
+from orchestrator.gateway.ledger import LedgerStopped
 from orchestrator.gateway.records import KeyLimits
-from orchestrator.gateway.store import SQLStore
 from orchestrator.serving.gateway_server import LedgerActor, RemoteGateway
-
-
-@pytest.fixture
-async def actor(tmp_path: Path) -> AsyncIterator[LedgerActor]:
-    ledger = Ledger(SQLStore(f"sqlite:///{tmp_path / 'g.db'}"), UsageJournal(tmp_path / "j"))
-    actor = LedgerActor({}, ledger=ledger)
-    await actor.start()
-    yield actor
-    await actor.stop()
+from tests.fakes import RemoteMethod
 
 
 def test_the_method_sets_are_the_protocols() -> None:
@@ -90,16 +78,12 @@ class _Actors:
             def remote(self, method: str, *args: object, **kwargs: object) -> object:
                 return self._answer(method)
 
-        class NoChannel:  # the ledger runs on another node: calls go through the actor
-            async def _none(self) -> None:
-                return None
-
-            def remote(self) -> object:
-                return self._none()
+        async def no_channel() -> None:  # the ledger runs on another node: calls go through the actor
+            return None
 
         class Actor:
             call = Call()
-            channel_address = NoChannel()
+            channel_address = RemoteMethod(no_channel)
 
         return Actor()
 

@@ -8,7 +8,6 @@ import asyncio
 import os
 import random
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,7 @@ from orchestrator.gateway.store import SQLStore
 from orchestrator.serving import gateway_server, ledger_channel
 from orchestrator.serving.gateway_server import LedgerActor, RemoteGateway
 from orchestrator.serving.ledger_channel import Channel, ChannelClosed, ChannelServer
-
-
-@pytest.fixture
-async def actor(tmp_path: Path) -> AsyncIterator[LedgerActor]:
-    ledger = Ledger(SQLStore(f"sqlite:///{tmp_path / 'g.db'}"), UsageJournal(tmp_path / "j"))
-    actor = LedgerActor({}, ledger=ledger)
-    await actor.start()
-    yield actor
-    await actor.stop()
+from tests.fakes import RemoteMethod
 
 
 def socket_path(actor: LedgerActor) -> str:
@@ -141,41 +132,31 @@ async def test_another_users_connection_is_refused(tmp_path: Path, monkeypatch: 
 # -- RemoteGateway over the channel ----------------------------------------------------------
 
 
-class _Located:
+def located(actors: list[LedgerActor]) -> RemoteMethod:
     """Stands in for the gateway deployment's handle: each lookup returns the next of
-    ``actors``, whose channel is on this node; their actor calls fail the test (callers on
-    the ledger's node use the channel)."""
+    ``actors`` (the last one again once all were returned), whose channel is on this node;
+    their actor calls fail the test (callers on the ledger's node use the channel)."""
+    lookups: list[int] = []
 
-    def __init__(self, *actors: LedgerActor) -> None:
-        self.actors = list(actors)
-        self.lookups = 0
+    def no_actor_call(*_: object, **__: object) -> object:
+        raise AssertionError("a caller on the ledger's node used the actor call")
 
-    def options(self, **_: object) -> _Located:
-        return self
+    async def lookup() -> object:
+        real = actors[min(len(lookups), len(actors) - 1)]
+        lookups.append(1)
 
-    async def _lookup(self) -> object:
-        real = self.actors[min(self.lookups, len(self.actors) - 1)]
-        self.lookups += 1
-
-        class Address:
-            async def _address(self) -> Any:
-                return real.channel_address()
-
-            def remote(self) -> object:
-                return self._address()
-
-        class NoActorCall:
-            def remote(self, *_: object, **__: object) -> object:
-                raise AssertionError("a caller on the ledger's node used the actor call")
+        async def address() -> Any:
+            return real.channel_address()
 
         class Actor:
-            channel_address = Address()
-            call = NoActorCall()
+            channel_address = RemoteMethod(address)
+            call = RemoteMethod(no_actor_call)
 
         return Actor()
 
-    def remote(self) -> object:
-        return self._lookup()
+    handle = RemoteMethod(lookup)
+    handle.lookups = lookups  # type: ignore[attr-defined]
+    return handle
 
 
 @pytest.fixture
@@ -188,23 +169,24 @@ async def test_remote_gateway_uses_the_channel_and_moves_to_the_next_ledger(tmp_
     url = f"sqlite:///{tmp_path / 'g.db'}"
     first = LedgerActor({}, ledger=Ledger(SQLStore(url), UsageJournal(journal)))
     await first.start()
-    located = _Located(first)
-    remote = RemoteGateway(located, first_pause_s=0.001)  # type: ignore[arg-type]
+    actors = [first]
+    handle = located(actors)
+    remote = RemoteGateway(handle, first_pause_s=0.001)  # type: ignore[arg-type]
     created = await remote.create_key(KeyLimits(name="k"))
-    assert (await remote.authenticate(created.key)).id == created.info.id and located.lookups == 1
+    assert (await remote.authenticate(created.key)).id == created.info.id and len(handle.lookups) == 1
     # A redeploy: the first ledger stops (its channel answers "stopping"), the next starts.
     await first.stop()
     second = LedgerActor({}, ledger=Ledger(SQLStore(url), UsageJournal(journal)))
     await second.start()
-    located.actors.append(second)
+    actors.append(second)
     admission = await remote.admit(created.key, ["m"], 1, "r1")
-    assert admission.key_id == created.info.id and located.lookups == 2
+    assert admission.key_id == created.info.id and len(handle.lookups) == 2
     # The connection to the second ledger breaks: the request path is retried on the ledger
     # located next (here the same one, whose channel is opened afresh), never on the actor call.
     assert remote._channel is not None
     remote._channel._writer.transport.abort()
     await asyncio.sleep(0.05)
-    assert (await remote.authenticate(created.key)).id == created.info.id and located.lookups == 3
+    assert (await remote.authenticate(created.key)).id == created.info.id and len(handle.lookups) == 3
     await second.stop()
 
 
