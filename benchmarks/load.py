@@ -26,6 +26,9 @@ class LoadResult:
     itl_s: list[float] = field(default_factory=list)
     server_cpu_s: float = 0.0
     shed: int = 0  # answered 529 provider_overloaded (not counted in ``errors``)
+    # Mean wait for the ledger's admission per request, from the server's own metrics (set
+    # by vs_vllm.py for the gateway): the part of the time to first token that admission takes.
+    admit_ms_mean: float | None = None
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -59,6 +62,7 @@ class LoadResult:
             "itl_p99_ms": round(self.itl_ms(0.99), 2),
             "server_cpu_ms_per_request": round(self.cpu_ms_per_request, 1),
             "shed": self.shed,
+            **({} if self.admit_ms_mean is None else {"admit_ms_mean": round(self.admit_ms_mean, 2)}),
         }
 
 

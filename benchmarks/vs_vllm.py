@@ -22,7 +22,10 @@ with ``--overload N`` at N x max_num_seqs streams under ``overload``, with the f
 requests shed with 529),
 open mode's under ``open``, the floor's under ``floor``, direct's own figures under ``direct``, and every run's under
 ``runs``. Ratios are orchestrator over direct within the same run. Inter-token latency is
-the gap between chunks with content, as vLLM's benchmark measures it.
+the gap between chunks with content, as vLLM's benchmark measures it. For the gateway, the
+summaries of the first two loads also carry ``admit_ms_mean``: the mean time a request waited
+for the ledger's admission, read from the server's metrics export
+(``ray_orchestrator_gateway_call_duration_seconds``), a part of its time to first token.
 """
 
 from __future__ import annotations
@@ -48,11 +51,14 @@ from typing import Any
 import httpx
 import psutil
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.load import LoadResult, run_load, unrefused_key
 from orchestrator.engine.weights import build_tiny_llama
+from orchestrator.metrics import GATEWAY_CALL_SECONDS
+from orchestrator.status.exposition import exported_name
 
 BIN = Path(sys.executable).parent
 MAX_NUM_SEQS = 64
@@ -114,8 +120,36 @@ class Measured:
     overload: LoadResult | None = None
 
 
+class AdmitWaits:
+    """Reads the gateway's admission waits from the server's metrics export (Prometheus text):
+    ``ray_orchestrator_gateway_call_duration_seconds`` with ``method="admit"``."""
+
+    def __init__(self, metrics_url: str, timeout_s: float = 60.0) -> None:
+        self.url = metrics_url
+        self.timeout_s = timeout_s
+        self.expected = 0  # admissions made so far (each request that reached the app)
+
+    def totals(self) -> tuple[float, int]:
+        """(seconds, admissions) once the export counts every admission made so far: Ray's
+        export lags the replicas by seconds. Past ``timeout_s``, what it has."""
+        name = exported_name(GATEWAY_CALL_SECONDS)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            seconds, count = 0.0, 0
+            for family in text_string_to_metric_families(httpx.get(self.url, timeout=10).text):
+                for sample in family.samples:
+                    if sample.labels.get("method") == "admit" and sample.name == f"{name}_sum":
+                        seconds += sample.value
+                    elif sample.labels.get("method") == "admit" and sample.name == f"{name}_count":
+                        count += int(sample.value)
+            if count >= self.expected or time.monotonic() > deadline:
+                return seconds, count
+            time.sleep(1)
+
+
 def _timed(base_url: str, headers: dict[str, str], pid: int, requests: int, concurrency: int, prompt: list[int],
-           output_tokens: int) -> LoadResult:  # fmt: skip
+           output_tokens: int, admits: AdmitWaits | None = None) -> LoadResult:  # fmt: skip
+    before_s, before_n = admits.totals() if admits else (0.0, 0)
     before = tree_cpu_s(pid)
     result = asyncio.run(
         run_load(base_url, "tiny", prompt=prompt, output_tokens=output_tokens, requests=requests,
@@ -123,16 +157,26 @@ def _timed(base_url: str, headers: dict[str, str], pid: int, requests: int, conc
     )  # fmt: skip
     # Server CPU per request varies far less than throughput on a shared machine.
     result.server_cpu_s = tree_cpu_s(pid) - before
+    if admits:
+        admits.expected += result.requests + result.errors
+        after_s, after_n = admits.totals()
+        result.admit_ms_mean = 1000 * (after_s - before_s) / max(1, after_n - before_n)
     return result
 
 
-def measure(base_url: str, headers: dict[str, str], args: argparse.Namespace, pid: int) -> Measured:
+def measure(
+    base_url: str, headers: dict[str, str], args: argparse.Namespace, pid: int, admits: AdmitWaits | None = None
+) -> Measured:
+    """Warms the server up, then runs the loads. With ``admits`` (the gateway), each of the
+    first two loads also gets its mean admission wait."""
     prompt = [(7 * i) % 400 + 10 for i in range(args.prompt_tokens)]
     shape = {"prompt": prompt, "output_tokens": args.output_tokens}
-    asyncio.run(run_load(base_url, "tiny", requests=max(8, args.concurrency), concurrency=args.concurrency,
-                         headers=headers, **shape))  # warm-up  # fmt: skip
-    load = _timed(base_url, headers, pid, args.requests, args.concurrency, **shape)
-    c1 = _timed(base_url, headers, pid, args.c1_requests, 1, **shape)
+    warm = asyncio.run(run_load(base_url, "tiny", requests=max(8, args.concurrency), concurrency=args.concurrency,
+                                headers=headers, **shape))  # fmt: skip
+    if admits:
+        admits.expected = warm.requests + warm.errors
+    load = _timed(base_url, headers, pid, args.requests, args.concurrency, **shape, admits=admits)
+    c1 = _timed(base_url, headers, pid, args.c1_requests, 1, **shape, admits=admits)
     overload = None
     if args.overload:
         streams = args.overload * MAX_NUM_SEQS
@@ -155,7 +199,12 @@ def serve_and_measure(
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             base_url = f"http://127.0.0.1:{port}"
-            wait_ready(base_url + route + ready_path, proc)
+            try:
+                wait_ready(base_url + route + ready_path, proc)
+            except RuntimeError as exc:
+                out.flush()
+                tail = log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{exc}; the end of its log:\n{tail}") from None
             return measure_fn(base_url + route, prepare(base_url), args, proc.pid)
         finally:
             stop(proc)
@@ -214,6 +263,11 @@ def run_orchestrator(
         db = work / f"gateway-{secrets.token_hex(4)}.db"  # a fresh ledger for each run
         env |= {"ORCH_ADMIN_KEY": ADMIN_KEY, "ORCH_DATABASE_URL": f"sqlite:///{db}"}
         prepare = functools.partial(unrefused_key, admin_key=ADMIN_KEY)
+        if measure_fn is measure:
+            metrics_port = free_port()
+            cmd += ["--metrics-port", str(metrics_port)]
+            admits = AdmitWaits(f"http://127.0.0.1:{metrics_port}/metrics")
+            measure_fn = functools.partial(measure, admits=admits)
     else:
         env["ORCH_OPEN_ACCESS"] = "true"
     for pair in args.orch_env:

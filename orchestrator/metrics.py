@@ -26,6 +26,7 @@ OK = "ok"
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _FLUSH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -114,7 +115,15 @@ KV_CACHE = MetricSpec(
     _SCALING_LABELS,
 )
 
-# --- the gateway's backlog
+# --- the gateway: the replicas' calls to the ledger, and its backlog
+GATEWAY_CALL_SECONDS = MetricSpec(
+    "orchestrator_gateway_call_duration_seconds",
+    "histogram",
+    "Time a replica waited for the ledger to answer one gateway call (`admit`, `settle`, ...), retries "
+    "included; a request's `admit` is part of its time to first token.",
+    ("method",),
+    _CALL_BUCKETS,
+)
 PENDING_RECORDS = MetricSpec(
     "orchestrator_gateway_pending_records", "gauge", "Usage records journaled but not yet in the database."
 )
@@ -136,6 +145,7 @@ ALL: tuple[MetricSpec, ...] = (
     COMPLETION_TOKENS,
     COST,
     REJECTED,
+    GATEWAY_CALL_SECONDS,
     TARGET_REPLICAS,
     RUNNING_REPLICAS,
     MAX_REPLICAS,

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -38,7 +39,7 @@ from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import LOOKUP_WAIT_S, Ledger, LedgerStopped
 from orchestrator.gateway.store import SQLStore
 from orchestrator.layout import GATEWAY_DEPLOYMENT, gateway_app_name
-from orchestrator.metrics import GatewayMetrics, Sink
+from orchestrator.metrics import GATEWAY_CALL_SECONDS, GatewayMetrics, NullSink, Sink
 from orchestrator.serving.ledger_channel import Channel, ChannelClosed, ChannelServer
 from orchestrator.serving.telemetry import RaySink
 from orchestrator.settings import Settings
@@ -158,11 +159,23 @@ class RemoteGateway:
     that is restarting: a ledger that hangs (its database stops answering) cannot hold a
     request. Admissions are the exception: a timed-out one may still be made, and only its
     caller can settle it, so the caller bounds it (``generate`` does).
+
+    Each call's wait, retries included and however it ended, goes to ``metrics`` as
+    :data:`~orchestrator.metrics.GATEWAY_CALL_SECONDS`, timed on ``clock``.
     """
 
     def __init__(
-        self, handle: DeploymentHandle, *, timeout_s: float = 10.0, retries: int = 6, first_pause_s: float = 0.1
+        self,
+        handle: DeploymentHandle,
+        *,
+        timeout_s: float = 10.0,
+        retries: int = 6,
+        first_pause_s: float = 0.1,
+        metrics: Sink | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        self._waited = (metrics or NullSink()).instrument(GATEWAY_CALL_SECONDS)
+        self._clock = clock
         self._locate = handle.options(method_name="ledger_actor")
         self._actor: ActorHandle | None = None
         self._channel: Channel | None = None
@@ -198,6 +211,13 @@ class RemoteGateway:
             self._channel = None
 
     async def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        started = self._clock()
+        try:
+            return await self._attempts(method, *args, **kwargs)
+        finally:
+            self._waited.record(self._clock() - started, {"method": method})
+
+    async def _attempts(self, method: str, *args: Any, **kwargs: Any) -> Any:
         pause = self._first_pause_s
         deadline = self._deadlines[method]
         for attempt in itertools.count():
@@ -257,15 +277,15 @@ def _restarting() -> OrchestratorError:
     )
 
 
-def remote_gateway(handle: DeploymentHandle, timeout_s: float) -> Gateway:
+def remote_gateway(handle: DeploymentHandle, timeout_s: float, metrics: Sink | None = None) -> Gateway:
     """Returns the gateway deployment's ledger as a :class:`Gateway` whose calls get 503
-    past ``timeout_s`` (see :class:`RemoteGateway`)."""
-    return cast(Gateway, RemoteGateway(handle, timeout_s=timeout_s))
+    past ``timeout_s`` and are timed into ``metrics`` (see :class:`RemoteGateway`)."""
+    return cast(Gateway, RemoteGateway(handle, timeout_s=timeout_s, metrics=metrics))
 
 
-def instance_gateway(instance: str, timeout_s: float) -> Gateway:
+def instance_gateway(instance: str, timeout_s: float, metrics: Sink | None = None) -> Gateway:
     """Returns the gateway of router application ``instance`` in the layout of
     :mod:`orchestrator.layout` (its own application), looked up without an existence check:
     the applications are built concurrently, and a call waits for it like any cold model."""
     handle = serve.get_deployment_handle(GATEWAY_DEPLOYMENT, app_name=gateway_app_name(instance), _check_exists=False)
-    return remote_gateway(handle, timeout_s)
+    return remote_gateway(handle, timeout_s, metrics)

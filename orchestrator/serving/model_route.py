@@ -52,9 +52,10 @@ class RoutedModelServer(ServedModelServer):
 
     def __serve_build_asgi_app__(self) -> Any:
         gateway = None
+        sink = RaySink()
         if not self.settings.open_access:
             instance = instance_of(current_app_name(), self.spec.deployment_name)
-            gateway = instance_gateway(instance, self.settings.gateway_timeout_seconds)
+            gateway = instance_gateway(instance, self.settings.gateway_timeout_seconds, sink)
         return create_app(
             Catalog([self.spec]),
             ReplicaBackend(self),
@@ -62,7 +63,7 @@ class RoutedModelServer(ServedModelServer):
             gateway=gateway,
             admin_routes=False,
             echo_request_id=False,
-            metrics=RaySink(),
+            metrics=sink,
         )
 
 

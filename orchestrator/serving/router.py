@@ -160,6 +160,7 @@ class Router:
         self.catalog = Catalog([ModelSpec.model_validate(s) for s in specs])
         self.settings = Settings(**settings)
         app = current_app_name()
+        self._sink = RaySink()
         if handles is None:
             locations = {s.name: (model_app_name(app, s.deployment_name), s.deployment_name) for s in self.catalog}
             # Without an existence check: the other applications may not be built yet, and a
@@ -169,10 +170,11 @@ class Router:
                 for name, (where, deployment) in locations.items()
             }
             timeout_s = self.settings.gateway_timeout_seconds
-            self.gateway = None if self.settings.open_access else instance_gateway(app, timeout_s)
+            self.gateway = None if self.settings.open_access else instance_gateway(app, timeout_s, self._sink)
         else:
             locations = {s.name: (app, s.deployment_name) for s in self.catalog}
-            self.gateway = None if gateway is None else remote_gateway(gateway, self.settings.gateway_timeout_seconds)
+            timeout_s = self.settings.gateway_timeout_seconds
+            self.gateway = None if gateway is None else remote_gateway(gateway, timeout_s, self._sink)
         self._complete = {name: h.options(method_name="complete") for name, h in handles.items()}
         # Streams come back as a generator; each item is one batch of SSE frames.
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}
@@ -183,7 +185,7 @@ class Router:
     def __serve_build_asgi_app__(self) -> Any:
         # Serve's proxy assigns X-Request-Id (keeping a sane client one) and echoes it.
         return create_app(
-            self.catalog, self, self.settings, gateway=self.gateway, echo_request_id=False, metrics=RaySink()
+            self.catalog, self, self.settings, gateway=self.gateway, echo_request_id=False, metrics=self._sink
         )
 
     def _cold(self, spec: ModelSpec) -> bool:

@@ -146,3 +146,26 @@ async def test_every_call_but_admission_gets_503_past_its_deadline() -> None:
     assert await remote.generation("g", None) == "actor-3"
     assert await remote.admit("k", ["m"], 1, "r") == "actor-3"
     assert hanging.calls[-2:] == [(3, "generation"), (3, "admit")]  # both answered, after 0.3 s
+
+
+async def test_each_call_s_wait_is_recorded_by_method_retries_and_refusals_included() -> None:
+    from ray.exceptions import RayActorError
+
+    from orchestrator.metrics import GATEWAY_CALL_SECONDS, MemorySink
+
+    sink = MemorySink()
+    # The first ledger stops (admit retried on the second); create_key's actor then dies,
+    # which an administrative call does not retry: it gets 503, and its wait is recorded too.
+    actors = _Actors(_stopping(), None, RayActorError())
+    # Each answer from a ledger takes 5 s on this clock.
+    remote = RemoteGateway(actors, first_pause_s=0.001, metrics=sink, clock=lambda: 5.0 * len(actors.calls))
+    assert await remote.admit("k", ["m"], 1, "r") == "actor-1"
+    await remote.settle("a", "r")
+    remote._forget()  # the next call looks the ledger up again: the third actor, which dies
+    with pytest.raises(OrchestratorError):
+        await remote.create_key(KeyLimits())
+    name = GATEWAY_CALL_SECONDS.name
+    assert sink.get(name, method="admit") == [10.0]  # both attempts
+    assert sink.get(name, method="settle") == [5.0]
+    assert sink.get(name, method="create_key") == [5.0]
+    assert actors.calls == [(0, "admit"), (1, "admit"), (1, "settle"), (2, "create_key")]

@@ -39,7 +39,7 @@ ROWS = [
     "Queue depth and replicas",
     "KV cache and prefix cache",
     "Limits and shedding",
-    "Gateway backlog",
+    "Gateway",
 ]
 ERRORS = "OrchestratorHighErrorRate"
 SATURATED = "OrchestratorModelSaturated"
