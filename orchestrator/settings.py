@@ -27,13 +27,13 @@ def database_password(url: str) -> bool:
 
 
 # The environment of every Ray process with fast ingress (`fast_ingress`, the Helm chart's
-# `fastIngress`): Serve's HAProxy ingress and throughput-optimized mode, with user code kept
-# in Serve's own thread (on the replicas' main loop, as throughput-optimized mode has it, no
-# vLLM series reached Ray's metrics export: measured with `orchestrator serve`).
+# `fastIngress`): Serve's HAProxy ingress and throughput-optimized mode, with user code on
+# each replica's main event loop, as vLLM's own server runs (the mode's default, stated so
+# that an operator sees it; docs/ARCHITECTURE.md has the measurement).
 FAST_INGRESS_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
 
 
@@ -78,7 +78,7 @@ class Settings(BaseSettings):
         default=True,
         description=(
             "`orchestrator serve` only: start Ray with Serve's HAProxy ingress and throughput-optimized "
-            "mode, user code in Serve's own thread (FAST_INGRESS_ENV; see docs/ARCHITECTURE.md). On a "
+            "mode, user code on each replica's main event loop (FAST_INGRESS_ENV; see docs/ARCHITECTURE.md). On a "
             "loopback host HAProxy's stats and metrics ports are moved to 127.0.0.1 (orchestrator-haproxy); "
             "on another host they listen on all interfaces."
         ),

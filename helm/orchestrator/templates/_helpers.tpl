@@ -102,7 +102,7 @@ folder inside the cache volume. */}}
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
   value: "1"
 - name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
-  value: "1"
+  value: "0"
 {{- end }}
 - name: ORCH_ADMIN_KEY_FILE
   value: {{ printf "%s/%s" $dir $keys.adminKey | quote }}
