@@ -26,9 +26,9 @@ class LoadResult:
     itl_s: list[float] = field(default_factory=list)
     server_cpu_s: float = 0.0
     shed: int = 0  # answered 529 provider_overloaded (not counted in ``errors``)
-    # Mean wait for the ledger's admission per request, from the server's own metrics (set
-    # by vs_vllm.py for the gateway): the part of the time to first token that admission takes.
-    admit_ms_mean: float | None = None
+    # Server-side means from the orchestrator's metrics export (set by vs_vllm.py), e.g. its
+    # time to first token from arrival at the replica: where the client's TTFT goes.
+    server_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -62,7 +62,7 @@ class LoadResult:
             "itl_p99_ms": round(self.itl_ms(0.99), 2),
             "server_cpu_ms_per_request": round(self.cpu_ms_per_request, 1),
             "shed": self.shed,
-            **({} if self.admit_ms_mean is None else {"admit_ms_mean": round(self.admit_ms_mean, 2)}),
+            **{name: round(ms, 2) for name, ms in self.server_ms.items()},
         }
 
 

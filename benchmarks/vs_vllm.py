@@ -22,10 +22,12 @@ with ``--overload N`` at N x max_num_seqs streams under ``overload``, with the f
 requests shed with 529),
 open mode's under ``open``, the floor's under ``floor``, direct's own figures under ``direct``, and every run's under
 ``runs``. Ratios are orchestrator over direct within the same run. Inter-token latency is
-the gap between chunks with content, as vLLM's benchmark measures it. For the gateway, the
-summaries of the first two loads also carry ``admit_ms_mean``: the mean time a request waited
-for the ledger's admission, read from the server's metrics export
-(``ray_orchestrator_gateway_call_duration_seconds``), a part of its time to first token.
+the gap between chunks with content, as vLLM's benchmark measures it. For the orchestrator,
+the summaries of the first two loads also split the time to first token with means read from
+its metrics export: ``replica_ttft_ms_mean`` (from the request's arrival at the model's
+replica), ``engine_ttft_ms_mean`` (vLLM's, from its arrival at the engine) and, with the
+gateway, ``admit_ms_mean`` (the wait for the ledger's admission); the client's
+``ttft_mean_ms`` less the replica's is the ingress (HAProxy, Serve) and the network.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.load import LoadResult, run_load, unrefused_key
 from orchestrator.engine.weights import build_tiny_llama
-from orchestrator.metrics import GATEWAY_CALL_SECONDS
+from orchestrator.metrics import GATEWAY_CALL_SECONDS, TTFT
 from orchestrator.status.exposition import exported_name
 
 BIN = Path(sys.executable).parent
@@ -120,36 +122,48 @@ class Measured:
     overload: LoadResult | None = None
 
 
-class AdmitWaits:
-    """Reads the gateway's admission waits from the server's metrics export (Prometheus text):
-    ``ray_orchestrator_gateway_call_duration_seconds`` with ``method="admit"``."""
+# Server-side means per request, from the orchestrator's metrics export: name in the output ->
+# (exported histogram, labels a sample must carry). Admission only with the gateway on.
+REPLICA_TTFT = ("replica_ttft_ms_mean", (exported_name(TTFT), {}))
+ENGINE_TTFT = ("engine_ttft_ms_mean", ("ray_vllm_time_to_first_token_seconds", {}))
+ADMIT = ("admit_ms_mean", (exported_name(GATEWAY_CALL_SECONDS), {"method": "admit"}))
 
-    def __init__(self, metrics_url: str, timeout_s: float = 60.0) -> None:
+
+class ServerTimes:
+    """Reads per-request histograms from the server's metrics export (Prometheus text), so a
+    load's client TTFT can be split: the replica's own TTFT (from the request's arrival at the
+    model's replica), vLLM's engine TTFT (from the request's arrival at the engine) and, with
+    the gateway, the admission wait."""
+
+    def __init__(self, metrics_url: str, series: dict[str, tuple[str, dict[str, str]]], timeout_s: float = 60.0):
         self.url = metrics_url
+        self.series = series
         self.timeout_s = timeout_s
-        self.expected = 0  # admissions made so far (each request that reached the app)
+        self.expected = 0  # requests that reached the app so far (each observes every series once)
 
-    def totals(self) -> tuple[float, int]:
-        """(seconds, admissions) once the export counts every admission made so far: Ray's
-        export lags the replicas by seconds. Past ``timeout_s``, what it has."""
-        name = exported_name(GATEWAY_CALL_SECONDS)
+    def totals(self) -> dict[str, tuple[float, int]]:
+        """Each series' (seconds, observations) once the export counts every request so far:
+        Ray's export lags the replicas by seconds. Past ``timeout_s``, what it has."""
         deadline = time.monotonic() + self.timeout_s
         while True:
-            seconds, count = 0.0, 0
+            found = {name: (0.0, 0) for name in self.series}
             for family in text_string_to_metric_families(httpx.get(self.url, timeout=10).text):
                 for sample in family.samples:
-                    if sample.labels.get("method") == "admit" and sample.name == f"{name}_sum":
-                        seconds += sample.value
-                    elif sample.labels.get("method") == "admit" and sample.name == f"{name}_count":
-                        count += int(sample.value)
-            if count >= self.expected or time.monotonic() > deadline:
-                return seconds, count
+                    for name, (metric, labels) in self.series.items():
+                        if labels.items() <= sample.labels.items():
+                            seconds, count = found[name]
+                            if sample.name == f"{metric}_sum":
+                                found[name] = (seconds + sample.value, count)
+                            elif sample.name == f"{metric}_count":
+                                found[name] = (seconds, count + int(sample.value))
+            if all(count >= self.expected for _, count in found.values()) or time.monotonic() > deadline:
+                return found
             time.sleep(1)
 
 
 def _timed(base_url: str, headers: dict[str, str], pid: int, requests: int, concurrency: int, prompt: list[int],
-           output_tokens: int, admits: AdmitWaits | None = None) -> LoadResult:  # fmt: skip
-    before_s, before_n = admits.totals() if admits else (0.0, 0)
+           output_tokens: int, times: ServerTimes | None = None) -> LoadResult:  # fmt: skip
+    before_times = times.totals() if times else {}
     before = tree_cpu_s(pid)
     result = asyncio.run(
         run_load(base_url, "tiny", prompt=prompt, output_tokens=output_tokens, requests=requests,
@@ -157,26 +171,27 @@ def _timed(base_url: str, headers: dict[str, str], pid: int, requests: int, conc
     )  # fmt: skip
     # Server CPU per request varies far less than throughput on a shared machine.
     result.server_cpu_s = tree_cpu_s(pid) - before
-    if admits:
-        admits.expected += result.requests + result.errors
-        after_s, after_n = admits.totals()
-        result.admit_ms_mean = 1000 * (after_s - before_s) / max(1, after_n - before_n)
+    if times:
+        times.expected += result.requests + result.errors
+        for name, (seconds, count) in times.totals().items():
+            seconds_before, count_before = before_times[name]
+            result.server_ms[name] = 1000 * (seconds - seconds_before) / max(1, count - count_before)
     return result
 
 
 def measure(
-    base_url: str, headers: dict[str, str], args: argparse.Namespace, pid: int, admits: AdmitWaits | None = None
+    base_url: str, headers: dict[str, str], args: argparse.Namespace, pid: int, times: ServerTimes | None = None
 ) -> Measured:
-    """Warms the server up, then runs the loads. With ``admits`` (the gateway), each of the
-    first two loads also gets its mean admission wait."""
+    """Warms the server up, then runs the loads. With ``times`` (the orchestrator), each of
+    the first two loads also gets the server-side means it reads."""
     prompt = [(7 * i) % 400 + 10 for i in range(args.prompt_tokens)]
     shape = {"prompt": prompt, "output_tokens": args.output_tokens}
     warm = asyncio.run(run_load(base_url, "tiny", requests=max(8, args.concurrency), concurrency=args.concurrency,
                                 headers=headers, **shape))  # fmt: skip
-    if admits:
-        admits.expected = warm.requests + warm.errors
-    load = _timed(base_url, headers, pid, args.requests, args.concurrency, **shape, admits=admits)
-    c1 = _timed(base_url, headers, pid, args.c1_requests, 1, **shape, admits=admits)
+    if times:
+        times.expected = warm.requests + warm.errors
+    load = _timed(base_url, headers, pid, args.requests, args.concurrency, **shape, times=times)
+    c1 = _timed(base_url, headers, pid, args.c1_requests, 1, **shape, times=times)
     overload = None
     if args.overload:
         streams = args.overload * MAX_NUM_SEQS
@@ -263,13 +278,13 @@ def run_orchestrator(
         db = work / f"gateway-{secrets.token_hex(4)}.db"  # a fresh ledger for each run
         env |= {"ORCH_ADMIN_KEY": ADMIN_KEY, "ORCH_DATABASE_URL": f"sqlite:///{db}"}
         prepare = functools.partial(unrefused_key, admin_key=ADMIN_KEY)
-        if measure_fn is measure:
-            metrics_port = free_port()
-            cmd += ["--metrics-port", str(metrics_port)]
-            admits = AdmitWaits(f"http://127.0.0.1:{metrics_port}/metrics")
-            measure_fn = functools.partial(measure, admits=admits)
     else:
         env["ORCH_OPEN_ACCESS"] = "true"
+    if measure_fn is measure:
+        metrics_port = free_port()
+        cmd += ["--metrics-port", str(metrics_port)]
+        series = dict([REPLICA_TTFT, ENGINE_TTFT] + ([ADMIT] if mode == "gateway" else []))
+        measure_fn = functools.partial(measure, times=ServerTimes(f"http://127.0.0.1:{metrics_port}/metrics", series))
     for pair in args.orch_env:
         key, _, value = pair.partition("=")
         env[key] = value
