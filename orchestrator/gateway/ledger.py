@@ -77,6 +77,7 @@ class _Admitted:
     model: str
     cost: Decimal  # its worst case, held against the key's balance and spend limits
     settled: asyncio.Event
+    admission: Admission  # what the caller was answered (again, to a retried call)
     holder: str | None = None  # the router that admitted it, which renews its holds while alive
 
 
@@ -394,7 +395,9 @@ class Ledger:
         holder: str | None = None,
     ) -> Admission:
         """Lets a request in, reserving one request, ``tokens`` tokens and ``cost`` USD, or
-        refuses it.
+        refuses it. A second call for a request id this ledger admitted and has not settled
+        (a caller retrying a call whose answer was lost: a broken connection, an actor
+        reported dead while it lived) gets the same admission, and nothing is reserved twice.
 
         The reserved cost is held against the key's balance and its daily and monthly spend
         until the request settles, so concurrent requests can never overrun them: a request
@@ -445,6 +448,10 @@ class Ledger:
         self._check_running()
         if not self._active.is_set():
             raise _handing_over()
+        if (earlier := self._admitted.get(request_id)) is not None:
+            if earlier.key_id != key.id:  # ids are the routers' own uuids: never another key's
+                raise OrchestratorError(ErrorCode.INVALID_REQUEST, "This request id is already in use.")
+            return earlier.admission
         held = self._held_cost.get(key.id, Decimal(0))
         if key.credits is not None:
             available = key.credits - self._pending_cost.get(key.id, Decimal(0)) - held
@@ -485,16 +492,7 @@ class Ledger:
             )
         # Admitted, not yet settled: a lookup waits for the record instead of answering 404,
         # which lets routers settle after the response without a window of missing records.
-        at = self._monotonic()
-        self._admitted[request_id] = _Admitted(
-            at, key.id, key.workspace_id, model_names[0], cost, asyncio.Event(), holder
-        )
-        if holder is not None:
-            self._holders[holder] = at
-        self._running[key.id] = running + 1
-        if cost:
-            self._held_cost[key.id] = held + cost
-        return Admission(
+        admission = Admission(
             request_id=request_id,
             key_id=key.id,
             workspace_id=key.workspace_id,
@@ -502,6 +500,16 @@ class Ledger:
             window_start=decision.window_start,
             headers=headers,
         )
+        at = self._monotonic()
+        self._admitted[request_id] = _Admitted(
+            at, key.id, key.workspace_id, model_names[0], cost, asyncio.Event(), admission, holder
+        )
+        if holder is not None:
+            self._holders[holder] = at
+        self._running[key.id] = running + 1
+        if cost:
+            self._held_cost[key.id] = held + cost
+        return admission
 
     def _release(self, request_id: str) -> _Admitted | None:
         """Ends an admitted request's holds (its worst-case cost and its place among the key's

@@ -149,9 +149,10 @@ class RemoteGateway:
     killed, while routers still hold its handle. A call it refused as stopping is retried on
     the ledger Serve routes to next, up to ``retries`` times with doubling pauses from
     ``first_pause_s``; the refusal came before the ledger did anything, so nothing doubles.
-    So is a request-path call (admission, settlement, renewal, lookup) whose actor died: an
-    admission a dead ledger made died with it (never journaled, no record), and a
-    settlement is stored once per request id.
+    So is a request-path call (admission, settlement, renewal, lookup) whose actor died or
+    whose channel connection broke: an admission a dead ledger made died with it (never
+    journaled, no record), a live one answers a retried admission with the admission it
+    made (:meth:`Ledger.admit`), and a settlement is stored once per request id.
 
     Every call has a deadline: ``timeout_s`` (a lookup, which waits for a running request's
     record, that plus :data:`LOOKUP_WAIT_S`; an administrative call, which may write to the
@@ -200,7 +201,7 @@ class RemoteGateway:
                 channel.close()  # a concurrent call located the ledger first
         channel = self._channel
         if channel is not None and channel.loop is asyncio.get_running_loop():
-            return await channel.call(method, *args, **kwargs)  # ChannelClosed: the ledger died
+            return await channel.call(method, *args, **kwargs)  # ChannelClosed: the connection is gone
         return await self._actor.call.remote(method, *args, **kwargs)
 
     def _forget(self) -> None:
@@ -228,9 +229,9 @@ class RemoteGateway:
                 assert deadline is not None  # only a call with a deadline times out
                 raise gateway_timed_out(deadline) from None
             except Exception as exc:
-                # The ledger stopped or its actor died (its replica was replaced): the next
-                # attempt finds the live one. Request-path calls are retried (safe: a ledger
-                # that died took what it did for them with it; see the class docstring);
+                # The ledger stopped, its actor died (its replica was replaced) or the channel
+                # broke: the next attempt finds the live one. Request-path calls are retried
+                # (safe: each is answered once per request id; see the class docstring);
                 # others, and calls out of attempts, get 503 with Retry-After, an
                 # infrastructure fault rather than a bug (settlements retry on it).
                 gone = isinstance(exc, RayActorError | RayServeException | TaskCancelledError | ChannelClosed)

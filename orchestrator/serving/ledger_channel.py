@@ -41,8 +41,9 @@ Dispatch = Callable[..., Awaitable[Any]]  # (method, *args, **kwargs) -> result
 
 
 class ChannelClosed(ConnectionError):
-    """The channel's connection is gone (the ledger's process died, or it never answered):
-    whatever the call did died with the ledger, as for a dead actor."""
+    """The channel's connection is gone (the ledger's process died, or the connection broke
+    while it lived): the call may or may not have run, so only calls that are safe to repeat
+    are retried (:class:`~orchestrator.serving.gateway_server.RemoteGateway`)."""
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> Any:

@@ -644,3 +644,27 @@ async def test_max_concurrent_requests_per_key(ledger: Ledger) -> None:
     assert (await refused(ledger.admit(created.key, NAMES, 10, "m-over"))).code is ErrorCode.RATE_LIMIT_EXCEEDED
     await ledger.update_key(created.info.id, KeyLimits(), clear=frozenset({"max_concurrent"}))
     await ledger.admit(created.key, NAMES, 10, "m-unlimited")
+
+
+async def test_a_retried_admission_is_answered_again_and_held_once(ledger: Ledger) -> None:
+    """A caller whose answer was lost asks again with the same request id (several times, at
+    once): it gets the same admission, and the key's concurrency, balance and rate window
+    count the request once."""
+    created = await ledger.create_key(KeyLimits(max_concurrent=1, credits=Decimal("1"), rpm=2))
+    hold = Decimal("0.75")
+    first = await ledger.admit(created.key, NAMES, 10, "r1", cost=hold)
+    again = await asyncio.gather(*(ledger.admit(created.key, NAMES, 10, "r1", cost=hold) for _ in range(5)))
+    assert again == [first] * 5
+    assert (await refused(ledger.admit(created.key, NAMES, 10, "r2", cost=Decimal("0")))).code is (
+        ErrorCode.RATE_LIMIT_EXCEEDED  # one running, the key's limit
+    )
+    await ledger.settle(first, record(ledger, first, cost="0.5"))
+    # Released once, and counted once in the minute: one more request fits every limit.
+    second = await ledger.admit(created.key, NAMES, 10, "r2", cost=Decimal("0.5"))
+    await ledger.settle(second, record(ledger, second, cost="0.5"))
+    await ledger.flush()
+    assert (await ledger.get_key(created.info.id)).credits == 0
+    one, other = await ledger.create_key(KeyLimits()), await ledger.create_key(KeyLimits())
+    await ledger.admit(one.key, NAMES, 10, "r3")
+    error = await refused(ledger.admit(other.key, NAMES, 10, "r3"))
+    assert error.code is ErrorCode.INVALID_REQUEST  # another key cannot take over a request id

@@ -8,6 +8,8 @@ import asyncio
 import os
 import random
 import sys
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger, LedgerStopped
-from orchestrator.gateway.records import KeyLimits
+from orchestrator.gateway.records import Admission, KeyLimits, UsageRecord
 from orchestrator.gateway.store import SQLStore
 from orchestrator.serving import gateway_server, ledger_channel
 from orchestrator.serving.gateway_server import LedgerActor, RemoteGateway
@@ -210,3 +212,49 @@ async def test_with_the_channel_off_the_ledger_offers_none(tmp_path: Path) -> No
     await actor.start()
     assert actor.channel_address() is None  # callers use the actor call
     await actor.stop()
+
+
+async def test_an_admission_whose_answer_was_lost_is_retried_and_held_once(tmp_path: Path, one_node: None) -> None:
+    """The connection breaks after the ledger admitted a request and before its answer left
+    (the ledger lives on): the caller's retry on a fresh connection gets that admission, and
+    the key's one place is taken once, not twice."""
+    ledger = Ledger(SQLStore(f"sqlite:///{tmp_path / 'g.db'}"), UsageJournal(tmp_path / "j"))
+    actor = LedgerActor({}, ledger=ledger)
+    await actor.start()
+    created = await actor.call("create_key", KeyLimits(name="k", max_concurrent=1))
+    handle = located([actor])
+    remote = RemoteGateway(handle, first_pause_s=0.001)  # type: ignore[arg-type]
+    assert actor._channel is not None
+    dispatch, lost = actor._channel._dispatch, []
+
+    async def lose_the_first_admission_s_answer(method: str, *args: Any, **kwargs: Any) -> Any:
+        answer = await dispatch(method, *args, **kwargs)
+        if method == "admit" and not lost:
+            lost.append(method)
+            assert remote._channel is not None
+            remote._channel._writer.transport.abort()  # before the answer is written
+        return answer
+
+    actor._channel._dispatch = lose_the_first_admission_s_answer
+    admission = await remote.admit(created.key, ["m"], 1, "r1")
+    assert lost and len(handle.lookups) == 2  # retried on a fresh connection
+    with pytest.raises(OrchestratorError) as info:  # the key's one place is r1's
+        await remote.admit(created.key, ["m"], 1, "r2")
+    assert info.value.code is ErrorCode.RATE_LIMIT_EXCEEDED
+    await ledger.settle(admission, _record(admission))
+    assert (await remote.admit(created.key, ["m"], 1, "r2")).key_id == created.info.id  # freed once: room again
+    await actor.stop()
+
+
+def _record(admission: Admission) -> UsageRecord:
+    return UsageRecord(
+        request_id=admission.request_id,
+        key_id=admission.key_id,
+        workspace_id=admission.workspace_id,
+        model="m",
+        prompt_tokens=1,
+        completion_tokens=1,
+        cost=Decimal(0),
+        latency_ms=1.0,
+        created_at=datetime.now(UTC),
+    )
