@@ -53,14 +53,13 @@ from typing import Any
 import httpx
 import psutil
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.load import LoadResult, run_load, unrefused_key
 from orchestrator.engine.weights import build_tiny_llama
 from orchestrator.metrics import GATEWAY_CALL_SECONDS, TTFT
-from orchestrator.status.exposition import exported_name
+from orchestrator.status.exposition import exported_name, parse_samples
 
 BIN = Path(sys.executable).parent
 MAX_NUM_SEQS = 64
@@ -146,16 +145,12 @@ class ServerTimes:
         Ray's export lags the replicas by seconds. Past ``timeout_s``, what it has."""
         deadline = time.monotonic() + self.timeout_s
         while True:
-            found = {name: (0.0, 0) for name in self.series}
-            for family in text_string_to_metric_families(httpx.get(self.url, timeout=10).text):
-                for sample in family.samples:
-                    for name, (metric, labels) in self.series.items():
-                        if labels.items() <= sample.labels.items():
-                            seconds, count = found[name]
-                            if sample.name == f"{metric}_sum":
-                                found[name] = (seconds + sample.value, count)
-                            elif sample.name == f"{metric}_count":
-                                found[name] = (seconds, count + int(sample.value))
+            samples = parse_samples(httpx.get(self.url, timeout=10).text, prefix="ray_")
+            found = {}
+            for name, (metric, labels) in self.series.items():
+                mine = [s for s in samples if labels.items() <= s.labels.items()]
+                seconds = sum(s.value for s in mine if s.name == f"{metric}_sum")
+                found[name] = (seconds, int(sum(s.value for s in mine if s.name == f"{metric}_count")))
             if all(count >= self.expected for _, count in found.values()) or time.monotonic() > deadline:
                 return found
             time.sleep(1)

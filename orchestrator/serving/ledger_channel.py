@@ -22,7 +22,6 @@ local one (Ray's own is the actor call this replaces), hence this small module.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -152,10 +151,8 @@ class Channel:
                     future.set_result(value)
                 else:
                     future.set_exception(value)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+        except Exception as exc:  # the connection ended, or sent what does not unpickle
             self._fail(ChannelClosed(f"the ledger channel closed: {exc!r}"))
-        except Exception as exc:
-            self._fail(ChannelClosed(f"the ledger channel broke: {exc!r}"))
 
     def _fail(self, error: ChannelClosed) -> None:
         self._closed = error
@@ -164,10 +161,6 @@ class Channel:
                 future.set_exception(error)
         self._pending.clear()
         self._writer.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed is not None or self._closing
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Runs ``method`` on the server and returns its answer, or raises what it raised.
@@ -184,9 +177,9 @@ class Channel:
             self._writer.write(_frame((call_id, method, args, kwargs)))
             await self._writer.drain()
             return await future
+        except ChannelClosed:
+            raise
         except ConnectionError as exc:
-            if isinstance(exc, ChannelClosed):
-                raise
             raise ChannelClosed(f"the ledger channel closed: {exc!r}") from exc
         finally:
             self._pending.pop(call_id, None)
@@ -202,7 +195,5 @@ class Channel:
     def close(self) -> None:
         """Closes the connection; calls still waiting get :class:`ChannelClosed`."""
         if self._closed is None:
-            self._fail(ChannelClosed("the ledger channel was closed"))
+            self._fail(ChannelClosed("the ledger channel was closed"))  # closes the writer too
         self._reading.cancel()
-        with contextlib.suppress(Exception):
-            self._writer.close()

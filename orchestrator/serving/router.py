@@ -161,6 +161,7 @@ class Router:
         self.settings = Settings(**settings)
         app = current_app_name()
         self._sink = RaySink()
+        timeout_s = self.settings.gateway_timeout_seconds
         if handles is None:
             locations = {s.name: (model_app_name(app, s.deployment_name), s.deployment_name) for s in self.catalog}
             # Without an existence check: the other applications may not be built yet, and a
@@ -169,11 +170,9 @@ class Router:
                 name: serve.get_deployment_handle(deployment, app_name=where, _check_exists=False)
                 for name, (where, deployment) in locations.items()
             }
-            timeout_s = self.settings.gateway_timeout_seconds
             self.gateway = None if self.settings.open_access else instance_gateway(app, timeout_s, self._sink)
         else:
             locations = {s.name: (app, s.deployment_name) for s in self.catalog}
-            timeout_s = self.settings.gateway_timeout_seconds
             self.gateway = None if gateway is None else remote_gateway(gateway, timeout_s, self._sink)
         self._complete = {name: h.options(method_name="complete") for name, h in handles.items()}
         # Streams come back as a generator; each item is one batch of SSE frames.

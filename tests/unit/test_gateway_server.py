@@ -148,7 +148,7 @@ async def test_every_call_but_admission_gets_503_past_its_deadline() -> None:
     assert hanging.calls[-2:] == [(3, "generation"), (3, "admit")]  # both answered, after 0.3 s
 
 
-async def test_each_call_s_wait_is_recorded_by_method_retries_and_refusals_included() -> None:
+async def test_each_call_s_wait_is_recorded_by_method_retries_and_failures_included() -> None:
     from ray.exceptions import RayActorError
 
     from orchestrator.metrics import GATEWAY_CALL_SECONDS, MemorySink
