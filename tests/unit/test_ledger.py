@@ -19,6 +19,7 @@ from orchestrator.gateway.records import Admission, KeyLimits, UsageRecord
 from orchestrator.gateway.store import SQLStore
 from orchestrator.metrics import GatewayMetrics, MemorySink
 from tests.postgres import PostgresServer
+from tests.usage import record
 
 NAMES = ["tiny-a", "a", "org/tiny-a"]
 
@@ -40,21 +41,6 @@ async def ledger(db_url: str, tmp_path: Path) -> AsyncIterator[Ledger]:
     await ledger.start()
     yield ledger
     await ledger.stop()
-
-
-def record(ledger: Ledger, admission: Admission, cost: str = "0.25", **extra: object) -> UsageRecord:
-    return UsageRecord(
-        request_id=admission.request_id,
-        key_id=admission.key_id,
-        workspace_id=admission.workspace_id,
-        model="tiny-a",
-        prompt_tokens=10,
-        completion_tokens=5,
-        cost=Decimal(cost),
-        latency_ms=12.5,
-        created_at=datetime.fromtimestamp(ledger._clock(), UTC),
-        **extra,  # type: ignore[arg-type]
-    )
 
 
 async def refused(coro: object) -> OrchestratorError:

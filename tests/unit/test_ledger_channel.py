@@ -8,8 +8,6 @@ import asyncio
 import os
 import random
 import sys
-from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +16,13 @@ import pytest
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger, LedgerStopped
-from orchestrator.gateway.records import Admission, KeyLimits, UsageRecord
+from orchestrator.gateway.records import KeyLimits
 from orchestrator.gateway.store import SQLStore
 from orchestrator.serving import gateway_server, ledger_channel
 from orchestrator.serving.gateway_server import LedgerActor, RemoteGateway
 from orchestrator.serving.ledger_channel import Channel, ChannelClosed, ChannelServer
 from tests.fakes import RemoteMethod
+from tests.usage import record
 
 
 def socket_path(actor: LedgerActor) -> str:
@@ -241,20 +240,6 @@ async def test_an_admission_whose_answer_was_lost_is_retried_and_held_once(tmp_p
     with pytest.raises(OrchestratorError) as info:  # the key's one place is r1's
         await remote.admit(created.key, ["m"], 1, "r2")
     assert info.value.code is ErrorCode.RATE_LIMIT_EXCEEDED
-    await ledger.settle(admission, _record(admission))
+    await ledger.settle(admission, record(ledger, admission, cost="0"))
     assert (await remote.admit(created.key, ["m"], 1, "r2")).key_id == created.info.id  # freed once: room again
     await actor.stop()
-
-
-def _record(admission: Admission) -> UsageRecord:
-    return UsageRecord(
-        request_id=admission.request_id,
-        key_id=admission.key_id,
-        workspace_id=admission.workspace_id,
-        model="m",
-        prompt_tokens=1,
-        completion_tokens=1,
-        cost=Decimal(0),
-        latency_ms=1.0,
-        created_at=datetime.now(UTC),
-    )
