@@ -111,12 +111,26 @@ class RequestMeter:
         self._first: float | None = None
         self._batches = 0
         self._first_token_batch = first_token_batch
-        self.usage: dict[str, Any] = {}
+        self._usage: dict[str, Any] = {}
+        # The latest running-usage trailer of a stream, as JSON: decoded only when read,
+        # since a trailer comes with every token and only the last one counts.
+        self._usage_json: str | None = None
         self.finish_reason: str | None = None
         # Inter-token latency as the client sees it: the wait before each chunk with
         # content after the first (0 for chunks that arrive in the same batch).
         self.gaps: list[float] = []
         self._last_content: float | None = None
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        """The usage seen so far (the final usage chunk's, once it has passed)."""
+        if self._usage_json is not None:
+            self._usage, self._usage_json = json.loads(self._usage_json), None
+        return self._usage
+
+    @usage.setter
+    def usage(self, usage: dict[str, Any]) -> None:
+        self._usage, self._usage_json = usage, None
 
     def _cost_into(self, usage: dict[str, Any]) -> None:
         self.usage = usage
@@ -143,7 +157,7 @@ class RequestMeter:
             self._first = now
         self._batches += 1
         if batch and batch[-1].startswith(USAGE_TRAILER):
-            self.usage = json.loads(batch.pop()[len(USAGE_TRAILER) :])
+            self._usage_json = batch.pop()[len(USAGE_TRAILER) :]
         if not batch:
             return batch
         self._time_chunks(batch, now)

@@ -9,13 +9,13 @@ import uuid
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from orchestrator.api.accounting import CLIENT_CLOSED, RequestMeter, Settler, reservation
 from orchestrator.api.auth import bearer_token
 from orchestrator.api.backend import Backend, Kind
-from orchestrator.api.sse import StreamHead, as_orchestrator_error, drive
+from orchestrator.api.sse import EventStreamResponse, StreamHead, as_orchestrator_error, drive
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.base import RequestGateway, gateway_timed_out
@@ -194,13 +194,8 @@ async def generate(
         settler.finish(meter, error.status, error=error)
         error.headers = {**admission.headers, **error.headers}
         raise error from None
-    return StreamingResponse(
-        drive(
-            head,
-            request_id=request_id,
-            keepalive_s=settings.keepalive_seconds,
-            observer=_MeteredStream(meter, settler),
-        ),
-        media_type="text/event-stream",
+    return EventStreamResponse(
+        drive(head, request_id=request_id, observer=_MeteredStream(meter, settler)),
+        keepalive_s=settings.keepalive_seconds,
         headers={**SSE_HEADERS, **admission.headers},
     )

@@ -12,12 +12,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from starlette.responses import StreamingResponse
+from starlette.types import Send
+
 from orchestrator.api.backend import ChunkStream
 from orchestrator.errors import ErrorCode, OrchestratorError, find_error
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
-_END = object()
 
 
 def frame(payload: dict[str, Any]) -> str:
@@ -88,61 +90,79 @@ class StreamHead:
             yield batch
 
 
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that sends a ``: keep-alive`` comment whenever its body has been silent
+    for ``keepalive_s``: one timer task per response rather than a timeout around every
+    frame, which on a busy replica cost more than the rest of a frame's way out."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, keepalive_s: float, headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.keepalive_s = keepalive_s
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        loop = asyncio.get_running_loop()
+        sending = asyncio.Lock()  # a keep-alive and a frame never interleave in one send
+        last = loop.time()
+
+        async def keepalive() -> None:
+            nonlocal last
+            while True:
+                await asyncio.sleep(last + self.keepalive_s - loop.time())
+                if loop.time() - last >= self.keepalive_s:
+                    async with sending:
+                        await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                    last = loop.time()
+
+        timer = asyncio.create_task(keepalive())
+        try:
+            async for chunk in self.body_iterator:
+                last = loop.time()
+                async with sending:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            timer.cancel()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 async def drive(
     head: StreamHead,
     *,
     request_id: str,
-    keepalive_s: float,
     observer: StreamObserver | None = None,
 ) -> AsyncIterator[bytes]:
-    """Yields the body of a streaming response: upstream frames, keep-alives while it is
-    silent, an error event if it fails part-way, and always ``data: [DONE]`` last.
+    """Yields the body of a streaming response: upstream frames, an error event if it fails
+    part-way, and always ``data: [DONE]`` last. Keep-alives while the upstream is silent are
+    :class:`EventStreamResponse`'s.
 
     Args:
         head: the started upstream stream.
         request_id: for the error event.
-        keepalive_s: interval of keep-alive comments while the upstream is silent.
         observer: sees every batch, then ``finish`` or ``abandon``.
     """
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for batch in head.batches():
-                queue.put_nowait(batch)
-            queue.put_nowait(_END)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            queue.put_nowait(exc)
-
     finished = False
     error: OrchestratorError | None = None
-    task = asyncio.create_task(pump())
+    batches = head.batches()
     try:
         while True:
             try:
-                async with asyncio.timeout(keepalive_s):
-                    item = await queue.get()
-            except TimeoutError:
-                yield KEEPALIVE
-                continue
-            if item is _END:
+                batch = await anext(batches)
+            except StopAsyncIteration:
                 break
-            if isinstance(item, BaseException):
-                error = as_orchestrator_error(item)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                error = as_orchestrator_error(exc)
                 yield error_frame(error, request_id)
                 break
             if observer is not None:
-                item = observer.on_batch(item)
-            yield "".join(item).encode()
+                batch = observer.on_batch(batch)
+            yield "".join(batch).encode()
         finished = True
         if observer is not None:
             observer.finish(error)
         yield DONE
     finally:
-        if not task.done():
-            task.cancel()
         if not finished:
             # The client went away: stop the generation inside the engine.
             head.stream.cancel()

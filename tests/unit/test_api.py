@@ -157,6 +157,26 @@ async def test_keepalive_while_upstream_silent(catalog: Catalog, engines: dict) 
     assert blocks[-1] == "data: [DONE]" and "usage" in blocks[-2]
 
 
+async def test_keepalive_between_tokens_only_while_silent(catalog: Catalog, engines: dict) -> None:
+    # Tokens 0.3 s apart with keep-alives due every 0.1 s: comments come between the
+    # tokens, never inside a frame, and the stream still ends with its usage chunk.
+    engines["tiny-a"].words = ["slow", "words"]
+    engines["tiny-a"].token_delay_s = 0.3
+    async with make_client(catalog, LocalBackend(engines), keepalive_seconds=0.1) as c:
+        resp = await c.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    blocks = events(resp.text)
+    data = [b for b in blocks if b.startswith("data: {")]
+    assert [json.loads(b[6:])["choices"][0]["delta"].get("content") for b in data[:3]] == ["", "slow ", "words "]
+    between = blocks[blocks.index(data[1]) + 1 : blocks.index(data[2])]
+    assert between and set(between) == {": keep-alive"}
+    assert blocks[-1] == "data: [DONE]" and "usage" in blocks[-2]
+    # A fast stream gets none.
+    engines["tiny-a"].token_delay_s = 0.0
+    async with make_client(catalog, LocalBackend(engines), keepalive_seconds=0.1) as c:
+        resp = await c.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert ": keep-alive" not in events(resp.text)
+
+
 async def test_models_list_and_lookup(client: httpx.AsyncClient) -> None:
     listed = (await client.get("/v1/models")).json()
     assert [m["id"] for m in listed["data"]] == ["tiny-a", "tiny-b"]

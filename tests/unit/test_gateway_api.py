@@ -142,7 +142,7 @@ async def test_abandoned_stream_settles_once(catalog: Catalog, ledger: Ledger) -
     settler = Settler(ledger)
     meter = RequestMeter(spec, admission, streamed=True, first_token_batch=1)
     head = StreamHead(LocalBackend({"tiny-a": engine}).stream(spec, "chat", {**CHAT, "model": "tiny-a"}, "gone-1"))
-    body = drive(head, request_id="gone-1", keepalive_s=5, observer=_MeteredStream(meter, settler))
+    body = drive(head, request_id="gone-1", observer=_MeteredStream(meter, settler))
     for _ in range(4):
         await anext(body)
     await body.aclose()  # what Starlette does when the client disconnects
