@@ -115,6 +115,10 @@ class EventStreamResponse(StreamingResponse):
                     last = loop.time()
 
         timer = asyncio.create_task(keepalive())
+        # Should a keep-alive's send raise (a server that raises once the client has gone),
+        # the next frame's send or the disconnect ends the response: the timer's error is
+        # only retrieved here, so that it is not logged as never retrieved.
+        timer.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
             async for chunk in self.body_iterator:
                 last = loop.time()
