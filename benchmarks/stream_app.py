@@ -97,17 +97,11 @@ def bare_app() -> FastAPI:
 
 
 class FramesEngine(VLLMEngine):
-    """The real engine adapter with vLLM's serving layer replaced by fixed frames."""
-
-    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
-        super().__init__(spec, settings)
-        self._llm = object()  # "started"
+    """The real engine adapter with vLLM's serving layer replaced by fixed frames (never
+    started: nothing on the stream path needs vLLM's engine but the call replaced here)."""
 
     async def _call(self, kind: Kind, request: Any) -> Any:
         return stream_frames(request.request_id)
-
-    def num_unfinished_requests(self) -> int:
-        return 0
 
 
 def our_app() -> FastAPI:

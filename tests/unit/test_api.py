@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -9,6 +10,7 @@ import httpx
 import pytest
 
 from orchestrator.api import create_app
+from orchestrator.api.sse import KEEPALIVE, EventStreamResponse
 from orchestrator.catalog import Catalog
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.settings import Settings
@@ -175,6 +177,36 @@ async def test_keepalive_between_tokens_only_while_silent(catalog: Catalog, engi
     async with make_client(catalog, LocalBackend(engines), keepalive_seconds=0.1) as c:
         resp = await c.post("/v1/chat/completions", json={**CHAT, "stream": True})
     assert ": keep-alive" not in events(resp.text)
+
+
+async def test_keepalives_never_overlap_a_frame_on_a_slow_connection() -> None:
+    # A client that reads slowly (each send takes 30 ms) while keep-alives fall due every
+    # 5 ms: the timer must wait for a frame's send to finish, never send alongside it.
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(6):
+            await asyncio.sleep(0.02)
+            yield f"data: {i}\n\n".encode()
+
+    in_flight, most, sent = 0, 0, []
+
+    async def send(message: dict) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.03)
+        sent.append(message.get("body", b""))
+        in_flight -= 1
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError
+
+    response = EventStreamResponse(body(), keepalive_s=0.005, headers={})
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+    await response(scope, receive, send)
+    frames = [m for m in sent if m.startswith(b"data:")]
+    assert most == 1 and frames == [f"data: {i}\n\n".encode() for i in range(6)]
+    assert KEEPALIVE in sent and sent[-1] == b""
 
 
 async def test_models_list_and_lookup(client: httpx.AsyncClient) -> None:
