@@ -105,6 +105,10 @@ class Capabilities(_Frozen):
     vision: bool = Field(default=False, description="Image inputs.")
     reasoning: bool = Field(default=False, description="Separate reasoning output (needs `reasoning_parser`).")
 
+    def enabled(self) -> set[str]:
+        """The names (as the catalog writes them) of what the model can do."""
+        return {name for name, on in self.model_dump(by_alias=True).items() if on}
+
 
 class Resources(_Frozen):
     """What one replica of the model needs from the cluster."""

@@ -59,12 +59,12 @@ class FakeEngine:
         text = " ".join(self.words)
         choice = (
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-            if kind == "chat"
+            if kind != "completion"
             else {"index": 0, "text": text, "finish_reason": "stop"}
         )
         return {
             "id": f"gen-{request_id}",
-            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "object": "chat.completion" if kind != "completion" else "text_completion",
             "created": int(time.time()),
             "model": body["model"],
             "choices": [choice],
@@ -80,7 +80,7 @@ class FakeEngine:
         if self.fail_before_first:
             raise self.fail_before_first
         self.running += 1
-        chat = kind == "chat"
+        chat = kind != "completion"
         base = {
             "id": f"gen-{request_id}",
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -135,6 +135,9 @@ class LocalBackend:
 
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> GeneratorStream:
         return GeneratorStream(batch_frames(self.engines[spec.name].stream(kind, body, request_id), self.batch_s))
+
+    async def count_tokens(self, spec: ModelSpec, kind: Kind, body: dict[str, Any]) -> int:
+        return int(self.engines[spec.name]._usage(body)["prompt_tokens"])
 
     def health(self) -> dict[str, ModelHealth]:
         return {name: ModelHealth(ready=True, state="serving", replicas=1) for name in self.engines}

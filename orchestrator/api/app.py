@@ -15,9 +15,11 @@ from pydantic import BaseModel, Field
 
 from orchestrator.api.accounting import Settler
 from orchestrator.api.admin import admin_router
+from orchestrator.api.anthropic.routes import messages_router
 from orchestrator.api.auth import bearer_token, is_admin
 from orchestrator.api.backend import Backend, ModelHealth
 from orchestrator.api.contract import install_contract, request_body
+from orchestrator.api.dialect import CHAT, COMPLETION
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.generation import generate
 from orchestrator.api.middleware import RequestContext
@@ -133,12 +135,14 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         """Chat completion, streaming (SSE) when `stream` is true."""
-        return await run("chat", request)
+        return await run(CHAT, request)
 
     @app.post("/v1/completions", response_model=TextCompletion, openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         """Text completion, streaming (SSE) when `stream` is true."""
-        return await run("completion", request)
+        return await run(COMPLETION, request)
+
+    app.include_router(messages_router(run, catalog, backend, gate))
 
     @app.get("/v1/generation")
     async def generation(request: Request, id: str = Query(description="A response id, `gen-...`.")) -> dict[str, Any]:

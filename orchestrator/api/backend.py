@@ -86,6 +86,14 @@ class Backend(Protocol):
         """Starts a streaming generation; see :class:`ChunkStream`."""
         ...
 
+    async def count_tokens(self, spec: ModelSpec, kind: Kind, body: dict[str, Any]) -> int:
+        """Returns the prompt tokens of a chat or messages body under the model's chat template.
+
+        Raises:
+            OrchestratorError: on bad input (4xx codes) or when no replica answers (5xx codes).
+        """
+        ...
+
     def health(self) -> dict[str, ModelHealth]:
         """Returns every model's readiness (by display name) from state already at hand: it
         must not call an engine, so probes never wake a model scaled to zero."""

@@ -15,8 +15,10 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from orchestrator.api.anthropic.errors import ANTHROPIC_ERRORS
 from orchestrator.errors import ErrorCode
 from orchestrator.protocol import ErrorResponse
+from orchestrator.protocol.anthropic import AnthropicErrorResponse
 
 REF = "#/components/schemas/{model}"
 API_KEY = "ApiKey"
@@ -28,6 +30,10 @@ _AUTHENTICATE = (401, 403, 503)
 _ADMIT = (*_AUTHENTICATE, 402, 429)
 _ADMIN = (401, 503)
 _GENERATION = (400, 404, 413, 429, 502, 503, 504, 529)
+# Anthropic's statuses: no 502 or 503 (engine failures are 500, a model or gateway briefly
+# unable to serve is 529), and 402 for credits as on the OpenAI routes.
+_MESSAGES = (400, 404, 413, 429, 504, 529)
+_MESSAGES_ADMIT = (401, 402, 403, 429, 529)
 
 
 @dataclass(frozen=True)
@@ -37,11 +43,14 @@ class Route:
     errors: tuple[int, ...] = ()
     gateway: tuple[int, ...] = ()  # only with a gateway (keys); none in open mode
     auth: tuple[str, ...] = ()  # security schemes, any one of which is accepted
+    anthropic: bool = False  # errors in Anthropic's envelope, with Anthropic's statuses
 
 
 _ROUTES: dict[str, Route] = {
     "POST /v1/chat/completions": Route(_GENERATION, _ADMIT, (API_KEY,)),
     "POST /v1/completions": Route(_GENERATION, _ADMIT, (API_KEY,)),
+    "POST /v1/messages": Route(_MESSAGES, _MESSAGES_ADMIT, (API_KEY,), anthropic=True),
+    "POST /v1/messages/count_tokens": Route((400, 404, 413, 504, 529), (401, 403, 529), (API_KEY,), anthropic=True),
     "GET /v1/generation": Route((400, 404), _AUTHENTICATE, (API_KEY, ADMIN_KEY)),
     "GET /v1/models": Route((), _AUTHENTICATE, (API_KEY,)),
     "GET /v1/models/{model_id}": Route((404,), _AUTHENTICATE, (API_KEY,)),
@@ -106,15 +115,22 @@ _SSE_EVENT = {
 }
 
 
-def request_body(model: type[BaseModel]) -> dict[str, Any]:
+def request_body(model: type[BaseModel], events: str | None = None, *, streams: bool = True) -> dict[str, Any]:
     """Returns ``openapi_extra`` for a route that reads ``model`` itself (for the error
-    envelope) and answers with JSON or, when ``stream`` is true, server-sent events."""
+    envelope) and answers with JSON or, when ``streams`` and the body's ``stream`` is true,
+    server-sent events (``events`` describes them; OpenAI's chunks by default)."""
     # The `$defs` move to components in `install_contract`, so every reference resolves.
     body = {"$ref": REF.format(model=model.__name__), "$defs": _schemas(model)}
-    return {
-        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-        "responses": {"200": {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}},
-    }
+    extra: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}}
+    if streams:
+        event = _SSE_EVENT
+        if events is not None:
+            event = {
+                **_SSE_EVENT,
+                "properties": {"event": {"type": "string"}, "data": {"type": "string", "description": events}},
+            }
+        extra["responses"] = {"200": {"content": {"text/event-stream": {"schema": event}}}}
+    return extra
 
 
 def install_contract(app: FastAPI, *, keyed: bool) -> None:
@@ -144,6 +160,7 @@ def _amend(document: dict[str, Any], *, keyed: bool) -> dict[str, Any]:
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     schemas.update(_schemas(ErrorResponse))
+    schemas.update(_schemas(AnthropicErrorResponse))
     components["headers"] = _HEADERS
     if keyed:
         components["securitySchemes"] = _SECURITY
@@ -165,7 +182,7 @@ def _amend_operation(operation: dict[str, Any], route: Route, *, keyed: bool) ->
     responses.pop("422", None)
     statuses = {*route.errors, *_EVERY_ROUTE, *(route.gateway if keyed else ())}
     for code in sorted(statuses):
-        responses.setdefault(str(code), _error(code))
+        responses.setdefault(str(code), _error(code, anthropic=route.anthropic))
     for status, response in responses.items():
         headers = response.setdefault("headers", {})
         headers["X-Request-Id"] = _header("X-Request-Id")
@@ -177,11 +194,16 @@ def _amend_operation(operation: dict[str, Any], route: Route, *, keyed: bool) ->
         operation["security"] = [{scheme: []} for scheme in route.auth]
 
 
-def _error(status: int) -> dict[str, Any]:
-    codes = ", ".join(f"`{code.value}`" for code in ErrorCode if code.http_status == status)
+def _error(status: int, *, anthropic: bool = False) -> dict[str, Any]:
+    model = AnthropicErrorResponse if anthropic else ErrorResponse
+    codes = ", ".join(
+        f"`{code.value}`"
+        for code in ErrorCode
+        if (ANTHROPIC_ERRORS[code][1] if anthropic else code.http_status) == status
+    )
     response: dict[str, Any] = {
         "description": f"Error envelope; `error.code` is one of {codes}.",
-        "content": {"application/json": {"schema": {"$ref": REF.format(model=ErrorResponse.__name__)}}},
+        "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}},
     }
     if status in _RETRY_AFTER:
         response["headers"] = {"Retry-After": _header("Retry-After")}

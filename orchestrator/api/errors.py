@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orchestrator.api.anthropic.errors import anthropic_envelope, anthropic_status
 from orchestrator.errors import ErrorCode, OrchestratorError
 
 logger = logging.getLogger(__name__)
@@ -18,9 +20,22 @@ def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
-def error_response(error: OrchestratorError, request_id: str | None) -> JSONResponse:
-    """Returns the OpenAI error envelope with the code's status and the error's headers."""
-    return JSONResponse(error.to_dict(request_id), status_code=error.status, headers=error.headers)
+# Routes answered in Anthropic's dialect (on the router's /v1 and on each model's route).
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+
+
+def error_body(error: OrchestratorError, request_id: str | None, path: str) -> tuple[dict[str, Any], int]:
+    """Returns the error envelope and status for a request to ``path``: Anthropic's on the
+    Messages routes, OpenAI's everywhere else."""
+    if path.endswith(ANTHROPIC_PATHS):
+        return anthropic_envelope(error, request_id), anthropic_status(error)
+    return error.to_dict(request_id), error.status
+
+
+def error_response(error: OrchestratorError, request_id: str | None, path: str = "") -> JSONResponse:
+    """Returns the error envelope of ``path``'s dialect with its status and the error's headers."""
+    body, status = error_body(error, request_id, path)
+    return JSONResponse(body, status_code=status, headers=error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -28,11 +43,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OrchestratorError)
     async def _orchestrator(request: Request, exc: OrchestratorError) -> JSONResponse:
-        return error_response(exc, request_id_of(request))
+        return error_response(exc, request_id_of(request), request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(OrchestratorError.from_validation(exc), request_id_of(request))
+        return error_response(OrchestratorError.from_validation(exc), request_id_of(request), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -44,11 +59,13 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"No route {request.method} {request.url.path}"
         # Starlette puts `Allow` on its 405s (RFC 9110 requires it); keep what it set.
         headers = dict(exc.headers or {})
-        return error_response(OrchestratorError(code, message, headers=headers), request_id_of(request))
+        return error_response(
+            OrchestratorError(code, message, headers=headers), request_id_of(request), request.url.path
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The traceback stays in the server log; the client gets a stable code only.
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
         error = OrchestratorError(ErrorCode.INTERNAL_ERROR, "Internal error. Quote the request id when reporting it.")
-        return error_response(error, request_id_of(request))
+        return error_response(error, request_id_of(request), request.url.path)

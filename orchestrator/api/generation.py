@@ -1,5 +1,5 @@
-"""``POST /v1/chat/completions`` and ``POST /v1/completions``: validate, admit through the
-gateway, run, meter, settle."""
+"""``POST /v1/chat/completions``, ``POST /v1/completions`` and ``POST /v1/messages``:
+validate, admit through the gateway, run, meter, settle (one path for every dialect)."""
 
 from __future__ import annotations
 
@@ -14,21 +14,16 @@ from pydantic import ValidationError
 
 from orchestrator.api.accounting import CLIENT_CLOSED, RequestMeter, Settler, reservation
 from orchestrator.api.auth import bearer_token
-from orchestrator.api.backend import Backend, Kind
+from orchestrator.api.backend import Backend
+from orchestrator.api.dialect import Dialect
 from orchestrator.api.sse import EventStreamResponse, StreamHead, as_orchestrator_error, drive
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.base import RequestGateway, gateway_timed_out
 from orchestrator.gateway.records import Admission
-from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
 from orchestrator.settings import Settings
 
-_SCHEMAS: dict[Kind, type[ChatCompletionRequest] | type[CompletionRequest]] = {
-    "chat": ChatCompletionRequest,
-    "completion": CompletionRequest,
-}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-ROUTES: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 
 async def read_json(request: Request) -> dict[str, Any]:
@@ -47,21 +42,43 @@ async def read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-def admit(kind: Kind, body: dict[str, Any], catalog: Catalog) -> tuple[ModelSpec, int | None]:
-    """Validates a generation body and resolves its model.
-
-    Returns:
-        The catalog entry the body's ``model`` names, and the requested output budget.
+def parse(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Any, ModelSpec]:
+    """Validates a body in ``dialect``, resolves its model and checks that the model can do
+    what the request asks (tools, images, guided JSON, reasoning).
 
     Raises:
         OrchestratorError: ``invalid_request`` (naming the parameter), ``model_not_found``,
-        or ``context_length_exceeded`` when the output budget alone exceeds the window.
+        or ``capability_not_supported``.
     """
     try:
-        parsed = _SCHEMAS[kind].model_validate(body)
+        parsed: Any = dialect.schema.model_validate(body)
     except ValidationError as exc:
         raise OrchestratorError.from_validation(exc) from None
     spec = catalog.resolve(parsed.model)
+    missing = sorted(parsed.capabilities_used() - spec.capabilities.enabled())
+    if missing:
+        raise OrchestratorError(
+            ErrorCode.CAPABILITY_NOT_SUPPORTED,
+            f"Model {spec.name} does not support {', '.join(missing)}: it can do "
+            f"{', '.join(sorted(spec.capabilities.enabled())) or 'plain text only'}. "
+            "GET /v1/models lists each model's capabilities.",
+            param="model",
+        )
+    return parsed, spec
+
+
+def admit(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[ModelSpec, int | None, dict[str, Any]]:
+    """Validates a generation body and resolves its model (:func:`parse`).
+
+    Returns:
+        The catalog entry the body's ``model`` names, the requested output budget, and the
+        body to forward to the model.
+
+    Raises:
+        OrchestratorError: as :func:`parse`, or ``context_length_exceeded`` when the output
+        budget alone exceeds the window.
+    """
+    parsed, spec = parse(dialect, body, catalog)
     budget = parsed.output_budget()
     if budget is not None and budget >= spec.context_window:
         param = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
@@ -71,7 +88,7 @@ def admit(kind: Kind, body: dict[str, Any], catalog: Catalog) -> tuple[ModelSpec
             f"{param}={budget} leaves no room for the prompt.",
             param=param,
         )
-    return spec, budget
+    return spec, budget, dialect.forwarded(parsed, body)
 
 
 class _MeteredStream:
@@ -116,7 +133,7 @@ def _settle_if_admitted(
 
 
 async def generate(
-    kind: Kind,
+    dialect: Dialect,
     request: Request,
     *,
     catalog: Catalog,
@@ -138,12 +155,12 @@ async def generate(
     arrived: float = request.state.arrived_at
     generation_id = uuid.uuid4().hex
     api_key = bearer_token(request)
-    route = ROUTES[kind]
+    route = dialect.route
     model: str | None = None
     try:
         try:
             body = await read_json(request)
-            spec, budget = admit(kind, body, catalog)
+            spec, budget, forwarded = admit(dialect, body, catalog)
         except OrchestratorError:
             # A caller without a valid key learns nothing about the request: 401 comes first.
             await gateway.authenticate(api_key)
@@ -170,16 +187,16 @@ async def generate(
     except OrchestratorError as exc:
         settler.telemetry.refused(route, model, exc)
         raise
-    body["model"] = spec.name
-    first_token_batch = 1 if kind == "chat" else 0
+    body = {**forwarded, "model": spec.name}
+    kind = dialect.kind
     meter = RequestMeter(
-        spec, admission, route=route, streamed=stream, first_token_batch=first_token_batch, started_at=arrived
+        spec, admission, route=route, streamed=stream, first_token_batch=dialect.first_token_batch, started_at=arrived
     )
     try:
         if not stream:
             result = meter.on_response(await backend.complete(spec, kind, body, generation_id))
             settler.finish(meter, 200)
-            return JSONResponse(result, headers=admission.headers)
+            return JSONResponse(dialect.respond(result), headers=admission.headers)
         head = StreamHead(backend.stream(spec, kind, body, generation_id))
         try:
             await head.wait(settings.keepalive_seconds)
@@ -194,8 +211,10 @@ async def generate(
         settler.finish(meter, error.status, error=error)
         error.headers = {**admission.headers, **error.headers}
         raise error from None
+    writer = dialect.events(meter)
     return EventStreamResponse(
-        drive(head, request_id=request_id, observer=_MeteredStream(meter, settler)),
+        drive(head, request_id=request_id, observer=_MeteredStream(meter, settler), writer=writer),
         keepalive_s=settings.keepalive_seconds,
         headers={**SSE_HEADERS, **admission.headers},
+        keepalive=writer.keepalive,
     )

@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+from orchestrator.api.errors import error_body
 from orchestrator.errors import ErrorCode, OrchestratorError
 
 Scope = dict[str, Any]
@@ -55,11 +56,11 @@ class RequestContext:
 
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(send_with_id, request_id)
+            await self._too_large(send_with_id, request_id, scope.get("path", ""))
             return
         read = await self._read_body(receive)
         if read is None:
-            await self._too_large(send_with_id, request_id)
+            await self._too_large(send_with_id, request_id, scope.get("path", ""))
             return
 
         async def replay() -> dict[str, Any]:
@@ -84,12 +85,13 @@ class RequestContext:
             if not message.get("more_body", False):
                 return messages
 
-    async def _too_large(self, send: Any, request_id: str) -> None:
-        body = json.dumps(_too_large_error(self.max_body_bytes).to_dict(request_id)).encode()
+    async def _too_large(self, send: Any, request_id: str, path: str) -> None:
+        envelope, status = error_body(_too_large_error(self.max_body_bytes), request_id, path)
+        body = json.dumps(envelope).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
             }
         )

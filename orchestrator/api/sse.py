@@ -40,6 +40,40 @@ def as_orchestrator_error(exc: BaseException) -> OrchestratorError:
     return OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The model backend failed while generating.")
 
 
+class StreamWriter(Protocol):
+    """Writes a stream in the client's dialect: the (metered) chat or completion frames, a
+    failure's final event, the closing line, and the keep-alive sent while it is silent."""
+
+    keepalive: bytes
+
+    def write(self, batch: list[str]) -> bytes:
+        """Returns the bytes the client gets for a batch of frames."""
+        ...
+
+    def error(self, error: OrchestratorError, request_id: str) -> bytes:
+        """Returns the final event of a stream that failed part-way."""
+        ...
+
+    def end(self) -> bytes:
+        """Returns what follows the last event (OpenAI's ``data: [DONE]``)."""
+        ...
+
+
+class OpenAIEvents:
+    """OpenAI's streams: the frames as they are, an error event, then ``data: [DONE]``."""
+
+    keepalive = KEEPALIVE
+
+    def write(self, batch: list[str]) -> bytes:
+        return "".join(batch).encode()
+
+    def error(self, error: OrchestratorError, request_id: str) -> bytes:
+        return error_frame(error, request_id)
+
+    def end(self) -> bytes:
+        return DONE
+
+
 class StreamObserver(Protocol):
     """Sees a stream pass (metering): every batch, then exactly one of its two endings."""
 
@@ -96,9 +130,17 @@ class EventStreamResponse(StreamingResponse):
     frame and a task hand-off to apply it, which together were about half of what our code
     added per streamed frame (``benchmarks/stream_app.py``, docs/ARCHITECTURE.md)."""
 
-    def __init__(self, content: AsyncIterator[bytes], *, keepalive_s: float, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        keepalive_s: float,
+        headers: dict[str, str],
+        keepalive: bytes = KEEPALIVE,
+    ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=headers)
         self.keepalive_s = keepalive_s
+        self.keepalive = keepalive
 
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -112,7 +154,7 @@ class EventStreamResponse(StreamingResponse):
                 await asyncio.sleep(last + self.keepalive_s - loop.time())
                 if loop.time() - last >= self.keepalive_s:
                     async with sending:
-                        await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                        await send({"type": "http.response.body", "body": self.keepalive, "more_body": True})
                     last = loop.time()
 
         timer = asyncio.create_task(keepalive())
@@ -135,16 +177,19 @@ async def drive(
     *,
     request_id: str,
     observer: StreamObserver | None = None,
+    writer: StreamWriter | None = None,
 ) -> AsyncIterator[bytes]:
     """Yields the body of a streaming response: upstream frames, an error event if it fails
-    part-way, and always ``data: [DONE]`` last. Keep-alives while the upstream is silent are
-    :class:`EventStreamResponse`'s.
+    part-way, and always the dialect's end (``data: [DONE]``) last. Keep-alives while the
+    upstream is silent are :class:`EventStreamResponse`'s.
 
     Args:
         head: the started upstream stream.
         request_id: for the error event.
         observer: sees every batch, then ``finish`` or ``abandon``.
+        writer: the client's dialect (OpenAI's by default).
     """
+    writer = writer or OpenAIEvents()
     finished = False
     error: OrchestratorError | None = None
     batches = head.batches()
@@ -158,15 +203,15 @@ async def drive(
                 raise
             except BaseException as exc:
                 error = as_orchestrator_error(exc)
-                yield error_frame(error, request_id)
+                yield writer.error(error, request_id)
                 break
             if observer is not None:
                 batch = observer.on_batch(batch)
-            yield "".join(batch).encode()
+            yield writer.write(batch)
         finished = True
         if observer is not None:
             observer.finish(error)
-        yield DONE
+        yield writer.end()
     finally:
         if not finished:
             # The client went away: stop the generation inside the engine.

@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-Kind = Literal["chat", "completion"]
+# How a request body is written: OpenAI chat, OpenAI completions, or Anthropic Messages. A
+# "messages" body is answered in OpenAI chat's shape; the API edge writes it in Anthropic's.
+Kind = Literal["chat", "completion", "messages"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,15 @@ class Engine(Protocol):
 
         Raises:
             OrchestratorError: invalid input before the first frame, or engine failure.
+        """
+        ...
+
+    async def count_tokens(self, kind: Kind, body: dict[str, Any]) -> int:
+        """Returns the prompt tokens of a chat or messages body as the model's chat template
+        renders it (tools and system prompt included).
+
+        Raises:
+            OrchestratorError: invalid input (4xx codes).
         """
         ...
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
+from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 from vllm.entrypoints.openai.models.protocol import BaseModelPath
@@ -48,7 +49,7 @@ from orchestrator.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_ID_PREFIX: dict[Kind, str] = {"chat": "chatcmpl-", "completion": "cmpl-"}
+_ID_PREFIX: dict[Kind, str] = {"chat": "chatcmpl-", "completion": "cmpl-", "messages": "chatcmpl-"}
 
 
 def _typed_engine_args(args: dict[str, Any]) -> dict[str, Any]:
@@ -98,12 +99,23 @@ def _check_window(serving: Any, request: Any, engine_inputs: list[Any]) -> None:
             )
 
 
-class _StrictChat(OpenAIServingChat):  # type: ignore[misc]
+class _StrictChat(AnthropicServingMessages):  # type: ignore[misc]
+    """vLLM's chat serving, with the context window checked. vLLM's Anthropic serving is a
+    subclass of its chat serving that translates a Messages request into a chat request, so
+    one object answers both dialects with the same template, tool parser and renderer."""
+
     async def render_chat_request(self, request: Any) -> Any:
         result = await super().render_chat_request(request)
         if isinstance(result, tuple):
             _check_window(self, request, result[1])
         return result
+
+    def chat_body(self, messages: AnthropicMessagesRequest) -> dict[str, Any]:
+        """Returns the OpenAI chat body vLLM's own translation makes of a Messages request
+        (system prompt, blocks, images, tool use and results, tool choice, thinking)."""
+        request = self.to_chat_completion_request(messages, merge_inline_system=self._merge_inline_system)
+        body: dict[str, Any] = request.model_dump(mode="json", exclude_unset=True)
+        return body
 
 
 class _StrictCompletion(OpenAIServingCompletion):  # type: ignore[misc]
@@ -193,7 +205,21 @@ class VLLMEngine:
     def _scheduler_view(self, vllm_config: Any, engine_index: int = 0) -> _SchedulerView:
         return self._scheduler  # the stat logger factory vLLM calls per engine core
 
+    def _chat_body(self, kind: Kind, body: dict[str, Any]) -> tuple[Kind, dict[str, Any]]:
+        """A Messages body becomes the chat body vLLM's Anthropic serving makes of it."""
+        if kind != "messages":
+            return kind, body
+        if self._chat is None:
+            raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The engine is not started.")
+        try:
+            return "chat", self._chat.chat_body(AnthropicMessagesRequest.model_validate({**body, "stream": False}))
+        except ValidationError as exc:
+            raise OrchestratorError.from_validation(exc) from None
+        except ValueError as exc:
+            raise self._map(exc) from None
+
     def _request(self, kind: Kind, body: dict[str, Any], request_id: str, stream: bool) -> Any:
+        kind, body = self._chat_body(kind, body)
         cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
         data = {**body, "model": self.spec.name, "request_id": request_id, "stream": stream}
         if stream:
@@ -212,7 +238,7 @@ class VLLMEngine:
         if self._llm is None:
             raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The engine is not started.")
         try:
-            if kind == "chat":
+            if kind != "completion":
                 result = await self._chat.create_chat_completion(request, raw_request=None)
             else:
                 result = await self._completion.create_completion(request, raw_request=None)
@@ -225,7 +251,7 @@ class VLLMEngine:
         return result
 
     def _map(self, exc: Exception) -> OrchestratorError:
-        response = OpenAIServingChat.create_error_response(exc)
+        response = AnthropicServingMessages.create_error_response(exc)
         if response.error.code >= 500:
             logger.exception("engine failure for %s", self.spec.name, exc_info=exc)
         return map_engine_error(int(response.error.code), response.error.message, response.error.param)
@@ -265,6 +291,26 @@ class VLLMEngine:
         finally:
             # Closing vLLM's generator cancels its engine generator, which aborts the request.
             await frames.aclose()
+
+    async def count_tokens(self, kind: Kind, body: dict[str, Any]) -> int:
+        if self._chat is None:
+            raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The engine is not started.")
+        try:
+            if kind == "messages":
+                result = await self._chat.count_tokens(AnthropicCountTokensRequest.model_validate(body))
+            else:
+                result = await self._chat.render_chat_request(self._request("chat", body, "count", stream=False))
+        except OrchestratorError:
+            raise
+        except ValidationError as exc:
+            raise OrchestratorError.from_validation(exc) from None
+        except Exception as exc:
+            raise self._map(exc) from None
+        if isinstance(result, ErrorResponse):
+            raise map_engine_error(int(result.error.code), result.error.message, result.error.param)
+        if kind == "messages":
+            return int(result.input_tokens)
+        return sum(len(engine_input.get("prompt_token_ids") or ()) for engine_input in result[1])
 
     async def check_health(self) -> None:
         if self._llm is None:

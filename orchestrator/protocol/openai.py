@@ -100,6 +100,10 @@ class _SamplingFields(BaseModel):
         """The requested output-token cap, if the client set one."""
         return self.max_tokens
 
+    def capabilities_used(self) -> set[str]:
+        """What of the model's capabilities the request needs (catalog names)."""
+        return set()
+
 
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions`` body."""
@@ -137,6 +141,29 @@ class ChatCompletionRequest(_SamplingFields):
 
     def output_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def capabilities_used(self) -> set[str]:
+        """What of the model's capabilities the request needs (catalog names)."""
+        used = set()
+        if self.tools and self.tool_choice != "none":
+            used.add("tools")
+        if self.response_format is not None and self.response_format.get("type") in _GUIDED_FORMATS:
+            used.add("json")
+        if any(_has_image(message.get("content")) for message in self.messages):
+            used.add("vision")
+        if getattr(self, "reasoning_effort", None) is not None:
+            used.add("reasoning")
+        return used
+
+
+_GUIDED_FORMATS = ("json_object", "json_schema", "structural_tag")
+_IMAGE_PARTS = ("image_url", "input_image", "image")
+
+
+def _has_image(content: Any) -> bool:
+    return isinstance(content, list) and any(
+        isinstance(part, dict) and part.get("type") in _IMAGE_PARTS for part in content
+    )
 
 
 class CompletionRequest(_SamplingFields):

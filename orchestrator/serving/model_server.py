@@ -103,13 +103,18 @@ class ModelServer:
         self.in_flight += 1
         self.streams += 1
         try:
-            eager = 2 if kind == "chat" else 1  # chat's first frame is the role alone
+            eager = 1 if kind == "completion" else 2  # chat's first frame is the role alone
             frames = self.engine.stream(kind, body, request_id)
             async for frames_out in batch_frames(frames, self.batch_interval_s if batch else 0.0, eager=eager):
                 yield frames_out
         finally:
             self.in_flight -= 1
             self.streams -= 1
+
+    async def count_tokens(self, kind: Kind, body: dict[str, Any]) -> int:
+        """Returns the prompt tokens of a chat or messages body under the model's chat
+        template (never shed: it runs no generation)."""
+        return await self.engine.count_tokens(kind, body)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What Serve's autoscaler gets from this replica (serving/autoscaling.py reads it):

@@ -175,6 +175,7 @@ class Router:
             locations = {s.name: (app, s.deployment_name) for s in self.catalog}
             self.gateway = None if gateway is None else remote_gateway(gateway, timeout_s, self._sink)
         self._complete = {name: h.options(method_name="complete") for name, h in handles.items()}
+        self._count = {name: h.options(method_name="count_tokens") for name, h in handles.items()}
         # Streams come back as a generator; each item is one batch of SSE frames.
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}
         self.states = ModelStates(self.catalog, locations, serve_states)
@@ -259,6 +260,15 @@ class Router:
         finally:
             self.in_flight.release(spec.name)
         return result
+
+    async def count_tokens(self, spec: ModelSpec, kind: Kind, body: dict[str, Any]) -> int:
+        call = self._count[spec.name].remote(kind, body)
+        try:
+            count: int = await self.bounded(spec, call, spec.overload.request_timeout_s, may_be_cold=True)
+        except BaseException:
+            call.cancel()
+            raise
+        return count
 
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _HandleStream:
         self.in_flight.take(spec, self._running(spec))

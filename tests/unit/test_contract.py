@@ -38,8 +38,10 @@ BODY_LIMIT = 4096  # small, so that some generated bodies get the 413
 CONFIG = {"checks": {"negative_data_rejection": {"expected-statuses": ["400", "401", "403", "404", "413"]}}}
 # Refusals of valid requests that no schema can foresee, as (code, param): more output tokens
 # than the model's context window (which differs per model), a body over the server's limit (a
-# setting), a top-up that would take the key's balance past 1e9 USD (depends on the balance).
+# setting), a top-up that would take the key's balance past 1e9 USD (depends on the balance),
+# tools, images, guided JSON or reasoning asked of a model whose catalog entry lacks them.
 UNFORESEEABLE = {
+    ("capability_not_supported", "model"),
     ("context_length_exceeded", "max_tokens"),
     ("context_length_exceeded", "max_completion_tokens"),
     ("payload_too_large", None),

@@ -58,9 +58,11 @@ def test_errors_are_the_envelope_and_never_422() -> None:
         for method, operation in operations.items():
             responses = operation["responses"]
             assert "422" not in responses, f"{method} {path}"
+            # The Messages routes answer in Anthropic's envelope, every other route in OpenAI's.
+            envelope = "AnthropicErrorResponse" if path.startswith("/v1/messages") else "ErrorResponse"
             for status in ("405", "500"):
                 schema = responses[status]["content"]["application/json"]["schema"]
-                assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, f"{method} {path} {status}"
+                assert schema == {"$ref": f"#/components/schemas/{envelope}"}, f"{method} {path} {status}"
             assert "X-Request-Id" in responses["200" if "200" in responses else "201"]["headers"]
 
 

@@ -1,0 +1,67 @@
+"""The dialects a generation can be asked in: OpenAI chat and completions, and Anthropic
+Messages. Every dialect runs the same path (:func:`orchestrator.api.generation.generate`:
+keys, limits, holds, metering, settlement); a dialect only says how its body is checked and
+forwarded and how the replica's chat output is written back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from orchestrator.api.accounting import RequestMeter
+from orchestrator.api.anthropic.translate import MessageEvents, message
+from orchestrator.api.sse import OpenAIEvents, StreamWriter
+from orchestrator.engine.base import Kind
+from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
+from orchestrator.protocol.anthropic import CountTokensRequest, MessagesRequest
+
+
+def _as_is(body: dict[str, Any]) -> dict[str, Any]:
+    return body
+
+
+def _openai_events(meter: RequestMeter) -> StreamWriter:
+    return OpenAIEvents()
+
+
+def _message_events(meter: RequestMeter) -> StreamWriter:
+    return MessageEvents(lambda: meter.usage)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """One generation route.
+
+    Attributes:
+        kind: how the model replica reads the forwarded body.
+        route: the API path (a metrics label).
+        schema: the request model the router checks the body with; it has
+            ``output_budget()`` and ``capabilities_used()``.
+        respond: writes a whole (metered) response in the dialect.
+        events: makes the writer of one stream in the dialect.
+    """
+
+    kind: Kind
+    route: str
+    schema: type[BaseModel]
+    respond: Callable[[dict[str, Any]], dict[str, Any]] = field(default=_as_is)
+    events: Callable[[RequestMeter], StreamWriter] = field(default=_openai_events)
+
+    @property
+    def first_token_batch(self) -> int:
+        """The stream batch with the first token: chat's first frame is the role alone."""
+        return 0 if self.kind == "completion" else 1
+
+    def forwarded(self, parsed: Any, body: dict[str, Any]) -> dict[str, Any]:
+        """The body the model replica gets: OpenAI's as sent (vLLM's extensions pass),
+        Anthropic's with its own fields only."""
+        return parsed.forwarded() if hasattr(parsed, "forwarded") else body
+
+
+CHAT = Dialect("chat", "/v1/chat/completions", ChatCompletionRequest)
+COMPLETION = Dialect("completion", "/v1/completions", CompletionRequest)
+MESSAGES = Dialect("messages", "/v1/messages", MessagesRequest, respond=message, events=_message_events)
+COUNT_TOKENS = Dialect("messages", "/v1/messages/count_tokens", CountTokensRequest)  # checked, never generated
