@@ -42,6 +42,7 @@ from orchestrator.engine.frames import (
     split_usage,
     usage_trailer,
 )
+from orchestrator.engine.requests import strict_forced_tools
 from orchestrator.engine.weights import prepare_weights
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.protocol.openai import prompt_count
@@ -212,7 +213,8 @@ class VLLMEngine:
         if self._chat is None:
             raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The engine is not started.")
         try:
-            return "chat", self._chat.chat_body(AnthropicMessagesRequest.model_validate({**body, "stream": False}))
+            messages = AnthropicMessagesRequest.model_validate({**body, "model": self.spec.name, "stream": False})
+            return "chat", self._chat.chat_body(messages)
         except ValidationError as exc:
             raise OrchestratorError.from_validation(exc) from None
         except ValueError as exc:
@@ -220,6 +222,7 @@ class VLLMEngine:
 
     def _request(self, kind: Kind, body: dict[str, Any], request_id: str, stream: bool) -> Any:
         kind, body = self._chat_body(kind, body)
+        body = strict_forced_tools(body)
         cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
         data = {**body, "model": self.spec.name, "request_id": request_id, "stream": stream}
         if stream:

@@ -13,6 +13,7 @@ from orchestrator.engine.frames import (
     map_engine_error,
     patch_usage_frame,
 )
+from orchestrator.engine.requests import strict_forced_tools
 from orchestrator.errors import ErrorCode
 
 # Messages as vLLM 0.32 words them.
@@ -109,3 +110,15 @@ def test_running_usage_of_a_prompt_list_counts_every_prompt() -> None:
         frame = _chunk(index, prompt, completion)
         last = running.add(frame, split_usage(frame)[1] or "")
     assert json.loads(last) == {"prompt_tokens": 14, "completion_tokens": 5, "total_tokens": 19}
+
+
+def test_forced_tool_calls_decode_under_the_tools_schemas() -> None:
+    weather = {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}
+    loose = {"type": "function", "function": {"name": "l", "parameters": {"type": "object"}, "strict": False}}
+    for choice in ("required", {"type": "function", "function": {"name": "w"}}):
+        body = strict_forced_tools({"tools": [weather, loose], "tool_choice": choice})
+        assert [t["function"].get("strict") for t in body["tools"]] == [True, False]
+    assert weather["function"].get("strict") is None  # the caller's body is not changed
+    for choice in ("auto", "none", None):
+        body = {"tools": [weather], "tool_choice": choice}
+        assert strict_forced_tools(body) is body
