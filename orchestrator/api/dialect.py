@@ -1,5 +1,5 @@
-"""The dialects a generation can be asked in: OpenAI chat and completions, and Anthropic
-Messages. Every dialect runs the same path (:func:`orchestrator.api.generation.generate`:
+"""The dialects a generation can be asked in: OpenAI chat, completions and Responses, and
+Anthropic Messages. Every dialect runs the same path (:func:`orchestrator.api.generation.generate`:
 keys, limits, holds, metering, settlement); a dialect only says how its body is checked and
 forwarded and how the replica's chat output is written back."""
 
@@ -13,22 +13,32 @@ from pydantic import BaseModel
 
 from orchestrator.api.accounting import RequestMeter
 from orchestrator.api.anthropic.translate import MessageEvents, message
+from orchestrator.api.responses.translate import ResponseEvents, response
 from orchestrator.api.sse import OpenAIEvents, StreamWriter
 from orchestrator.engine.base import Kind
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
 from orchestrator.protocol.anthropic import CountTokensRequest, MessagesRequest
+from orchestrator.protocol.responses import ResponsesRequest
 
 
-def _as_is(body: dict[str, Any]) -> dict[str, Any]:
+def _as_is(body: dict[str, Any], parsed: Any) -> dict[str, Any]:
     return body
 
 
-def _openai_events(meter: RequestMeter) -> StreamWriter:
+def _message(body: dict[str, Any], parsed: Any) -> dict[str, Any]:
+    return message(body)
+
+
+def _openai_events(meter: RequestMeter, parsed: Any) -> StreamWriter:
     return OpenAIEvents()
 
 
-def _message_events(meter: RequestMeter) -> StreamWriter:
+def _message_events(meter: RequestMeter, parsed: Any) -> StreamWriter:
     return MessageEvents(lambda: meter.usage)
+
+
+def _response_events(meter: RequestMeter, parsed: Any) -> StreamWriter:
+    return ResponseEvents(parsed)
 
 
 @dataclass(frozen=True)
@@ -40,15 +50,16 @@ class Dialect:
         route: the API path (a metrics label).
         schema: the request model the router checks the body with; it has
             ``output_budget()`` and ``capabilities_used()``.
-        respond: writes a whole (metered) response in the dialect.
-        events: makes the writer of one stream in the dialect.
+        respond: writes a whole (metered) response in the dialect, given the parsed request.
+        events: makes the writer of one stream in the dialect, given its meter and the
+            parsed request.
     """
 
     kind: Kind
     route: str
     schema: type[BaseModel]
-    respond: Callable[[dict[str, Any]], dict[str, Any]] = field(default=_as_is)
-    events: Callable[[RequestMeter], StreamWriter] = field(default=_openai_events)
+    respond: Callable[[dict[str, Any], Any], dict[str, Any]] = field(default=_as_is)
+    events: Callable[[RequestMeter, Any], StreamWriter] = field(default=_openai_events)
 
     @property
     def first_token_batch(self) -> int:
@@ -56,12 +67,13 @@ class Dialect:
         return 0 if self.kind == "completion" else 1
 
     def forwarded(self, parsed: Any, body: dict[str, Any]) -> dict[str, Any]:
-        """The body the model replica gets: OpenAI's as sent (vLLM's extensions pass),
-        Anthropic's with its own fields only."""
+        """The body the model replica gets: OpenAI chat's and completions' as sent (vLLM's
+        extensions pass), Anthropic's with its own fields only, Responses' as a chat body."""
         return parsed.forwarded() if hasattr(parsed, "forwarded") else body
 
 
 CHAT = Dialect("chat", "/v1/chat/completions", ChatCompletionRequest)
 COMPLETION = Dialect("completion", "/v1/completions", CompletionRequest)
-MESSAGES = Dialect("messages", "/v1/messages", MessagesRequest, respond=message, events=_message_events)
+MESSAGES = Dialect("messages", "/v1/messages", MessagesRequest, respond=_message, events=_message_events)
+RESPONSES = Dialect("chat", "/v1/responses", ResponsesRequest, respond=response, events=_response_events)
 COUNT_TOKENS = Dialect("messages", "/v1/messages/count_tokens", CountTokensRequest)  # checked, never generated

@@ -67,12 +67,12 @@ def parse(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Any
     return parsed, spec
 
 
-def admit(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[ModelSpec, int | None, dict[str, Any]]:
+def admit(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Any, ModelSpec, int | None]:
     """Validates a generation body and resolves its model (:func:`parse`).
 
     Returns:
-        The catalog entry the body's ``model`` names, the requested output budget, and the
-        body to forward to the model.
+        The parsed request, the catalog entry its ``model`` names, and the requested output
+        budget.
 
     Raises:
         OrchestratorError: as :func:`parse`, or ``context_length_exceeded`` when the output
@@ -88,7 +88,7 @@ def admit(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Mod
             f"{param}={budget} leaves no room for the prompt.",
             param=param,
         )
-    return spec, budget, dialect.forwarded(parsed, body)
+    return parsed, spec, budget
 
 
 class _MeteredStream:
@@ -160,13 +160,16 @@ async def generate(
     try:
         try:
             body = await read_json(request)
-            spec, budget, forwarded = admit(dialect, body, catalog)
+            parsed, spec, budget = admit(dialect, body, catalog)
         except OrchestratorError:
             # A caller without a valid key learns nothing about the request: 401 comes first.
             await gateway.authenticate(api_key)
             raise
         model = spec.name
-        reserve = reservation(body, len(await request.body()), spec, budget)  # the body is cached
+        forwarded = dialect.forwarded(parsed, body)
+        # The prompt's worst case from what the model gets (a Responses body becomes a chat body).
+        size = len(await request.body()) if forwarded is body else len(json.dumps(forwarded).encode())
+        reserve = reservation(forwarded, size, spec, budget)  # the body is cached
         admitting = asyncio.ensure_future(
             gateway.admit(api_key, spec.names, reserve.tokens, generation_id, cost=reserve.cost, holder=settler.holder)
         )
@@ -196,7 +199,7 @@ async def generate(
         if not stream:
             result = meter.on_response(await backend.complete(spec, kind, body, generation_id))
             settler.finish(meter, 200)
-            return JSONResponse(dialect.respond(result), headers=admission.headers)
+            return JSONResponse(dialect.respond(result, parsed), headers=admission.headers)
         head = StreamHead(backend.stream(spec, kind, body, generation_id))
         try:
             await head.wait(settings.keepalive_seconds)
@@ -211,7 +214,7 @@ async def generate(
         settler.finish(meter, error.status, error=error)
         error.headers = {**admission.headers, **error.headers}
         raise error from None
-    writer = dialect.events(meter)
+    writer = dialect.events(meter, parsed)
     return EventStreamResponse(
         drive(head, request_id=request_id, observer=_MeteredStream(meter, settler), writer=writer),
         keepalive_s=settings.keepalive_seconds,

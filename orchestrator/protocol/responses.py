@@ -1,0 +1,208 @@
+"""OpenAI Responses request model checked by the router, and its translation into the chat
+request the model replica runs.
+
+The router translates here, in plain Python: a Responses body becomes an OpenAI chat body
+(``instructions`` a system message, input items messages, function calls and their outputs
+assistant tool calls and tool messages, ``text.format`` a ``response_format``), so that
+keys, limits, metering and cut-short billing run on the one chat path. vLLM's own Responses
+serving is a separate engine path that keeps stored responses in one process's memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from orchestrator.protocol.openai import MAX_MESSAGES, MAX_TOOLS
+
+_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class FunctionTool(BaseModel):
+    """A function tool (the only kind served: no built-in tools run here)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format: TextFormat | None = None
+
+
+class InputItem(BaseModel):
+    """A message (``role`` and ``content``), a ``function_call`` or a ``function_call_output``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["message", "function_call", "function_call_output", "reasoning"] = "message"
+    role: Literal["user", "assistant", "system", "developer"] | None = None
+    content: str | list[dict[str, Any]] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> InputItem:
+        if self.type == "message" and (self.role is None or self.content is None):
+            raise ValueError("a message item needs role and content")
+        if self.type == "function_call" and not (self.call_id and self.name and self.arguments is not None):
+            raise ValueError("a function_call item needs call_id, name and arguments")
+        if self.type == "function_call_output" and not (self.call_id and self.output is not None):
+            raise ValueError("a function_call_output item needs call_id and output")
+        return self
+
+
+class ResponsesRequest(BaseModel):
+    """``POST /v1/responses`` body."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    model: str = Field(min_length=1)
+    input: str | list[InputItem] = Field(description="Text, or input items.")
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    tools: list[FunctionTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["auto", "required", "none"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextOptions | None = None
+    stream: bool = False
+    store: bool = Field(default=True, description="Accepted; responses are not kept yet (answers say `store: false`).")
+    previous_response_id: None = Field(
+        default=None, description="Not served yet: responses are not kept, so none can be continued."
+    )
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ResponsesRequest:
+        if isinstance(self.input, list) and not 1 <= len(self.input) <= MAX_MESSAGES:
+            raise ValueError(f"input holds 1 to {MAX_MESSAGES} items")
+        return self
+
+    def output_budget(self) -> int | None:
+        return self.max_output_tokens
+
+    def capabilities_used(self) -> set[str]:
+        """What of the model's capabilities the request needs (catalog names)."""
+        used = set()
+        if self.tools and self.tool_choice != "none":
+            used.add("tools")
+        if self.text and self.text.format and self.text.format.type != "text":
+            used.add("json")
+        if isinstance(self.input, list) and any(
+            isinstance(item.content, list) and any(part.get("type") == "input_image" for part in item.content)
+            for item in self.input
+        ):
+            used.add("vision")
+        return used
+
+    def forwarded(self) -> dict[str, Any]:
+        """The chat body the model replica runs for this request."""
+        body: dict[str, Any] = {"model": self.model, "messages": self.messages(), "stream": self.stream}
+        for name in ("temperature", "top_p", "parallel_tool_calls", "user"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        if self.max_output_tokens is not None:
+            body["max_tokens"] = self.max_output_tokens
+        if self.tools:
+            body["tools"] = [_chat_tool(tool) for tool in self.tools]
+        if isinstance(self.tool_choice, NamedFunction):
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        elif self.tool_choice is not None:
+            body["tool_choice"] = self.tool_choice
+        fmt = self.text.format if self.text else None
+        if fmt is not None and fmt.type == "json_schema":
+            schema = {"name": fmt.name or "response", "schema": fmt.schema_ or {}, "strict": fmt.strict}
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
+        elif fmt is not None and fmt.type == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        return body
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The chat messages of ``instructions`` and ``input``."""
+        messages: list[dict[str, Any]] = []
+        if self.instructions:
+            messages.append({"role": "system", "content": self.instructions})
+        if isinstance(self.input, str):
+            return [*messages, {"role": "user", "content": self.input}]
+        for item in self.input:
+            _add_item(messages, item)
+        return messages
+
+
+def _chat_tool(tool: FunctionTool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters or {"type": "object"}}
+    if tool.description is not None:
+        function["description"] = tool.description
+    if tool.strict is not None:
+        function["strict"] = tool.strict
+    return {"type": "function", "function": function}
+
+
+def _content(content: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]]:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if part.get("type") in _TEXT_PARTS:
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+        elif part.get("type") == "input_image":
+            parts.append({"type": "image_url", "image_url": {"url": part.get("image_url")}})
+    return parts
+
+
+def _add_item(messages: list[dict[str, Any]], item: InputItem) -> None:
+    if item.type == "message":
+        messages.append({"role": _ROLES[item.role or "user"], "content": _content(item.content)})
+    elif item.type == "function_call":
+        call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
+            last["tool_calls"].append(call)  # parallel calls of one turn: one assistant message
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif item.type == "function_call_output":
+        messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+
+
+class ResponseObject(BaseModel):
+    """``POST /v1/responses`` answer without ``stream``: OpenAI's Response (``usage.cost``
+    added)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(description="`gen-<id>`: what `GET /v1/generation?id=` looks up.")
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any]
