@@ -37,6 +37,7 @@ class ErrorCode(StrEnum):
     PROVIDER_OVERLOADED = "provider_overloaded"
     MODEL_UNAVAILABLE = "model_unavailable"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    REQUEST_TOO_LARGE_FOR_LIMIT = "request_too_large_for_limit"
 
     @property
     def http_status(self) -> int:
@@ -71,6 +72,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.PROVIDER_OVERLOADED: 529,
     ErrorCode.MODEL_UNAVAILABLE: 503,
     ErrorCode.SERVICE_UNAVAILABLE: 503,
+    ErrorCode.REQUEST_TOO_LARGE_FOR_LIMIT: 400,
 }
 
 # OpenAI SDKs only look at the status, but `type` helps humans group errors.
