@@ -5,8 +5,9 @@ content type and headers, and a body that matches the documented schema (for a s
 event). Valid requests mostly name a model from the document's ``examples`` (the catalog's
 names), so that they get past name resolution to the engines.
 
-CI sends ``EXAMPLES`` (70) requests per operation and mode, about 2,300 in all. The longer run
-(about 13,000 requests, some two minutes here):
+CI sends ``EXAMPLES`` (70) requests per operation and mode: 2,172 in all. The longer run sends
+13,202 (about 90 s here; its last result: no failure, and 683 of the 800 valid generation
+requests answered 200 by an engine):
 
     ORCH_CONTRACT_EXAMPLES=400 .venv/bin/pytest tests/unit/test_contract.py -s
 """
