@@ -38,6 +38,7 @@ class ErrorCode(StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"
     SERVICE_UNAVAILABLE = "service_unavailable"
     CAPABILITY_NOT_SUPPORTED = "capability_not_supported"
+    REQUEST_TOO_LARGE_FOR_LIMIT = "request_too_large_for_limit"
 
     @property
     def http_status(self) -> int:
@@ -73,6 +74,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_UNAVAILABLE: 503,
     ErrorCode.SERVICE_UNAVAILABLE: 503,
     ErrorCode.CAPABILITY_NOT_SUPPORTED: 400,
+    ErrorCode.REQUEST_TOO_LARGE_FOR_LIMIT: 400,
 }
 
 # OpenAI SDKs only look at the status, but `type` helps humans group errors.

@@ -52,18 +52,20 @@ class Reservation:
     balance and spend limits: the worst case, so concurrent requests can never overrun them
     (the prompt at one token per body byte plus template tokens, at most the context window
     per prompt; the output budget, or the whole context window when unset, for every
-    choice, ``best_of`` included, of every prompt)."""
+    choice of every prompt). ``best_of`` is refused unless 1 (vLLM ignores it), so it adds
+    nothing."""
 
     tokens: int
     cost: Decimal
 
 
 def reservation(body: dict[str, Any], body_bytes: int, spec: ModelSpec, output_budget: int | None) -> Reservation:
-    """Returns the reservation of a validated request whose body had ``body_bytes`` bytes."""
+    """Returns the reservation of a request whose body had ``body_bytes`` bytes, validated by
+    its protocol model (so ``n`` and ``messages`` hold what that model allows)."""
     messages = body.get("messages")
     count = len(messages) if isinstance(messages, list) else 1
     prompts = prompt_count(body.get("prompt"))
-    choices = max(int(body.get("n") or 1), int(body.get("best_of") or 1))
+    choices = int(body.get("n") or 1)
     window = spec.context_window
     prompt = min(math.ceil(body_bytes / 4) + 4 * count, window * prompts)
     output = output_budget or min(DEFAULT_OUTPUT_RESERVATION, max(window - prompt, 1))

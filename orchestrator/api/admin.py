@@ -11,6 +11,7 @@ from orchestrator.api.auth import AdminGuard
 from orchestrator.gateway.admin import DEFAULT_WORKSPACE, WORKSPACE_PATTERN, Clearable, report_filters
 from orchestrator.gateway.base import Gateway
 from orchestrator.gateway.records import CreatedKey, KeyInfo, KeyLimits, PositiveUsd, Workspace
+from orchestrator.protocol.values import Boolean
 
 
 class KeyCreate(KeyLimits):
@@ -38,7 +39,7 @@ _GROUPS = "^( *(key|model|day) *(, *(key|model|day) *)*)?$"
 
 class WorkspaceUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    enabled: bool
+    enabled: Boolean
 
 
 def admin_router(gateway: Gateway, admin_key: str | None) -> APIRouter:

@@ -221,5 +221,5 @@ def create_app(
         """Same as `/health/ready`."""
         return readiness(None)
 
-    install_contract(app, keyed=gateway is not None)
+    install_contract(app, keyed=gateway is not None, models=[name for spec in catalog for name in spec.names])
     return app

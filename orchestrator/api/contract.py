@@ -4,11 +4,14 @@ bodies whose nested models are all in ``components``.
 
 FastAPI writes the document from the routes; :func:`install_contract` amends it once, from
 the table below, so the routes stay free of documentation boilerplate. A route missing from
-the table fails the document's generation (and so the unit tests).
+the table fails the document's generation (and so the unit tests). Every ``model`` a client
+sends (a body field, a query or path parameter) lists the catalog's names as ``examples``, so
+that clients and fuzzers (schemathesis) can name a model that exists.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,19 +137,21 @@ def request_body(model: type[BaseModel], events: str | None = None, *, streams: 
     return extra
 
 
-def install_contract(app: FastAPI, *, keyed: bool) -> None:
+def install_contract(app: FastAPI, *, keyed: bool, models: Sequence[str] = ()) -> None:
     """Makes ``app.openapi()`` return the amended document (built once, then cached).
 
     Args:
         app: the app, with every route added.
         keyed: a gateway checks keys; without one there are no credentials, so no 401, 402
             or 403 and no security schemes.
+        models: every name the catalog resolves (the examples of ``model``).
     """
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             app.openapi_schema = _amend(build(), keyed=keyed)
+            _model_examples(app.openapi_schema, list(models))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -193,6 +198,26 @@ def _amend_operation(operation: dict[str, Any], route: Route, *, keyed: bool) ->
             headers.update({name: _header(name) for name in _HEADERS if name.startswith("x-ratelimit-")})
     if keyed and route.auth:
         operation["security"] = [{scheme: []} for scheme in route.auth]
+
+
+def _model_examples(document: dict[str, Any], models: list[str]) -> None:
+    """Adds ``models`` as the examples of every ``model`` or ``model_id`` parameter and of the
+    ``model`` field of every request body (outside ``/admin``, whose ``model`` filter takes
+    display names only)."""
+    if not models:
+        return
+    schemas = document["components"]["schemas"]
+    for path, operations in document["paths"].items():
+        if path.startswith("/admin"):
+            continue
+        for operation in operations.values():
+            for parameter in operation.get("parameters", ()):
+                if parameter["name"] in ("model", "model_id"):
+                    parameter["schema"]["examples"] = models
+            ref = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            body = schemas.get(str(ref.get("$ref", "")).rsplit("/", 1)[-1], {})
+            if "model" in body.get("properties", {}):
+                body["properties"]["model"]["examples"] = models
 
 
 def _error(status: int, *, anthropic: bool = False) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,10 +25,17 @@ def request_id_of(request: Request) -> str | None:
 ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 
 
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The request's path within the app (without the prefix it is mounted under, such as a
+    model's own route ``/models/<name>``)."""
+    path, root = str(scope.get("path", "")), str(scope.get("root_path", ""))
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def error_body(error: OrchestratorError, request_id: str | None, path: str) -> tuple[dict[str, Any], int]:
-    """Returns the error envelope and status for a request to ``path``: Anthropic's on the
-    Messages routes, OpenAI's everywhere else."""
-    if path.endswith(ANTHROPIC_PATHS):
+    """Returns the error envelope and status for a request to ``path`` (within the app):
+    Anthropic's on the Messages routes, OpenAI's everywhere else."""
+    if path in ANTHROPIC_PATHS:
         return anthropic_envelope(error, request_id), anthropic_status(error)
     return error.to_dict(request_id), error.status
 
@@ -43,11 +51,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OrchestratorError)
     async def _orchestrator(request: Request, exc: OrchestratorError) -> JSONResponse:
-        return error_response(exc, request_id_of(request), request.url.path)
+        return error_response(exc, request_id_of(request), route_path(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(OrchestratorError.from_validation(exc), request_id_of(request), request.url.path)
+        return error_response(OrchestratorError.from_validation(exc), request_id_of(request), route_path(request.scope))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -60,7 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # Starlette puts `Allow` on its 405s (RFC 9110 requires it); keep what it set.
         headers = dict(exc.headers or {})
         return error_response(
-            OrchestratorError(code, message, headers=headers), request_id_of(request), request.url.path
+            OrchestratorError(code, message, headers=headers), request_id_of(request), route_path(request.scope)
         )
 
     @app.exception_handler(Exception)
@@ -68,4 +76,4 @@ def install_error_handlers(app: FastAPI) -> None:
         # The traceback stays in the server log; the client gets a stable code only.
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
         error = OrchestratorError(ErrorCode.INTERNAL_ERROR, "Internal error. Quote the request id when reporting it.")
-        return error_response(error, request_id_of(request), request.url.path)
+        return error_response(error, request_id_of(request), route_path(request.scope))

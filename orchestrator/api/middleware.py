@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from orchestrator.api.errors import error_body
+from orchestrator.api.errors import error_body, route_path
 from orchestrator.errors import ErrorCode, OrchestratorError
 
 Scope = dict[str, Any]
@@ -56,7 +56,7 @@ class RequestContext:
 
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(send_with_id, request_id, scope.get("path", ""))
+            await self._too_large(send_with_id, request_id, route_path(scope))
             return
         read = await self._read_body(receive)
         if read is None:

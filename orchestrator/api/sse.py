@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any, Protocol
 
 from starlette.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from orchestrator.api.backend import ChunkStream
 from orchestrator.errors import ErrorCode, OrchestratorError, find_error
@@ -142,6 +142,15 @@ class EventStreamResponse(StreamingResponse):
         self.keepalive_s = keepalive_s
         self.keepalive = keepalive
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Sends the response; a :class:`StreamDriver` body is closed however this ends
+        (completed, the client gone, a send failing, cancelled before the body's first step)."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if isinstance(self.body_iterator, StreamDriver):
+                self.body_iterator.close()
+
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         loop = asyncio.get_running_loop()
@@ -172,49 +181,94 @@ class EventStreamResponse(StreamingResponse):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def drive(
+class StreamDriver:
+    """The body of a streaming response (an async iterator of bytes, made by :func:`drive`)
+    that ends its stream exactly once: ``finish`` after the last frame, or, when the
+    response stops early, ``abandon`` and the upstream cancelled. :meth:`close` does the
+    latter unless the stream already ended, also when the body never took a step: an async
+    generator cancelled before its first step never runs its ``finally``, so
+    :class:`EventStreamResponse` calls :meth:`close` whenever it stops.
+    """
+
+    def __init__(
+        self,
+        head: StreamHead,
+        *,
+        request_id: str,
+        observer: StreamObserver | None = None,
+        writer: StreamWriter | None = None,
+    ) -> None:
+        self.head = head
+        self.request_id = request_id
+        self.observer = observer
+        self.writer = writer or OpenAIEvents()
+        self.ended = False
+        self._body = self._frames()
+
+    def __aiter__(self) -> StreamDriver:
+        return self
+
+    def __anext__(self) -> Awaitable[bytes]:
+        return self._body.__anext__()
+
+    async def aclose(self) -> None:
+        """Closes the body (ending the stream as abandoned, unless it ended)."""
+        self.close()
+        await self._body.aclose()
+
+    def close(self) -> None:
+        """Abandons the stream unless it ended: stops the generation upstream and tells the
+        observer. Synchronous (it runs while the response is being cancelled); idempotent."""
+        if self.ended:
+            return
+        self.ended = True
+        self.head.cancel()
+        if self.observer is not None:
+            self.observer.abandon()
+
+    async def _frames(self) -> AsyncGenerator[bytes]:
+        error: OrchestratorError | None = None
+        batches = self.head.batches()
+        try:
+            while True:
+                try:
+                    batch = await anext(batches)
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:
+                    error = as_orchestrator_error(exc)
+                    yield self.writer.error(error, self.request_id)
+                    break
+                if self.observer is not None:
+                    batch = self.observer.on_batch(batch)
+                yield self.writer.write(batch)
+            self.ended = True
+            if self.observer is not None:
+                self.observer.finish(error)
+            yield self.writer.end()
+        finally:
+            # Unless it ended: the client went away, so stop the generation in the engine.
+            self.close()
+
+
+def drive(
     head: StreamHead,
     *,
     request_id: str,
     observer: StreamObserver | None = None,
     writer: StreamWriter | None = None,
-) -> AsyncIterator[bytes]:
-    """Yields the body of a streaming response: upstream frames, an error event if it fails
-    part-way, and always the dialect's end (``data: [DONE]``) last. Keep-alives while the
-    upstream is silent are :class:`EventStreamResponse`'s.
+) -> StreamDriver:
+    """Returns the body of a streaming response: upstream frames, an error event if it fails
+    part-way, and always the dialect's end (OpenAI's ``data: [DONE]``) last. Keep-alives while
+    the upstream is silent are :class:`EventStreamResponse`'s, and so is closing the body
+    however the response ends.
 
     Args:
         head: the started upstream stream.
         request_id: for the error event.
-        observer: sees every batch, then ``finish`` or ``abandon``.
+        observer: sees every batch, then exactly one of ``finish`` or ``abandon``.
         writer: the client's dialect (OpenAI's by default).
     """
-    writer = writer or OpenAIEvents()
-    finished = False
-    error: OrchestratorError | None = None
-    batches = head.batches()
-    try:
-        while True:
-            try:
-                batch = await anext(batches)
-            except StopAsyncIteration:
-                break
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                error = as_orchestrator_error(exc)
-                yield writer.error(error, request_id)
-                break
-            if observer is not None:
-                batch = observer.on_batch(batch)
-            yield writer.write(batch)
-        finished = True
-        if observer is not None:
-            observer.finish(error)
-        yield writer.end()
-    finally:
-        if not finished:
-            # The client went away: stop the generation inside the engine.
-            head.stream.cancel()
-            if observer is not None:
-                observer.abandon()
+    return StreamDriver(head, request_id=request_id, observer=observer, writer=writer)

@@ -93,8 +93,8 @@ _CHOICE_INDEX = re.compile(r'"choices":\[\{"index":(\d+)')
 
 
 class ChoiceUsage:
-    """The running usage of a stream with several sequences: ``n`` > 1 (or ``best_of``), or
-    a completions request with a list of prompts.
+    """The running usage of a stream with several sequences: ``n`` > 1, or a completions
+    request with a list of prompts.
 
     vLLM's per-chunk usage (``continuous_usage_stats``) counts the prompt and completion
     tokens of the sequence the chunk belongs to (choice ``index`` = prompt number * ``n`` +

@@ -34,7 +34,7 @@ from orchestrator.gateway import admin
 from orchestrator.gateway.fence import Fence, fence_for
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.keys import hash_key
-from orchestrator.gateway.limiter import RateLimiter, concurrency_headers
+from orchestrator.gateway.limiter import RateLimiter, concurrency_headers, refuse_unreachable
 from orchestrator.gateway.records import (
     Admission,
     CreatedKey,
@@ -420,7 +420,8 @@ class Ledger:
 
         Raises:
             OrchestratorError: ``invalid_api_key`` 401, ``workspace_locked`` 403,
-            ``model_not_allowed`` 403, ``insufficient_credits`` 402, ``key_limit_exceeded``
+            ``model_not_allowed`` 403, ``request_too_large_for_limit`` 400 (more tokens than
+            the key's per-minute limit), ``insufficient_credits`` 402, ``key_limit_exceeded``
             402, ``rate_limit_exceeded`` 429 (with ``Retry-After``), ``service_unavailable``
             503 (the database is unreachable, or another ledger holds the fence).
             LedgerStopped: this ledger is stopping.
@@ -436,6 +437,7 @@ class Ledger:
             raise OrchestratorError(
                 ErrorCode.MODEL_NOT_ALLOWED, f"This API key may not use the model {model_names[0]!r}.", param="model"
             )
+        refuse_unreachable(key.rpm, key.tpm, tokens)  # 400 before any 429: no retry could pass
         spend = None
         if key.daily_limit is not None or key.monthly_limit is not None:
             now = datetime.fromtimestamp(self._clock(), UTC)

@@ -3,7 +3,9 @@
 At admission a request reserves one request and ``prompt + max output`` tokens in the
 key's current window; when it ends the reservation settles to what was really used.
 Windows are fixed, ``window_s`` long, starting at a key's first request after the previous
-window ended, so ``reset`` is exact and "N of N+k requests pass" holds. This class is the
+window ended, so ``reset`` is exact and "N of N+k requests pass" holds. A request that no
+window could ever let through (it reserves more tokens than the limit) is refused with 400
+``request_too_large_for_limit`` rather than 429, which clients retry. This class is the
 rule only: to be exact across router replicas it must run in one shared place (the
 store actor), never in each replica.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from orchestrator.errors import ErrorCode, OrchestratorError
 
 
 @dataclass
@@ -60,6 +64,23 @@ def concurrency_headers(limit: int, running: int) -> dict[str, str]:
     }
 
 
+def refuse_unreachable(rpm: int | None, tpm: int | None, tokens: int) -> None:
+    """Raises 400 ``request_too_large_for_limit``, naming the limit and its value, for a
+    request that a key with these limits could never admit, however long it waited."""
+    if rpm is not None and rpm < 1:
+        raise OrchestratorError(
+            ErrorCode.REQUEST_TOO_LARGE_FOR_LIMIT,
+            f"This API key's requests-per-minute limit (rpm) is {rpm}: it admits no request.",
+        )
+    if tpm is not None and tokens > tpm:
+        raise OrchestratorError(
+            ErrorCode.REQUEST_TOO_LARGE_FOR_LIMIT,
+            f"This request reserves {tokens} tokens (its prompt, estimated, plus max_tokens for every choice), "
+            f"more than this API key's tokens-per-minute limit (tpm) of {tpm}: it could never pass. "
+            "Lower max_tokens or n, or shorten the prompt.",
+        )
+
+
 class RateLimiter:
     """Fixed-window RPM/TPM limiter keyed by API key id.
 
@@ -83,8 +104,16 @@ class RateLimiter:
     def admit(self, key_id: str, rpm: int | None, tpm: int | None, tokens: int) -> LimitDecision:
         """Reserves one request and ``tokens`` tokens if both limits allow it.
 
-        A request whose reservation alone exceeds ``tpm`` is refused (it could never pass).
+        Returns:
+            The decision: refused while the window has no room left (a retry after
+            ``reset_s`` can pass).
+
+        Raises:
+            OrchestratorError: 400 ``request_too_large_for_limit`` when no window could ever
+            let the request through (``tokens`` above ``tpm``, or ``rpm`` below 1); nothing
+            is reserved.
         """
+        refuse_unreachable(rpm, tpm, tokens)
         now = self._clock()
         window = self._window(key_id, now)
         allowed = (rpm is None or window.requests + 1 <= rpm) and (tpm is None or window.tokens + tokens <= tpm)

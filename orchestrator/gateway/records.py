@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from orchestrator.protocol.values import Boolean, OptionalInteger
+
 # Bounds that the database columns can hold (gateway/schema.py): USD amounts are whole
 # nanodollars in a 64-bit integer (up to 9.2e9 USD, so a balance topped up to MAX_USD still
 # has room for any debit), rates are 32-bit integers.
@@ -72,15 +74,17 @@ class KeyLimits(BaseModel):
         max_length=MAX_MODEL_PATTERNS,
         description="Allowed model names or glob patterns (`tiny-*`); empty or unset: all models.",
     )
-    rpm: int | None = Field(default=None, ge=1, le=MAX_RATE, description="Requests per minute.")
-    tpm: int | None = Field(default=None, ge=1, le=MAX_RATE, description="Tokens (prompt + max output) per minute.")
-    max_concurrent: int | None = Field(
+    rpm: OptionalInteger = Field(default=None, ge=1, le=MAX_RATE, description="Requests per minute.")
+    tpm: OptionalInteger = Field(
+        default=None, ge=1, le=MAX_RATE, description="Tokens (prompt + max output) per minute."
+    )
+    max_concurrent: OptionalInteger = Field(
         default=None, ge=1, le=MAX_RATE, description="Requests of this key running at once (past it: 429)."
     )
     credits: Usd | None = Field(default=None, description="Credit balance in USD; unset: no balance kept.")
     daily_limit: Usd | None = Field(default=None, description="Spend limit per UTC day, USD.")
     monthly_limit: Usd | None = Field(default=None, description="Spend limit per UTC month, USD.")
-    enabled: bool | None = Field(default=None, description="A disabled key gets 403 workspace_locked.")
+    enabled: Boolean | None = Field(default=None, description="A disabled key gets 403 workspace_locked.")
 
 
 class KeyInfo(BaseModel):

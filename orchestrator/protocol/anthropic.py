@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.protocol.openai import MAX_MESSAGES, MAX_STOP, MAX_TOOLS
+from orchestrator.protocol.values import Boolean, Integer, OptionalInteger, OptionalNumber
 
 
 class AnthropicBlock(BaseModel):
@@ -59,7 +60,7 @@ class AnthropicToolChoice(BaseModel):
 
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = Field(default=None, description="With `type: tool`: the tool to call.")
-    disable_parallel_tool_use: bool | None = None
+    disable_parallel_tool_use: Boolean | None = None
 
     @model_validator(mode="after")
     def _named(self) -> AnthropicToolChoice:
@@ -100,12 +101,12 @@ class _MessagesFields(BaseModel):
 class MessagesRequest(_MessagesFields):
     """``POST /v1/messages`` body."""
 
-    max_tokens: int = Field(ge=1, description="Required, as Anthropic requires it.")
+    max_tokens: Integer = Field(ge=1, description="Required, as Anthropic requires it.")
     stop_sequences: list[str] | None = Field(default=None, max_length=MAX_STOP)
-    stream: bool = False
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=1)
+    stream: Boolean = False
+    temperature: OptionalNumber = Field(default=None, ge=0, le=2)
+    top_p: OptionalNumber = Field(default=None, gt=0, le=1)
+    top_k: OptionalInteger = Field(default=None, ge=1)
     metadata: AnthropicMetadata | None = None
 
     def output_budget(self) -> int:

@@ -3,7 +3,9 @@
 The router validates what it can decide without a tokenizer (types, ranges, the model
 name) and forwards the body as plain data; vLLM's serving layer does the rest. Unknown
 fields are kept (``extra="allow"``) so vLLM's sampling extensions (``top_k``, ``min_p``,
-``repetition_penalty``...) pass through.
+``repetition_penalty``...) pass through. Declared fields take what the OpenAPI document says
+(``orchestrator.protocol.values``: ``"2"`` is not an ``n``, nor ``"false"`` a ``stream``), so
+what the router reads from the body is what it validated.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import JsonDict
 
 from orchestrator.errors import ErrorCode
+from orchestrator.protocol.values import Boolean, Integer, Number, OptionalInteger, OptionalNumber
 
 # Bounds on what one request may carry, checked before anything is reserved or forwarded.
 MAX_MESSAGES = 2048
@@ -44,6 +47,7 @@ _PROMPT: JsonDict = {
         },
     ]
 }
+_BEST_OF: JsonDict = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1}, {"type": "null"}]}
 _TOP_LOGPROBS: JsonDict = {
     "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
     "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
@@ -61,26 +65,38 @@ def prompt_count(prompt: Any) -> int:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None
+    include_usage: Boolean | None = None
+    continuous_usage_stats: Boolean | None = None
 
 
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
-    stream: bool = False
+    stream: Boolean = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=128)
+    max_tokens: OptionalInteger = Field(default=None, ge=1)
+    temperature: OptionalNumber = Field(default=None, ge=0, le=2)
+    top_p: OptionalNumber = Field(default=None, gt=0, le=1)
+    n: Integer = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = Field(default=None, json_schema_extra=_STOPS)
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS, json_schema_extra=_BIASES)
+    seed: OptionalInteger = Field(default=None, ge=-(2**63), lt=2**64)
+    presence_penalty: OptionalNumber = Field(default=None, ge=-2, le=2)
+    frequency_penalty: OptionalNumber = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, Number] | None = Field(default=None, max_length=MAX_LOGIT_BIAS, json_schema_extra=_BIASES)
     user: str | None = None
+    best_of: OptionalInteger = Field(
+        default=None,
+        description="Not supported: vLLM 0.32 ignores it. Only 1 (or null) is accepted; anything else gets 400.",
+        json_schema_extra=_BEST_OF,
+    )
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("best_of is not supported (vLLM ignores it); leave it out or send 1")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -111,9 +127,9 @@ class ChatCompletionRequest(_SamplingFields):
     model_config = ConfigDict(json_schema_extra=_TOP_LOGPROBS)
 
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES, json_schema_extra=_MESSAGES)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_completion_tokens: OptionalInteger = Field(default=None, ge=1)
+    logprobs: Boolean | None = None
+    top_logprobs: OptionalInteger = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = Field(default=None, json_schema_extra=_FORMAT)
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
@@ -169,11 +185,10 @@ def _has_image(content: Any) -> bool:
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions`` body."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(json_schema_extra=_PROMPT)
-    echo: bool | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt: str | list[str] | list[Integer] | list[list[Integer]] = Field(json_schema_extra=_PROMPT)
+    echo: Boolean | None = None
+    logprobs: OptionalInteger = Field(default=None, ge=0, le=20)
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1, le=128)
 
     @field_validator("prompt")
     @classmethod

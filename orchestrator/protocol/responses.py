@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.protocol.openai import MAX_MESSAGES, MAX_TOOLS
+from orchestrator.protocol.values import Boolean, OptionalInteger, OptionalNumber
 
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -29,7 +30,7 @@ class FunctionTool(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: Boolean | None = None
 
 
 class NamedFunction(BaseModel):
@@ -54,28 +55,47 @@ class TextOptions(BaseModel):
     format: TextFormat | None = None
 
 
-class InputItem(BaseModel):
-    """A message (``role`` and ``content``), a ``function_call`` or a ``function_call_output``."""
+class MessageItem(BaseModel):
+    """A message: ``role`` and ``content`` (text, or ``input_text`` / ``output_text`` /
+    ``input_image`` parts)."""
 
     model_config = ConfigDict(extra="allow")
 
-    type: Literal["message", "function_call", "function_call_output", "reasoning"] = "message"
-    role: Literal["user", "assistant", "system", "developer"] | None = None
-    content: str | list[dict[str, Any]] | None = None
-    call_id: str | None = None
-    name: str | None = None
-    arguments: str | None = None
-    output: str | None = None
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[dict[str, Any]]
 
-    @model_validator(mode="after")
-    def _complete(self) -> InputItem:
-        if self.type == "message" and (self.role is None or self.content is None):
-            raise ValueError("a message item needs role and content")
-        if self.type == "function_call" and not (self.call_id and self.name and self.arguments is not None):
-            raise ValueError("a function_call item needs call_id, name and arguments")
-        if self.type == "function_call_output" and not (self.call_id and self.output is not None):
-            raise ValueError("a function_call_output item needs call_id and output")
-        return self
+
+class FunctionCallItem(BaseModel):
+    """A call the model made earlier (sent back with its output)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(BaseModel):
+    """What a function call returned."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+class ReasoningItem(BaseModel):
+    """Earlier reasoning output; not sent to the model again."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["reasoning"]
+
+
+InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem
 
 
 class ResponsesRequest(BaseModel):
@@ -86,15 +106,17 @@ class ResponsesRequest(BaseModel):
     model: str = Field(min_length=1)
     input: str | list[InputItem] = Field(description="Text, or input items.")
     instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_output_tokens: OptionalInteger = Field(default=None, ge=1)
+    temperature: OptionalNumber = Field(default=None, ge=0, le=2)
+    top_p: OptionalNumber = Field(default=None, gt=0, le=1)
     tools: list[FunctionTool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["auto", "required", "none"] | NamedFunction | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Boolean | None = None
     text: TextOptions | None = None
-    stream: bool = False
-    store: bool = Field(default=True, description="Accepted; responses are not kept yet (answers say `store: false`).")
+    stream: Boolean = False
+    store: Boolean = Field(
+        default=True, description="Accepted; responses are not kept yet (answers say `store: false`)."
+    )
     previous_response_id: None = Field(
         default=None, description="Not served yet: responses are not kept, so none can be continued."
     )
@@ -118,7 +140,9 @@ class ResponsesRequest(BaseModel):
         if self.text and self.text.format and self.text.format.type != "text":
             used.add("json")
         if isinstance(self.input, list) and any(
-            isinstance(item.content, list) and any(part.get("type") == "input_image" for part in item.content)
+            isinstance(item, MessageItem)
+            and isinstance(item.content, list)
+            and any(part.get("type") == "input_image" for part in item.content)
             for item in self.input
         ):
             used.add("vision")
@@ -180,16 +204,16 @@ def _content(content: str | list[dict[str, Any]] | None) -> str | list[dict[str,
 
 
 def _add_item(messages: list[dict[str, Any]], item: InputItem) -> None:
-    if item.type == "message":
-        messages.append({"role": _ROLES[item.role or "user"], "content": _content(item.content)})
-    elif item.type == "function_call":
+    if isinstance(item, MessageItem):
+        messages.append({"role": _ROLES[item.role], "content": _content(item.content)})
+    elif isinstance(item, FunctionCallItem):
         call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
         last = messages[-1] if messages else None
         if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
             last["tool_calls"].append(call)  # parallel calls of one turn: one assistant message
         else:
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-    elif item.type == "function_call_output":
+    elif isinstance(item, FunctionCallOutputItem):
         messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
 
 

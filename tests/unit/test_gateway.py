@@ -5,6 +5,7 @@ from decimal import Decimal
 import pytest
 
 from orchestrator.catalog import Pricing
+from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway import KEY_PREFIX, RateLimiter, generate_key, hash_key, key_hint, request_cost, verify_key
 
 
@@ -62,6 +63,26 @@ def test_token_reservation_settles_to_usage() -> None:
     assert second.allowed and second.remaining_tokens == 600
     headers = second.headers()
     assert headers["x-ratelimit-limit-tokens"] == "1000" and "Retry-After" not in headers
+
+
+def test_a_request_above_the_tokens_per_minute_is_400_naming_the_limit_not_429() -> None:
+    # A 429 would carry Retry-After, and SDKs retry it for ever: no window can ever admit it.
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    with pytest.raises(OrchestratorError) as refused:
+        limiter.admit("k", rpm=10, tpm=1000, tokens=1001)
+    error = refused.value
+    assert (error.code, error.status) == (ErrorCode.REQUEST_TOO_LARGE_FOR_LIMIT, 400)
+    assert "tokens-per-minute limit (tpm) of 1000" in error.message and "1001 tokens" in error.message
+    assert "Retry-After" not in error.headers
+    # Nothing was reserved, and a request of exactly the limit passes.
+    assert limiter.admit("k", rpm=1, tpm=1000, tokens=1000).allowed
+
+
+def test_a_key_admitting_no_request_refuses_with_400_naming_the_limit() -> None:
+    with pytest.raises(OrchestratorError) as refused:
+        RateLimiter(Clock()).admit("k", rpm=0, tpm=None, tokens=1)
+    assert refused.value.code is ErrorCode.REQUEST_TOO_LARGE_FOR_LIMIT and "(rpm) is 0" in refused.value.message
 
 
 def test_keys_are_limited_separately_and_stale_settle_ignored() -> None:

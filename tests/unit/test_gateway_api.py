@@ -86,10 +86,28 @@ async def test_rate_limit_headers_and_429(http: httpx.AsyncClient, ledger: Ledge
     assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-ratelimit-remaining-requests"] == "0"
 
 
-async def test_tokens_per_minute_counts_reservation(http: httpx.AsyncClient, ledger: Ledger) -> None:
+async def test_a_request_above_the_tokens_per_minute_is_400_naming_the_limit(
+    http: httpx.AsyncClient, ledger: Ledger
+) -> None:
+    # The reservation counts max_tokens: 200 of them can never fit a 100-token minute, so
+    # the answer is no 429 (whose Retry-After SDKs follow for ever) but a 400.
     key = await new_key(ledger, tpm=100)
     resp = await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 200}, headers=auth(key))
-    assert (resp.status_code, code(resp)) == (429, "rate_limit_exceeded")
+    assert (resp.status_code, code(resp)) == (400, "request_too_large_for_limit")
+    assert "tokens-per-minute limit (tpm) of 100" in resp.json()["error"]["message"]
+    assert "retry-after" not in resp.headers
+    assert (await http.post("/v1/chat/completions", json=CHAT, headers=auth(key))).status_code == 200
+
+
+async def test_a_request_no_window_could_admit_is_refused_before_a_busy_key_says_429(ledger: Ledger) -> None:
+    key = await new_key(ledger, tpm=100, max_concurrent=1)
+    await ledger.admit(key, ["tiny-a"], 60, "running")  # holds the key's one slot and 60 tokens
+    with pytest.raises(OrchestratorError) as too_large:
+        await ledger.admit(key, ["tiny-a"], 101, "too-large")
+    assert too_large.value.code is ErrorCode.REQUEST_TOO_LARGE_FOR_LIMIT
+    with pytest.raises(OrchestratorError) as busy:  # fits a minute: a retry can pass
+        await ledger.admit(key, ["tiny-a"], 30, "waits")
+    assert busy.value.code is ErrorCode.RATE_LIMIT_EXCEEDED and "retry-after" in map(str.lower, busy.value.headers)
 
 
 async def test_cost_in_usage_and_lookup_right_after(http: httpx.AsyncClient, ledger: Ledger) -> None:

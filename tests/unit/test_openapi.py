@@ -66,6 +66,24 @@ def test_errors_are_the_envelope_and_never_422() -> None:
             assert "X-Request-Id" in responses["200" if "200" in responses else "201"]["headers"]
 
 
+def test_every_model_a_client_names_has_the_catalogs_names_as_examples() -> None:
+    document = current()
+    names = [name for spec in load_catalog([REPO / "catalog"]) for name in spec.names]
+    assert "tiny-random" in names and "tiny" in names
+    schemas = document["components"]["schemas"]
+    for body in ("ChatCompletionRequest", "CompletionRequest"):
+        assert schemas[body]["properties"]["model"]["examples"] == names
+    parameters = {
+        (path, parameter["name"]): parameter["schema"]
+        for path, operations in document["paths"].items()
+        for operation in operations.values()
+        for parameter in operation.get("parameters", ())
+    }
+    for where in (("/v1/models/{model_id}", "model_id"), ("/v1/model/info", "model"), ("/health/ready", "model")):
+        assert parameters[where]["examples"] == names, where
+    assert "examples" not in parameters[("/admin/usage", "model")]  # display names only there
+
+
 def test_open_mode_documents_no_credentials() -> None:
     app = create_app(load_catalog([REPO / "catalog"]), LocalBackend({}), Settings())
     document = app.openapi()

@@ -1,5 +1,6 @@
 """What a request reserves at admission: tokens for the per-minute limit, and its worst-case
-cost for the balance and spend limits (n, best_of and prompt lists multiply the output)."""
+cost for the balance and spend limits (n and prompt lists multiply the output; best_of, which
+vLLM ignores, is refused unless 1 and so reserves nothing)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from decimal import Decimal
 
 import httpx
+import pytest
 
 from orchestrator.api.accounting import (
     TEMPLATE_TOKENS_PER_MESSAGE,
@@ -36,9 +38,9 @@ def test_chat_reserves_every_choice(catalog: Catalog) -> None:
     assert got.cost == request_cost(spec.pricing, worst_prompt, 30)
 
 
-def test_best_of_and_prompt_lists_multiply(catalog: Catalog) -> None:
+def test_n_and_prompt_lists_multiply(catalog: Catalog) -> None:
     spec = catalog.resolve("a")
-    body = {"model": "a", "prompt": ["x", "y", "z", "w"], "max_tokens": 5, "n": 2, "best_of": 3}
+    body = {"model": "a", "prompt": ["x", "y", "z", "w"], "max_tokens": 5, "n": 3, "best_of": 1}
     got = reservation(body, _bytes(body), spec, 5)
     assert got.tokens == -(-_bytes(body) // 4) + 4 + 5 * 3 * 4
     assert got.cost == request_cost(spec.pricing, _bytes(body) + 64 + 16, 5 * 3 * 4)
@@ -46,6 +48,23 @@ def test_best_of_and_prompt_lists_multiply(catalog: Catalog) -> None:
     assert reservation(token_ids, _bytes(token_ids), spec, 5).cost == request_cost(
         spec.pricing, _bytes(token_ids) + 80, 5
     )
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("best_of", [2, 128, 0, 2.0, "x", "1", True, [1], {"n": 1}])
+async def test_best_of_other_than_one_is_refused_not_billed(
+    http: httpx.AsyncClient, ledger: Ledger, route: str, best_of: object
+) -> None:
+    # vLLM 0.32 ignores best_of, so the router refuses it rather than bill for sequences
+    # nobody generates (and a malformed one never reaches the reservation's arithmetic).
+    key = (await ledger.create_key(KeyLimits())).key
+    body = {**CHAT, "best_of": best_of} if "chat" in route else {"model": "a", "prompt": "hi", "best_of": best_of}
+    resp = await http.post(route, json=body, headers=auth(key))
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", "best_of")
+    for allowed in (1, 1.0, None):
+        assert (await http.post(route, json={**body, "best_of": allowed}, headers=auth(key))).status_code == 200
 
 
 def test_without_max_tokens_the_whole_window_is_held(catalog: Catalog) -> None:
