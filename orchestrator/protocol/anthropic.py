@@ -84,6 +84,9 @@ class _MessagesFields(BaseModel):
     tools: list[AnthropicTool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: AnthropicToolChoice | None = None
     thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = Field(
+        default=None, description="`format` (a JSON schema the answer must follow) and `effort`."
+    )
 
     def capabilities_used(self) -> set[str]:
         """What of the model's capabilities the request needs (catalog names)."""
@@ -95,6 +98,8 @@ class _MessagesFields(BaseModel):
                 used.add("vision")
         if self.thinking and self.thinking.get("type") in ("enabled", "adaptive"):
             used.add("reasoning")
+        if self.output_config and self.output_config.get("format"):
+            used.add("json")
         return used
 
 

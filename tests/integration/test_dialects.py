@@ -40,9 +40,9 @@ def test_messages_create_stream_and_count_on_both_routes(deployment: Deployment)
         system=[{"type": "text", "text": SMOL_SYSTEM}],
         messages=FRANCE,  # type: ignore[arg-type]
         max_tokens=30,
-        temperature=0,
-        top_k=1,
         stop_sequences=["\n\n"],
+        # Sampling options the API takes, which this SDK version no longer has parameters for.
+        extra_body={"temperature": 0, "top_k": 1},
         metadata={"user_id": "someone"},
     )
     assert reply.type == "message" and reply.role == "assistant" and reply.id.startswith("gen-")
@@ -230,3 +230,44 @@ def test_openai_sdk_sees_unchanged_chat_errors(deployment: Deployment) -> None:
         )
     assert info.value.body["code"] == "capability_not_supported"  # type: ignore[index]
     assert "tool-call-parser" not in str(info.value)
+
+
+def test_responses_create_stream_tools_and_json(deployment: Deployment) -> None:
+    client = deployment.client(timeout=180)
+    reply = client.responses.create(
+        model="smollm2", instructions=SMOL_SYSTEM, input=FRANCE[0]["content"], max_output_tokens=30, temperature=0
+    )
+    assert reply.status in ("completed", "incomplete") and "Paris" in reply.output_text
+    record = deployment.record(reply.id)
+    assert reply.usage is not None and record["completion_tokens"] == reply.usage.output_tokens
+    tools = [{"type": "function", "name": "get_weather", "description": "Current weather.", "parameters": CITY}]
+    question = {"role": "user", "content": "Weather in Paris?"}
+    with client.responses.stream(
+        model="smollm2",
+        input=[question],
+        tools=tools,
+        tool_choice="required",
+        max_output_tokens=60,  # type: ignore[arg-type, list-item]
+    ) as stream:
+        final = stream.get_final_response()
+    call = next(item for item in final.output if item.type == "function_call")
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+    follow = client.responses.create(
+        model="smollm2",
+        tools=tools,  # type: ignore[arg-type]
+        max_output_tokens=20,
+        input=[
+            question,  # type: ignore[list-item]
+            {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"},
+        ],
+    )
+    assert follow.output_text
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
+    shaped = client.responses.create(
+        model="smollm2",
+        input=FRANCE[0]["content"],
+        max_output_tokens=40,
+        text={"format": {"type": "json_schema", "name": "capital", "schema": schema, "strict": True}},
+    )
+    assert isinstance(json.loads(shaped.output_text)["capital"], str)

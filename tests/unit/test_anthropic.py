@@ -282,3 +282,12 @@ def test_whole_chat_completion_with_tool_calls_becomes_a_message() -> None:
     assert body["content"] == [{"type": "tool_use", "id": "c1", "name": "weather", "input": {"city": "Oslo"}}]
     assert body["stop_reason"] == "tool_use"
     assert body["usage"] == {"input_tokens": 5, "output_tokens": 3, "cache_read_input_tokens": 4}
+
+
+def test_output_format_is_forwarded_as_guided_json() -> None:
+    from orchestrator.protocol.anthropic import MessagesRequest
+
+    fmt = {"format": {"type": "json_schema", "schema": {"type": "object"}}}
+    parsed = MessagesRequest.model_validate({**ASK, "output_config": fmt, "service_tier": "auto"})
+    assert parsed.forwarded()["output_config"] == fmt and "service_tier" not in parsed.forwarded()
+    assert parsed.capabilities_used() == {"json"}
