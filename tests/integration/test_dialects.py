@@ -271,3 +271,21 @@ def test_responses_create_stream_tools_and_json(deployment: Deployment) -> None:
         text={"format": {"type": "json_schema", "name": "capital", "schema": schema, "strict": True}},
     )
     assert isinstance(json.loads(shaped.output_text)["capital"], str)
+
+
+def test_a_responses_stream_left_mid_way_is_billed_once(deployment: Deployment) -> None:
+    created = deployment.admin("POST", "/admin/keys", json={"credits": "1"}).json()
+    client = deployment.client(api_key=created["key"], timeout=180)
+    with client.responses.stream(
+        model="smollm2", input="Tell me a long story about a cat.", max_output_tokens=480
+    ) as stream:
+        events = iter(stream)
+        start = next(events)
+        for _ in range(6):
+            next(events)
+    record = deployment.record(start.response.id)  # type: ignore[union-attr]
+    assert record["cancelled"] is True and record["status_code"] == 499
+    assert 0 < record["completion_tokens"] < 480
+    time.sleep(1)
+    info = deployment.admin("GET", f"/admin/keys/{created['info']['id']}").json()
+    assert Decimal(info["credits"]) == Decimal(1) - Decimal(str(record["cost"]))
