@@ -39,6 +39,7 @@ class ErrorCode(StrEnum):
     SERVICE_UNAVAILABLE = "service_unavailable"
     CAPABILITY_NOT_SUPPORTED = "capability_not_supported"
     REQUEST_TOO_LARGE_FOR_LIMIT = "request_too_large_for_limit"
+    STORAGE_LIMIT_EXCEEDED = "storage_limit_exceeded"
 
     @property
     def http_status(self) -> int:
@@ -75,6 +76,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.SERVICE_UNAVAILABLE: 503,
     ErrorCode.CAPABILITY_NOT_SUPPORTED: 400,
     ErrorCode.REQUEST_TOO_LARGE_FOR_LIMIT: 400,
+    ErrorCode.STORAGE_LIMIT_EXCEEDED: 400,
 }
 
 # OpenAI SDKs only look at the status, but `type` helps humans group errors.

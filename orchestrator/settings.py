@@ -129,6 +129,14 @@ class Settings(BaseSettings):
     admin_key_file: Path | None = Field(default=None, description="File holding the admin key (read at start).")
     key_pepper_file: Path | None = Field(default=None, description="File holding the key pepper (read at start).")
     database_url_file: Path | None = Field(default=None, description="File holding the database URL (read at start).")
+    stored_responses_bytes: int = Field(
+        default=64 * 2**20,
+        ge=0,
+        description=(
+            "Bound on one workspace's stored responses (Responses API, JSON bytes); past it a request "
+            "with store: true gets 400 storage_limit_exceeded."
+        ),
+    )
     admission_ttl_seconds: float = Field(
         default=60.0,
         ge=1,

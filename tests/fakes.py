@@ -34,6 +34,7 @@ class FakeEngine:
     fail_after: int | None = None
     running: int = 0
     capacity: int = 4
+    prompts: list[Any] = field(default_factory=list)  # every request's messages (or prompt), in order
 
     def load(self) -> EngineLoad:
         """Like vLLM: up to ``capacity`` requests run, the rest wait."""
@@ -54,6 +55,7 @@ class FakeEngine:
         }
 
     async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        self.prompts.append(body.get("messages") or body.get("prompt"))
         if self.fail_before_first:
             raise self.fail_before_first
         text = " ".join(self.words)
@@ -77,6 +79,7 @@ class FakeEngine:
         chat a role frame, then one frame per word, the last with its finish reason; for
         completions one frame per word; then the usage chunk. Before each frame, the running
         usage trailer the engine adds."""
+        self.prompts.append(body.get("messages") or body.get("prompt"))
         if self.fail_before_first:
             raise self.fail_before_first
         self.running += 1

@@ -19,10 +19,11 @@ from orchestrator.api.anthropic.routes import messages_router
 from orchestrator.api.auth import bearer_token, is_admin
 from orchestrator.api.backend import Backend, ModelHealth
 from orchestrator.api.contract import install_contract, request_body
-from orchestrator.api.dialect import CHAT, COMPLETION, RESPONSES
+from orchestrator.api.dialect import CHAT, COMPLETION
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.generation import generate
 from orchestrator.api.middleware import RequestContext
+from orchestrator.api.responses.routes import responses_router
 from orchestrator.api.telemetry import Telemetry
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.gateway.base import Gateway, OpenGateway, RequestGateway
@@ -36,16 +37,7 @@ from orchestrator.protocol import (
     TextCompletion,
 )
 from orchestrator.protocol.openai import ModelPricing
-from orchestrator.protocol.responses import ResponseObject, ResponsesRequest
 from orchestrator.settings import Settings
-
-_EVENTS = (
-    "The Responses events: `response.created`, `response.in_progress`, per output item "
-    "`response.output_item.added`, its `response.output_text.delta`s or "
-    "`response.function_call_arguments.delta`s and `response.output_item.done`, then "
-    "`response.completed` (or `response.incomplete`) with the usage and `cost`; "
-    "`response.failed` if it fails part-way."
-)
 
 
 def model_card(spec: ModelSpec, created: int) -> ModelCard:
@@ -151,11 +143,7 @@ def create_app(
         """Text completion, streaming (SSE) when `stream` is true."""
         return await run(COMPLETION, request)
 
-    @app.post("/v1/responses", response_model=ResponseObject, openapi_extra=request_body(ResponsesRequest, _EVENTS))
-    async def responses(request: Request) -> Response:
-        """OpenAI Responses, streaming (the Responses events) when `stream` is true."""
-        return await run(RESPONSES, request)
-
+    app.include_router(responses_router(run, gate, keeps=gateway is not None))
     app.include_router(messages_router(run, catalog, backend, gate))
 
     @app.get("/v1/generation")

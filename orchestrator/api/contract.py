@@ -53,6 +53,8 @@ _ROUTES: dict[str, Route] = {
     "POST /v1/chat/completions": Route(_GENERATION, _ADMIT, (API_KEY,)),
     "POST /v1/completions": Route(_GENERATION, _ADMIT, (API_KEY,)),
     "POST /v1/responses": Route(_GENERATION, _ADMIT, (API_KEY,)),
+    "GET /v1/responses/{response_id}": Route((404,), _AUTHENTICATE, (API_KEY,)),
+    "DELETE /v1/responses/{response_id}": Route((404,), _AUTHENTICATE, (API_KEY,)),
     "POST /v1/messages": Route(_MESSAGES, _MESSAGES_ADMIT, (API_KEY,), anthropic=True),
     "POST /v1/messages/count_tokens": Route((400, 404, 413, 504, 529), (401, 403, 529), (API_KEY,), anthropic=True),
     "GET /v1/generation": Route((400, 404), _AUTHENTICATE, (API_KEY, ADMIN_KEY)),

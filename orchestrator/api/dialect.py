@@ -5,7 +5,7 @@ forwarded and how the replica's chat output is written back."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +21,16 @@ from orchestrator.protocol.anthropic import CountTokensRequest, MessagesRequest
 from orchestrator.protocol.responses import ResponsesRequest
 
 
-def _as_is(body: dict[str, Any], parsed: Any) -> dict[str, Any]:
+async def _as_is(body: dict[str, Any], parsed: Any) -> dict[str, Any]:
     return body
 
 
-def _message(body: dict[str, Any], parsed: Any) -> dict[str, Any]:
+async def _message(body: dict[str, Any], parsed: Any) -> dict[str, Any]:
     return message(body)
+
+
+async def _response(body: dict[str, Any], parsed: Any) -> dict[str, Any]:
+    return response(body, parsed)
 
 
 def _openai_events(meter: RequestMeter, parsed: Any) -> StreamWriter:
@@ -58,7 +62,7 @@ class Dialect:
     kind: Kind
     route: str
     schema: type[BaseModel]
-    respond: Callable[[dict[str, Any], Any], dict[str, Any]] = field(default=_as_is)
+    respond: Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]] = field(default=_as_is)
     events: Callable[[RequestMeter, Any], StreamWriter] = field(default=_openai_events)
 
     @property
@@ -75,5 +79,6 @@ class Dialect:
 CHAT = Dialect("chat", "/v1/chat/completions", ChatCompletionRequest)
 COMPLETION = Dialect("completion", "/v1/completions", CompletionRequest)
 MESSAGES = Dialect("messages", "/v1/messages", MessagesRequest, respond=_message, events=_message_events)
-RESPONSES = Dialect("chat", "/v1/responses", ResponsesRequest, respond=response, events=_response_events)
+# Keeps nothing: the route (api/responses/routes.py) makes one per request that stores.
+RESPONSES = Dialect("chat", "/v1/responses", ResponsesRequest, respond=_response, events=_response_events)
 COUNT_TOKENS = Dialect("messages", "/v1/messages/count_tokens", CountTokensRequest)  # checked, never generated

@@ -141,8 +141,11 @@ async def generate(
     gateway: RequestGateway,
     settler: Settler,
     settings: Settings,
+    body: dict[str, Any] | None = None,
 ) -> Response:
     """Runs one generation request end to end and returns its HTTP response.
+
+    ``body``: the request's JSON when the route has read (and amended) it already.
 
     Every request that passes admission is settled exactly once, however it ends: completed,
     failed, or abandoned by the client.
@@ -159,7 +162,8 @@ async def generate(
     model: str | None = None
     try:
         try:
-            body = await read_json(request)
+            if body is None:
+                body = await read_json(request)
             parsed, spec, budget = admit(dialect, body, catalog)
         except OrchestratorError:
             # A caller without a valid key learns nothing about the request: 401 comes first.
@@ -195,17 +199,18 @@ async def generate(
     meter = RequestMeter(
         spec, admission, route=route, streamed=stream, first_token_batch=dialect.first_token_batch, started_at=arrived
     )
+    result: dict[str, Any] | None = None
     try:
         if not stream:
             result = meter.on_response(await backend.complete(spec, kind, body, generation_id))
             settler.finish(meter, 200)
-            return JSONResponse(dialect.respond(result, parsed), headers=admission.headers)
-        head = StreamHead(backend.stream(spec, kind, body, generation_id))
-        try:
-            await head.wait(settings.keepalive_seconds)
-        except BaseException:
-            head.cancel()
-            raise
+        else:
+            head = StreamHead(backend.stream(spec, kind, body, generation_id))
+            try:
+                await head.wait(settings.keepalive_seconds)
+            except BaseException:
+                head.cancel()
+                raise
     except asyncio.CancelledError:
         settler.finish(meter, CLIENT_CLOSED, cancelled=True)
         raise
@@ -214,6 +219,9 @@ async def generate(
         settler.finish(meter, error.status, error=error)
         error.headers = {**admission.headers, **error.headers}
         raise error from None
+    if result is not None:
+        # Settled already: writing the answer (which may store it) is outside the request's bill.
+        return JSONResponse(await dialect.respond(result, parsed), headers=admission.headers)
     writer = dialect.events(meter, parsed)
     return EventStreamResponse(
         drive(head, request_id=request_id, observer=_MeteredStream(meter, settler), writer=writer),

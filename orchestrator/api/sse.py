@@ -54,8 +54,9 @@ class StreamWriter(Protocol):
         """Returns the final event of a stream that failed part-way."""
         ...
 
-    def end(self) -> bytes:
-        """Returns what follows the last event (OpenAI's ``data: [DONE]``)."""
+    async def end(self) -> bytes:
+        """Returns what follows the last frame (OpenAI's ``data: [DONE]``; a dialect may hold
+        its final event back until what must precede it is done)."""
         ...
 
 
@@ -70,7 +71,7 @@ class OpenAIEvents:
     def error(self, error: OrchestratorError, request_id: str) -> bytes:
         return error_frame(error, request_id)
 
-    def end(self) -> bytes:
+    async def end(self) -> bytes:
         return DONE
 
 
@@ -247,7 +248,7 @@ class StreamDriver:
             self.ended = True
             if self.observer is not None:
                 self.observer.finish(error)
-            yield self.writer.end()
+            yield await self.writer.end()
         finally:
             # Unless it ended: the client went away, so stop the generation in the engine.
             self.close()

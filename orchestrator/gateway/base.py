@@ -38,6 +38,16 @@ class RequestGateway(Protocol):
 
     async def generation(self, generation_id: str, api_key: str | None, *, admin: bool = False) -> UsageRecord: ...
 
+    async def response_context(
+        self, api_key: str | None, previous_id: str | None, store: bool
+    ) -> list[dict[str, Any]]: ...
+
+    async def keep_response(self, api_key: str | None, body: dict[str, Any], history: list[dict[str, Any]]) -> None: ...
+
+    async def stored_response(self, api_key: str | None, response_id: str) -> dict[str, Any]: ...
+
+    async def forget_response(self, api_key: str | None, response_id: str) -> None: ...
+
 
 class Gateway(RequestGateway, Protocol):
     """The request path plus administration: keys, workspaces, usage reports."""
@@ -117,3 +127,21 @@ class OpenGateway:
         raise OrchestratorError(
             ErrorCode.NOT_FOUND, "This server runs without API keys (open mode): nothing is recorded.", param="id"
         )
+
+    async def response_context(self, api_key: str | None, previous_id: str | None, store: bool) -> list[dict[str, Any]]:
+        if previous_id is not None:
+            raise _keeps_nothing("previous_response_id")
+        return []
+
+    async def keep_response(self, api_key: str | None, body: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        return None
+
+    async def stored_response(self, api_key: str | None, response_id: str) -> dict[str, Any]:
+        raise _keeps_nothing("response_id", ErrorCode.NOT_FOUND)
+
+    async def forget_response(self, api_key: str | None, response_id: str) -> None:
+        raise _keeps_nothing("response_id", ErrorCode.NOT_FOUND)
+
+
+def _keeps_nothing(param: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> OrchestratorError:
+    return OrchestratorError(code, "This server runs without API keys (open mode): no response is stored.", param=param)

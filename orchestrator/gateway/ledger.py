@@ -44,6 +44,7 @@ from orchestrator.gateway.records import (
     UsageRecord,
     Workspace,
 )
+from orchestrator.gateway.responses import DEFAULT_WORKSPACE_BYTES, ResponseArchive
 from orchestrator.gateway.store import SQLStore
 from orchestrator.metrics import GatewayMetrics, NullSink
 
@@ -141,6 +142,7 @@ class Ledger:
             redeploy) before it gets 503 ``service_unavailable``.
         fence_poll_s: how often the fence is tried (while waiting) or checked (while held).
         metrics: where the backlog (pending records, journal segments) and flush times go.
+        response_bytes: the bound on one workspace's stored responses (Responses API).
     """
 
     def __init__(
@@ -160,8 +162,10 @@ class Ledger:
         fence_wait_s: float = 30.0,
         fence_poll_s: float = 0.5,
         metrics: GatewayMetrics | None = None,
+        response_bytes: int = DEFAULT_WORKSPACE_BYTES,
     ) -> None:
         self.store = store
+        self.responses = ResponseArchive(lambda: self.store.engine, response_bytes)
         self.metrics = metrics or GatewayMetrics(NullSink())
         self.journal = journal
         self._pepper = pepper
@@ -768,3 +772,39 @@ class Ledger:
         workspace = await self._run(admin.set_workspace_enabled, self.store, workspace_id, enabled)
         self._forget()
         return workspace
+
+    # -- stored responses (gateway/responses.py) ---------------------------------------
+
+    async def response_context(self, api_key: str | None, previous_id: str | None, store: bool) -> list[dict[str, Any]]:
+        """Returns the conversation ``previous_id`` ends (its input items, then its output),
+        or none; with ``store``, first checks that the key's workspace has room for one more.
+
+        Raises:
+            OrchestratorError: 401/403 for a bad key; ``not_found`` for an unknown response or
+            another workspace's; ``storage_limit_exceeded`` when ``store`` finds no room.
+        """
+        self._check_running()
+        key = await self._authenticate(api_key)
+        if store:
+            await self._run(self.responses.room, key.workspace_id)
+        if previous_id is None:
+            return []
+        return await self._run(self.responses.history, key.workspace_id, previous_id)
+
+    async def keep_response(self, api_key: str | None, body: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """Stores a Response and the input items it answered in the key's workspace."""
+        self._check_running()
+        key = await self._authenticate(api_key)
+        await self._run(self.responses.put, key.workspace_id, key.id, body, history)
+
+    async def stored_response(self, api_key: str | None, response_id: str) -> dict[str, Any]:
+        """Returns a stored Response of the key's workspace (``not_found`` otherwise)."""
+        self._check_running()
+        key = await self._authenticate(api_key)
+        return await self._run(self.responses.get, key.workspace_id, response_id)
+
+    async def forget_response(self, api_key: str | None, response_id: str) -> None:
+        """Deletes a stored Response of the key's workspace (``not_found`` otherwise)."""
+        self._check_running()
+        key = await self._authenticate(api_key)
+        await self._run(self.responses.delete, key.workspace_id, response_id)

@@ -87,3 +87,17 @@ rate_windows = Table(
     Column("requests", Integer, nullable=False),
     Column("tokens", BigInteger, nullable=False),
 )
+
+# Responses kept for `previous_response_id` and `GET /v1/responses/{id}` (gateway/responses.py).
+stored_responses = Table(
+    "stored_responses",
+    metadata,
+    Column("id", String(128), primary_key=True),  # the response's `gen-` id
+    Column("workspace_id", String(64), nullable=False),
+    Column("key_id", String(64), nullable=True),
+    Column("body", Text, nullable=False),  # the Response as answered (JSON)
+    Column("history", Text, nullable=False),  # the input items it answered, earlier turns included (JSON)
+    Column("size_bytes", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_stored_responses_workspace", "workspace_id", "created_at"),
+)

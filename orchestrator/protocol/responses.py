@@ -5,7 +5,8 @@ The router translates here, in plain Python: a Responses body becomes an OpenAI 
 (``instructions`` a system message, input items messages, function calls and their outputs
 assistant tool calls and tool messages, ``text.format`` a ``response_format``), so that
 keys, limits, metering and cut-short billing run on the one chat path. vLLM's own Responses
-serving is a separate engine path that keeps stored responses in one process's memory.
+serving is a separate engine path that keeps stored responses in one process's memory;
+here they are kept in the gateway's database (gateway/responses.py).
 """
 
 from __future__ import annotations
@@ -115,10 +116,11 @@ class ResponsesRequest(BaseModel):
     text: TextOptions | None = None
     stream: Boolean = False
     store: Boolean = Field(
-        default=True, description="Accepted; responses are not kept yet (answers say `store: false`)."
+        default=True,
+        description="Keep the response (with API keys: in the gateway's database, per workspace; open mode: none).",
     )
-    previous_response_id: None = Field(
-        default=None, description="Not served yet: responses are not kept, so none can be continued."
+    previous_response_id: str | None = Field(
+        default=None, description="A stored response of the key's workspace whose conversation this continues."
     )
     metadata: dict[str, str] | None = None
     user: str | None = None

@@ -60,6 +60,7 @@ def ledger_for(settings: Settings, metrics: Sink | None = None) -> Ledger:
         outage_grace_s=settings.db_outage_grace_seconds,
         hold_ttl_s=settings.admission_ttl_seconds,
         metrics=None if metrics is None else GatewayMetrics(metrics),
+        response_bytes=settings.stored_responses_bytes,
     )
 
 

@@ -18,7 +18,8 @@ from tests.fakes import RemoteMethod
 
 def test_the_method_sets_are_the_protocols() -> None:
     request_path = _methods(RequestGateway)
-    assert {"authenticate", "admit", "renew", "settle", "generation"} == request_path == REQUEST_METHODS
+    stored = {"response_context", "keep_response", "stored_response", "forget_response"}
+    assert {"authenticate", "admit", "renew", "settle", "generation", *stored} == request_path == REQUEST_METHODS
     assert request_path < GATEWAY_METHODS and {"create_key", "update_key", "usage_report"} <= GATEWAY_METHODS
     assert not GATEWAY_METHODS & {"start", "stop", "flush", "store", "call"}
 

@@ -44,7 +44,7 @@ async def test_create_is_metered_and_found_by_its_id(sdk_http: httpx2.AsyncClien
     client = await sdk(sdk_http, ledger)
     reply = await client.responses.create(model="a", input="hi", instructions="Be brief.", max_output_tokens=16)
     assert reply.status == "completed" and reply.output_text == "hello from the fake"
-    assert reply.instructions == "Be brief." and reply.store is False
+    assert reply.instructions == "Be brief." and reply.store is True
     assert reply.usage is not None and reply.usage.output_tokens == 4
     cost = reply.usage.model_extra["cost"]  # type: ignore[index]
     record = await ledger.generation(reply.id, client.api_key)
@@ -81,9 +81,9 @@ async def test_errors_are_openai_envelopes(sdk_http: httpx2.AsyncClient, ledger:
     with pytest.raises(openai.BadRequestError) as refused:
         await client.responses.create(model="a", input="hi", tools=[TOOL])  # type: ignore[list-item]
     assert refused.value.body["code"] == "capability_not_supported"  # type: ignore[index]
-    with pytest.raises(openai.BadRequestError) as previous:
+    with pytest.raises(openai.NotFoundError) as previous:
         await client.responses.create(model="a", input="hi", previous_response_id="gen-x")
-    assert previous.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert previous.value.body["code"] == "not_found"  # type: ignore[index]
     broke = await sdk(sdk_http, ledger, credits=Decimal(0))
     with pytest.raises(openai.APIStatusError) as no_credits:
         await broke.responses.create(model="a", input="hi")
@@ -151,7 +151,7 @@ def _chunk(delta: dict[str, object], finish: str | None = None) -> str:
     )
 
 
-def test_streamed_tool_calls_become_argument_deltas() -> None:
+async def test_streamed_tool_calls_become_argument_deltas() -> None:
     events = ResponseEvents(ResponsesRequest.model_validate({"model": "m", "input": "x"}))
     call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "weather", "arguments": ""}}
     out = events.write(
@@ -163,6 +163,7 @@ def test_streamed_tool_calls_become_argument_deltas() -> None:
             frame({"id": "gen-1", "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}),
         ]
     )
+    out += await events.end()
     seen = [json.loads(part.split("data: ", 1)[1]) for part in out.decode().strip().split("\n\n")]
     assert [e["type"] for e in seen] == [
         "response.created",
@@ -179,3 +180,51 @@ def test_streamed_tool_calls_become_argument_deltas() -> None:
     assert seen[-1]["response"]["output"][0]["name"] == "weather"
     failed = json.loads(events.error(OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "x"), "r").split(b"data: ")[1])
     assert failed["type"] == "response.failed" and failed["response"]["error"]["code"] == "provider_unavailable"
+
+
+async def test_stored_responses_continue_and_stay_in_their_workspace(
+    sdk_http: httpx2.AsyncClient, ledger: Ledger, engines: dict[str, FakeEngine]
+) -> None:
+    client = await sdk(sdk_http, ledger)
+    first = await client.responses.create(model="a", input="My name is Ada.")
+    assert first.store is True
+    assert (await client.responses.retrieve(first.id)).output_text == first.output_text
+    # The next turn gets the first one's input and output before its own.
+    second = await client.responses.create(model="a", input="What is my name?", previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    prompts = engines["tiny-a"].prompts
+    assert [m["role"] for m in prompts[-1]] == ["user", "assistant", "user"]
+    assert prompts[-1][1]["content"] == [{"type": "text", "text": "hello from the fake"}]
+    assert prompts[-1][2]["content"] == "What is my name?"
+    # A streamed turn is stored before its response.completed event reaches the client.
+    async with client.responses.stream(model="a", input="And now?", previous_response_id=second.id) as stream:
+        final = await stream.get_final_response()
+    assert (await client.responses.retrieve(final.id)).id == final.id
+    # Another workspace sees none of it.
+    other = openai.AsyncOpenAI(
+        api_key=(await ledger.create_key(KeyLimits(), "team-b")).key, base_url="http://test/v1", http_client=sdk_http
+    )
+    with pytest.raises(openai.NotFoundError):
+        await other.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        await other.responses.create(model="a", input="x", previous_response_id=first.id)
+    with pytest.raises(openai.NotFoundError):
+        await other.responses.delete(first.id)
+    await client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(first.id)
+    unkept = await client.responses.create(model="a", input="x", store=False)
+    assert unkept.store is False
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(unkept.id)
+
+
+async def test_a_full_workspace_refuses_to_store(sdk_http: httpx2.AsyncClient, ledger: Ledger) -> None:
+    client = await sdk(sdk_http, ledger)
+    kept = await client.responses.create(model="a", input="x")
+    assert (await client.responses.retrieve(kept.id)).id == kept.id
+    ledger.responses.workspace_bytes = 1  # what is stored now fills the bound
+    with pytest.raises(openai.BadRequestError) as full:
+        await client.responses.create(model="a", input="x")
+    assert full.value.body["code"] == "storage_limit_exceeded"  # type: ignore[index]
+    assert (await client.responses.create(model="a", input="x", store=False)).store is False

@@ -209,5 +209,5 @@ class MessageEvents:
     def error(self, error: OrchestratorError, request_id: str) -> bytes:
         return _event("error", {k: v for k, v in anthropic_envelope(error, request_id).items() if k != "type"}).encode()
 
-    def end(self) -> bytes:
+    async def end(self) -> bytes:
         return b""

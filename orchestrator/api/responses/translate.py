@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from orchestrator.errors import OrchestratorError
@@ -41,7 +41,7 @@ def usage(chat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def envelope(request: ResponsesRequest, response_id: str, model: str, created: int) -> dict[str, Any]:
+def envelope(request: ResponsesRequest, response_id: str, model: str, created: int, stored: bool) -> dict[str, Any]:
     """The Response object's fields that echo the request, with no output yet."""
     fmt = request.text.format if request.text and request.text.format else None
     return {
@@ -57,8 +57,8 @@ def envelope(request: ResponsesRequest, response_id: str, model: str, created: i
         "max_output_tokens": request.max_output_tokens,
         "metadata": request.metadata or {},
         "parallel_tool_calls": request.parallel_tool_calls is not False,
-        "previous_response_id": None,
-        "store": False,
+        "previous_response_id": request.previous_response_id,
+        "store": stored,
         "temperature": request.temperature,
         "top_p": request.top_p,
         "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
@@ -101,9 +101,10 @@ def _finish(body: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
     return body
 
 
-def response(chat: dict[str, Any], request: ResponsesRequest) -> dict[str, Any]:
-    """Returns the Response of a whole (metered) chat completion."""
-    body = envelope(request, chat["id"], chat.get("model", request.model), int(chat.get("created") or time.time()))
+def response(chat: dict[str, Any], request: ResponsesRequest, stored: bool = False) -> dict[str, Any]:
+    """Returns the Response of a whole (metered) chat completion; ``stored``: it is kept."""
+    created = int(chat.get("created") or time.time())
+    body = envelope(request, chat["id"], chat.get("model", request.model), created, stored)
     choice = (chat.get("choices") or [{}])[0]
     said = choice.get("message") or {}
     if said.get("content"):
@@ -116,12 +117,25 @@ def response(chat: dict[str, Any], request: ResponsesRequest) -> dict[str, Any]:
 
 class ResponseEvents:
     """Writes one stream's chat frames as the Responses events (a
-    :class:`~orchestrator.api.sse.StreamWriter`)."""
+    :class:`~orchestrator.api.sse.StreamWriter`).
+
+    Args:
+        request: the parsed request (echoed in the Response).
+        keep: stores the finished Response; its ``response.completed`` event is sent only
+            once that returned, so a client that reads it finds the response stored.
+    """
 
     keepalive = b": keep-alive\n\n"
 
-    def __init__(self, request: ResponsesRequest, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        request: ResponsesRequest,
+        keep: Callable[[dict[str, Any]], Awaitable[bool]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._request = request
+        self._keep = keep
+        self._last: tuple[str, dict[str, Any]] | None = None  # the final event, held for `end`
         self._clock = clock
         self._body: dict[str, Any] | None = None
         self._sequence = 0
@@ -149,7 +163,8 @@ class ResponseEvents:
 
     def _start(self, chunk: dict[str, Any]) -> list[str]:
         created = int(chunk.get("created") or self._clock())
-        self._body = envelope(self._request, chunk["id"], chunk.get("model", self._request.model), created)
+        model = chunk.get("model", self._request.model)
+        self._body = envelope(self._request, chunk["id"], model, created, self._keep is not None)
         return [
             self._event("response.created", {"response": self._body}),
             self._event("response.in_progress", {"response": self._body}),
@@ -233,13 +248,19 @@ class ResponseEvents:
         assert self._body is not None
         body = _finish(self._body, self._finish)
         body["usage"] = usage(chat_usage)
-        kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
-        return [*out, self._event(kind, {"response": body})]
+        self._last = ("response.incomplete" if body["status"] == "incomplete" else "response.completed", body)
+        return out
 
     def error(self, error: OrchestratorError, request_id: str) -> bytes:
-        body = self._body or envelope(self._request, "", self._request.model, int(self._clock()))
+        body = self._body or envelope(self._request, "", self._request.model, int(self._clock()), False)
         body = {**body, "status": "failed", "error": {"code": error.code.value, "message": error.message}}
         return self._event("response.failed", {"response": body}).encode()
 
-    def end(self) -> bytes:
-        return b""
+    async def end(self) -> bytes:
+        """The final event (completed or incomplete), once the Response is stored."""
+        if self._last is None:
+            return b""
+        kind, body = self._last
+        if self._keep is not None and not await self._keep(body):
+            body["store"] = False
+        return self._event(kind, {"response": body}).encode()
