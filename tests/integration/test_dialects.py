@@ -263,11 +263,16 @@ def test_responses_create_stream_tools_and_json(deployment: Deployment) -> None:
         ],
     )
     assert follow.output_text
-    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "maxLength": 24}},
+        "required": ["capital"],
+        "additionalProperties": False,
+    }
     shaped = client.responses.create(
         model="smollm2",
         input=FRANCE[0]["content"],
-        max_output_tokens=40,
+        max_output_tokens=80,
         text={"format": {"type": "json_schema", "name": "capital", "schema": schema, "strict": True}},
     )
     assert isinstance(json.loads(shaped.output_text)["capital"], str)
@@ -289,3 +294,33 @@ def test_a_responses_stream_left_mid_way_is_billed_once(deployment: Deployment) 
     time.sleep(1)
     info = deployment.admin("GET", f"/admin/keys/{created['info']['id']}").json()
     assert Decimal(info["credits"]) == Decimal(1) - Decimal(str(record["cost"]))
+
+
+def test_stored_responses_continue_on_another_replica(deployment: Deployment) -> None:
+    """A conversation kept by the gateway: stored through the router, continued through the
+    model's own route (another process: the model's replica) and the router again, read and
+    deleted; another workspace's key finds none of it."""
+    key = deployment.new_key()
+    router = deployment.client(api_key=key, timeout=180)
+    route = deployment.client(api_key=key, base_url=deployment.base_url + "/models/tiny-a", timeout=180)
+    first = router.responses.create(model="tiny-a", input="My name is Ada.", max_output_tokens=8)
+    assert first.store is True
+    second = route.responses.create(
+        model="tiny-a", input="What is my name?", previous_response_id=first.id, max_output_tokens=8
+    )
+    with router.responses.stream(
+        model="tiny-a", input="And again?", previous_response_id=second.id, max_output_tokens=8
+    ) as stream:
+        third = stream.get_final_response()
+    # The third turn's prompt holds every earlier turn: more input tokens than the second's.
+    assert third.usage is not None and second.usage is not None and first.usage is not None
+    assert third.usage.input_tokens > second.usage.input_tokens > first.usage.input_tokens
+    assert route.responses.retrieve(third.id).previous_response_id == second.id
+    stranger = deployment.client(api_key=deployment.new_key(workspace="team-other"), timeout=60)
+    with pytest.raises(openai.NotFoundError):
+        stranger.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        stranger.responses.create(model="tiny-a", input="x", previous_response_id=first.id, max_output_tokens=2)
+    router.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        route.responses.retrieve(first.id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import httpx2
 import openai
@@ -18,6 +19,7 @@ from orchestrator.catalog import Catalog
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.records import KeyLimits
+from orchestrator.gateway.store import SQLStore
 from orchestrator.protocol.responses import ResponsesRequest
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend
@@ -228,3 +230,22 @@ async def test_a_full_workspace_refuses_to_store(sdk_http: httpx2.AsyncClient, l
         await client.responses.create(model="a", input="x")
     assert full.value.body["code"] == "storage_limit_exceeded"  # type: ignore[index]
     assert (await client.responses.create(model="a", input="x", store=False)).store is False
+
+
+async def test_a_stored_response_outlives_its_ledger(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    first = Ledger(SQLStore(url), fence=None)
+    await first.start()
+    key = (await first.create_key(KeyLimits())).key
+    await first.keep_response(
+        key, {"id": "gen-1", "output": [{"type": "message"}]}, [{"role": "user", "content": "hi"}]
+    )
+    await first.stop()
+    second = Ledger(SQLStore(url), fence=None)
+    await second.start()
+    try:
+        assert (await second.stored_response(key, "gen-1"))["id"] == "gen-1"
+        history = await second.response_context(key, "gen-1", store=False)
+        assert history == [{"role": "user", "content": "hi"}, {"type": "message"}]
+    finally:
+        await second.stop()
