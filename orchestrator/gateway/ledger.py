@@ -15,6 +15,7 @@ import contextlib
 import fnmatch
 import hmac
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -244,6 +245,9 @@ class Ledger:
             for segment in await self._run(self.journal.leftovers):
                 replayed = await self._run(self._replay, segment)
                 logger.warning("replayed %d usage records from %s", replayed, segment.name)
+        # Key rows cached before (by lookups, or while another ledger held the fence) miss
+        # what the replay and the other ledger debited.
+        self._forget()
         windows = await self._run(self.store.take_rate_windows)
         offset = self._monotonic() - self._clock()  # epoch seconds -> this ledger's monotonic clock
         self.limiter.restore([(key, start + offset, requests, tokens) for key, start, requests, tokens in windows])
@@ -453,25 +457,7 @@ class Ledger:
                 raise OrchestratorError(ErrorCode.INVALID_REQUEST, "This request id is already in use.")
             return earlier.admission
         held = self._held_cost.get(key.id, Decimal(0))
-        if key.credits is not None:
-            available = key.credits - self._pending_cost.get(key.id, Decimal(0)) - held
-            if available <= 0:
-                raise OrchestratorError(ErrorCode.INSUFFICIENT_CREDITS, "This API key has no credits left.")
-            if cost > available:
-                raise OrchestratorError(
-                    ErrorCode.INSUFFICIENT_CREDITS,
-                    f"This request may cost up to ${cost} and ${available} of this key's credits are free. "
-                    "Lower max_tokens (or n), wait for running requests to finish, or add credits.",
-                )
-        if spend is not None:
-            for limit, total, period in ((key.daily_limit, spend.day_total, "daily"),
-                                         (key.monthly_limit, spend.month_total, "monthly")):  # fmt: skip
-                if limit is not None and (total >= limit or total + held + cost > limit):
-                    raise OrchestratorError(
-                        ErrorCode.KEY_LIMIT_EXCEEDED,
-                        f"This API key reached its {period} spend limit of ${limit} "
-                        f"(spent ${total}, ${held} held by running requests, this one may cost up to ${cost}).",
-                    )
+        self._check_funds(key, cost, held, spend)
         running = self._running.get(key.id, 0)
         if key.max_concurrent is not None and running >= key.max_concurrent:
             raise OrchestratorError(
@@ -510,6 +496,50 @@ class Ledger:
         if cost:
             self._held_cost[key.id] = held + cost
         return admission
+
+    def _check_funds(self, key: KeyRecord, cost: Decimal, held: Decimal, spend: _Spend | None) -> None:
+        """Raises unless the key's balance, and its spend limits if it has any (``spend``:
+        its spend as loaded for today), leave room for ``cost`` beside the ``held`` costs of
+        its running requests.
+
+        The balance, what finished requests have yet to debit from it and the spend are read
+        from the ledger's view as it is now, together under the lock, and not from ``key`` as
+        authenticated: the database thread may have committed records since (while the
+        admission awaited it, or at any moment, being another thread), and a commit moves
+        their costs from pending to the cached balance in one step under that lock.
+
+        Raises:
+            OrchestratorError: 401 ``invalid_api_key`` (the key's row is gone),
+            402 ``insufficient_credits``, 402 ``key_limit_exceeded``.
+        """
+        with self._lock:
+            entry = self._keys.get(key.key_hash)
+            current = entry.record if entry is not None else None
+            pending = self._pending_cost.get(key.id, Decimal(0))
+            # The spend that settlements update: another admission may have reloaded it since.
+            spend = self._spend.get(key.id, spend) if spend is not None else None
+            totals = (spend.day_total, spend.month_total) if spend is not None else None
+        if current is None or current.id != key.id:
+            raise OrchestratorError(ErrorCode.INVALID_API_KEY, "Invalid API key.")
+        if current.credits is not None:
+            available = current.credits - pending - held
+            if available <= 0:
+                raise OrchestratorError(ErrorCode.INSUFFICIENT_CREDITS, "This API key has no credits left.")
+            if cost > available:
+                raise OrchestratorError(
+                    ErrorCode.INSUFFICIENT_CREDITS,
+                    f"This request may cost up to ${cost} and ${available} of this key's credits are free. "
+                    "Lower max_tokens (or n), wait for running requests to finish, or add credits.",
+                )
+        if totals is None:
+            return
+        for limit, total, period in ((key.daily_limit, totals[0], "daily"), (key.monthly_limit, totals[1], "monthly")):
+            if limit is not None and (total >= limit or total + held + cost > limit):
+                raise OrchestratorError(
+                    ErrorCode.KEY_LIMIT_EXCEEDED,
+                    f"This API key reached its {period} spend limit of ${limit} "
+                    f"(spent ${total}, ${held} held by running requests, this one may cost up to ${cost}).",
+                )
 
     def _release(self, request_id: str) -> _Admitted | None:
         """Ends an admitted request's holds (its worst-case cost and its place among the key's
@@ -721,12 +751,14 @@ class Ledger:
         return datetime.fromtimestamp(self._clock(), UTC)
 
     def _forget(self, key_id: str | None = None) -> None:
-        """Drops cached key rows: one key's, or all (None)."""
+        """Marks cached key rows stale, one key's or all (None): the next authentication reads
+        them again. They stay cached meanwhile, and commits keep debiting them, so an
+        admission already past authentication still reads a balance that agrees with the
+        pending costs (:meth:`_check_funds`)."""
         with self._lock:
-            if key_id is None:
-                self._keys = {}
-            else:
-                self._keys = {h: e for h, e in self._keys.items() if e.record is None or e.record.id != key_id}
+            for entry in self._keys.values():
+                if key_id is None or (entry.record is not None and entry.record.id == key_id):
+                    entry.fetched = -math.inf
 
     async def create_key(self, limits: KeyLimits, workspace: str = admin.DEFAULT_WORKSPACE) -> CreatedKey:
         created = await self._run(
