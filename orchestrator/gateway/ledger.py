@@ -15,6 +15,7 @@ import contextlib
 import fnmatch
 import hmac
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -248,6 +249,9 @@ class Ledger:
             for segment in await self._run(self.journal.leftovers):
                 replayed = await self._run(self._replay, segment)
                 logger.warning("replayed %d usage records from %s", replayed, segment.name)
+        # Key rows cached before (by lookups, or while another ledger held the fence) miss
+        # what the replay and the other ledger debited.
+        self._forget()
         windows = await self._run(self.store.take_rate_windows)
         offset = self._monotonic() - self._clock()  # epoch seconds -> this ledger's monotonic clock
         self.limiter.restore([(key, start + offset, requests, tokens) for key, start, requests, tokens in windows])
@@ -289,11 +293,19 @@ class Ledger:
             raise LedgerStopped("the ledger is stopping")
 
     async def stop(self) -> None:
-        """Writes every finished record to the database, hands the rate-limit windows to
-        the next ledger, lets go of the fence, then closes the database. From its start,
-        admissions, settlements, renewals and lookups raise :class:`LedgerStopped` (routers
-        retry them on the next ledger), so the windows handed over hold every admission
-        and no record arrives after the journal is closed."""
+        """Writes every finished record to the database, closes the journal, hands the
+        rate-limit windows to the next ledger, lets go of the fence, then closes the database.
+        From its start, admissions, settlements, renewals and lookups raise
+        :class:`LedgerStopped` (routers retry them on the next ledger), so the windows handed
+        over hold every admission and no record arrives after the journal is closed.
+
+        Each step runs even if an earlier one failed: records a failed flush left stay in the
+        journal, which the next ledger to hold the fence replays.
+
+        Raises:
+            Exception: the first step that failed (each failure is also logged), once every
+            step has run.
+        """
         self._stopping = True
         for task in (self._fencer, self._flusher, self._reaper):
             if task is not None:
@@ -302,21 +314,43 @@ class Ledger:
         self._fencer = self._flusher = self._reaper = None
         if self._db is None:
             return
-        await self.flush()
+        failures: list[Exception] = []
+        for what, step in (
+            ("writing the usage records to the database", self.flush),
+            ("closing the journal", self._close_journal),
+            ("handing the rate-limit windows over", self._hand_over),
+            ("releasing the fence", self._release_fence),
+            ("closing the database", self._close_store),
+        ):
+            try:
+                await step()
+            except Exception as exc:
+                logger.exception("stopping the ledger: %s failed", what)
+                failures.append(exc)
+        self._db.shutdown(wait=True)
+        self._db = None
+        if failures:
+            raise failures[0]
+
+    async def _close_journal(self) -> None:
         if self.journal is not None:
             last = self.journal.close()
             if last is not None and not self._batches and not self._unsealed:
-                UsageJournal.discard(last)
+                UsageJournal.discard(last)  # everything in it was committed
+
+    async def _hand_over(self) -> None:
         if self._active.is_set():
+            self._active.clear()
             offset = self._clock() - self._monotonic()
             windows = [(key, start + offset, r, t) for key, start, r, t in self.limiter.export()]
             await self._run(self.store.save_rate_windows, windows)
-            self._active.clear()
+
+    async def _release_fence(self) -> None:
         if self._fence is not None:
             await self._run(self._fence.release)
+
+    async def _close_store(self) -> None:
         await self._run(self.store.close)
-        self._db.shutdown(wait=True)
-        self._db = None
 
     # -- keys -------------------------------------------------------------------------
 
@@ -459,25 +493,7 @@ class Ledger:
                 raise OrchestratorError(ErrorCode.INVALID_REQUEST, "This request id is already in use.")
             return earlier.admission
         held = self._held_cost.get(key.id, Decimal(0))
-        if key.credits is not None:
-            available = key.credits - self._pending_cost.get(key.id, Decimal(0)) - held
-            if available <= 0:
-                raise OrchestratorError(ErrorCode.INSUFFICIENT_CREDITS, "This API key has no credits left.")
-            if cost > available:
-                raise OrchestratorError(
-                    ErrorCode.INSUFFICIENT_CREDITS,
-                    f"This request may cost up to ${cost} and ${available} of this key's credits are free. "
-                    "Lower max_tokens (or n), wait for running requests to finish, or add credits.",
-                )
-        if spend is not None:
-            for limit, total, period in ((key.daily_limit, spend.day_total, "daily"),
-                                         (key.monthly_limit, spend.month_total, "monthly")):  # fmt: skip
-                if limit is not None and (total >= limit or total + held + cost > limit):
-                    raise OrchestratorError(
-                        ErrorCode.KEY_LIMIT_EXCEEDED,
-                        f"This API key reached its {period} spend limit of ${limit} "
-                        f"(spent ${total}, ${held} held by running requests, this one may cost up to ${cost}).",
-                    )
+        self._check_funds(key, cost, held, spend)
         running = self._running.get(key.id, 0)
         if key.max_concurrent is not None and running >= key.max_concurrent:
             raise OrchestratorError(
@@ -516,6 +532,50 @@ class Ledger:
         if cost:
             self._held_cost[key.id] = held + cost
         return admission
+
+    def _check_funds(self, key: KeyRecord, cost: Decimal, held: Decimal, spend: _Spend | None) -> None:
+        """Raises unless the key's balance, and its spend limits if it has any (``spend``:
+        its spend as loaded for today), leave room for ``cost`` beside the ``held`` costs of
+        its running requests.
+
+        The balance, what finished requests have yet to debit from it and the spend are read
+        from the ledger's view as it is now, together under the lock, and not from ``key`` as
+        authenticated: the database thread may have committed records since (while the
+        admission awaited it, or at any moment, being another thread), and a commit moves
+        their costs from pending to the cached balance in one step under that lock.
+
+        Raises:
+            OrchestratorError: 401 ``invalid_api_key`` (the key's row is gone),
+            402 ``insufficient_credits``, 402 ``key_limit_exceeded``.
+        """
+        with self._lock:
+            entry = self._keys.get(key.key_hash)
+            current = entry.record if entry is not None else None
+            pending = self._pending_cost.get(key.id, Decimal(0))
+            # The spend that settlements update: another admission may have reloaded it since.
+            spend = self._spend.get(key.id, spend) if spend is not None else None
+            totals = (spend.day_total, spend.month_total) if spend is not None else None
+        if current is None or current.id != key.id:
+            raise OrchestratorError(ErrorCode.INVALID_API_KEY, "Invalid API key.")
+        if current.credits is not None:
+            available = current.credits - pending - held
+            if available <= 0:
+                raise OrchestratorError(ErrorCode.INSUFFICIENT_CREDITS, "This API key has no credits left.")
+            if cost > available:
+                raise OrchestratorError(
+                    ErrorCode.INSUFFICIENT_CREDITS,
+                    f"This request may cost up to ${cost} and ${available} of this key's credits are free. "
+                    "Lower max_tokens (or n), wait for running requests to finish, or add credits.",
+                )
+        if totals is None:
+            return
+        for limit, total, period in ((key.daily_limit, totals[0], "daily"), (key.monthly_limit, totals[1], "monthly")):
+            if limit is not None and (total >= limit or total + held + cost > limit):
+                raise OrchestratorError(
+                    ErrorCode.KEY_LIMIT_EXCEEDED,
+                    f"This API key reached its {period} spend limit of ${limit} "
+                    f"(spent ${total}, ${held} held by running requests, this one may cost up to ${cost}).",
+                )
 
     def _release(self, request_id: str) -> _Admitted | None:
         """Ends an admitted request's holds (its worst-case cost and its place among the key's
@@ -559,18 +619,19 @@ class Ledger:
         for request_id, admitted in stale:
             # Its router is gone, and with it what the request used: it still leaves its one
             # record (nothing billed), marked as lost.
-            self._record(
-                Admission(request_id=request_id),
-                UsageRecord(
-                    request_id=request_id,
-                    key_id=admitted.key_id,
-                    workspace_id=admitted.workspace_id,
-                    model=admitted.model,
-                    status_code=500,
-                    error_code=ErrorCode.INTERNAL_ERROR.value,
-                    created_at=datetime.fromtimestamp(self._clock(), UTC),
-                ),
+            lost = UsageRecord(
+                request_id=request_id,
+                key_id=admitted.key_id,
+                workspace_id=admitted.workspace_id,
+                model=admitted.model,
+                status_code=500,
+                error_code=ErrorCode.INTERNAL_ERROR.value,
+                created_at=datetime.fromtimestamp(self._clock(), UTC),
             )
+            try:
+                self._record(Admission(request_id=request_id), lost)
+            except OrchestratorError as exc:  # not journaled: it stays admitted for the next pass
+                logger.error("recording the lost request %s failed: %s", request_id, exc.message)
         holding = {admitted.holder for admitted in self._admitted.values()}
         self._holders = {h: seen for h, seen in self._holders.items() if h in holding or now - seen <= self._hold_ttl_s}
 
@@ -585,16 +646,30 @@ class Ledger:
 
         Raises:
             LedgerStopped: this ledger is stopping (nothing was recorded).
+            OrchestratorError: 503 ``service_unavailable`` when the journal cannot be written
+            (a full disk): nothing was recorded, the request is still admitted and holds what
+            it held, and a retried settlement records it.
         """
         self._check_running()
         return self._record(admission, record)
 
     def _record(self, admission: Admission, record: UsageRecord) -> bool:
         # settle() without the running check, and synchronous: nothing between the release of
-        # the holds and the record's arrival in `_pending` can interleave.
+        # the holds and the record's arrival in `_pending` can interleave. The journal comes
+        # first: if it fails, nothing has changed yet.
         rid = record.request_id
         if rid in self._settled:
             return False
+        if self.journal is not None:
+            try:
+                self.journal.append(record)
+            except OSError as exc:
+                logger.error("journaling the usage of %s failed: %s", rid, exc)
+                raise OrchestratorError(
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    "The gateway could not record this request's usage; retry shortly.",
+                    headers={"Retry-After": "5"},
+                ) from exc
         admitted = self._release(rid)
         self._settled[rid] = None
         if len(self._settled) > _SETTLED_MEMORY:
@@ -602,8 +677,6 @@ class Ledger:
         if admission.key_id is not None:
             used = record.prompt_tokens + record.completion_tokens
             self.limiter.settle(admission.key_id, admission.window_start, admission.reserved_tokens, used)
-        if self.journal is not None:
-            self.journal.append(record)
         with self._lock:
             self._pending[rid] = record
             self._unsealed.append(record)
@@ -655,13 +728,14 @@ class Ledger:
             sealed = False
             while True:
                 if not self._batches:
-                    if sealed:
+                    if sealed or not self._unsealed:
                         return
+                    # Sealed before the records move into a batch: if sealing fails, they stay
+                    # unsealed (in memory and in the open segment) for the next flush. Nothing
+                    # is awaited in between, so no record arrives between the two.
+                    segment = self.journal.seal() if self.journal is not None else None
                     with self._lock:
                         batch, self._unsealed = self._unsealed, []
-                    if not batch:
-                        return
-                    segment = self.journal.seal() if self.journal is not None else None
                     self._batches.append((segment, batch))
                     sealed = True
                 segment, records = self._batches[0]
@@ -673,8 +747,12 @@ class Ledger:
                     UsageJournal.discard(segment)
 
     def _report_backlog(self) -> None:
-        segments = self.journal.count() if self.journal is not None else 0
-        self.metrics.backlog(pending=len(self._pending), segments=segments)
+        # Called by the background loops, which must outlive any failure: logged, not raised.
+        try:
+            segments = self.journal.count() if self.journal is not None else 0
+            self.metrics.backlog(pending=len(self._pending), segments=segments)
+        except Exception:
+            logger.exception("reporting the usage backlog failed")
 
     async def _flush_loop(self) -> None:
         while True:
@@ -687,10 +765,15 @@ class Ledger:
 
     async def _reap_loop(self) -> None:
         # Also reports the backlog: on this timer as well as after each flush, so the gauges
-        # keep moving while a flush waits on a database that stopped answering.
+        # keep moving while a flush waits on a database that stopped answering. A pass that
+        # fails is logged and the next one runs as planned: a reaper that died would leave
+        # dead routers' holds in place for good.
         while True:
             await asyncio.sleep(min(1.0, self._hold_ttl_s / 4))
-            self.reap()
+            try:
+                self.reap()
+            except Exception:
+                logger.exception("reaping dead routers' admissions failed; the next pass retries")
             self._report_backlog()
 
     # -- lookups ----------------------------------------------------------------------
@@ -727,12 +810,14 @@ class Ledger:
         return datetime.fromtimestamp(self._clock(), UTC)
 
     def _forget(self, key_id: str | None = None) -> None:
-        """Drops cached key rows: one key's, or all (None)."""
+        """Marks cached key rows stale, one key's or all (None): the next authentication reads
+        them again. They stay cached meanwhile, and commits keep debiting them, so an
+        admission already past authentication still reads a balance that agrees with the
+        pending costs (:meth:`_check_funds`)."""
         with self._lock:
-            if key_id is None:
-                self._keys = {}
-            else:
-                self._keys = {h: e for h, e in self._keys.items() if e.record is None or e.record.id != key_id}
+            for entry in self._keys.values():
+                if key_id is None or (entry.record is not None and entry.record.id == key_id):
+                    entry.fetched = -math.inf
 
     async def create_key(self, limits: KeyLimits, workspace: str = admin.DEFAULT_WORKSPACE) -> CreatedKey:
         created = await self._run(
