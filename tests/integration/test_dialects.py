@@ -311,7 +311,11 @@ def test_stored_responses_continue_on_another_replica(deployment: Deployment) ->
     with router.responses.stream(
         model="tiny-a", input="And again?", previous_response_id=second.id, max_output_tokens=8
     ) as stream:
-        third = stream.get_final_response()
+        # The tiny model runs to max_output_tokens: the last event is response.incomplete,
+        # which the SDK's get_final_response does not take as final.
+        last = list(stream)[-1]
+    assert last.type in ("response.completed", "response.incomplete")
+    third = last.response  # type: ignore[union-attr]
     # The third turn's prompt holds every earlier turn: more input tokens than the second's.
     assert third.usage is not None and second.usage is not None and first.usage is not None
     assert third.usage.input_tokens > second.usage.input_tokens > first.usage.input_tokens
@@ -324,3 +328,20 @@ def test_stored_responses_continue_on_another_replica(deployment: Deployment) ->
     router.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
         route.responses.retrieve(first.id)
+
+
+def test_each_error_of_the_responses_api(deployment: Deployment) -> None:
+    ask = {"model": "tiny-a", "input": "hi", "max_output_tokens": 4}
+    with pytest.raises(openai.AuthenticationError):
+        deployment.client(api_key="sk-orch-not-a-key").responses.create(**ask)  # type: ignore[arg-type]
+    client = deployment.client(timeout=120)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.responses.create(**{**ask, "model": "no-such-model"})  # type: ignore[arg-type]
+    assert unknown.value.body["code"] == "model_not_found"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.responses.create(**{**ask, "input": "cat " * 600})  # type: ignore[arg-type]
+    assert too_long.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    broke = deployment.client(api_key=deployment.new_key(credits="0"))
+    with pytest.raises(openai.APIStatusError) as no_credits:
+        broke.responses.create(**ask)  # type: ignore[arg-type]
+    assert (no_credits.value.status_code, no_credits.value.body["code"]) == (402, "insufficient_credits")  # type: ignore[index]
