@@ -61,6 +61,10 @@ def serve_forever(
             # HAProxy's stats and metrics listeners bind every interface in Serve's config;
             # the wrapper moves them to loopback (orchestrator/haproxy_loopback.py).
             os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
+        if is_loopback(settings.host):
+            # HAProxy sends its log to an address (Serve's default: syslog on 127.0.0.1:514)
+            # from a UDP socket bound to every interface; the local syslog socket needs none.
+            os.environ.setdefault("RAY_SERVE_HAPROXY_LOG_TARGET", "/dev/log")
     # A one-machine cluster: Ray then takes 127.0.0.1 as the node address, so its own
     # servers (the metrics export among them) listen on loopback only. Without it Ray
     # resolves even an explicit 127.0.0.1 to the machine's public address.
