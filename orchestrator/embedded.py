@@ -34,41 +34,14 @@ def serve_forever(
     """Runs until SIGINT/SIGTERM. Returns the process exit code (2 when it would serve
     open mode on a non-loopback address without ``open_access``, or when a port it is given
     is one Ray or Serve opens too)."""
-    overrides: dict[str, object] = {}
-    if open_access:
-        overrides["open_access"] = True
-    if metrics_port:
-        overrides["metrics_port"] = metrics_port
-    if catalog:
-        overrides["catalog"] = catalog
-    if host:
-        overrides["host"] = host
-    if port:
-        overrides["port"] = port
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    given = {"open_access": open_access, "metrics_port": metrics_port, "catalog": catalog, "host": host, "port": port}
+    settings = Settings(**{key: value for key, value in given.items() if value})  # type: ignore[arg-type]
     try:
         settings = _access_mode(settings)
     except ExposedOpenMode as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if settings.fast_ingress:
-        # Serve reads these when ray.serve is first imported (handle defaults are fixed
-        # then), so they are set before anything imports ray; Ray's processes inherit them.
-        for key, value in FAST_INGRESS_ENV.items():
-            os.environ.setdefault(key, value)
-        wrapper = shutil.which("orchestrator-haproxy", path=str(Path(sys.executable).parent))
-        if is_loopback(settings.host) and wrapper:
-            # HAProxy's stats and metrics listeners bind every interface in Serve's config;
-            # the wrapper moves them to loopback (orchestrator/haproxy_loopback.py).
-            os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
-        if is_loopback(settings.host):
-            # HAProxy sends its log to an address (Serve's default: syslog on 127.0.0.1:514)
-            # from a UDP socket bound to every interface; the local syslog socket needs none.
-            os.environ.setdefault("RAY_SERVE_HAPROXY_LOG_TARGET", "/dev/log")
-    # A one-machine cluster: Ray then takes 127.0.0.1 as the node address, so its own
-    # servers (the metrics export among them) listen on loopback only. Without it Ray
-    # resolves even an explicit 127.0.0.1 to the machine's public address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _ray_environment(settings)
     clash = port_clash(
         {"--port": settings.port, "--metrics-port": settings.metrics_port}, internal_ports(settings.fast_ingress)
     )
@@ -160,6 +133,29 @@ def serve_forever(
             ray.shutdown()
             reap(started)
     return 0
+
+
+def _ray_environment(settings: Settings) -> None:
+    """Sets what Ray and Serve read from the environment (when first imported, and in every
+    process they start), keeping any value already set."""
+    if settings.fast_ingress:
+        # Serve reads these when ray.serve is first imported (handle defaults are fixed
+        # then), so they are set before anything imports ray; Ray's processes inherit them.
+        for key, value in FAST_INGRESS_ENV.items():
+            os.environ.setdefault(key, value)
+        wrapper = shutil.which("orchestrator-haproxy", path=str(Path(sys.executable).parent))
+        if is_loopback(settings.host) and wrapper:
+            # HAProxy's stats and metrics listeners bind every interface in Serve's config;
+            # the wrapper moves them to loopback (orchestrator/haproxy_loopback.py).
+            os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
+        if is_loopback(settings.host):
+            # HAProxy sends its log to an address (Serve's default: syslog on 127.0.0.1:514)
+            # from a UDP socket bound to every interface; the local syslog socket needs none.
+            os.environ.setdefault("RAY_SERVE_HAPROXY_LOG_TARGET", "/dev/log")
+    # A one-machine cluster: Ray then takes 127.0.0.1 as the node address, so its own
+    # servers (the metrics export among them) listen on loopback only. Without it Ray
+    # resolves even an explicit 127.0.0.1 to the machine's public address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 OPEN_BANNER = """
