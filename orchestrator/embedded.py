@@ -72,7 +72,7 @@ def serve_forever(
     # Replicas reserve logical CPUs; vLLM's worker processes are not Ray tasks, so a small
     # machine may hold more replicas than it has cores.
     needed = sum(s.resources.cpus for s in models) + 1
-    warden = start_warden()  # ends what this command starts, should it be killed
+    warden = start_warden()  # once this command is gone, however it ends, ends what it started
     ray.init(
         # A cluster of its own, even when `ray start` left one running on this machine (which
         # ray.init() would otherwise join).
