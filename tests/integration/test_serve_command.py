@@ -1,20 +1,26 @@
 """``orchestrator serve`` as a user runs it: its metrics port, and ``orchestrator status``
-(once and ``--watch``) against its cluster, under traffic; Ctrl-C leaves nothing behind.
+(once and ``--watch``) against its cluster, under traffic; every socket its processes listen
+on is on loopback; an engine ends with its replica's worker; killed with SIGKILL it leaves
+nothing behind and starts again on the same port; Ctrl-C leaves nothing behind.
 
 Its own Ray cluster, beside the session's: the environment has no RAY_* variables and its
-own HOME (so its own Ray token and an empty gateway database: open mode on loopback)."""
+own HOME (so its own Ray token and an empty gateway database: open mode on loopback). The
+tests run in order on one command, then on the one started again after the SIGKILL."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -45,6 +51,16 @@ WANTED = {
 class Served:
     def __init__(self, proc: subprocess.Popen[str], env: dict[str, str], port: int, lines: list[str]) -> None:
         self.proc, self.env, self.port, self.lines = proc, env, port, lines
+        self.catalog = Path()
+
+    def tree(self) -> list[psutil.Process]:
+        """The command and every process under it."""
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    @property
+    def metrics_port(self) -> int:
+        return int(self.line(r"Metrics \(Prometheus text\) at http://[\d.]+:(\d+)/").group(1))
 
     def line(self, pattern: str) -> re.Match[str]:
         found = [m for line in self.lines if (m := re.search(pattern, line))]
@@ -59,14 +75,8 @@ class Served:
         )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    work = tmp_path_factory.mktemp("serve-command")
-    catalog = work / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump(tiny_entry("tiny-e", "e", build_tiny_llama(work / "tiny-e", seed=5))))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "ORCH_"))}
-    env |= {"HOME": str(work / "home"), "RAY_USAGE_STATS_ENABLED": "0", "RAY_metrics_report_interval_ms": "1000"}
-    port, metrics_port = free_port(), free_port()
+def _start(env: dict[str, str], catalog: Path, port: int, metrics_port: int) -> Served:
+    """Starts ``orchestrator serve`` and returns it once it says it serves."""
     proc = subprocess.Popen(
         [str(BIN / "orchestrator"), "serve", "--catalog", str(catalog), "--port", str(port),
          "--metrics-port", str(metrics_port)],
@@ -83,10 +93,26 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         if line.startswith("Press Ctrl-C"):
             break
     assert lines and lines[-1].startswith("Press Ctrl-C"), "\n".join(lines[-40:])
-    served = Served(proc, env, port, lines)
+    return Served(proc, env, port, lines)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    work = tmp_path_factory.mktemp("serve-command")
+    catalog = work / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump(tiny_entry("tiny-e", "e", build_tiny_llama(work / "tiny-e", seed=5))))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "ORCH_"))}
+    env |= {"HOME": str(work / "home"), "RAY_USAGE_STATS_ENABLED": "0", "RAY_metrics_report_interval_ms": "1000"}
+    # Ray 2.60's raylet kills a dead worker's process group, which holds the worker's vLLM
+    # engines; it cannot once the raylet is gone too (serve killed with SIGKILL), which is how
+    # engines were left behind. Off here, so that what is tested is what holds without it.
+    env["RAY_process_group_cleanup_enabled"] = "0"
+    served = _start(env, catalog, free_port(), free_port())
+    served.catalog = catalog
     try:
         yield served
     finally:
+        proc = served.proc  # the command started last
         if proc.poll() is None:  # a test failed before Ctrl-C: everything it started goes
             left = psutil.Process(proc.pid).children(recursive=True)
             os.killpg(proc.pid, signal.SIGKILL)
@@ -173,11 +199,108 @@ def test_status_once_and_watching_under_traffic(served: Served) -> None:
         assert watched["model"] == "tiny-e" and watched["tokens_per_second"] > 0
 
 
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:  # ::ffff:127.0.0.1
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _listeners(processes: list[psutil.Process]) -> dict[str, set[str]]:
+    """Each process's listening TCP sockets and unconnected UDP sockets, as ``host:port``, by
+    ``name[pid]``."""
+    found: dict[str, set[str]] = {}
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            sockets = {
+                f"{c.laddr.ip}:{c.laddr.port}"
+                for c in process.net_connections("inet")
+                if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)
+            }
+            if sockets:
+                found[f"{process.name()}[{process.pid}]"] = sockets
+    return found
+
+
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+    return alive
+
+
+def _until_gone(processes: list[psutil.Process], deadline_s: float) -> list[psutil.Process]:
+    """Polls until none of the processes runs, for up to ``deadline_s``; returns those that still do."""
+    deadline = time.monotonic() + deadline_s
+    while (alive := _alive(processes)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+def _names(processes: list[psutil.Process]) -> list[str]:
+    names = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            names.append(f"{process.name()}[{process.pid}]")
+    return names
+
+
+def _answers(port: int, deadline_s: float) -> bool:
+    """Polls a chat completion of model e until one succeeds, for up to ``deadline_s``."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(openai.OpenAIError):
+            client.chat.completions.create(model="e", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+            return True
+        time.sleep(2)
+    return False
+
+
+def test_every_listener_is_on_loopback(served: Served) -> None:
+    listeners = _listeners(served.tree())
+    addresses = {address for found in listeners.values() for address in found}
+    assert f"127.0.0.1:{served.port}" in addresses, listeners  # HAProxy's: the listing sees the tree
+    beyond = {
+        name: found for name, found in listeners.items() if not all(_loopback(a.rsplit(":", 1)[0]) for a in found)
+    }
+    assert not beyond, f"listening beyond loopback: {beyond}"
+
+
+def test_an_engine_ends_with_its_replicas_worker(served: Served) -> None:
+    from importlib.metadata import entry_points
+
+    plugins = {p.name: p.value for p in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("orchestrator_lifeline") == "orchestrator.engine.lifeline:arm", (
+        "vLLM finds the engines' lifeline through the project's entry point: reinstall it (pip install -e .)"
+    )
+    (worker,) = [p for p in served.tree() if "model-tiny-e" in " ".join(p.cmdline()) and "ServeReplica" in p.name()]
+    engines = worker.children(recursive=True)
+    assert any(p.name().startswith("VLLM") for p in engines), _names(engines)
+    worker.kill()  # as the out-of-memory killer would: nothing in the worker runs
+    left = _until_gone(engines, deadline_s=120)
+    assert not left, f"outlived their replica's worker: {_names(left)}"
+    assert _answers(served.port, deadline_s=600), "Serve did not replace the model's replica"
+
+
+def test_killed_with_sigkill_it_leaves_nothing_and_starts_again(served: Served) -> None:
+    tree = served.tree()
+    assert any(p.name().startswith("VLLM") for p in tree) and any(p.name() == "haproxy" for p in tree), _names(tree)
+    served.proc.kill()
+    served.proc.wait()
+    left = _until_gone(tree[1:], deadline_s=10)  # the issue's bound
+    assert not left, f"outlived orchestrator serve: {_names(left)}"
+    again = _start(served.env, served.catalog, served.port, served.metrics_port)
+    served.proc, served.lines = again.proc, again.lines  # the fixture stops this one
+    assert _answers(served.port, deadline_s=120)
+
+
 def test_ctrl_c_stops_everything_it_started(served: Served) -> None:
     started = psutil.Process(served.proc.pid).children(recursive=True)
     assert any("VLLM" in " ".join(p.cmdline()) or p.name().startswith("VLLM") for p in started if p.is_running())
     served.proc.send_signal(signal.SIGINT)
     assert served.proc.wait(timeout=180) == 0
-    time.sleep(2)
-    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [p.name() for p in alive]
+    alive = _until_gone(started, deadline_s=30)
+    assert not alive, _names(alive)

