@@ -21,8 +21,14 @@ _BY_STATUS = {
 }
 
 
+# vLLM's advice about its own command line (`--tool-call-parser`, `--enable-auto-tool-choice`)
+# means nothing to a client of this API.
+_SERVER_FLAG = re.compile(r"--[a-z][a-z0-9]*(?:-[a-z0-9]+)+")
+
+
 def map_engine_error(status: int, message: str, param: str | None = None) -> OrchestratorError:
-    """Maps an error vLLM's serving layer reported to the stable taxonomy."""
+    """Maps an error vLLM's serving layer reported to the stable taxonomy. A message that
+    names one of vLLM's command-line flags is replaced: the client cannot act on it."""
     if status == 400 and _CONTEXT.search(message):
         code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
     elif status in _BY_STATUS:
@@ -31,6 +37,8 @@ def map_engine_error(status: int, message: str, param: str | None = None) -> Orc
         code = ErrorCode.INVALID_REQUEST
     else:
         code = ErrorCode.PROVIDER_UNAVAILABLE
+    if _SERVER_FLAG.search(message):
+        message = "This model is not set up for this request (its catalog entry would need a change)."
     return OrchestratorError(code, message, param=param)
 
 

@@ -291,3 +291,13 @@ def test_output_format_is_forwarded_as_guided_json() -> None:
     parsed = MessagesRequest.model_validate({**ASK, "output_config": fmt, "service_tier": "auto"})
     assert parsed.forwarded()["output_config"] == fmt and "service_tier" not in parsed.forwarded()
     assert parsed.capabilities_used() == {"json"}
+
+
+async def test_ping_while_the_model_is_silent(catalog: Catalog, ledger: Ledger) -> None:
+    slow = {"tiny-a": FakeEngine(first_delay_s=0.5), "tools-c": FakeEngine()}
+    app = create_app(catalog, LocalBackend(slow), Settings(admin_key=ADMIN, keepalive_seconds=0.1), gateway=ledger)
+    key = (await ledger.create_key(KeyLimits())).key
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        resp = await client.post("/v1/messages", json={**ASK, "stream": True}, headers={"x-api-key": key})
+    assert 'event: ping\ndata: {"type":"ping"}' in resp.text and ": keep-alive" not in resp.text
+    assert resp.text.index("event: ping") < resp.text.index("event: content_block_start")

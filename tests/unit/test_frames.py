@@ -122,3 +122,10 @@ def test_forced_tool_calls_decode_under_the_tools_schemas() -> None:
     for choice in ("auto", "none", None):
         body = {"tools": [weather], "tool_choice": choice}
         assert strict_forced_tools(body) is body
+
+
+def test_engine_errors_never_show_vllm_flags() -> None:
+    error = map_engine_error(400, 'tool_choice="required" requires --tool-call-parser to be set', "tool_choice")
+    assert error.code is ErrorCode.INVALID_REQUEST and "--" not in error.message and error.param == "tool_choice"
+    kept = map_engine_error(400, "temperature must be non-negative, got -1.", "temperature")
+    assert kept.message == "temperature must be non-negative, got -1."
