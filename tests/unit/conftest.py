@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import httpx2
 import pytest
 import yaml
 
@@ -59,6 +60,16 @@ def engines() -> dict[str, FakeEngine]:
 async def http(catalog: Catalog, engines: dict[str, FakeEngine], ledger: Ledger) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(catalog, LocalBackend(engines), Settings(admin_key=ADMIN), gateway=ledger)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        yield client
+
+
+@pytest.fixture
+async def sdk_http(
+    catalog: Catalog, engines: dict[str, FakeEngine], ledger: Ledger
+) -> AsyncIterator[httpx2.AsyncClient]:
+    """The app for the official SDKs, which bring their own httpx (httpx2)."""
+    app = create_app(catalog, LocalBackend(engines), Settings(admin_key=ADMIN), gateway=ledger)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as client:
         yield client
 
 

@@ -4,7 +4,6 @@ in-process (fake engines, the real SQLite ledger): shapes, events, errors, meter
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -40,23 +39,6 @@ def catalog(tmp_path: Path) -> Catalog:
 @pytest.fixture
 def engines() -> dict[str, FakeEngine]:
     return {"tiny-a": FakeEngine(), "tools-c": FakeEngine(words=["sunny"])}
-
-
-@pytest.fixture
-async def app_client(
-    catalog: Catalog, engines: dict[str, FakeEngine], ledger: Ledger
-) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(catalog, LocalBackend(engines), Settings(admin_key=ADMIN), gateway=ledger)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        yield client
-
-
-@pytest.fixture
-async def sdk_http(app_client: httpx.AsyncClient) -> AsyncIterator[httpx2.AsyncClient]:
-    """The same app for Anthropic's SDK, which brings its own httpx (httpx2)."""
-    transport = httpx2.ASGITransport(app=app_client._transport.app)  # type: ignore[attr-defined]
-    async with httpx2.AsyncClient(transport=transport, base_url="http://test") as client:
-        yield client
 
 
 async def sdk(client: httpx2.AsyncClient, ledger: Ledger, **limits: object) -> anthropic.AsyncAnthropic:
@@ -104,9 +86,9 @@ async def test_stream_events_in_anthropic_order(sdk_http: httpx2.AsyncClient, le
     assert record.streamed and record.completion_tokens == 4
 
 
-async def test_raw_stream_has_no_done_line(app_client: httpx.AsyncClient, ledger: Ledger) -> None:
+async def test_raw_stream_has_no_done_line(http: httpx.AsyncClient, ledger: Ledger) -> None:
     key = (await ledger.create_key(KeyLimits())).key
-    resp = await app_client.post("/v1/messages", json={**ASK, "stream": True}, headers={"x-api-key": key})
+    resp = await http.post("/v1/messages", json={**ASK, "stream": True}, headers={"x-api-key": key})
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
     assert "[DONE]" not in resp.text
     events = [line.removeprefix("event: ") for line in resp.text.splitlines() if line.startswith("event: ")]
@@ -132,13 +114,11 @@ async def test_count_tokens(sdk_http: httpx2.AsyncClient, ledger: Ledger) -> Non
     ],
 )
 async def test_errors_in_anthropic_envelope(
-    app_client: httpx.AsyncClient, ledger: Ledger, change: dict[str, object], status: int, kind: str, code: str
+    http: httpx.AsyncClient, ledger: Ledger, change: dict[str, object], status: int, kind: str, code: str
 ) -> None:
     key = (await ledger.create_key(KeyLimits())).key
     body = {k: v for k, v in {**ASK, **change}.items() if v is not None}
-    resp = await app_client.post(
-        "/v1/messages", json=body, headers={"x-api-key": key, "anthropic-version": "2023-06-01"}
-    )
+    resp = await http.post("/v1/messages", json=body, headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
     assert resp.status_code == status
     error = resp.json()
     assert error["type"] == "error" and (error["error"]["type"], error["error"]["code"]) == (kind, code)
@@ -170,11 +150,11 @@ async def test_overload_is_529_overloaded_error(
 
 
 async def test_mid_stream_failure_ends_with_an_error_event(
-    app_client: httpx.AsyncClient, ledger: Ledger, engines: dict[str, FakeEngine]
+    http: httpx.AsyncClient, ledger: Ledger, engines: dict[str, FakeEngine]
 ) -> None:
     engines["tiny-a"].fail_after = 2
     key = (await ledger.create_key(KeyLimits())).key
-    resp = await app_client.post("/v1/messages", json={**ASK, "stream": True}, headers={"x-api-key": key})
+    resp = await http.post("/v1/messages", json={**ASK, "stream": True}, headers={"x-api-key": key})
     last = resp.text.strip().split("\n\n")[-1]
     assert last.startswith("event: error\n")
     assert json.loads(last.split("data: ", 1)[1])["error"]["type"] == "api_error"
@@ -190,9 +170,7 @@ async def test_tools_reach_a_model_that_has_them(sdk_http: httpx2.AsyncClient, l
     assert reply.content[0].type == "text"
 
 
-async def test_chat_route_refuses_capabilities_in_openai_envelope(
-    app_client: httpx.AsyncClient, ledger: Ledger
-) -> None:
+async def test_chat_route_refuses_capabilities_in_openai_envelope(http: httpx.AsyncClient, ledger: Ledger) -> None:
     key = (await ledger.create_key(KeyLimits())).key
     tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
@@ -201,13 +179,13 @@ async def test_chat_route_refuses_capabilities_in_openai_envelope(
         ({"messages": [{"role": "user", "content": [image]}]}, "vision"),
     ):
         body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], **change}
-        resp = await app_client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        resp = await http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
         assert resp.status_code == 400
         assert resp.json()["error"]["code"] == "capability_not_supported"
         assert "tiny-a" in resp.json()["error"]["message"] and missing in resp.json()["error"]["message"]
     # tool_choice none uses no tool calling: the model answers.
     body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "tools": [tool], "tool_choice": "none"}
-    resp = await app_client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    resp = await http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
     assert resp.status_code == 200
 
 

@@ -4,7 +4,6 @@ in-process (fake engines, the real SQLite ledger), and its translation both ways
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -12,29 +11,16 @@ import httpx2
 import openai
 import pytest
 
-from orchestrator.api import create_app
 from orchestrator.api.responses.translate import ResponseEvents, response
 from orchestrator.api.sse import frame
-from orchestrator.catalog import Catalog
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.records import KeyLimits
 from orchestrator.gateway.store import SQLStore
 from orchestrator.protocol.responses import ResponsesRequest
-from orchestrator.settings import Settings
-from tests.fakes import FakeEngine, LocalBackend
-from tests.unit.conftest import ADMIN
+from tests.fakes import FakeEngine
 
 TOOL = {"type": "function", "name": "weather", "parameters": {"type": "object"}}
-
-
-@pytest.fixture
-async def sdk_http(
-    catalog: Catalog, engines: dict[str, FakeEngine], ledger: Ledger
-) -> AsyncIterator[httpx2.AsyncClient]:
-    app = create_app(catalog, LocalBackend(engines), Settings(admin_key=ADMIN), gateway=ledger)
-    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as client:
-        yield client
 
 
 async def sdk(http: httpx2.AsyncClient, ledger: Ledger, **limits: object) -> openai.AsyncOpenAI:
