@@ -40,12 +40,19 @@ def test_every_gateway_code_through_the_sdk(deployment: Deployment) -> None:
     assert refused(locked) == (403, "workspace_locked")
     assert refused(deployment.client(api_key=deployment.new_key(credits="0"))) == (402, "insufficient_credits")
     assert refused(deployment.client(api_key=deployment.new_key(daily_limit="0"))) == (402, "key_limit_exceeded")
+    # About 131 tokens reserved: one fits in 200 per minute and uses over 100; a second waits (429).
+    tight = deployment.client(api_key=deployment.new_key(tpm=200))
+    tight.chat.completions.create(model="tiny-a", messages=USER, max_tokens=100, extra_body={"ignore_eos": True})
     with pytest.raises(openai.RateLimitError) as info:
+        tight.chat.completions.create(model="tiny-a", messages=USER, max_tokens=100)
+    assert info.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+    assert int(info.value.response.headers["retry-after"]) >= 1
+    # More than the whole limit could never pass: 400, not a 429 that SDKs retry for ever.
+    with pytest.raises(openai.BadRequestError) as never:
         deployment.client(api_key=deployment.new_key(tpm=50)).chat.completions.create(
             model="tiny-a", messages=USER, max_tokens=100
         )
-    assert info.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
-    assert int(info.value.response.headers["retry-after"]) >= 1
+    assert never.value.body["code"] == "request_too_large_for_limit"  # type: ignore[index]
     # The key never comes back in an error.
     assert (
         "sk-orch-not-a-key"
