@@ -125,6 +125,22 @@ def test_chat_tool_calls_round_trip(deployment: Deployment) -> None:
     ]
     answer = client.chat.completions.create(model="smollm2", messages=follow, tools=CHAT_TOOLS, max_tokens=20)  # type: ignore[arg-type]
     assert answer.choices[0].message.content
+    # Parallel calls of one turn (two calls, two results) and the answer that follows them.
+    clock = {"id": "call-time", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Paris"}'}}
+    parallel = [
+        *ask["messages"],  # type: ignore[misc]
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True), clock]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
+        {"role": "tool", "tool_call_id": "call-time", "content": "14:05"},
+    ]
+    both = client.chat.completions.create(
+        model="smollm2",
+        messages=parallel,
+        tools=CHAT_TOOLS,
+        parallel_tool_calls=True,
+        max_tokens=20,  # type: ignore[arg-type]
+    )
+    assert both.choices[0].message.content or both.choices[0].message.tool_calls
 
 
 def test_messages_tool_use_round_trip(deployment: Deployment) -> None:
