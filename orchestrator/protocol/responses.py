@@ -11,9 +11,9 @@ here they are kept in the gateway's database (gateway/responses.py).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.protocol.openai import MAX_MESSAGES, MAX_TOOLS
 from orchestrator.protocol.values import Boolean, OptionalInteger, OptionalNumber
@@ -105,7 +105,9 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     model: str = Field(min_length=1)
-    input: str | list[InputItem] = Field(description="Text, or input items.")
+    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
+        description="Text, or input items."
+    )
     instructions: str | None = None
     max_output_tokens: OptionalInteger = Field(default=None, ge=1)
     temperature: OptionalNumber = Field(default=None, ge=0, le=2)
@@ -124,12 +126,6 @@ class ResponsesRequest(BaseModel):
     )
     metadata: dict[str, str] | None = None
     user: str | None = None
-
-    @model_validator(mode="after")
-    def _bounded(self) -> ResponsesRequest:
-        if isinstance(self.input, list) and not 1 <= len(self.input) <= MAX_MESSAGES:
-            raise ValueError(f"input holds 1 to {MAX_MESSAGES} items")
-        return self
 
     def output_budget(self) -> int | None:
         return self.max_output_tokens
