@@ -8,8 +8,10 @@ scraped as ``ray_orchestrator_requests_total``. Unit tests use :class:`MemorySin
 
 Labels are bounded: ``model`` is a catalog display name (``unknown`` when the request
 named none that exists), ``route`` one of the API paths, ``code`` an
-:class:`~orchestrator.errors.ErrorCode` value or ``ok``, ``key_id``/``workspace`` the
-gateway's ids (never a key). No request ids, no free text.
+:class:`~orchestrator.errors.ErrorCode` value or ``ok``. No label takes a value per key,
+workspace or request (their number grows with what admins and clients create, and every
+value is a series Prometheus keeps): spend per key is the gateway's usage report
+(``GET /admin/usage``), not a metric.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ COST = MetricSpec(
     "orchestrator_cost_usd",
     "counter",
     "Cost of finished requests in USD, from catalog prices.",
-    ("model", "workspace", "key_id"),
+    ("model",),
 )
 REJECTED = MetricSpec(
     "orchestrator_rejected_requests",

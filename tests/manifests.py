@@ -1,4 +1,4 @@
-"""Validation of rendered Kubernetes manifests, offline.
+"""Validation of rendered Kubernetes manifests, offline, and what a NetworkPolicy lets in.
 
 Built-in kinds are checked with kubernetes-validate's strict schemas (unknown fields are
 errors). Custom resources are checked against their CRD's ``openAPIV3Schema``, read from the
@@ -12,8 +12,10 @@ server would silently drop the rest).
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +117,61 @@ def validate(doc: dict[str, Any], kube_versions: Iterable[str]) -> None:
             raise AssertionError(f"{doc['kind']} {doc['metadata']['name']} (Kubernetes {version}): {error}") from None
         except kubernetes_validate.SchemaNotFoundError as error:
             raise AssertionError(f"no schema for {doc['apiVersion']} {doc['kind']}: {error}") from None
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A source of traffic: a pod (its namespace, the namespace's labels and its own) or, with
+    ``pod_labels`` None, an address outside the cluster."""
+
+    ip: str
+    namespace: str = ""
+    namespace_labels: Mapping[str, str] = field(default_factory=dict)
+    pod_labels: Mapping[str, str] | None = None
+
+
+def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """A LabelSelector of ``matchLabels`` only (an empty one selects everything)."""
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels is evaluated here: {selector}"
+    return dict(selector.get("matchLabels") or {}).items() <= dict(labels).items()
+
+
+def _peer_matches(rule_peer: Mapping[str, Any], peer: Peer, policy_namespace: str) -> bool:
+    """A NetworkPolicyPeer as Kubernetes reads it: an ipBlock matches addresses (here: outside
+    the cluster only); a podSelector alone, pods of the policy's namespace; a namespaceSelector,
+    pods of the namespaces it selects (and of those, the podSelector's, if both are given)."""
+    if "ipBlock" in rule_peer:
+        block = rule_peer["ipBlock"]
+        address = ipaddress.ip_address(peer.ip)
+        inside = address in ipaddress.ip_network(block["cidr"])
+        return (
+            peer.pod_labels is None
+            and inside
+            and not any(address in ipaddress.ip_network(e) for e in block.get("except", []))
+        )
+    if peer.pod_labels is None:
+        return False
+    if "namespaceSelector" in rule_peer:
+        if not _selects(rule_peer["namespaceSelector"], peer.namespace_labels):
+            return False
+    elif peer.namespace != policy_namespace:
+        return False
+    return _selects(rule_peer.get("podSelector", {}), peer.pod_labels)
+
+
+def network_policy_allows(policy: Mapping[str, Any], namespace: str, peer: Peer, port: int) -> bool:
+    """Whether an Ingress NetworkPolicy in ``namespace`` lets ``peer`` reach TCP ``port`` of a pod it
+    selects: some rule whose ports (none: every port) hold the port and whose peers (none: every
+    source) hold the peer. Named ports and port ranges are not evaluated (they fail the check)."""
+    spec = policy["spec"]
+    assert spec.get("policyTypes") == ["Ingress"], spec.get("policyTypes")
+    for rule in spec.get("ingress") or []:
+        ports = rule.get("ports") or []
+        for item in ports:
+            assert isinstance(item["port"], int) and "endPort" not in item, f"not evaluated here: {item}"
+        if ports and not any(p["port"] == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+            continue
+        peers = rule.get("from") or []
+        if not peers or any(_peer_matches(p, peer, namespace) for p in peers):
+            return True
+    return False

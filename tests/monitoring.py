@@ -53,6 +53,8 @@ VARIABLES = {
 _VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\[\[(\w+)\]\]|\$(\w+)")
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _METRIC = re.compile(r"\bray_[A-Za-z0-9_:]+")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
 
 
 def substitute(expr: str) -> str:
@@ -118,6 +120,15 @@ def rule_expressions(path: Path = ALERTS) -> list[str]:
 def metric_names(expr: str) -> set[str]:
     """The ``ray_*`` metric names an expression (or a label_values query) refers to."""
     return set(_METRIC.findall(_STRING.sub('""', expr)))
+
+
+def label_names(expr: str) -> set[str]:
+    """The label names an expression groups, matches or selects by (``by (...)``, ``on (...)``,
+    ``{name="..."}`` and the like)."""
+    bare = _STRING.sub('""', expr)
+    grouped = {name.strip() for found in _GROUPING.findall(bare) for name in found.split(",") if name.strip()}
+    selected = {name for selector in re.findall(r"\{([^}]*)\}", bare) for name in _MATCHER.findall(selector)}
+    return grouped | selected
 
 
 def exported_names(specs: Iterable[MetricSpec] = ALL) -> dict[str, MetricSpec]:

@@ -62,5 +62,4 @@ class Telemetry:
         m.prompt_tokens.record(record.prompt_tokens, model_tag)
         m.completion_tokens.record(record.completion_tokens, model_tag)
         if record.cost > 0:
-            owner = {"model": model, "workspace": record.workspace_id or "", "key_id": record.key_id or ""}
-            m.cost.record(float(record.cost), owner)
+            m.cost.record(float(record.cost), model_tag)

@@ -45,6 +45,7 @@ LOAD_TIMEOUT_S = 300.0
 ALERT_NAMES = {"OrchestratorHighErrorRate", "OrchestratorModelSaturated", "OrchestratorUsageBacklogGrowing"}
 MAIN_MODELS = ("tiny-a", "tiny-b", "smollm2-135m-instruct")
 SECRET_PREFIXES = ("sk-orch-", "gen-")
+PER_OWNER_LABELS = frozenset({"key_id", "key", "api_key", "workspace", "workspace_id", "request_id"})
 REQUIRED_SERIES = (
     "ray_orchestrator_requests_total",
     "ray_orchestrator_time_to_first_token_seconds_bucket",
@@ -266,6 +267,11 @@ def scrape_problems(scrapes: list[str], keys: list[str], replicas: dict[str, set
                     f"[scrape] {name} label {label}={value!r} looks like a key or a generation id"
                     for label, value in labels.items()
                     if value.startswith(SECRET_PREFIXES)
+                )
+                problems.extend(
+                    f"[scrape] {name} is labelled {label} (a value per key, workspace or request)"
+                    for label in labels
+                    if label in PER_OWNER_LABELS
                 )
     problems.extend(f"[scrape] no {name} series" for name in REQUIRED_SERIES if name not in names)
     for model, ids in sorted(replicas.items()):

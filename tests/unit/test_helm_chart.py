@@ -48,6 +48,8 @@ FILE_ENV = [f"ORCH_{name.upper()}_FILE" for name in SECRETS]
 SERVE_ONLY = {"host", "port", "metrics_port", "fast_ingress"}
 CHART_OWNED = {*SECRETS, *(f"{name}_file" for name in SECRETS), "catalog", "cache_dir", *SERVE_ONLY}
 
+APP_SECRET, RAY_TOKEN_SECRET = f"{RELEASE}-orchestrator-secrets", f"{RELEASE}-orchestrator-ray-token"
+
 Docs = list[dict[str, Any]]
 
 
@@ -171,8 +173,13 @@ def dashboards(docs: Docs) -> Docs:
     return [doc for doc in of_kind(docs, "ConfigMap") if "grafana_dashboard" in doc["metadata"]["labels"]]
 
 
-def secret_data(docs: Docs) -> dict[str, str]:
-    return {key: base64.b64decode(value).decode() for key, value in only(docs, "Secret")["data"].items()}
+def named(docs: Docs, kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [doc for doc in of_kind(docs, kind) if doc["metadata"]["name"] == name]
+    return doc
+
+
+def secret_data(docs: Docs, name: str = APP_SECRET) -> dict[str, str]:
+    return {key: base64.b64decode(value).decode() for key, value in named(docs, "Secret", name)["data"].items()}
 
 
 def chart_values(path: Path) -> dict[str, Any]:
@@ -214,7 +221,8 @@ def test_every_rendered_manifest_is_valid(crds: None, rendered: dict[str, Docs],
     docs = rendered[layout]
     kinds = sorted(doc["kind"] for doc in docs)
     monitor = ["ServiceMonitor"] if layout == "gpu" else []
-    assert kinds == sorted(["ConfigMap", "RayService", "Secret", "Service", *monitor])  # the dashboard's
+    # The dashboard's ConfigMap; the app's Secret and Ray's token.
+    assert kinds == sorted(["ConfigMap", "NetworkPolicy", "RayService", "Secret", "Secret", "Service", *monitor])
     for doc in docs:
         manifests.validate(doc, KUBE_VERSIONS)
 
@@ -275,7 +283,7 @@ def test_the_serve_config_builds_every_app_with_the_mounted_secrets(
     for _, _, template in pod_groups(docs):
         container = template["spec"]["containers"][0]
         assert "catalog" not in {v["name"] for v in template["spec"]["volumes"]}
-        assert volume(template, "secrets")["secret"]["secretName"] == only(docs, "Secret")["metadata"]["name"]
+        assert volume(template, "secrets")["secret"]["secretName"] == APP_SECRET
         env = env_of(container)
         for variable in FILE_ENV:
             assert env[variable].startswith(mount_path(container, "secrets") + "/")
@@ -316,7 +324,7 @@ def test_secrets_appear_only_in_the_secret(rendered: dict[str, Docs]) -> None:
         assert not values.get("secrets", {}).get("databaseUrl")
         assert not set(values.get("settings", {})) & CHART_OWNED
     for docs in rendered.values():
-        secret = only(docs, "Secret")
+        secret = named(docs, "Secret", APP_SECRET)
         data = secret_data(docs)
         assert set(data) == {"admin-key", "key-pepper", "database-url"}
         assert data["database-url"] == DB_URL  # the file's trailing newline dropped
@@ -334,7 +342,7 @@ def test_an_existing_secret_is_mounted_and_none_is_made(chart: Chart) -> None:
         "--set", f"image.repository={IMAGE}", "--set", "secrets.existingSecret=orch-creds",
         "--set", "secrets.keys.adminKey=token", required=False,
     )  # fmt: skip
-    assert not of_kind(docs, "Secret")
+    assert [secret["metadata"]["name"] for secret in of_kind(docs, "Secret")] == [RAY_TOKEN_SECRET]
     for _, _, template in pod_groups(docs):
         assert volume(template, "secrets")["secret"]["secretName"] == "orch-creds"
         env = env_of(template["spec"]["containers"][0])
@@ -477,3 +485,147 @@ def test_a_catalog_change_changes_only_its_model_and_the_router(
     spec_before, spec_after = only(before, "RayService")["spec"], only(after, "RayService")["spec"]
     assert spec_before["serveConfigV2"] != spec_after["serveConfigV2"]
     assert spec_before["rayClusterConfig"] == spec_after["rayClusterConfig"]
+
+
+def ray_auth_env(container: dict[str, Any]) -> dict[str, Any]:
+    return {item["name"]: item for item in container.get("env", []) if item["name"].startswith("RAY_AUTH")}
+
+
+def token_env(secret: str) -> dict[str, Any]:
+    ref = {"secretKeyRef": {"name": secret, "key": "auth_token"}}
+    return {
+        "RAY_AUTH_MODE": {"name": "RAY_AUTH_MODE", "value": "token"},
+        "RAY_AUTH_TOKEN": {"name": "RAY_AUTH_TOKEN", "valueFrom": ref},
+    }
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ray_requires_the_token_from_the_charts_secret(rendered: dict[str, Docs], layout: str) -> None:
+    """KubeRay's authOptions name the token's Secret (KubeRay then authenticates its own
+    dashboard calls with it), every Ray container takes the token from that Secret, and the
+    token appears nowhere else: not in the Serve config, the pod templates or the values."""
+    docs = rendered[layout]
+    cluster = only(docs, "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": RAY_TOKEN_SECRET}
+    assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52, 0)  # Ray's token auth
+    token = secret_data(docs, RAY_TOKEN_SECRET)
+    assert set(token) == {"auth_token"} and len(token["auth_token"]) >= 32
+    for container in ray_containers(docs):
+        assert ray_auth_env(container) == token_env(RAY_TOKEN_SECRET)
+    elsewhere = yaml.safe_dump_all([doc for doc in docs if doc["metadata"]["name"] != RAY_TOKEN_SECRET])
+    assert token["auth_token"] not in elsewhere
+    values = chart_values(CHART / "values.yaml")
+    assert values["rayAuth"] == {"enabled": True, "existingSecret": ""}
+
+
+def test_ray_auth_takes_an_existing_secret_refuses_a_token_in_values_and_can_be_turned_off(chart: Chart) -> None:
+    docs = chart.render("--set", "rayAuth.existingSecret=my-ray-token")
+    assert only(docs, "RayService")["spec"]["rayClusterConfig"]["authOptions"]["secretName"] == "my-ray-token"
+    assert [secret["metadata"]["name"] for secret in of_kind(docs, "Secret")] == [APP_SECRET]
+    for container in ray_containers(docs):
+        assert ray_auth_env(container) == token_env("my-ray-token")
+    refused = chart.error("--set", "rayAuth.token=a-token-in-clear")  # values.schema.json
+    assert "rayAuth: Additional property token is not allowed" in refused
+    assert "needs Ray 2.52.0 or later" in chart.error("--set", "rayVersion=2.51.1")
+    off = chart.render("--set", "rayAuth.enabled=false", "--set", "rayVersion=2.51.1")
+    assert "authOptions" not in only(off, "RayService")["spec"]["rayClusterConfig"]
+    assert [secret["metadata"]["name"] for secret in of_kind(off, "Secret")] == [APP_SECRET]
+    assert not any(ray_auth_env(container) for container in ray_containers(off))
+
+
+RAY_POD_LABELS = {"app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": "ray"}
+PEERS = {
+    "ray pod": manifests.Peer("10.0.0.5", NAMESPACE, {"kubernetes.io/metadata.name": NAMESPACE}, RAY_POD_LABELS),
+    "kuberay operator": manifests.Peer(
+        "10.0.1.2",
+        "kuberay",
+        {"kubernetes.io/metadata.name": "kuberay"},
+        {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator"},
+    ),
+    "prometheus": manifests.Peer(
+        "10.0.2.3",
+        "monitoring",
+        {"kubernetes.io/metadata.name": "monitoring"},
+        {"app.kubernetes.io/name": "prometheus"},
+    ),
+    "pod beside it": manifests.Peer("10.0.0.9", NAMESPACE, {"kubernetes.io/metadata.name": NAMESPACE}, {"app": "web"}),
+    "another release's ray pod": manifests.Peer(
+        "10.0.0.7",
+        NAMESPACE,
+        {"kubernetes.io/metadata.name": NAMESPACE},
+        {**RAY_POD_LABELS, "app.kubernetes.io/instance": "other"},
+    ),
+    "outside the cluster": manifests.Peer("203.0.113.7"),
+}
+# Ray's ports besides the Serve port: GCS, dashboard, client, the dashboard agent, the metrics
+# export port, a worker port (10002-19999), the raylet's and object manager's (random unless
+# set), HAProxy's stats and metrics listeners.
+GCS, DASHBOARD, CLIENT, AGENT, METRICS, WORKER, RAYLET, HAPROXY = (
+    6379,
+    8265,
+    10001,
+    52365,
+    8080,
+    10002,
+    40123,
+    (8404, 9101),
+)
+INTERNAL = (GCS, DASHBOARD, CLIENT, AGENT, WORKER, RAYLET, *HAPROXY)
+
+
+def reachable(policy: dict[str, Any], port: int, peers: dict[str, manifests.Peer] = PEERS) -> set[str]:
+    return {name for name, peer in peers.items() if manifests.network_policy_allows(policy, NAMESPACE, peer, port)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_network_policy_opens_only_the_serve_port_to_clients(rendered: dict[str, Docs], layout: str) -> None:
+    """Anyone reaches the API; Ray's ports only the release's Ray pods, the dashboard also the
+    KubeRay operator, the metrics port also in-cluster pods (Prometheus), never an outside address."""
+    docs = rendered[layout]
+    policy = only(docs, "NetworkPolicy")
+    selector = policy["spec"]["podSelector"]
+    assert selector == {"matchLabels": RAY_POD_LABELS}
+    for _, _, template in pod_groups(docs):  # the head and every worker group
+        assert selector["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert reachable(policy, 8000) == set(PEERS)
+    for port in INTERNAL:
+        expected = {"ray pod", "kuberay operator"} if port == DASHBOARD else {"ray pod"}
+        assert reachable(policy, port) == expected, port
+    assert reachable(policy, METRICS) == set(PEERS) - {"outside the cluster"}
+
+
+def test_the_network_policy_peers_are_configurable_and_it_can_be_turned_off(chart: Chart, tmp_path: Path) -> None:
+    gateway = {"kubernetes.io/metadata.name": "edge"}
+    values = {
+        "metrics": {"port": 9464},
+        "networkPolicy": {
+            "serveFrom": [{"namespaceSelector": {"matchLabels": gateway}}],
+            "dashboardFrom": [],
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        },
+    }
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(values))
+    docs = chart.render("-f", str(tmp_path / "policy.yaml"))
+    policy = only(docs, "NetworkPolicy")
+    peers = {**PEERS, "edge proxy": manifests.Peer("10.0.3.4", "edge", gateway, {"app": "proxy"})}
+    assert reachable(policy, 8000, peers) == {"ray pod", "edge proxy"}
+    assert reachable(policy, DASHBOARD, peers) == {"ray pod"}
+    assert reachable(policy, 9464, peers) == {"ray pod", "prometheus"}
+    assert reachable(policy, 8080, peers) == {"ray pod"}
+    for doc in docs:
+        if doc["kind"] == "NetworkPolicy":
+            manifests.validate(doc, KUBE_VERSIONS)
+    assert not of_kind(chart.render("--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def test_the_policy_evaluation_follows_kubernetes_peer_rules() -> None:
+    """The evaluator the policy tests rely on: a podSelector alone is the policy's namespace; an
+    empty namespaceSelector every namespace's pods but no outside address; no ports, every port."""
+    rule = {"spec": {"policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {}}]}]}}
+    assert reachable(rule, GCS) == {"ray pod", "pod beside it", "another release's ray pod"}
+    rule["spec"]["ingress"] = [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 80}]}]
+    assert reachable(rule, 80) == set(PEERS) - {"outside the cluster"} and not reachable(rule, 81)
+    rule["spec"]["ingress"] = [{"from": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]}]
+    assert reachable(rule, 80) == {"outside the cluster"}
+    rule["spec"]["ingress"] = []
+    assert not reachable(rule, 80)

@@ -20,6 +20,7 @@ from tests.monitoring import (
     EXTERNAL_METRICS,
     dashboard_expressions,
     exported_names,
+    label_names,
     load_dashboard,
     metric_names,
     panels_by_row,
@@ -147,6 +148,28 @@ def test_every_declared_metric_is_on_the_dashboard() -> None:
     used = set().union(*(metric_names(expr) for _, expr in dashboard_expressions(DASHBOARD)))
     shown = {exported[name].name for name in used if name in exported}
     assert {spec.name for spec in ALL} - shown == set(), "declared but not on the dashboard"
+
+
+# Labels Ray and Serve add to our series (Serve's in a replica, Ray's on every series), and
+# histograms' bucket bound.
+ADDED_LABELS = {"deployment", "replica", "application", "le", "WorkerId", "NodeAddress", "SessionName", "Component"}
+
+
+def test_queries_of_our_metrics_use_only_their_declared_labels() -> None:
+    """A panel or rule over our series groups and selects only by labels those series carry, so
+    a label dropped from a declaration (e.g. one per key) cannot linger on the dashboard."""
+    exported = exported_names(ALL)
+    exprs = [e for _, e in dashboard_expressions(DASHBOARD)] + rule_expressions(ALERTS)
+    checked = 0
+    for expr in exprs:
+        names = metric_names(expr)
+        if not names or not names <= set(exported):
+            continue  # vLLM's or Serve's series, or a mix: their labels are theirs
+        declared = set().union(*(exported[name].labels for name in names)) | ADDED_LABELS
+        assert label_names(expr) <= declared, f"{expr}: {sorted(label_names(expr) - declared)} not declared"
+        checked += 1
+    assert checked >= 20
+    assert label_names('sum by (workspace) (rate(x{model=~"a", code!="ok"}[5m]))') == {"workspace", "model", "code"}
 
 
 # --- the alerts' behaviour, with promtool's rule unit tests on synthetic series. Annotations are

@@ -4,6 +4,7 @@ tokens and cost by model; gateway backlog; bounded labels."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +22,7 @@ from orchestrator.gateway.store import SQLStore
 from orchestrator.metrics import ALL, GatewayMetrics, MemorySink
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend
+from tests.unit.conftest import ADMIN
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 ROUTE = "/v1/chat/completions"
@@ -90,8 +92,7 @@ async def test_every_outcome_is_counted_by_code(catalog: Catalog, ledger: Ledger
     assert sink.get("orchestrator_rejected_requests", model="tiny-a", reason="rejected", code="invalid_api_key") == 1
     # Tokens and cost of the two answered requests (the shed one produced and cost nothing).
     assert sink.get("orchestrator_completion_tokens", model="tiny-a") == 6
-    info = (await ledger.list_keys())[0]
-    cost = sink.get("orchestrator_cost_usd", model="tiny-a", workspace="team-a", key_id=info.id)
+    cost = sink.get("orchestrator_cost_usd", model="tiny-a")
     assert isinstance(cost, float) and Decimal(str(cost)) > 0
     # Latency: one TTFT for the stream, a duration for each of the three admitted requests,
     # and the two gaps between the stream's three content chunks (each arrived alone).
@@ -120,6 +121,50 @@ def test_names_follow_the_house_convention() -> None:
     assert requests_spec.kind == "counter" and "key" not in requests_spec.labels
     assert any(s.name.endswith("time_to_first_token_seconds") and s.kind == "histogram" for s in ALL)
     assert any(s.name.endswith("cost_usd") and s.kind == "counter" for s in ALL)
+
+
+# Label names whose values would come one per key, workspace, user or request: each value is a
+# series Prometheus keeps, so their number would grow with what admins and clients create.
+UNBOUNDED_LABEL = re.compile(r"key|workspace|request|user|session|trace|owner|id$", re.IGNORECASE)
+
+
+def test_no_metric_is_labelled_by_key_workspace_or_request() -> None:
+    assert UNBOUNDED_LABEL.search("key_id") and UNBOUNDED_LABEL.search("request_id")
+    assert UNBOUNDED_LABEL.search("api_key") and UNBOUNDED_LABEL.search("workspace")
+    for spec in ALL:
+        unbounded = [label for label in spec.labels if UNBOUNDED_LABEL.search(label)]
+        assert not unbounded, f"{spec.name} is labelled {unbounded}"
+
+
+async def test_spend_per_key_is_in_the_usage_report_and_cost_is_one_series_per_model(
+    catalog: Catalog, ledger: Ledger
+) -> None:
+    """Keys in different workspaces add to one cost series per model; what each key spent is
+    in the admin API's usage report, and the two agree."""
+    sink = MemorySink()
+    engines = {"tiny-a": FakeEngine(words=["x", "y"]), "tiny-b": FakeEngine()}
+    backend = LocalBackend(engines, batch_s=0.0)
+    app = create_app(catalog, backend, Settings(admin_key=ADMIN), gateway=ledger, metrics=sink)
+    first = await ledger.create_key(KeyLimits(), workspace="team-a")
+    second = await ledger.create_key(KeyLimits(), workspace="team-b")
+    sent = {first.info.id: 1, second.info.id: 2}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        for created in (first, second, second):
+            headers = {"Authorization": f"Bearer {created.key}"}
+            assert (await http.post(ROUTE, json=CHAT, headers=headers)).status_code == 200
+        for _ in range(500):  # settlements run in their own tasks
+            await ledger.flush()
+            if sum(row["requests"] for row in await ledger.usage_report(group_by=["key"])) == 3:
+                break
+            await asyncio.sleep(0.01)
+        resp = await http.get("/admin/usage", params={"group_by": "key"}, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert resp.status_code == 200
+    spent = {row["key"]: (row["requests"], Decimal(str(row["cost"]))) for row in resp.json()["data"]}
+    assert {key: requests for key, (requests, _) in spent.items()} == sent
+    assert spent[second.info.id][1] == 2 * spent[first.info.id][1] > 0  # the same request, twice
+    assert list(sink.values["orchestrator_cost_usd"]) == [(("model", "tiny-a"),)]
+    total = sink.get("orchestrator_cost_usd", model="tiny-a")
+    assert total == pytest.approx(float(sum(cost for _, cost in spent.values())))
 
 
 async def test_latency_counts_from_arrival_and_timeouts_and_cold_starts_are_counted_and_settled(

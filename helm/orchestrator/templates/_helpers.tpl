@@ -28,6 +28,16 @@ app.kubernetes.io/component: ray
 {{- .Values.secrets.existingSecret | default (printf "%s-secrets" (include "orchestrator.fullname" .)) -}}
 {{- end -}}
 
+{{/* The Secret holding Ray's token (key auth_token): the given one or the chart's. */}}
+{{- define "orchestrator.rayTokenSecretName" -}}
+{{- .Values.rayAuth.existingSecret | default (printf "%s-ray-token" (include "orchestrator.fullname" .)) -}}
+{{- end -}}
+
+{{/* The head's dashboard port: Ray's default unless head.rayStartParams sets dashboard-port. */}}
+{{- define "orchestrator.dashboardPort" -}}
+{{- index .Values.head.rayStartParams "dashboard-port" | default 8265 -}}
+{{- end -}}
+
 {{/* The stored data of the chart's Secret from an earlier install of the release, base64
 as stored (empty under `helm template`, which sees no cluster). */}}
 {{- define "orchestrator.storedSecret" -}}
@@ -45,6 +55,9 @@ them, so whichever helm renders first reports them all. */}}
 {{- if not (index (include "orchestrator.storedSecret" . | fromJson) .Values.secrets.keys.databaseUrl) -}}
 {{- $missing = append $missing "secrets.databaseUrl: the gateway's PostgreSQL URL (e.g. --set-file secrets.databaseUrl=./database-url), or secrets.existingSecret naming a Secret that holds it" -}}
 {{- end -}}
+{{- end -}}
+{{- if and .Values.rayAuth.enabled (not (semverCompare ">=2.52.0-0" (toString .Values.rayVersion))) -}}
+{{- $missing = append $missing (printf "rayVersion %s: Ray's token authentication (rayAuth.enabled) needs Ray 2.52.0 or later" (toString .Values.rayVersion)) -}}
 {{- end -}}
 {{- if and .Values.secrets.existingSecret .Values.secrets.databaseUrl -}}
 {{- $missing = append $missing "secrets.databaseUrl is not used with secrets.existingSecret: put the URL in that Secret (key secrets.keys.databaseUrl) and leave secrets.databaseUrl empty" -}}
@@ -90,9 +103,10 @@ With catalog.existingConfigMap, one app that build_app builds from the mounted c
 {{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "applications" $apps) -}}
 {{- end -}}
 
-{{/* Environment of every Ray container: the secrets as files, the fast-ingress switches
-(read when `ray start` runs, inherited by every Ray process), and Hugging Face's download
-folder inside the cache volume. */}}
+{{/* Environment of every Ray container: the fast-ingress switches and Ray's token
+authentication (read when `ray start` runs, inherited by every Ray process; the token from
+its Secret, as KubeRay's authOptions would set it), the secrets as files, and Hugging Face's
+download folder inside the cache volume. */}}
 {{- define "orchestrator.env" -}}
 {{- $dir := .Values.secrets.mountPath -}}
 {{- $keys := .Values.secrets.keys -}}
@@ -103,6 +117,15 @@ folder inside the cache volume. */}}
   value: "1"
 - name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
   value: "0"
+{{- end }}
+{{- if .Values.rayAuth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "orchestrator.rayTokenSecretName" . }}
+      key: auth_token
 {{- end }}
 - name: ORCH_ADMIN_KEY_FILE
   value: {{ printf "%s/%s" $dir $keys.adminKey | quote }}
@@ -199,7 +222,7 @@ spec:
       ports:
         {{- if .head }}
         - {name: gcs-server, containerPort: 6379}
-        - {name: dashboard, containerPort: 8265}
+        - {name: dashboard, containerPort: {{ include "orchestrator.dashboardPort" $root }}}
         - {name: client, containerPort: 10001}
         {{- end }}
         - {name: serve, containerPort: {{ $values.servePort }}}
