@@ -23,6 +23,7 @@ from tests.unit.status.test_command import NODES, FakeCluster, Run, parse
 from tests.unit.status.texts import DEPLOYMENTS, HEAD, WORKER, head_text, worker_text
 
 DASHBOARD = "http://127.0.0.1:8265"
+RECORDED = Path(__file__).with_name("serve_applications.json")
 
 
 def details(deployments: Mapping[tuple[str, str], Mapping[str, Any]]) -> dict[str, Any]:
@@ -102,6 +103,21 @@ def dashboard(answer: Callable[[httpx.Request], httpx.Response], token: str | No
 def test_serve_details_become_deployments_as_ray_gives_them() -> None:
     found = deployments_from_details(details(DEPLOYMENTS))
     assert {key: {k: v for k, v in info.items() if k != "message"} for key, info in found.items()} == DEPLOYMENTS
+
+
+def test_recorded_answers_of_a_real_dashboard() -> None:
+    """What Ray 2.60's dashboard answered for two tiny models deployed with `serve deploy`."""
+    found = deployments_from_details(json.loads(RECORDED.read_text()))
+    assert set(found) == {("orchestrator", name) for name in ("router", "model-tiny-s", "model-tiny-t")}
+    assert found[("orchestrator", "model-tiny-s")]["status"] == "HEALTHY"
+    assert found[("orchestrator", "model-tiny-s")]["replica_states"] == {"RUNNING": 1}
+    assert found[("orchestrator", "router")]["replica_states"] == {"RUNNING": 1}
+    sd = [{"labels": {"job": "ray"}, "targets": ["127.0.0.1:48205", "127.0.0.1:44217", "127.0.0.1:44227"]}]
+    assert [(n["NodeManagerAddress"], n["MetricsExportPort"]) for n in nodes_from_targets(sd)] == [
+        ("127.0.0.1", 48205),
+        ("127.0.0.1", 44217),
+        ("127.0.0.1", 44227),
+    ]
 
 
 def test_no_serve_running_gives_no_deployments() -> None:
