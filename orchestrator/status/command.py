@@ -7,8 +7,11 @@ The figures come from two places:
 * Serve's status, for each model deployment's health and its RUNNING replicas.
 
 Both are reached through collaborators given to :func:`status_command`: a :class:`Cluster`
-(by default :class:`orchestrator.serving.cluster.RayCluster`, imported only when the command
-runs, so ``orchestrator --help`` stays fast) and an ``httpx.Client``.
+and an ``httpx.Client``. The default cluster is Ray's dashboard read over HTTP
+(:class:`orchestrator.status.dashboard.Dashboard`) when the address is a dashboard URL
+(``http://`` or ``https://``, from ``--address``, ``RAY_DASHBOARD_ADDRESS`` or ``RAY_ADDRESS``);
+otherwise :class:`orchestrator.serving.cluster.RayCluster`, which joins the cluster as a driver.
+Both are imported only when the command runs, so ``orchestrator --help`` stays fast.
 
 Rates need two scrapes ``--window`` seconds apart; Ray's agents refresh their values about
 every 10 s, so shorter windows jitter between 0 and double the true rate.
@@ -65,11 +68,27 @@ class Cluster(Protocol):
         ...
 
 
-def _ray_cluster() -> Cluster:
+def _default_cluster(address: str) -> Cluster:
+    if is_dashboard_url(address):
+        from orchestrator.status.dashboard import dashboard_from_environment
+
+        return dashboard_from_environment(_http_client)
     # Imported here: orchestrator.serving imports Ray, which only a running command needs.
     from orchestrator.serving.cluster import RayCluster
 
     return RayCluster()
+
+
+def is_dashboard_url(address: str) -> bool:
+    """Returns whether ``address`` names Ray's dashboard (an http or https URL) rather than the
+    cluster itself (``host:port``, ``ray://...`` or ``auto``)."""
+    return address.lower().startswith(("http://", "https://"))
+
+
+def cluster_address(given: str | None, environ: Mapping[str, str]) -> str:
+    """Returns the address to read: ``--address`` if given, else ``RAY_DASHBOARD_ADDRESS``, else
+    ``RAY_ADDRESS``, else ``auto`` (the local cluster)."""
+    return given or environ.get("RAY_DASHBOARD_ADDRESS") or environ.get("RAY_ADDRESS") or "auto"
 
 
 def _http_client() -> httpx.Client:
@@ -170,7 +189,11 @@ def _positive_float(text: str) -> float:
 def _metrics_urls_for(ns: argparse.Namespace, cluster: Cluster) -> list[str]:
     if ns.metrics_url:
         return list(dict.fromkeys(ns.metrics_url))
-    urls = metrics_urls(cluster.nodes())
+    try:
+        nodes = cluster.nodes()
+    except ConnectionError as exc:  # the dashboard's; converted as in _connect
+        raise StatusError(str(exc)) from exc
+    urls = metrics_urls(nodes)
     if not urls:
         raise StatusError("no alive Ray node exports metrics (no MetricsExportPort); pass --metrics-url")
     return urls
@@ -213,21 +236,22 @@ def status_command(
     err: TextIO | None = None,
 ) -> int:
     """Runs ``orchestrator status`` with the parsed arguments ``ns``, against ``cluster``
-    (default: a new :class:`~orchestrator.serving.cluster.RayCluster`), scraping with ``http``
+    (default: a new :class:`~orchestrator.status.dashboard.Dashboard` for a dashboard URL, else a
+    new :class:`~orchestrator.serving.cluster.RayCluster`; see :func:`cluster_address`), scraping with ``http``
     (default: a client of its own), writing frames to ``out`` and messages to ``err`` (default:
     ``sys.stdout`` and ``sys.stderr``). It connects, and closes ``cluster`` in any case.
 
-    Returns the exit code: 0, 1 (after a one-line message on ``err``) when no Ray cluster can
-    be reached or no metrics endpoint answers, 130 when a single sample is interrupted (Ctrl-C
+    Returns the exit code: 0, 1 (after a one-line message on ``err``) when no Ray cluster or
+    dashboard can be reached or no metrics endpoint answers, 130 when a single sample is interrupted (Ctrl-C
     ends ``--watch`` with 0).
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    address = ns.address or os.environ.get("RAY_ADDRESS") or "auto"
+    address = cluster_address(ns.address, os.environ)
     try:
         # Built inside the try: importing Ray takes seconds, and Ctrl-C then is a quiet exit too.
         if cluster is None:
-            cluster = _ray_cluster()
+            cluster = _default_cluster(address)
         _connect(cluster, address)
         return _run(ns, cluster, http, out, err)
     except StatusError as exc:
@@ -248,7 +272,8 @@ def add_command(sub: Any) -> None:
         description=(
             "Per model and Serve application: deployment status, running/target replicas, waiting and running "
             "requests, KV-cache use, tokens/s and 5xx errors per minute, from the Ray nodes' metrics and "
-            "ray.serve.status(). Rates are measured over --window seconds."
+            "Serve's status (through Ray's dashboard when the address is its URL, else by joining the cluster). "
+            "Rates are measured over --window seconds."
         ),
     )
     status.add_argument(
@@ -268,7 +293,12 @@ def add_command(sub: Any) -> None:
         "Ray exports every ~10 s).",
     )
     status.add_argument("--json", action="store_true", help="One JSON object per frame, one per line.")
-    status.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else auto).")
+    status.add_argument(
+        "--address",
+        help="Ray's dashboard URL (http://HOST:PORT, read over HTTP: fastest) or the Ray cluster's address "
+        "(HOST:PORT, ray://..., auto; joined as a driver). Default: RAY_DASHBOARD_ADDRESS, else RAY_ADDRESS, "
+        "else auto.",
+    )
     status.add_argument(
         "--metrics-url",
         action="append",

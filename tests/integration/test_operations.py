@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import openai
@@ -263,9 +264,9 @@ def test_an_engine_that_stops_answering_gets_504_not_a_hung_client(deployment: D
     assert found.get((504, "provider_timeout")) == 2, found
 
 
-def test_status_reports_every_model_from_the_running_cluster(deployment: Deployment) -> None:
+def _status_rows(deployment: Deployment, *args: str) -> dict[tuple[str, str], dict[str, Any]]:
     done = subprocess.run(
-        [str(BIN / "orchestrator"), "status", "--json", "--window", "2"],
+        [str(BIN / "orchestrator"), "status", "--json", "--window", "2", *args],
         env=deployment.env,
         capture_output=True,
         text=True,
@@ -274,7 +275,17 @@ def test_status_reports_every_model_from_the_running_cluster(deployment: Deploym
     )
     assert done.returncode == 0, done.stderr[-2000:]
     frame = json.loads(done.stdout.strip().splitlines()[-1])
-    rows = {(m["application"], m["model"]): m for m in frame["models"]}
+    return {(m["application"], m["model"]): m for m in frame["models"]}
+
+
+def test_status_reports_every_model_from_the_running_cluster(deployment: Deployment) -> None:
+    # Through the dashboard (RAY_DASHBOARD_ADDRESS is set), and by joining the cluster.
+    rows = _status_rows(deployment)
+    joined = _status_rows(deployment, "--address", deployment.gcs_address)
+    assert set(joined) == set(rows)
+    assert {key: row["deployment"] for key, row in joined.items()} == {
+        key: row["deployment"] for key, row in rows.items()
+    }
     expected = {("orchestrator", "tiny-a"), ("orchestrator", "tiny-b"), ("sqlite", "tiny-c"), ("ops", "tiny-scale")}
     assert expected <= set(rows), sorted(rows)
     assert rows[("orchestrator", "tiny-a")]["replicas"]["running"] == deployment.running_replicas("model-tiny-a")
