@@ -139,7 +139,7 @@ class LocalBackend:
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> GeneratorStream:
         return GeneratorStream(batch_frames(self.engines[spec.name].stream(kind, body, request_id), self.batch_s))
 
-    async def count_tokens(self, spec: ModelSpec, kind: Kind, body: dict[str, Any]) -> int:
+    async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
         return int(self.engines[spec.name]._usage(body)["prompt_tokens"])
 
     def health(self) -> dict[str, ModelHealth]:

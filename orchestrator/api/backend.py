@@ -86,8 +86,8 @@ class Backend(Protocol):
         """Starts a streaming generation; see :class:`ChunkStream`."""
         ...
 
-    async def count_tokens(self, spec: ModelSpec, kind: Kind, body: dict[str, Any]) -> int:
-        """Returns the prompt tokens of a chat or messages body under the model's chat template.
+    async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
+        """Returns the prompt tokens of an Anthropic Messages body under the model's chat template.
 
         Raises:
             OrchestratorError: on bad input (4xx codes) or when no replica answers (5xx codes).

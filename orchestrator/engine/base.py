@@ -45,8 +45,8 @@ class Engine(Protocol):
         """
         ...
 
-    async def count_tokens(self, kind: Kind, body: dict[str, Any]) -> int:
-        """Returns the prompt tokens of a chat or messages body as the model's chat template
+    async def count_tokens(self, body: dict[str, Any]) -> int:
+        """Returns the prompt tokens of an Anthropic Messages body as the model's chat template
         renders it (tools and system prompt included).
 
         Raises:

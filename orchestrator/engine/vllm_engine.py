@@ -295,25 +295,18 @@ class VLLMEngine:
             # Closing vLLM's generator cancels its engine generator, which aborts the request.
             await frames.aclose()
 
-    async def count_tokens(self, kind: Kind, body: dict[str, Any]) -> int:
+    async def count_tokens(self, body: dict[str, Any]) -> int:
         if self._chat is None:
             raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The engine is not started.")
         try:
-            if kind == "messages":
-                result = await self._chat.count_tokens(AnthropicCountTokensRequest.model_validate(body))
-            else:
-                result = await self._chat.render_chat_request(self._request("chat", body, "count", stream=False))
-        except OrchestratorError:
-            raise
+            result = await self._chat.count_tokens(AnthropicCountTokensRequest.model_validate(body))
         except ValidationError as exc:
             raise OrchestratorError.from_validation(exc) from None
         except Exception as exc:
             raise self._map(exc) from None
         if isinstance(result, ErrorResponse):
             raise map_engine_error(int(result.error.code), result.error.message, result.error.param)
-        if kind == "messages":
-            return int(result.input_tokens)
-        return sum(len(engine_input.get("prompt_token_ids") or ()) for engine_input in result[1])
+        return int(result.input_tokens)
 
     async def check_health(self) -> None:
         if self._llm is None:

@@ -37,8 +37,8 @@ class ReplicaBackend:
         # Every frame alone: nothing crosses a handle, so batching would only delay tokens.
         return GeneratorStream(self._server.stream(kind, body, request_id, batch=False))
 
-    async def count_tokens(self, spec: ModelSpec, kind: Kind, body: dict[str, Any]) -> int:
-        return await self._server.count_tokens(kind, body)
+    async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
+        return await self._server.count_tokens(body)
 
     def health(self) -> dict[str, ModelHealth]:
         """This replica's model: it answers, so it serves."""

@@ -111,10 +111,10 @@ class ModelServer:
             self.in_flight -= 1
             self.streams -= 1
 
-    async def count_tokens(self, kind: Kind, body: dict[str, Any]) -> int:
-        """Returns the prompt tokens of a chat or messages body under the model's chat
+    async def count_tokens(self, body: dict[str, Any]) -> int:
+        """Returns the prompt tokens of an Anthropic Messages body under the model's chat
         template (never shed: it runs no generation)."""
-        return await self.engine.count_tokens(kind, body)
+        return await self.engine.count_tokens(body)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What Serve's autoscaler gets from this replica (serving/autoscaling.py reads it):

@@ -261,8 +261,8 @@ class Router:
             self.in_flight.release(spec.name)
         return result
 
-    async def count_tokens(self, spec: ModelSpec, kind: Kind, body: dict[str, Any]) -> int:
-        call = self._count[spec.name].remote(kind, body)
+    async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
+        call = self._count[spec.name].remote(body)
         try:
             count: int = await self.bounded(spec, call, spec.overload.request_timeout_s, may_be_cold=True)
         except BaseException:

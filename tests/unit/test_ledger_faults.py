@@ -70,6 +70,12 @@ def new_ledger(db_url: str, tmp_path: Path, clock: Clock, **kwargs: Any) -> Ledg
     return Ledger(SQLStore(db_url), journal, **(options | kwargs))
 
 
+def journal_of(ledger: Ledger) -> FullDiskJournal:
+    """The ledger's journal, whose writes and seals a test can make fail."""
+    assert isinstance(ledger.journal, FullDiskJournal)
+    return ledger.journal
+
+
 async def refused(coro: Any) -> OrchestratorError:
     with pytest.raises(OrchestratorError) as info:
         await coro
@@ -123,8 +129,7 @@ async def test_a_settlement_the_journal_cannot_take_fails_keeps_its_holds_and_is
 ) -> None:
     clock = Clock()
     ledger = new_ledger(db_url, tmp_path, clock, lookup_wait_s=10, fence=None)
-    journal = ledger.journal
-    assert isinstance(journal, FullDiskJournal)
+    journal = journal_of(ledger)
     await ledger.start()
     try:
         created = await ledger.create_key(KeyLimits(credits=Decimal(1), max_concurrent=1))
@@ -177,8 +182,7 @@ async def test_a_chat_whose_record_the_journal_refuses_once_is_recorded_by_the_r
 async def test_a_flush_that_cannot_seal_the_journal_keeps_its_records_for_the_next(db_url: str, tmp_path: Path) -> None:
     clock = Clock()
     ledger = new_ledger(db_url, tmp_path, clock, fence=None)
-    journal = ledger.journal
-    assert isinstance(journal, FullDiskJournal)
+    journal = journal_of(ledger)
     await ledger.start()
     try:
         created = await ledger.create_key(KeyLimits(credits=Decimal(1)))
@@ -226,8 +230,7 @@ async def test_a_lost_request_the_journal_cannot_take_stays_held_until_a_later_p
 ) -> None:
     clock = Clock()
     ledger = new_ledger(db_url, tmp_path, clock, fence=None)
-    journal = ledger.journal
-    assert isinstance(journal, FullDiskJournal)
+    journal = journal_of(ledger)
     await ledger.start()
     try:
         created = await ledger.create_key(KeyLimits(credits=Decimal(1)))

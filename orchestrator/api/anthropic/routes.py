@@ -55,6 +55,6 @@ def messages_router(
                 ErrorCode.MODEL_NOT_ALLOWED, f"This API key may not use the model {spec.name!r}.", param="model"
             )
         body = {**parsed.forwarded(), "model": spec.name}
-        return CountTokensResponse(input_tokens=await backend.count_tokens(spec, "messages", body))
+        return CountTokensResponse(input_tokens=await backend.count_tokens(spec, body))
 
     return router

@@ -109,7 +109,7 @@ class MessageEvents:
         self._started = False
         self._block: str | None = None  # the open block's type: text, thinking, tool_use
         self._index = -1
-        self._tools: dict[int, int] = {}  # chat tool-call index -> block index
+        self._tools: set[int] = set()  # the chat tool-call indexes with a block
         self._finish: str | None = None
         self._matched: Any = None
 
@@ -188,7 +188,7 @@ class MessageEvents:
                 "input": {},
             }
             out += self._open("tool_use", block)
-            self._tools[index] = self._index
+            self._tools.add(index)
         if function.get("arguments"):
             # Anthropic sends one block at a time; chat streams a call's arguments after its start.
             out.append(self._delta({"type": "input_json_delta", "partial_json": function["arguments"]}))

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from orchestrator.api.sse import KEEPALIVE
 from orchestrator.errors import OrchestratorError
 from orchestrator.protocol.responses import ResponsesRequest
 
@@ -125,7 +126,7 @@ class ResponseEvents:
             once that returned, so a client that reads it finds the response stored.
     """
 
-    keepalive = b": keep-alive\n\n"
+    keepalive = KEEPALIVE
 
     def __init__(
         self,
@@ -140,7 +141,7 @@ class ResponseEvents:
         self._body: dict[str, Any] | None = None
         self._sequence = 0
         self._open: dict[str, Any] | None = None  # the output item being written
-        self._calls: dict[int, int] = {}  # chat tool-call index -> output index
+        self._calls: set[int] = set()  # the chat tool-call indexes with an output item
         self._finish: str | None = None
 
     def _event(self, kind: str, payload: dict[str, Any]) -> str:
@@ -235,7 +236,7 @@ class ResponseEvents:
             item = _call_item(f"fc-{index}-{self._body['id']}", call, status="in_progress")
             item["arguments"] = ""
             out += self._add(item)
-            self._calls[index] = self._index()
+            self._calls.add(index)
         arguments = (call.get("function") or {}).get("arguments")
         if arguments and self._open is not None:
             self._open["arguments"] += arguments
