@@ -1,4 +1,4 @@
-"""``POST /v1/chat/completions``, ``POST /v1/completions`` and ``POST /v1/messages``:
+"""Every generation route (chat completions, completions, Responses, Anthropic Messages):
 validate, admit through the gateway, run, meter, settle (one path for every dialect)."""
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def admit(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Any
     parsed, spec = parse(dialect, body, catalog)
     budget = parsed.output_budget()
     if budget is not None and budget >= spec.context_window:
-        param = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
+        # The field the client set: chat's newer name, Responses' own, or max_tokens.
+        param = next((p for p in ("max_completion_tokens", "max_output_tokens") if body.get(p)), "max_tokens")
         raise OrchestratorError(
             ErrorCode.CONTEXT_LENGTH_EXCEEDED,
             f"This model's context window is {spec.context_window} tokens; "

@@ -1,8 +1,10 @@
 """Server-sent-event framing and the stream driver that ends every stream properly.
 
-Every stream the router answers ends with either the usage chunk or an error event,
-then ``data: [DONE]``. While the upstream is silent a ``: keep-alive`` comment is sent
-every ``keepalive_s`` seconds so proxies do not cut long prefill or queueing waits.
+Every stream the router answers ends with either its last event (OpenAI's usage chunk,
+Anthropic's ``message_stop``, Responses' ``response.completed``) or an error event, then the
+dialect's end (OpenAI's ``data: [DONE]``). While the upstream is silent the dialect's
+keep-alive (a ``: keep-alive`` comment, Anthropic's ``ping`` event) is sent every
+``keepalive_s`` seconds so proxies do not cut long prefill or queueing waits.
 """
 
 from __future__ import annotations

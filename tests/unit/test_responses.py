@@ -235,3 +235,13 @@ async def test_a_stored_response_outlives_its_ledger(tmp_path: Path) -> None:
         assert history == [{"role": "user", "content": "hi"}, {"type": "message"}]
     finally:
         await second.stop()
+
+
+async def test_an_output_budget_past_the_window_names_max_output_tokens(
+    sdk_http: httpx2.AsyncClient, ledger: Ledger
+) -> None:
+    client = await sdk(sdk_http, ledger)
+    with pytest.raises(openai.BadRequestError) as too_many:
+        await client.responses.create(model="a", input="hi", max_output_tokens=100_000)
+    assert too_many.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    assert too_many.value.body["param"] == "max_output_tokens"  # type: ignore[index]
