@@ -55,6 +55,7 @@ UNFORESEEABLE = {
     ("capability_not_supported", "model"),
     ("context_length_exceeded", "max_tokens"),
     ("context_length_exceeded", "max_completion_tokens"),
+    ("context_length_exceeded", "max_output_tokens"),
     ("payload_too_large", None),
     ("invalid_request", "add_credits"),
 }
