@@ -229,6 +229,13 @@ class ModelSpec(_Frozen):
     tool_call_parser: str | None = Field(default=None, description="vLLM tool parser name, e.g. `hermes`.")
     reasoning_parser: str | None = Field(default=None, description="vLLM reasoning parser, e.g. `deepseek_r1`.")
     chat_template: str | None = Field(default=None, description="Jinja chat template overriding the tokenizer's.")
+    shared_prefix_cache: bool = Field(
+        default=False,
+        description=(
+            "Let requests of different workspaces reuse each other's cached prompt prefixes (a single-tenant "
+            "deployment). Off: each workspace's cached prefixes are its own (vLLM's cache_salt)."
+        ),
+    )
     resources: Resources = Field(default_factory=Resources, description="Per-replica cluster resources.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica bounds and scaling policy.")
     overload: Overload = Field(default_factory=Overload, description="Load shedding bound and deadlines.")

@@ -35,6 +35,7 @@ class FakeEngine:
     running: int = 0
     capacity: int = 4
     prompts: list[Any] = field(default_factory=list)  # every request's messages (or prompt), in order
+    bodies: list[dict[str, Any]] = field(default_factory=list)  # every request's body as the engine got it
 
     def load(self) -> EngineLoad:
         """Like vLLM: up to ``capacity`` requests run, the rest wait."""
@@ -56,6 +57,7 @@ class FakeEngine:
 
     async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         self.prompts.append(body.get("messages") or body.get("prompt"))
+        self.bodies.append(body)
         if self.fail_before_first:
             raise self.fail_before_first
         text = " ".join(self.words)
@@ -80,6 +82,7 @@ class FakeEngine:
         completions one frame per word; then the usage chunk. Before each frame, the running
         usage trailer the engine adds."""
         self.prompts.append(body.get("messages") or body.get("prompt"))
+        self.bodies.append(body)
         if self.fail_before_first:
             raise self.fail_before_first
         self.running += 1

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from orchestrator.api.accounting import CLIENT_CLOSED, RequestMeter, Settler, reservation
 from orchestrator.api.auth import bearer_token
 from orchestrator.api.backend import Backend
+from orchestrator.api.cache_salt import salted
 from orchestrator.api.dialect import Dialect
 from orchestrator.api.sse import EventStreamResponse, StreamHead, as_orchestrator_error, drive
 from orchestrator.catalog import Catalog, ModelSpec
@@ -195,7 +196,8 @@ async def generate(
     except OrchestratorError as exc:
         settler.telemetry.refused(route, model, exc)
         raise
-    body = {**forwarded, "model": spec.name}
+    # Each workspace reuses only its own cached prefixes (api/cache_salt.py).
+    body = salted({**forwarded, "model": spec.name}, admission.workspace_id, shared=spec.shared_prefix_cache)
     kind = dialect.kind
     meter = RequestMeter(
         spec, admission, route=route, streamed=stream, first_token_batch=dialect.first_token_batch, started_at=arrived

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.protocol.openai import MAX_MESSAGES, MAX_STOP, MAX_TOOLS
-from orchestrator.protocol.values import Boolean, Integer, OptionalInteger, OptionalNumber
+from orchestrator.protocol.values import Boolean, CacheSalt, Integer, OptionalInteger, OptionalNumber
 
 
 class AnthropicBlock(BaseModel):
@@ -113,6 +113,7 @@ class MessagesRequest(_MessagesFields):
     top_p: OptionalNumber = Field(default=None, gt=0, le=1)
     top_k: OptionalInteger = Field(default=None, ge=1)
     metadata: AnthropicMetadata | None = None
+    cache_salt: CacheSalt = None
 
     def output_budget(self) -> int:
         return self.max_tokens

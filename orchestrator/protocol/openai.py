@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import JsonDict
 
 from orchestrator.errors import ErrorCode
-from orchestrator.protocol.values import Boolean, Integer, Number, OptionalInteger, OptionalNumber
+from orchestrator.protocol.values import Boolean, CacheSalt, Integer, Number, OptionalInteger, OptionalNumber
 
 # Bounds on what one request may carry, checked before anything is reserved or forwarded.
 MAX_MESSAGES = 2048
@@ -85,6 +85,7 @@ class _SamplingFields(BaseModel):
     frequency_penalty: OptionalNumber = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, Number] | None = Field(default=None, max_length=MAX_LOGIT_BIAS, json_schema_extra=_BIASES)
     user: str | None = None
+    cache_salt: CacheSalt = None
     best_of: OptionalInteger = Field(
         default=None,
         description="Not supported: vLLM 0.32 ignores it. Only 1 (or null) is accepted; anything else gets 400.",

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.protocol.openai import MAX_MESSAGES, MAX_TOOLS
-from orchestrator.protocol.values import Boolean, OptionalInteger, OptionalNumber
+from orchestrator.protocol.values import Boolean, CacheSalt, OptionalInteger, OptionalNumber
 
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -126,6 +126,7 @@ class ResponsesRequest(BaseModel):
     )
     metadata: dict[str, str] | None = None
     user: str | None = None
+    cache_salt: CacheSalt = None
 
     def output_budget(self) -> int | None:
         return self.max_output_tokens
@@ -149,7 +150,7 @@ class ResponsesRequest(BaseModel):
     def forwarded(self) -> dict[str, Any]:
         """The chat body the model replica runs for this request."""
         body: dict[str, Any] = {"model": self.model, "messages": self.messages(), "stream": self.stream}
-        for name in ("temperature", "top_p", "parallel_tool_calls", "user"):
+        for name in ("temperature", "top_p", "parallel_tool_calls", "user", "cache_salt"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         if self.max_output_tokens is not None:

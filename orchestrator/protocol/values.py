@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, StrictBool
+from pydantic import BeforeValidator, Field, StrictBool
 
 
 def _no_coercion(kind: str) -> BeforeValidator:
@@ -34,4 +34,17 @@ OptionalNumber = Annotated[float | None, _no_coercion("number")]
 Boolean = StrictBool
 """``true`` or ``false``; never ``1`` or ``"true"``."""
 
-__all__ = ["Boolean", "Integer", "Number", "OptionalInteger", "OptionalNumber"]
+CacheSalt = Annotated[
+    str | None,
+    Field(
+        min_length=1,
+        max_length=256,
+        description=(
+            "Splits the prompt-prefix cache: requests reuse cached prefixes only with the same salt. "
+            "Combined with the key's workspace (workspaces never share cached prefixes), never used alone."
+        ),
+    ),
+]
+"""vLLM's ``cache_salt``, as a client may send it (see ``orchestrator/api/cache_salt.py``)."""
+
+__all__ = ["Boolean", "CacheSalt", "Integer", "Number", "OptionalInteger", "OptionalNumber"]

@@ -4,10 +4,12 @@ PostgreSQL server (main app) and SQLite (second app), driven by the openai SDK."
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -309,3 +311,34 @@ def test_a_cut_short_stream_with_several_choices_is_billed_for_all(deployment: D
     assert record["cancelled"] is True and record["completion_tokens"] < 4 * 300
     # Every choice's tokens are billed, not only the last one's (about a quarter of them).
     assert record["completion_tokens"] >= sum(seen.values()), (record["completion_tokens"], seen)
+
+
+def test_workspaces_never_share_cached_prefixes(deployment: Deployment) -> None:
+    # ~300 prompt tokens of the tiny model: more than one KV block, inside its 512 window.
+    prefix = "The quick brown fox jumps over the lazy dog. " * 30
+    messages = [{"role": "system", "content": prefix}, {"role": "user", "content": "Tell me a story."}]
+    tag = secrets.token_hex(4)  # fresh workspaces: nothing of theirs is cached yet
+
+    def cached(api_key: str, base_url: str | None = None) -> int:
+        client = deployment.client(api_key=api_key, base_url=base_url)
+        usage = client.chat.completions.create(model="tiny-a", messages=messages, max_tokens=1).usage  # type: ignore[arg-type]
+        assert usage is not None and usage.prompt_tokens > 200
+        return usage.prompt_tokens_details.cached_tokens or 0  # type: ignore[union-attr]
+
+    first, second = deployment.new_key(workspace=f"cache-a-{tag}"), deployment.new_key(workspace=f"cache-a-{tag}")
+    other = deployment.new_key(workspace=f"cache-b-{tag}")
+    assert cached(first) == 0
+    # Another key of the same workspace reuses the prefix; another workspace does not,
+    # on the router's route or the model's own, nor in the Messages dialect.
+    assert cached(second) > 0
+    assert cached(other, deployment.base_url + "/models/tiny-a") == 0
+    messages_api = anthropic.Anthropic(api_key=first, base_url=deployment.base_url, max_retries=0)
+    reply = messages_api.messages.create(
+        model="tiny-a", system=prefix, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=1
+    )
+    assert (reply.usage.cache_read_input_tokens or 0) > 0
+    fresh = deployment.new_key(workspace=f"cache-c-{tag}")
+    reply = messages_api.with_options(api_key=fresh).messages.create(
+        model="tiny-a", system=prefix, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=1
+    )
+    assert (reply.usage.cache_read_input_tokens or 0) == 0
