@@ -131,7 +131,7 @@ class EventStreamResponse(StreamingResponse):
     """An SSE response that sends a ``: keep-alive`` comment whenever its body has been silent
     for ``keepalive_s``: one timer task per response rather than a timeout around every
     frame and a task hand-off to apply it, which together were about half of what our code
-    added per streamed frame (``benchmarks/stream_app.py``, docs/ARCHITECTURE.md)."""
+    added per streamed frame (``benchmarks/experiments/stream_app.py``, docs/ARCHITECTURE.md)."""
 
     def __init__(
         self,

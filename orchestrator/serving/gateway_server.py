@@ -5,9 +5,9 @@ A single ledger decides, so rate limits and balances are exact however many rout
 plain Ray actor owned by the gateway deployment's one replica: Serve gives it a lifecycle
 (deploy, health checks, replacement, graceful shutdown), while routers and model replicas
 call the actor directly, which costs about half of a Serve handle call
-(benchmarks/handle_hop.py: 1.2 ms against 2.5 ms here); those on the actor's node call it
+(benchmarks/experiments/handle_hop.py: 1.2 ms against 2.5 ms here); those on the actor's node call it
 over its Unix-socket channel instead (:mod:`orchestrator.serving.ledger_channel`):
-benchmarks/ledger_hop.py measured 0.36 ms against the actor call's 2.2 ms at rest, and
+benchmarks/experiments/ledger_hop.py measured 0.36 ms against the actor call's 2.2 ms at rest, and
 3.9 ms against 28 ms while two processes kept the cores busy.
 The actor shares its owner's fate: if the replica dies, so does the actor, and Serve's
 replacement replica starts a new one (which replays the usage journal).

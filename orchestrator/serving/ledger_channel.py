@@ -4,7 +4,7 @@ A Ray actor call crosses several threads on each side (gRPC, the core worker, th
 event loop), and each crossing waits for a core. On this 2-core machine an ``authenticate``
 call took 2.2 ms (p50) at rest and 28 ms while two processes kept both cores busy, as a
 vLLM engine core and its worker do; over a Unix socket, which wakes one event loop on each
-side, 0.36 ms and 3.9 ms (``benchmarks/ledger_hop.py``). Every request makes two such calls (admission,
+side, 0.36 ms and 3.9 ms (``benchmarks/experiments/ledger_hop.py``). Every request makes two such calls (admission,
 settlement), so on the ledger's node routers and model replicas use this channel, and the
 actor call elsewhere (:class:`~orchestrator.serving.gateway_server.RemoteGateway`).
 

@@ -1,7 +1,7 @@
 """What one call costs from a Serve replica: through a Serve deployment handle, against a
 plain Ray actor call. The figure behind routers calling the ledger actor directly.
 
-    .venv/bin/python benchmarks/handle_hop.py [--calls 500]
+    .venv/bin/python benchmarks/experiments/handle_hop.py [--calls 500]
 
 Starts a local Ray with Serve on 127.0.0.1, deploys a caller, a trivial async deployment
 and a trivial async actor, and from inside the caller times sequential awaited calls of
@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray import serve
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.vs_vllm import free_port
 

@@ -2,7 +2,7 @@
 channel (orchestrator/serving/ledger_channel.py), at rest and while other processes keep
 every core busy (as a vLLM engine core spinning and its worker computing do).
 
-    .venv/bin/python benchmarks/ledger_hop.py [--calls 300] [--hogs 2]
+    .venv/bin/python benchmarks/experiments/ledger_hop.py [--calls 300] [--hogs 2]
 
 Starts a local Ray on 127.0.0.1 and the real ledger actor (SQLite in a temporary folder),
 creates a key, then from the driver times sequential ``authenticate`` calls (5 ms apart)
@@ -26,7 +26,7 @@ from typing import Any
 
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from orchestrator.gateway.records import KeyLimits
 from orchestrator.serving.gateway_server import LedgerActor

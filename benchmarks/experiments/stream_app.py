@@ -2,7 +2,7 @@
 measured in one process, without Ray, vLLM's engine or the network, against a bare app that
 streams the same frames as vLLM's own server does.
 
-    .venv/bin/python benchmarks/stream_app.py [--requests 300] [--concurrency 32] [--rounds 3]
+    .venv/bin/python benchmarks/experiments/stream_app.py [--requests 300] [--concurrency 32] [--rounds 3]
 
 Both apps get the same chat request (64 output tokens) over a direct ASGI call, and both
 stream the same frames, shaped as vLLM's serving layer makes them with per-chunk usage
@@ -39,7 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from orchestrator.api import create_app
 from orchestrator.catalog import Catalog, ModelSpec
