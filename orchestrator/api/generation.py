@@ -230,5 +230,5 @@ async def generate(
         drive(head, request_id=request_id, observer=_MeteredStream(meter, settler), writer=writer),
         keepalive_s=settings.keepalive_seconds,
         headers={**SSE_HEADERS, **admission.headers},
-        keepalive=writer.keepalive,
+        keepalive=lambda: writer.keepalive,  # a dialect's keep-alive may change as its stream goes
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from starlette.responses import StreamingResponse
@@ -139,7 +139,7 @@ class EventStreamResponse(StreamingResponse):
         *,
         keepalive_s: float,
         headers: dict[str, str],
-        keepalive: bytes = KEEPALIVE,
+        keepalive: Callable[[], bytes] = lambda: KEEPALIVE,
     ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=headers)
         self.keepalive_s = keepalive_s
@@ -166,7 +166,7 @@ class EventStreamResponse(StreamingResponse):
                 await asyncio.sleep(last + self.keepalive_s - loop.time())
                 if loop.time() - last >= self.keepalive_s:
                     async with sending:
-                        await send({"type": "http.response.body", "body": self.keepalive, "more_body": True})
+                        await send({"type": "http.response.body", "body": self.keepalive(), "more_body": True})
                     last = loop.time()
 
         timer = asyncio.create_task(keepalive())

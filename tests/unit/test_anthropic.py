@@ -272,10 +272,24 @@ def test_output_format_is_forwarded_as_guided_json() -> None:
 
 
 async def test_ping_while_the_model_is_silent(catalog: Catalog, ledger: Ledger) -> None:
-    slow = {"tiny-a": FakeEngine(first_delay_s=0.5), "tools-c": FakeEngine()}
+    slow = {"tiny-a": FakeEngine(first_delay_s=0.5, token_delay_s=0.3), "tools-c": FakeEngine()}
     app = create_app(catalog, LocalBackend(slow), Settings(admin_key=ADMIN, keepalive_seconds=0.1), gateway=ledger)
     key = (await ledger.create_key(KeyLimits())).key
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         resp = await client.post("/v1/messages", json={**ASK, "stream": True}, headers={"x-api-key": key})
-    assert 'event: ping\ndata: {"type":"ping"}' in resp.text and ": keep-alive" not in resp.text
-    assert resp.text.index("event: ping") < resp.text.index("event: content_block_start")
+    # Anthropic's streams begin with message_start (its SDK refuses any event before it):
+    # while the first token is awaited the keep-alive is an SSE comment, then a ping event.
+    start = resp.text.index("event: message_start")
+    assert resp.text.startswith(": keep-alive") and "event: " not in resp.text[:start]
+    assert 'event: ping\ndata: {"type":"ping"}' in resp.text[start:]
+    assert resp.text.index("event: ping") < resp.text.index("event: message_stop")
+
+
+async def test_the_sdks_stream_survives_a_slow_first_token(catalog: Catalog, ledger: Ledger) -> None:
+    slow = {"tiny-a": FakeEngine(first_delay_s=0.5), "tools-c": FakeEngine()}
+    app = create_app(catalog, LocalBackend(slow), Settings(admin_key=ADMIN, keepalive_seconds=0.1), gateway=ledger)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as http:
+        client = await sdk(http, ledger)
+        async with client.messages.stream(**ASK) as stream:  # type: ignore[arg-type]
+            final = await stream.get_final_message()
+    assert final.content[0].text == "hello from the fake "  # type: ignore[union-attr]

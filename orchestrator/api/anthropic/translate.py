@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.api.anthropic.errors import anthropic_envelope
+from orchestrator.api.sse import KEEPALIVE
 from orchestrator.errors import OrchestratorError
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
@@ -102,8 +103,6 @@ class MessageEvents:
             for ``message_start``.
     """
 
-    keepalive = PING
-
     def __init__(self, usage_so_far: Callable[[], dict[str, Any]]) -> None:
         self._usage_so_far = usage_so_far
         self._started = False
@@ -112,6 +111,12 @@ class MessageEvents:
         self._tools: set[int] = set()  # the chat tool-call indexes with a block
         self._finish: str | None = None
         self._matched: Any = None
+
+    @property
+    def keepalive(self) -> bytes:
+        """``ping`` once the stream has begun; before ``message_start`` (which Anthropic's
+        streams always begin with) an SSE comment, which no client reads as an event."""
+        return PING if self._started else KEEPALIVE
 
     def write(self, batch: list[str]) -> bytes:
         out: list[str] = []
