@@ -46,7 +46,10 @@ class StreamWriter(Protocol):
     """Writes a stream in the client's dialect: the (metered) chat or completion frames, a
     failure's final event, the closing line, and the keep-alive sent while it is silent."""
 
-    keepalive: bytes
+    @property
+    def keepalive(self) -> bytes:
+        """What is sent while the stream is silent (read each time it is sent)."""
+        ...
 
     def write(self, batch: list[str]) -> bytes:
         """Returns the bytes the client gets for a batch of frames."""
