@@ -245,6 +245,17 @@ def _check_once(store: SQLStore, keys: dict[str, Key], tally: Tally) -> dict[str
 # -- memory --------------------------------------------------------------------------------
 
 
+def _label(name: str, cmdline: list[str]) -> str:
+    """Ray's process title, or for a Python process the script it runs (Ray's dashboard,
+    log monitor, ...), or the program's name."""
+    if cmdline and cmdline[0].startswith("ray::"):
+        return cmdline[0].split(" ")[0]
+    if name.startswith("python"):
+        script = next((arg for arg in cmdline[1:] if arg.endswith(".py")), None)
+        return f"python {Path(script).name}" if script else name
+    return name
+
+
 def process_memory(root_pid: int) -> dict[str, int]:
     """Resident memory (bytes) of the process and every descendant, by label: Ray's process
     title (``ray::ServeReplica:app:deployment``) or the program's name, with the pid."""
@@ -253,8 +264,7 @@ def process_memory(root_pid: int) -> dict[str, int]:
     for proc in [root, *root.children(recursive=True)]:
         try:
             cmdline = proc.cmdline()
-            title = cmdline[0] if cmdline and cmdline[0].startswith("ray::") else proc.name()
-            memory[f"{title.split(' ')[0]} [{proc.pid}]"] = proc.memory_info().rss
+            memory[f"{_label(proc.name(), cmdline)} [{proc.pid}]"] = proc.memory_info().rss
         except psutil.Error:
             continue
     return memory
