@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -149,12 +150,26 @@ async def _generate(client: httpx.AsyncClient, tally: Tally, operation: str, key
         tally.finished.append(gen_id)
 
 
+async def _sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines, split where SSE splits them (CR, LF, CRLF). Not ``aiter_lines``:
+    it also splits at the Unicode line breaks (U+2028, U+0085, ...) that a JSON string may
+    hold unescaped, as random-weight models' text does."""
+    pending = ""
+    async for text in resp.aiter_text():
+        pending += text
+        *lines, pending = pending.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
+
+
 async def _read_stream(resp: httpx.Response, *, drop_after_first: bool) -> tuple[str | None, bool]:
     """Reads an SSE stream; returns its generation id and whether it carried an error event.
     With ``drop_after_first`` it returns after the first chunk (the caller's exit closes the
     connection, as a client that goes away)."""
     gen_id = None
-    async for line in resp.aiter_lines():
+    async for line in _sse_lines(resp):
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         data = json.loads(line[6:])
@@ -198,7 +213,7 @@ async def mix(
                     key = operation if operation in ("limited", "poor") else "main"
                     kind = rng.choice(["chat", "chat_stream"]) if key != "main" else operation
                     await _generate(client, tally, operation, key, keys[key].secret, _body(kind, model, rng))
-                except httpx.HTTPError as exc:
+                except (httpx.HTTPError, ValueError) as exc:  # a dropped connection, a malformed answer
                     tally.server_errors.append(f"{operation}: {type(exc).__name__} {exc}")
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
