@@ -18,7 +18,7 @@ is its credits less its recorded costs, to the nanodollar, and never below zero.
 
 Prints a table of each process's memory after warm-up and at the end and its growth, then one
 JSON line: ``{"requests", "server_errors", "outcomes", "checks", "memory": {"max_growth_pct",
-"processes": [...]}, "ok"}``. ``ok`` is true when there were no server errors, the checks
+"processes": [...], "every_5_min_mib": {process: [MiB, ...]}}, "ok"}``. ``ok`` is true when there were no server errors, the checks
 hold, and no process grew more than ``--max-growth-pct`` (5) after warm-up.
 ``tests/integration/test_soak.py`` runs :func:`mix` and :func:`check` for a minute against the
 integration cluster's PostgreSQL app.
@@ -296,6 +296,19 @@ def growth(warm: dict[str, int], end: dict[str, int]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: -row["growth_pct"])
 
 
+def timeline(samples: list[tuple[float, dict[str, int]]], every_s: float) -> dict[str, list[int]]:
+    """Each process's memory (MiB) at the samples nearest to every ``every_s`` from the
+    first, to tell growth that levels off from growth that goes on."""
+    start, picked, due = samples[0][0], [], 0.0
+    for at, memory in samples:
+        if at - start >= due:
+            picked.append(memory)
+            due += every_s
+    if picked[-1] is not samples[-1][1]:
+        picked.append(samples[-1][1])
+    return {label: [memory.get(label, 0) >> 20 for memory in picked] for label in sorted(samples[-1][1])}
+
+
 async def watch_memory(pid: int, samples: list[tuple[float, dict[str, int]]], every_s: float) -> None:
     """Samples the process tree's memory every ``every_s`` until cancelled."""
     while True:
@@ -360,7 +373,11 @@ def report(
         "first_errors": tally.server_errors[:5],
         "outcomes": dict(sorted(tally.outcomes.items())),
         "checks": checks,
-        "memory": {"max_growth_pct": max_growth, "processes": rows},
+        "memory": {
+            "max_growth_pct": max_growth,
+            "processes": rows,
+            "every_5_min_mib": timeline(samples, 300),
+        },
         "ok": ok,
     }
 
