@@ -18,8 +18,9 @@ is its credits less its recorded costs, to the nanodollar, and never below zero.
 
 Prints a table of each process's memory after warm-up and at the end and its growth, then one
 JSON line: ``{"requests", "server_errors", "outcomes", "checks", "memory": {"max_growth_pct",
-"processes": [...], "every_5_min_mib": {process: [MiB, ...]}}, "ok"}``. ``ok`` is true when there were no server errors, the checks
-hold, and no process grew more than ``--max-growth-pct`` (5) after warm-up.
+"processes": [...], "every_5_min_mib": {process: [MiB, ...]}}, "ok"}``. ``ok`` is true when
+there were no server errors, the checks hold, and no process grew more than
+``--max-growth-pct`` (5) after warm-up.
 ``tests/integration/test_soak.py`` runs :func:`mix` and :func:`check` for a minute against the
 integration cluster's PostgreSQL app.
 """
