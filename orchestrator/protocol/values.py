@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, StrictBool
+from pydantic import BeforeValidator, Field, StrictBool
 
 
 def _no_coercion(kind: str) -> BeforeValidator:
@@ -31,7 +31,10 @@ OptionalInteger = Annotated[int | None, _no_coercion("integer")]
 Number = Annotated[float, _no_coercion("number")]
 """A JSON number; never a string or a boolean."""
 OptionalNumber = Annotated[float | None, _no_coercion("number")]
+TokenId = Annotated[int, Field(ge=0, lt=2**31), _no_coercion("integer")]
+"""A token id: a JSON integer from 0 below 2**31 (vocabularies are far smaller; a bound
+that a double represents exactly, so clients comparing as floats agree with it)."""
 Boolean = StrictBool
 """``true`` or ``false``; never ``1`` or ``"true"``."""
 
-__all__ = ["Boolean", "Integer", "Number", "OptionalInteger", "OptionalNumber"]
+__all__ = ["Boolean", "Integer", "Number", "OptionalInteger", "OptionalNumber", "TokenId"]

@@ -58,6 +58,7 @@ UNFORESEEABLE = {
     ("context_length_exceeded", "max_output_tokens"),
     ("payload_too_large", None),
     ("invalid_request", "add_credits"),
+    ("invalid_request", "tokens"),  # a token id past the model's vocabulary
 }
 # Spellings the router also resolves, beside the document's examples (names are case-blind).
 SPELLINGS = ("TINY-B",)
