@@ -69,6 +69,7 @@ async def test_a_batch_through_the_sdk_is_one_metered_record(
     assert (record.model, record.prompt_tokens, record.completion_tokens) == ("embed-e", 3, 0)
     assert record.cost == request_cost(catalog.resolve("e").pricing, 3, 0) and record.cost > 0
     assert got.usage.model_extra["cost"] == pytest.approx(float(record.cost))  # type: ignore[index]
+    await ledger.generation(floats.id, client.api_key)  # type: ignore[attr-defined]  # settled too
     rows = await ledger.usage_report()
     assert sum(int(r["requests"]) for r in rows) == 2  # one record per request, not per input
 
