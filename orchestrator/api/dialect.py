@@ -1,5 +1,5 @@
-"""The dialects a generation can be asked in: OpenAI chat, completions and Responses, and
-Anthropic Messages. Every dialect runs the same path (:func:`orchestrator.api.generation.generate`:
+"""The dialects a generation can be asked in: OpenAI chat, completions, Responses and
+embeddings, and Anthropic Messages. Every dialect runs the same path (:func:`orchestrator.api.generation.generate`:
 keys, limits, holds, metering, settlement); a dialect only says how its body is checked and
 forwarded and how the replica's chat output is written back."""
 
@@ -15,9 +15,12 @@ from orchestrator.api.accounting import RequestMeter
 from orchestrator.api.anthropic.translate import MessageEvents, message
 from orchestrator.api.responses.translate import ResponseEvents, response
 from orchestrator.api.sse import OpenAIEvents, StreamWriter
+from orchestrator.catalog import ModelSpec
 from orchestrator.engine.base import Kind
+from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
 from orchestrator.protocol.anthropic import CountTokensRequest, MessagesRequest
+from orchestrator.protocol.embeddings import EmbeddingRequest, input_count, input_tokens
 from orchestrator.protocol.responses import ResponsesRequest
 
 
@@ -31,6 +34,31 @@ async def _message(body: dict[str, Any], parsed: Any) -> dict[str, Any]:
 
 async def _response(body: dict[str, Any], parsed: Any) -> dict[str, Any]:
     return response(body, parsed)
+
+
+def _no_check(parsed: Any, spec: ModelSpec) -> None:
+    return None
+
+
+def _embedding_batch(parsed: Any, spec: ModelSpec) -> None:
+    """An embeddings request within the model's bounds (inputs; tokens, where given as ids:
+    the replica counts text once it has tokenized it)."""
+    count, bounds = input_count(parsed.input), spec.embedding
+    if count > bounds.max_inputs:
+        raise OrchestratorError(
+            ErrorCode.INVALID_REQUEST,
+            f"Model {spec.name} takes at most {bounds.max_inputs} inputs per request; this one has {count}. "
+            "Split the batch.",
+            param="input",
+        )
+    tokens = input_tokens(parsed.input)
+    if tokens > bounds.max_tokens:
+        raise OrchestratorError(
+            ErrorCode.INVALID_REQUEST,
+            f"Model {spec.name} takes at most {bounds.max_tokens} tokens per request; this one has {tokens}. "
+            "Split the batch.",
+            param="input",
+        )
 
 
 def _openai_events(meter: RequestMeter, parsed: Any) -> StreamWriter:
@@ -57,6 +85,8 @@ class Dialect:
         respond: writes a whole (metered) response in the dialect, given the parsed request.
         events: makes the writer of one stream in the dialect, given its meter and the
             parsed request.
+        check: raises ``OrchestratorError`` for a parsed request the model cannot take
+            (embeddings: the entry's batch bound).
     """
 
     kind: Kind
@@ -64,6 +94,17 @@ class Dialect:
     schema: type[BaseModel]
     respond: Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]] = field(default=_as_is)
     events: Callable[[RequestMeter, Any], StreamWriter] = field(default=_openai_events)
+    check: Callable[[Any, ModelSpec], None] = field(default=_no_check)
+
+    @property
+    def task(self) -> str:
+        """The catalog ``task`` of the models this route serves."""
+        return "embed" if self.kind == "embedding" else "generate"
+
+    @property
+    def streams(self) -> bool:
+        """Whether ``stream: true`` asks for an event stream (embeddings are always whole)."""
+        return self.kind != "embedding"
 
     @property
     def first_token_batch(self) -> int:
@@ -81,4 +122,5 @@ COMPLETION = Dialect("completion", "/v1/completions", CompletionRequest)
 MESSAGES = Dialect("messages", "/v1/messages", MessagesRequest, respond=_message, events=_message_events)
 # Keeps nothing: the route (api/responses/routes.py) makes one per request that stores.
 RESPONSES = Dialect("chat", "/v1/responses", ResponsesRequest, respond=_response, events=_response_events)
+EMBEDDINGS = Dialect("embedding", "/v1/embeddings", EmbeddingRequest, check=_embedding_batch)
 COUNT_TOKENS = Dialect("messages", "/v1/messages/count_tokens", CountTokensRequest)  # checked, never generated

@@ -49,13 +49,16 @@ def parse(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Any
 
     Raises:
         OrchestratorError: ``invalid_request`` (naming the parameter), ``model_not_found``,
-        or ``capability_not_supported``.
+        ``model_kind_mismatch`` (an embedding model asked to generate, or a text model to
+        embed), or ``capability_not_supported``.
     """
     try:
         parsed: Any = dialect.schema.model_validate(body)
     except ValidationError as exc:
         raise OrchestratorError.from_validation(exc) from None
     spec = catalog.resolve(parsed.model)
+    if spec.task != dialect.task:
+        raise _kind_mismatch(spec, dialect)
     missing = sorted(parsed.capabilities_used() - spec.capabilities.enabled())
     if missing:
         raise OrchestratorError(
@@ -65,7 +68,20 @@ def parse(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Any
             "GET /v1/models lists each model's capabilities.",
             param="model",
         )
+    dialect.check(parsed, spec)
     return parsed, spec
+
+
+def _kind_mismatch(spec: ModelSpec, dialect: Dialect) -> OrchestratorError:
+    if spec.task == "embed":
+        serves = "an embedding model: it serves POST /v1/embeddings and /tokenize"
+    else:
+        serves = "a text-generation model: it serves chat completions, completions, Messages and Responses"
+    return OrchestratorError(
+        ErrorCode.MODEL_KIND_MISMATCH,
+        f"Model {spec.name} is {serves}, not {dialect.route}. GET /v1/models lists each model's task.",
+        param="model",
+    )
 
 
 def admit(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Any, ModelSpec, int | None]:
@@ -179,7 +195,7 @@ async def generate(
         admitting = asyncio.ensure_future(
             gateway.admit(api_key, spec.names, reserve.tokens, generation_id, cost=reserve.cost, holder=settler.holder)
         )
-        stream = bool(body.get("stream"))
+        stream = dialect.streams and bool(body.get("stream"))
         try:
             # Shielded: a client leaving, or the deadline passing, must not lose an admission
             # the gateway still makes; it is settled when it comes.

@@ -6,9 +6,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-# How a request body is written: OpenAI chat, OpenAI completions, or Anthropic Messages. A
-# "messages" body is answered in OpenAI chat's shape; the API edge writes it in Anthropic's.
-Kind = Literal["chat", "completion", "messages"]
+from orchestrator.protocol.tokens import TokensOp
+
+# How a request body is written: OpenAI chat, OpenAI completions, Anthropic Messages, or
+# OpenAI embeddings. A "messages" body is answered in OpenAI chat's shape; the API edge
+# writes it in Anthropic's. An "embedding" body is answered whole (it never streams).
+Kind = Literal["chat", "completion", "messages", "embedding"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,14 @@ class Engine(Protocol):
     async def count_tokens(self, body: dict[str, Any]) -> int:
         """Returns the prompt tokens of an Anthropic Messages body as the model's chat template
         renders it (tools and system prompt included).
+
+        Raises:
+            OrchestratorError: invalid input (4xx codes).
+        """
+        ...
+
+    async def tokens(self, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
+        """Returns vLLM's ``/tokenize`` or ``/detokenize`` answer (``op``) for the body.
 
         Raises:
             OrchestratorError: invalid input (4xx codes).

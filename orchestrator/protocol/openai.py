@@ -219,6 +219,9 @@ class ModelCard(BaseModel):
     context_window: int
     pricing: ModelPricing
     capabilities: dict[str, bool]
+    task: Literal["generate", "embed"] = Field(
+        description="`generate`: chat, completions, Messages, Responses; `embed`: `/v1/embeddings` only."
+    )
 
 
 class ModelList(BaseModel):

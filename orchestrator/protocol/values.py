@@ -31,6 +31,9 @@ OptionalInteger = Annotated[int | None, _no_coercion("integer")]
 Number = Annotated[float, _no_coercion("number")]
 """A JSON number; never a string or a boolean."""
 OptionalNumber = Annotated[float | None, _no_coercion("number")]
+TokenId = Annotated[int, Field(ge=0, lt=2**31), _no_coercion("integer")]
+"""A token id: a JSON integer from 0 below 2**31 (vocabularies are far smaller; a bound
+that a double represents exactly, so clients comparing as floats agree with it)."""
 Boolean = StrictBool
 """``true`` or ``false``; never ``1`` or ``"true"``."""
 
@@ -38,7 +41,8 @@ CacheSalt = Annotated[
     str | None,
     Field(
         min_length=1,
-        max_length=256,
+        max_length=128,
+        pattern=r"^[^@/\\\x00]+$",  # vLLM's own bounds: at most 128 characters, none of @ / \ NUL
         description=(
             "Splits the prompt-prefix cache: requests reuse cached prefixes only with the same salt. "
             "Combined with the key's workspace (workspaces never share cached prefixes), never used alone."
@@ -47,4 +51,4 @@ CacheSalt = Annotated[
 ]
 """vLLM's ``cache_salt``, as a client may send it (see ``orchestrator/api/cache_salt.py``)."""
 
-__all__ = ["Boolean", "CacheSalt", "Integer", "Number", "OptionalInteger", "OptionalNumber"]
+__all__ = ["Boolean", "CacheSalt", "Integer", "Number", "OptionalInteger", "OptionalNumber", "TokenId"]

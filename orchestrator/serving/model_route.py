@@ -18,6 +18,7 @@ from orchestrator.api import Kind, create_app
 from orchestrator.api.backend import GeneratorStream, ModelHealth
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.layout import instance_of
+from orchestrator.protocol.tokens import TokensOp
 from orchestrator.serving.gateway_server import instance_gateway
 from orchestrator.serving.model_server import ModelServer, ServedModelServer
 from orchestrator.serving.model_states import current_app_name
@@ -39,6 +40,9 @@ class ReplicaBackend:
 
     async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
         return await self._server.count_tokens(body)
+
+    async def tokens(self, spec: ModelSpec, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._server.tokens(op, body)
 
     def health(self) -> dict[str, ModelHealth]:
         """This replica's model: it answers, so it serves."""

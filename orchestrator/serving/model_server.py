@@ -10,6 +10,7 @@ from orchestrator.catalog import ModelSpec
 from orchestrator.engine.base import Engine, Kind
 from orchestrator.engine.batching import batch_frames
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.protocol.tokens import TokensOp
 from orchestrator.settings import Settings
 
 # Sent with 529: a shed request may retry soon, when a running request has finished.
@@ -115,6 +116,11 @@ class ModelServer:
         """Returns the prompt tokens of an Anthropic Messages body under the model's chat
         template (never shed: it runs no generation)."""
         return await self.engine.count_tokens(body)
+
+    async def tokens(self, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
+        """Returns vLLM's ``/tokenize`` or ``/detokenize`` answer (never shed: it runs no
+        generation)."""
+        return await self.engine.tokens(op, body)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What Serve's autoscaler gets from this replica (serving/autoscaling.py reads it):

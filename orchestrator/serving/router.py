@@ -25,6 +25,7 @@ from orchestrator.api.backend import ModelHealth
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.layout import model_app_name
+from orchestrator.protocol.tokens import TokensOp
 from orchestrator.serving.gateway_server import instance_gateway, remote_gateway
 from orchestrator.serving.model_states import ModelStates, current_app_name, serve_states
 from orchestrator.serving.options import DEFAULT_MAX_NUM_SEQS
@@ -176,6 +177,7 @@ class Router:
             self.gateway = None if gateway is None else remote_gateway(gateway, timeout_s, self._sink)
         self._complete = {name: h.options(method_name="complete") for name, h in handles.items()}
         self._count = {name: h.options(method_name="count_tokens") for name, h in handles.items()}
+        self._tokens = {name: h.options(method_name="tokens") for name, h in handles.items()}
         # Streams come back as a generator; each item is one batch of SSE frames.
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}
         self.states = ModelStates(self.catalog, locations, serve_states)
@@ -269,6 +271,15 @@ class Router:
             call.cancel()
             raise
         return count
+
+    async def tokens(self, spec: ModelSpec, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
+        call = self._tokens[spec.name].remote(op, body)
+        try:
+            answer: dict[str, Any] = await self.bounded(spec, call, spec.overload.request_timeout_s, may_be_cold=True)
+        except BaseException:
+            call.cancel()
+            raise
+        return answer
 
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _HandleStream:
         self.in_flight.take(spec, self._running(spec))

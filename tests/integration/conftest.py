@@ -3,9 +3,11 @@
 The apps are deployed the way operators deploy them: ``serve deploy`` of a Serve config file
 onto a cluster started with ``ray start --head``. The main app (route ``/``) is laid out as
 ``orchestrator serve-config`` writes it, one Serve application per model
-(orchestrator/layout.py); it keeps its gateway in a real PostgreSQL server and runs two
-router replicas. The other two are ``orchestrator.serving:build_app`` with catalog args, the
-whole catalog in one application: the second (route ``/sqlite``) serves one tiny model
+(orchestrator/layout.py); it serves two tiny models, the default catalog's SmolLM2 and its
+embedding model (at zero replicas until the embeddings test wakes it), keeps its gateway in
+a real PostgreSQL server and runs two router replicas. The other two are
+``orchestrator.serving:build_app`` with catalog args, the whole catalog in one application:
+the second (route ``/sqlite``) serves one tiny model
 with the embedded SQLite default; the third (route ``/ops``, open mode) holds the models
 the operations tests scale, shed and starve (see :data:`OPS_MODELS`). Ray's metrics export
 port serves every series as Prometheus text. Everything binds to 127.0.0.1 on free ports
@@ -255,7 +257,14 @@ def deployment(
             # The main app is laid out as `orchestrator serve-config` writes it: the router,
             # the gateway and each model in an application of its own (orchestrator/layout.py).
             *applications(
-                load_catalog([catalog, REPO / "catalog" / "smollm2-135m-instruct.yaml"]),
+                # The default catalog's embedding model starts at zero replicas (its test wakes it).
+                load_catalog(
+                    [
+                        catalog,
+                        REPO / "catalog" / "smollm2-135m-instruct.yaml",
+                        REPO / "catalog" / "all-minilm-l6-v2.yaml",
+                    ]
+                ),
                 {
                     "keepalive_seconds": 15,
                     "router_replicas": 2,

@@ -131,8 +131,18 @@ def test_invalid_yaml_reported(tmp_path: Path) -> None:
 
 def test_shipped_catalogs_are_valid() -> None:
     catalog = load_catalog([REPO / "catalog"])
-    assert {s.name for s in catalog} == {"smollm2-135m-instruct", "tiny-random"}
+    assert {s.name for s in catalog} == {"smollm2-135m-instruct", "tiny-random", "all-minilm-l6-v2"}
+    embedder = catalog.resolve("minilm")
+    # The embedding model waits at zero replicas, so it never delays the chat model's start.
+    assert (embedder.task, embedder.autoscaling.min_replicas) == ("embed", 0)
     assert load_catalog([REPO / "deployments" / "gpu-catalog"]).resolve("llama-3.1-70b-instruct")
+
+
+def test_an_embedding_model_has_no_generation_capabilities(tmp_path: Path) -> None:
+    found = problems(tmp_path, {**TINY, "task": "embed", "capabilities": {"tools": True}, "tool_call_parser": "x"})
+    assert len(found) == 1 and "an embedding model (task: embed) has no tools" in found[0]
+    assert problems(tmp_path, {**TINY, "task": "classify"})
+    assert problems(tmp_path, {**TINY, "embedding": {"max_inputs": 0}})
 
 
 def test_renamed_field_is_explained(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import schemathesis
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
@@ -32,14 +33,14 @@ from schemathesis.python.asgi import shutdown_lifespans
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from orchestrator.api import create_app
-from orchestrator.catalog import Catalog
+from orchestrator.catalog import Catalog, load_catalog
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.records import MAX_RATE, KeyLimits
 from orchestrator.gateway.store import SQLStore
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend
-from tests.unit.conftest import ADMIN
+from tests.unit.conftest import ADMIN, TINY, write_catalog
 
 EXAMPLES = int(os.environ.get("ORCH_CONTRACT_EXAMPLES", "70"))  # per operation and mode; few inputs run out sooner
 MIN_CASES = 2000
@@ -53,15 +54,38 @@ CONFIG = {"checks": {"negative_data_rejection": {"expected-statuses": ["400", "4
 # tools, images, guided JSON or reasoning asked of a model whose catalog entry lacks them.
 UNFORESEEABLE = {
     ("capability_not_supported", "model"),
+    ("model_kind_mismatch", "model"),  # each model's task is in /v1/models, not in the schema
     ("context_length_exceeded", "max_tokens"),
     ("context_length_exceeded", "max_completion_tokens"),
     ("context_length_exceeded", "max_output_tokens"),
     ("payload_too_large", None),
     ("invalid_request", "add_credits"),
+    ("invalid_request", "tokens"),  # a token id past the model's vocabulary
+    ("invalid_request", "input"),  # an embeddings batch past its model's bounds
 }
 # Spellings the router also resolves, beside the document's examples (names are case-blind).
 SPELLINGS = ("TINY-B",)
 GENERATION = ("POST /v1/chat/completions", "POST /v1/completions")
+EMBEDDER = {
+    "name": "embed-e",
+    "aliases": ["e"],
+    "backend_id": "org/embed-e",
+    "task": "embed",
+    "source": {"kind": "tiny_random", "seed": 5},
+    "context_window": 256,
+}
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    """The unit tests' two text models and an embedding model."""
+    other = {**TINY, "name": "tiny-b", "aliases": ["b"], "backend_id": "org/tiny-b"}
+    return load_catalog([write_catalog(tmp_path, TINY, other, EMBEDDER)])
+
+
+@pytest.fixture
+def engines() -> dict[str, FakeEngine]:
+    return {"tiny-a": FakeEngine(), "tiny-b": FakeEngine(words=["bee"]), "embed-e": FakeEngine()}
 
 
 def keyed_app(catalog: Catalog, engines: dict[str, FakeEngine], folder: Path, keys: dict[str, str]) -> FastAPI:
@@ -217,3 +241,4 @@ def test_every_answer_is_documented(catalog: Catalog, engines: dict[str, FakeEng
     for route in GENERATION:
         valid = answered[f"{route} (positive)"]
         assert valid[200] > valid.total() / 2, (route, valid)
+    assert answered["POST /v1/embeddings (positive)"][200] > 0, answered["POST /v1/embeddings (positive)"]

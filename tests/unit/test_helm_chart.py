@@ -471,7 +471,7 @@ def test_a_catalog_change_changes_only_its_model_and_the_router(
     only that model's application and the router's, as Serve sees them: their code
     versions (a hash of import path and args) differ and the others' do not."""
     models = chart_values(CHART / "values.yaml")["catalog"]["models"]
-    changed = [models[0], {**models[1], "aliases": [*models[1]["aliases"], "tiny-v2"]}]
+    changed = [{**m, "aliases": [*m["aliases"], "tiny-v2"]} if m["name"] == "tiny-random" else m for m in models]
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump({"catalog": {"models": changed}}))
     after = chart.render("-f", str(tmp_path / "changed.yaml"))
     before = rendered["default"]

@@ -20,6 +20,7 @@ ANTHROPIC_ERRORS: dict[ErrorCode, tuple[str, int]] = {
     ErrorCode.CAPABILITY_NOT_SUPPORTED: ("invalid_request_error", 400),
     ErrorCode.REQUEST_TOO_LARGE_FOR_LIMIT: ("invalid_request_error", 400),
     ErrorCode.STORAGE_LIMIT_EXCEEDED: ("invalid_request_error", 400),
+    ErrorCode.MODEL_KIND_MISMATCH: ("invalid_request_error", 400),
     ErrorCode.INVALID_API_KEY: ("authentication_error", 401),
     ErrorCode.INSUFFICIENT_CREDITS: ("billing_error", 402),
     ErrorCode.KEY_LIMIT_EXCEEDED: ("billing_error", 402),

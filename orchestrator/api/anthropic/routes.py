@@ -13,10 +13,9 @@ from orchestrator.api.backend import Backend
 from orchestrator.api.contract import request_body
 from orchestrator.api.dialect import COUNT_TOKENS, MESSAGES, Dialect
 from orchestrator.api.generation import parse, read_json
+from orchestrator.api.tokens import check_scope
 from orchestrator.catalog import Catalog
-from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.base import RequestGateway
-from orchestrator.gateway.ledger import model_allowed
 from orchestrator.protocol.anthropic import CountTokensRequest, CountTokensResponse, MessageResponse, MessagesRequest
 
 _EVENTS = (
@@ -50,10 +49,7 @@ def messages_router(
         tools included). Free: nothing is generated, held or billed."""
         key = await gateway.authenticate(bearer_token(request))
         parsed, spec = parse(COUNT_TOKENS, await read_json(request), catalog)
-        if key is not None and not model_allowed(key.models, spec.names):
-            raise OrchestratorError(
-                ErrorCode.MODEL_NOT_ALLOWED, f"This API key may not use the model {spec.name!r}.", param="model"
-            )
+        check_scope(key, spec)
         body = {**parsed.forwarded(), "model": spec.name}
         return CountTokensResponse(input_tokens=await backend.count_tokens(spec, body))
 
