@@ -54,6 +54,7 @@ def model_card(spec: ModelSpec, created: int) -> ModelCard:
             output_per_million=spec.pricing.output_per_million,
         ),
         capabilities=spec.capabilities.model_dump(),
+        parent=spec.parent,
     )
 
 
@@ -156,8 +157,8 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(caller)])
     async def list_models() -> ModelList:
-        """Every catalog model, under its display name."""
-        return ModelList(data=[model_card(s, created) for s in catalog])
+        """Every catalog model, under its display name; a LoRA adapter names its base in `parent`."""
+        return ModelList(data=[model_card(s, created) for s in catalog.listed])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(caller)])
     async def get_model(model_id: str) -> ModelCard:
@@ -181,7 +182,7 @@ def create_app(
     def readiness(model: str | None) -> JSONResponse:
         models = backend.health()
         if model is not None:
-            name = catalog.resolve(model).name
+            name = catalog.resolve(model).base_name  # an adapter is as ready as its base
             models = {name: models[name]}
         ready = [m.ready for m in models.values()]
         status: Literal["ok", "degraded", "unavailable"] = (
@@ -209,5 +210,5 @@ def create_app(
         """Same as `/health/ready`."""
         return readiness(None)
 
-    install_contract(app, keyed=gateway is not None, models=[name for spec in catalog for name in spec.names])
+    install_contract(app, keyed=gateway is not None, models=[name for spec in catalog.listed for name in spec.names])
     return app

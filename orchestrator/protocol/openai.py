@@ -219,6 +219,7 @@ class ModelCard(BaseModel):
     context_window: int
     pricing: ModelPricing
     capabilities: dict[str, bool]
+    parent: str | None = Field(default=None, description="For a LoRA adapter: the base model whose replicas serve it.")
 
 
 class ModelList(BaseModel):

@@ -91,11 +91,11 @@ class InFlight:
         Raises:
             OrchestratorError: ``provider_overloaded`` (529, ``Retry-After``) past the bound.
         """
-        count = self.counts.get(spec.name, 0)
+        count = self.counts.get(spec.base_name, 0)
         bound = self.bound(spec, running)
         if bound is not None and count >= bound:
             raise _overloaded(spec)
-        self.counts[spec.name] = count + 1
+        self.counts[spec.base_name] = count + 1
 
     def release(self, model: str) -> None:
         self.counts[model] -= 1
@@ -113,7 +113,7 @@ class _HandleStream:
         self._source = source
         self._first = True
         # A finalizer runs its function at most once, whether called or collected.
-        self._release = weakref.finalize(self, router.in_flight.release, spec.name)
+        self._release = weakref.finalize(self, router.in_flight.release, spec.base_name)
 
     def __aiter__(self) -> _HandleStream:
         return self
@@ -180,6 +180,7 @@ class Router:
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}
         self.states = ModelStates(self.catalog, locations, serve_states)
         self._cold_waiters: dict[str, int] = {}
+        self._multiplexed: dict[tuple[int, str], DeploymentHandle] = {}
         self.in_flight = InFlight(self.settings.router_replicas)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -188,12 +189,23 @@ class Router:
             self.catalog, self, self.settings, gateway=self.gateway, echo_request_id=False, metrics=self._sink
         )
 
+    def _handle(self, handles: dict[str, DeploymentHandle], spec: ModelSpec) -> DeploymentHandle:
+        """The handle of the model's base for this call; an adapter's call carries its name as
+        Serve's multiplexed model id, so Serve prefers replicas that hold it loaded."""
+        if spec.parent is None:
+            return handles[spec.base_name]
+        key = (id(handles), spec.name)
+        handle = self._multiplexed.get(key)
+        if handle is None:
+            handle = self._multiplexed[key] = handles[spec.base_name].options(multiplexed_model_id=spec.name)
+        return handle
+
     def _cold(self, spec: ModelSpec) -> bool:
         return self._running(spec) == 0
 
     def _running(self, spec: ModelSpec) -> int | None:
         self.states.start()
-        return self.states.running(spec.name)
+        return self.states.running(spec.base_name)
 
     async def bounded(self, spec: ModelSpec, call: Awaitable[Any], timeout_s: float, *, may_be_cold: bool) -> Any:
         """Awaits a handle call within its deadline.
@@ -218,7 +230,7 @@ class Router:
             raise _timed_out(spec, timeout_s) from None
 
     async def _after_cold_start(self, spec: ModelSpec, call: Awaitable[Any], timeout_s: float) -> Any:
-        waiting = self._cold_waiters.get(spec.name, 0)
+        waiting = self._cold_waiters.get(spec.base_name, 0)
         if waiting >= max(spec.overload.max_waiting_per_replica, 1):
             # The view may be a refresh period old: a replica that came up since (one Serve
             # just replaced, say) serves this request instead of it being refused.
@@ -231,7 +243,7 @@ class Router:
             raise _overloaded(spec)
         task = asyncio.ensure_future(call)
         try:
-            self._cold_waiters[spec.name] = waiting + 1
+            self._cold_waiters[spec.base_name] = waiting + 1
             try:
                 give_up = time.monotonic() + spec.autoscaling.cold_start_timeout_s
                 while self._cold(spec) and not task.done():
@@ -239,7 +251,7 @@ class Router:
                         raise _unavailable(spec)
                     await asyncio.wait({task}, timeout=COLD_POLL_S)
             finally:
-                self._cold_waiters[spec.name] -= 1  # a replica is up (or it gave up): no longer waiting
+                self._cold_waiters[spec.base_name] -= 1  # a replica is up (or it gave up): no longer waiting
             async with asyncio.timeout(timeout_s):
                 return await task
         finally:
@@ -249,7 +261,7 @@ class Router:
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         self.in_flight.take(spec, self._running(spec))
         try:
-            call = self._complete[spec.name].remote(kind, body, request_id)
+            call = self._handle(self._complete, spec).remote(kind, body, request_id)
             try:
                 result: dict[str, Any] = await self.bounded(
                     spec, call, spec.overload.request_timeout_s, may_be_cold=True
@@ -258,11 +270,11 @@ class Router:
                 call.cancel()  # the replica stops generating (Serve cancels its task)
                 raise
         finally:
-            self.in_flight.release(spec.name)
+            self.in_flight.release(spec.base_name)
         return result
 
     async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
-        call = self._count[spec.name].remote(body)
+        call = self._handle(self._count, spec).remote(body)
         try:
             count: int = await self.bounded(spec, call, spec.overload.request_timeout_s, may_be_cold=True)
         except BaseException:
@@ -273,9 +285,9 @@ class Router:
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _HandleStream:
         self.in_flight.take(spec, self._running(spec))
         try:
-            source: Any = self._stream[spec.name].remote(kind, body, request_id)  # stream=True: a generator
+            source: Any = self._handle(self._stream, spec).remote(kind, body, request_id)  # stream=True: a generator
         except BaseException:
-            self.in_flight.release(spec.name)
+            self.in_flight.release(spec.base_name)
             raise
         return _HandleStream(self, spec, source)
 
