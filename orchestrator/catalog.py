@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from orchestrator.errors import ErrorCode, OrchestratorError
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+NAME_PATTERN = _NAME_PATTERN  # what a model or adapter name may be
 
 # Engine arguments the catalog sets from its own fields; writing them in `engine_args`
 # would let the two disagree, so they are refused.
@@ -315,9 +316,17 @@ class ModelSpec(_Frozen):
         """The display name of the model whose replicas run this one: its own, or an adapter's base."""
         return self.parent or self.name
 
+    @property
+    def adapter(self) -> AdapterSpec | None:
+        """On an adapter's entry (``parent`` set), the adapter; else None."""
+        return self.adapters[0] if self.parent is not None else None
+
     def adapter_specs(self) -> tuple[ModelSpec, ...]:
         """Returns an entry per adapter: this one with the adapter's names, description and
-        prices (its own, else this model's), ``parent`` naming this model and no adapters."""
+        prices (its own, else this model's), ``parent`` naming this model and ``adapters``
+        holding the adapter alone (:attr:`adapter`)."""
+        if self.parent is not None:
+            return ()
         return tuple(
             self.model_copy(
                 update={
@@ -326,7 +335,7 @@ class ModelSpec(_Frozen):
                     "backend_id": f"{self.backend_id}:{a.name}",
                     "description": a.description,
                     "pricing": a.pricing or self.pricing,
-                    "adapters": (),
+                    "adapters": (a,),
                     "parent": self.name,
                 }
             )
@@ -531,16 +540,56 @@ def _explain(err: Any) -> str:
     return str(err["msg"]).removeprefix("Value error, ")
 
 
+def check_runtime_adapter(base: ModelSpec | None, base_name: str, adapter: AdapterSpec, taken: Collection[str]) -> str:
+    """Returns why ``adapter`` cannot be added to the model named ``base_name`` (``base``, the
+    entry that name resolves to, if any) beside the names in ``taken`` (lower case); "" if it can."""
+    if base is None or base.parent is not None:
+        return f"adapter {adapter.name!r}: {base_name!r} is not a base model of the catalog"
+    if base.lora is None:
+        return f"adapter {adapter.name!r}: model {base.name!r} serves no adapters (its catalog entry sets no `lora`)"
+    clash = next((n for n in (adapter.name, *adapter.aliases) if n.lower() in taken), None)
+    if clash is not None:
+        return f"adapter {adapter.name!r}: the name {clash!r} is already used"
+    return ""
+
+
 class Catalog:
-    """An immutable set of models with name resolution (display name, alias, backend id).
+    """A set of models with name resolution (display name, alias, backend id).
 
     Iterating gives the base models (each one a deployment); :attr:`adapters` holds an entry
-    per LoRA adapter (:meth:`ModelSpec.adapter_specs`), and names resolve to both."""
+    per LoRA adapter (:meth:`ModelSpec.adapter_specs`), and names resolve to both. Only the
+    adapters added at run time change (:meth:`set_runtime_adapters`)."""
 
     def __init__(self, specs: Sequence[ModelSpec]) -> None:
         self.specs: tuple[ModelSpec, ...] = tuple(specs)
         self.adapters: tuple[ModelSpec, ...] = tuple(a for s in self.specs for a in s.adapter_specs())
         self._by_name = {n.lower(): s for s in (*self.specs, *self.adapters) for n in s.names}
+        self._static = (self.adapters, dict(self._by_name))
+
+    def set_runtime_adapters(self, adapters: Iterable[tuple[str, AdapterSpec]]) -> list[str]:
+        """Replaces the adapters added at run time (base model name, adapter) beside the
+        catalog's own. An adapter whose base is not a model here, whose base serves no
+        adapters (no ``lora``), or one of whose names is taken is left out.
+
+        Returns:
+            Why each adapter left out was (one line each).
+        """
+        static, by_name = self._static
+        added: list[ModelSpec] = []
+        names = dict(by_name)
+        problems = []
+        for base_name, adapter in adapters:
+            base = by_name.get(base_name.lower())
+            problem = check_runtime_adapter(base, base_name, adapter, names)
+            if problem:
+                problems.append(problem)
+                continue
+            assert base is not None
+            spec = base.model_copy(update={"adapters": (adapter,)}).adapter_specs()[0]
+            added.append(spec)
+            names.update({n.lower(): spec for n in spec.names})
+        self.adapters, self._by_name = (*static, *added), names
+        return problems
 
     @property
     def listed(self) -> tuple[ModelSpec, ...]:

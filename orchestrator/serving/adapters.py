@@ -96,13 +96,16 @@ class ReplicaAdapters:
         await self._engine.unload_adapter(name)
 
     @asynccontextmanager
-    async def using(self, model: Any) -> AsyncIterator[None]:
-        """Holds the adapter named ``model`` loaded while the block runs; nothing for any
-        other name (the base model's requests).
+    async def using(self, model: Any, path: str | None = None) -> AsyncIterator[None]:
+        """Holds the adapter named ``model`` loaded while the block runs: one of the catalog
+        entry's, or, with ``path``, one added at run time (its folder); nothing for any other
+        name (the base model's requests).
 
         Raises:
             OrchestratorError: the engine cannot load the adapter.
         """
+        if path is not None and isinstance(model, str):
+            self.paths[model] = path
         if model not in self.paths:
             yield
             return

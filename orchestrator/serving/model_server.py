@@ -78,13 +78,16 @@ class ModelServer:
                 headers={"Retry-After": str(SHED_RETRY_AFTER_S)},
             )
 
-    async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+    async def complete(
+        self, kind: Kind, body: dict[str, Any], request_id: str, adapter_path: str | None = None
+    ) -> dict[str, Any]:
         """Returns the whole response body; raises ``OrchestratorError`` on failure (529 when
-        shed)."""
+        shed). ``adapter_path``: the folder of an adapter added at run time that ``body``
+        names (the catalog's own are known here)."""
         self._admit()
         self.in_flight += 1
         try:
-            async with self.adapters.using(body.get("model")):
+            async with self.adapters.using(body.get("model"), adapter_path):
                 return await self.engine.complete(kind, body, request_id)
         finally:
             self.in_flight -= 1
@@ -96,11 +99,12 @@ class ModelServer:
         return min(self._batch_s, self.streams / self._batches_per_s)
 
     async def stream(
-        self, kind: Kind, body: dict[str, Any], request_id: str, *, batch: bool = True
+        self, kind: Kind, body: dict[str, Any], request_id: str, adapter_path: str | None = None, *, batch: bool = True
     ) -> AsyncGenerator[list[str]]:
         """Yields batches of SSE frames: the first token at once, then batches whose interval
         grows with the streams in flight (:meth:`batch_interval_s`); without ``batch``, every
-        frame alone (for a caller in this process: nothing crosses a handle).
+        frame alone (for a caller in this process: nothing crosses a handle). ``adapter_path``
+        as for :meth:`complete`.
 
         Cancelling the caller (client disconnect) closes this generator, which aborts the
         request inside the engine. Raises 529 ``provider_overloaded`` before the first batch
@@ -111,7 +115,7 @@ class ModelServer:
         self.streams += 1
         try:
             eager = 1 if kind == "completion" else 2  # chat's first frame is the role alone
-            async with self.adapters.using(body.get("model")):
+            async with self.adapters.using(body.get("model"), adapter_path):
                 frames = self.engine.stream(kind, body, request_id)
                 async for frames_out in batch_frames(frames, self.batch_interval_s if batch else 0.0, eager=eager):
                     yield frames_out

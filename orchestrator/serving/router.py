@@ -24,6 +24,7 @@ from orchestrator.api import Kind, create_app
 from orchestrator.api.backend import ModelHealth
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.adapters import AdapterTable
 from orchestrator.layout import model_app_name
 from orchestrator.serving.gateway_server import instance_gateway, remote_gateway
 from orchestrator.serving.model_states import ModelStates, current_app_name, serve_states
@@ -57,6 +58,12 @@ def _unavailable(spec: ModelSpec) -> OrchestratorError:
         "(it is starting, or the cluster has no room for it); retry later.",
         headers={"Retry-After": str(COLD_RETRY_AFTER_S)},
     )
+
+
+def _adapter_path(spec: ModelSpec) -> tuple[str, ...]:
+    """The extra argument of a call for an adapter: its folder (the replica may not know an
+    adapter added at run time); none for a base model."""
+    return () if spec.adapter is None else (str(spec.adapter.source.path),)
 
 
 class InFlight:
@@ -185,8 +192,16 @@ class Router:
 
     def __serve_build_asgi_app__(self) -> Any:
         # Serve's proxy assigns X-Request-Id (keeping a sane client one) and echoes it.
+        # With keys there is a database: the adapters added at run time are kept there.
+        adapters = None if self.gateway is None else AdapterTable(self.settings.resolved_database_url())
         return create_app(
-            self.catalog, self, self.settings, gateway=self.gateway, echo_request_id=False, metrics=self._sink
+            self.catalog,
+            self,
+            self.settings,
+            gateway=self.gateway,
+            echo_request_id=False,
+            metrics=self._sink,
+            adapters=adapters,
         )
 
     def _handle(self, handles: dict[str, DeploymentHandle], spec: ModelSpec) -> DeploymentHandle:
@@ -261,7 +276,7 @@ class Router:
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         self.in_flight.take(spec, self._running(spec))
         try:
-            call = self._handle(self._complete, spec).remote(kind, body, request_id)
+            call = self._handle(self._complete, spec).remote(kind, body, request_id, *_adapter_path(spec))
             try:
                 result: dict[str, Any] = await self.bounded(
                     spec, call, spec.overload.request_timeout_s, may_be_cold=True
@@ -285,7 +300,8 @@ class Router:
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _HandleStream:
         self.in_flight.take(spec, self._running(spec))
         try:
-            source: Any = self._handle(self._stream, spec).remote(kind, body, request_id)  # stream=True: a generator
+            handle = self._handle(self._stream, spec)
+            source: Any = handle.remote(kind, body, request_id, *_adapter_path(spec))  # stream=True: a generator
         except BaseException:
             self.in_flight.release(spec.base_name)
             raise

@@ -75,6 +75,7 @@ class Deployment:
     postgres: PostgresServer | None = None  # the main app's database server, when the tests run it
     config: dict[str, Any] = field(default_factory=dict)  # the Serve config deployed
     config_path: Path | None = None
+    spare_adapter: Path | None = None  # a LoRA for tiny-a in no catalog (test_adapters.py adds it at run time)
 
     @property
     def sqlite_base_url(self) -> str:
@@ -349,6 +350,7 @@ def deployment(
             postgres=postgres,
             config=config,
             config_path=config_path,
+            spare_adapter=build_tiny_lora(tiny_a, work / "tiny-a-spare", seed=3),
         )
         deployed_app.api_key = deployed_app.new_key(name="integration")
         yield deployed_app

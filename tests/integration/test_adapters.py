@@ -1,7 +1,8 @@
 """LoRA adapters through real Ray Serve and real vLLM, with the official openai SDK: tiny-a's
 adapters (tests/integration/conftest.py) are models of their own in /v1/models, change the
 base's output, are priced at their own rates, keep to keys' scopes, and load into a running
-replica without failing the streams on their base."""
+replica without failing the streams on their base; one added at run time through the admin
+API serves without a restart and without failing a stream on its base."""
 
 from __future__ import annotations
 
@@ -73,3 +74,32 @@ def test_loading_an_adapter_under_streaming_load_on_its_base_fails_no_stream(dep
         seen = load.completed
         _until(lambda: load.completed >= seen + 3 or bool(load.failures))
     assert load.failures == [] and load.completed >= 6
+
+
+def test_an_adapter_added_at_run_time_under_streaming_load_fails_no_stream(deployment: Deployment) -> None:
+    client = deployment.client(timeout=120)
+    body = {"name": "tiny-a-runtime", "base": "tiny-a", "path": str(deployment.spare_adapter)}
+    actors = deployment.replica_actors("model-tiny-a")
+
+    def served() -> bool:
+        try:
+            return bool(_answer(client, "tiny-a-runtime"))
+        except openai.NotFoundError:  # a router replica that has not read the table yet
+            return False
+
+    with steady_load(client, "tiny-a", streams=3) as load:
+        _until(lambda: load.completed >= 3 or bool(load.failures))
+        added = deployment.admin("POST", "/admin/adapters", json=body)
+        assert added.status_code == 201, added.text
+        _until(lambda: sum(served() for _ in range(4)) == 4)  # both router replicas know it
+        seen = load.completed
+        _until(lambda: load.completed >= seen + 3 or bool(load.failures))
+    assert load.failures == [] and load.completed >= 6
+    assert _answer(client, "tiny-a-runtime") != _answer(client, "tiny-a")
+    assert deployment.replica_actors("model-tiny-a") == actors  # no replica of the base restarted
+    listed = deployment.cli("adapters", "list", "--json")
+    assert listed.returncode == 0 and "tiny-a-runtime" in listed.stdout
+    assert deployment.cli("adapters", "remove", "tiny-a-runtime").returncode == 0
+    _until(lambda: not any(served() for _ in range(4)))
+    with pytest.raises(openai.NotFoundError):
+        _answer(client, "tiny-a-runtime")
