@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from orchestrator.errors import ErrorCode, OrchestratorError
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+NAME_PATTERN = _NAME_PATTERN  # what a model or adapter name may be
 
 # Engine arguments the catalog sets from its own fields; writing them in `engine_args`
 # would let the two disagree, so they are refused.
@@ -33,6 +34,10 @@ RESERVED_ENGINE_ARGS = frozenset(
         "enable_auto_tool_choice",
         "tokenizer",
         "runner",
+        "enable_lora",
+        "max_loras",
+        "max_cpu_loras",
+        "max_lora_rank",
     }
 )
 
@@ -232,6 +237,30 @@ class EmbeddingBounds(_Frozen):
     )
 
 
+class AdapterSpec(_Frozen):
+    """A LoRA adapter of a catalog model: a model of its own to clients (its own names,
+    prices and key scopes), served on its base model's replicas."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="Display name clients use for the adapter.")
+    aliases: tuple[Annotated[str, Field(pattern=_NAME_PATTERN)], ...] = Field(
+        default=(), description="Other names that resolve to the adapter."
+    )
+    description: str = Field(default="", description="One line for humans.")
+    source: LocalSource = Field(description="Folder with adapter_config.json and the adapter's safetensors.")
+    pricing: Pricing | None = Field(default=None, description="Per-million-token prices; default: its base model's.")
+
+
+class LoraSlots(_Frozen):
+    """How a model's replicas hold LoRA adapters (vLLM's ``enable_lora``)."""
+
+    max_loaded_per_replica: int = Field(
+        default=4, ge=1, le=256, description="Adapters one replica keeps loaded; past it the least recently used goes."
+    )
+    max_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        default=16, description="Largest LoRA rank an adapter of this model may have (vLLM's max_lora_rank)."
+    )
+
+
 class ModelSpec(_Frozen):
     """One catalog entry: everything about serving one model."""
 
@@ -273,9 +302,20 @@ class ModelSpec(_Frozen):
     resources: Resources = Field(default_factory=Resources, description="Per-replica cluster resources.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica bounds and scaling policy.")
     overload: Overload = Field(default_factory=Overload, description="Load shedding bound and deadlines.")
+    adapters: tuple[AdapterSpec, ...] = Field(default=(), description="LoRA adapters served on this model's replicas.")
+    lora: LoraSlots | None = Field(
+        default=None, description="LoRA serving bounds; set (or implied by `adapters`) to serve adapters at all."
+    )
+    parent: str | None = Field(
+        default=None, description="Set by the catalog on an adapter's entry: its base model's name. Never written."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
+        if self.parent is not None:
+            raise ValueError("parent is set by the catalog for adapters: list an adapter under its base's `adapters`")
+        if self.adapters and self.lora is None:
+            object.__setattr__(self, "lora", LoraSlots())
         if not self.backend_id:
             object.__setattr__(self, "backend_id", _default_backend_id(self.source, self.name))
         reserved = sorted(RESERVED_ENGINE_ARGS & self.engine_args.keys())
@@ -304,8 +344,39 @@ class ModelSpec(_Frozen):
 
     @property
     def deployment_name(self) -> str:
-        """The Ray Serve deployment name of this model's ModelServer."""
-        return deployment_name(self.name)
+        """The Ray Serve deployment name of this model's ModelServer (its base's, for an adapter)."""
+        return deployment_name(self.base_name)
+
+    @property
+    def base_name(self) -> str:
+        """The display name of the model whose replicas run this one: its own, or an adapter's base."""
+        return self.parent or self.name
+
+    @property
+    def adapter(self) -> AdapterSpec | None:
+        """On an adapter's entry (``parent`` set), the adapter; else None."""
+        return self.adapters[0] if self.parent is not None else None
+
+    def adapter_specs(self) -> tuple[ModelSpec, ...]:
+        """Returns an entry per adapter: this one with the adapter's names, description and
+        prices (its own, else this model's), ``parent`` naming this model and ``adapters``
+        holding the adapter alone (:attr:`adapter`)."""
+        if self.parent is not None:
+            return ()
+        return tuple(
+            self.model_copy(
+                update={
+                    "name": a.name,
+                    "aliases": a.aliases,
+                    "backend_id": f"{self.backend_id}:{a.name}",
+                    "description": a.description,
+                    "pricing": a.pricing or self.pricing,
+                    "adapters": (a,),
+                    "parent": self.name,
+                }
+            )
+            for a in self.adapters
+        )
 
 
 def deployment_name(model: str) -> str:
@@ -471,26 +542,29 @@ def _validated(
 
 def _clashes(spec: ModelSpec, file: str, prefix: str, owners: dict[str, tuple[str, str]]) -> list[CatalogProblem]:
     """Returns the problems of names (case-insensitive) or a Serve deployment name that an
-    earlier entry already took, and records this entry's. ``owners`` maps a taken name to
-    (the entry's "file: field" location, its display name); an entry may repeat its own
-    names (an alias equal to its backend id)."""
-    here = f"{file}: {_loc([], prefix)}"
-    fields = [("name", spec.name), *((f"aliases.{i}", a) for i, a in enumerate(spec.aliases))]
-    fields.append(("backend_id", spec.backend_id))
-    taken = [(field, "name", value.lower()) for field, value in fields]
-    taken.append(("name", "deployment name", "deployment:" + spec.deployment_name))
+    earlier entry (or adapter) already took, and records this entry's and its adapters'.
+    ``owners`` maps a taken name to (the entry's "file: field" location, its display name);
+    an entry may repeat its own names (an alias equal to its backend id)."""
     problems = []
-    for field, what, key in taken:
-        where, model = owners.setdefault(key, (here, spec.name))
-        if where != here:
-            shown = key.removeprefix("deployment:")
-            problems.append(
-                CatalogProblem(
-                    file=file,
-                    field=_loc([field], prefix),
-                    message=f"{what} {shown!r} already used by model {model!r} ({where})",
+    groups = [("", spec, True), *((f"adapters.{i}.", a, False) for i, a in enumerate(spec.adapter_specs()))]
+    for sub, named, deploys in groups:
+        here = f"{file}: {_loc([sub.rstrip('.')], prefix)}"
+        fields = [("name", named.name), *((f"aliases.{i}", a) for i, a in enumerate(named.aliases))]
+        fields.append(("backend_id", named.backend_id))
+        taken = [(sub + field, "name", value.lower()) for field, value in fields]
+        if deploys:
+            taken.append(("name", "deployment name", "deployment:" + named.deployment_name))
+        for field, what, key in taken:
+            where, model = owners.setdefault(key, (here, named.name))
+            if where != here:
+                shown = key.removeprefix("deployment:")
+                problems.append(
+                    CatalogProblem(
+                        file=file,
+                        field=_loc([field], prefix),
+                        message=f"{what} {shown!r} already used by model {model!r} ({where})",
+                    )
                 )
-            )
     return problems
 
 
@@ -504,12 +578,61 @@ def _explain(err: Any) -> str:
     return str(err["msg"]).removeprefix("Value error, ")
 
 
+def check_runtime_adapter(base: ModelSpec | None, base_name: str, adapter: AdapterSpec, taken: Collection[str]) -> str:
+    """Returns why ``adapter`` cannot be added to the model named ``base_name`` (``base``, the
+    entry that name resolves to, if any) beside the names in ``taken`` (lower case); "" if it can."""
+    if base is None or base.parent is not None:
+        return f"adapter {adapter.name!r}: {base_name!r} is not a base model of the catalog"
+    if base.lora is None:
+        return f"adapter {adapter.name!r}: model {base.name!r} serves no adapters (its catalog entry sets no `lora`)"
+    clash = next((n for n in (adapter.name, *adapter.aliases) if n.lower() in taken), None)
+    if clash is not None:
+        return f"adapter {adapter.name!r}: the name {clash!r} is already used"
+    return ""
+
+
 class Catalog:
-    """An immutable set of models with name resolution (display name, alias, backend id)."""
+    """A set of models with name resolution (display name, alias, backend id).
+
+    Iterating gives the base models (each one a deployment); :attr:`adapters` holds an entry
+    per LoRA adapter (:meth:`ModelSpec.adapter_specs`), and names resolve to both. Only the
+    adapters added at run time change (:meth:`set_runtime_adapters`)."""
 
     def __init__(self, specs: Sequence[ModelSpec]) -> None:
         self.specs: tuple[ModelSpec, ...] = tuple(specs)
-        self._by_name = {n.lower(): s for s in self.specs for n in s.names}
+        self.adapters: tuple[ModelSpec, ...] = tuple(a for s in self.specs for a in s.adapter_specs())
+        self._by_name = {n.lower(): s for s in (*self.specs, *self.adapters) for n in s.names}
+        self._static = (self.adapters, dict(self._by_name))
+
+    def set_runtime_adapters(self, adapters: Iterable[tuple[str, AdapterSpec]]) -> list[str]:
+        """Replaces the adapters added at run time (base model name, adapter) beside the
+        catalog's own. An adapter whose base is not a model here, whose base serves no
+        adapters (no ``lora``), or one of whose names is taken is left out.
+
+        Returns:
+            Why each adapter left out was (one line each).
+        """
+        static, by_name = self._static
+        added: list[ModelSpec] = []
+        names = dict(by_name)
+        problems = []
+        for base_name, adapter in adapters:
+            base = by_name.get(base_name.lower())
+            problem = check_runtime_adapter(base, base_name, adapter, names)
+            if problem:
+                problems.append(problem)
+                continue
+            assert base is not None
+            spec = base.model_copy(update={"adapters": (adapter,)}).adapter_specs()[0]
+            added.append(spec)
+            names.update({n.lower(): spec for n in spec.names})
+        self.adapters, self._by_name = (*static, *added), names
+        return problems
+
+    @property
+    def listed(self) -> tuple[ModelSpec, ...]:
+        """Every model clients can name: the base models, then the adapters."""
+        return (*self.specs, *self.adapters)
 
     def resolve(self, name: str) -> ModelSpec:
         """Returns the model a client-supplied name refers to.

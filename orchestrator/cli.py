@@ -122,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="+", help="Catalog files or folders.")
     validate.set_defaults(func=_validate_catalog)
 
+    from orchestrator.cli_adapters import add_commands as add_adapters
     from orchestrator.cli_gateway import add_commands
     from orchestrator.status import add_command as add_status
 
     add_commands(sub)
+    add_adapters(sub)
     add_status(sub)
     return parser
 

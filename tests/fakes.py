@@ -40,6 +40,16 @@ class FakeEngine:
     prompts: list[Any] = field(default_factory=list)  # every request's messages (or prompt), in order
     bodies: list[dict[str, Any]] = field(default_factory=list)  # every request's body as the engine got it
     vocabulary: list[str] = field(default_factory=list)  # the words tokens() has seen, by id
+    adapters: dict[str, str] = field(default_factory=dict)  # loaded LoRA adapters: name -> path
+    adapter_log: list[str] = field(default_factory=list)  # "load NAME" / "unload NAME", in order
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        self.adapter_log.append(f"load {name}")
+        self.adapters[name] = path
+
+    async def unload_adapter(self, name: str) -> None:
+        self.adapter_log.append(f"unload {name}")
+        self.adapters.pop(name, None)
 
     def load(self) -> EngineLoad:
         """Like vLLM: up to ``capacity`` requests run, the rest wait."""
@@ -187,16 +197,16 @@ class LocalBackend:
         self.batch_s = batch_s
 
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        return await self.engines[spec.name].complete(kind, body, request_id)
+        return await self.engines[spec.base_name].complete(kind, body, request_id)
 
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> GeneratorStream:
-        return GeneratorStream(batch_frames(self.engines[spec.name].stream(kind, body, request_id), self.batch_s))
+        return GeneratorStream(batch_frames(self.engines[spec.base_name].stream(kind, body, request_id), self.batch_s))
 
     async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
-        return int(self.engines[spec.name]._usage(body)["prompt_tokens"])
+        return int(self.engines[spec.base_name]._usage(body)["prompt_tokens"])
 
     async def tokens(self, spec: ModelSpec, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.engines[spec.name].tokens(op, body)
+        return await self.engines[spec.base_name].tokens(op, body)
 
     def health(self) -> dict[str, ModelHealth]:
         return {name: ModelHealth(ready=True, state="serving", replicas=1) for name in self.engines}
@@ -214,3 +224,21 @@ class RemoteMethod:
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
+
+
+def lru_cache(load: Any, capacity: int) -> Any:
+    """Stands in for Ray Serve's multiplexing (``serve.multiplexed``) outside a replica: the
+    same contract, a bounded LRU that awaits an evicted object's ``__del__``."""
+    held: dict[str, Any] = {}
+
+    async def get(name: str) -> Any:
+        if name in held:
+            held[name] = held.pop(name)  # most recently used last
+            return held[name]
+        if len(held) >= capacity:
+            evicted = held.pop(next(iter(held)))
+            await evicted.__del__()
+        held[name] = await load(name)
+        return held[name]
+
+    return get

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from orchestrator.api.accounting import Settler
+from orchestrator.api.adapters import AdapterRefresher, adapters_router
 from orchestrator.api.admin import admin_router
 from orchestrator.api.anthropic.routes import messages_router
 from orchestrator.api.auth import bearer_token, is_admin
@@ -27,6 +28,7 @@ from orchestrator.api.responses.routes import responses_router
 from orchestrator.api.telemetry import Telemetry
 from orchestrator.api.tokens import tokens_router
 from orchestrator.catalog import Catalog, ModelSpec
+from orchestrator.gateway.adapters import AdapterTable
 from orchestrator.gateway.base import Gateway, OpenGateway, RequestGateway
 from orchestrator.metrics import Sink
 from orchestrator.protocol import (
@@ -57,6 +59,7 @@ def model_card(spec: ModelSpec, created: int) -> ModelCard:
         ),
         capabilities=spec.capabilities.model_dump(),
         task=spec.task,
+        parent=spec.parent,
     )
 
 
@@ -83,6 +86,7 @@ def create_app(
     echo_request_id: bool = True,
     metrics: Sink | None = None,
     admin_routes: bool = True,
+    adapters: AdapterTable | None = None,
 ) -> FastAPI:
     """Builds the OpenAI-compatible HTTP app.
 
@@ -98,9 +102,12 @@ def create_app(
         metrics: where request metrics go (Ray's metrics in Serve; none by default).
         admin_routes: serve ``/admin`` with a gateway (off on a model's own route, whose
             replicas hold no admin key).
+        adapters: the database's LoRA adapters added at run time: served beside the
+            catalog's (read every ``key_cache_seconds``) and managed at ``/admin/adapters``.
     """
     gate: RequestGateway = gateway if gateway is not None else OpenGateway()
     settler = Settler(gate, Telemetry(metrics))
+    refresher = None if adapters is None else AdapterRefresher(adapters, catalog, settings.key_cache_seconds)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -109,9 +116,12 @@ def create_app(
         renewing = None
         if gateway is not None:
             renewing = asyncio.create_task(settler.renew_holds(settings.admission_ttl_seconds / 4))
+        refreshing = None if refresher is None else asyncio.create_task(refresher.run())
         yield
         if renewing is not None:
             renewing.cancel()
+        if refreshing is not None:
+            refreshing.cancel()
         await settler.drain()  # settlements of abandoned requests still in flight
 
     # `/path/` is an unknown path (404) like any other, not a redirect: no route answers 3xx.
@@ -127,6 +137,8 @@ def create_app(
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, echo_header=echo_request_id)
     if gateway is not None and admin_routes:
         app.include_router(admin_router(gateway, settings.admin_key))
+        if refresher is not None:
+            app.include_router(adapters_router(refresher, settings.admin_key))
     created = int(clock())
     run = functools.partial(
         generate, catalog=catalog, backend=backend, gateway=gate, settler=settler, settings=settings
@@ -168,8 +180,8 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(caller)])
     async def list_models() -> ModelList:
-        """Every catalog model, under its display name."""
-        return ModelList(data=[model_card(s, created) for s in catalog])
+        """Every catalog model, under its display name; a LoRA adapter names its base in `parent`."""
+        return ModelList(data=[model_card(s, created) for s in catalog.listed])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(caller)])
     async def get_model(model_id: str) -> ModelCard:
@@ -193,7 +205,7 @@ def create_app(
     def readiness(model: str | None) -> JSONResponse:
         models = backend.health()
         if model is not None:
-            name = catalog.resolve(model).name
+            name = catalog.resolve(model).base_name  # an adapter is as ready as its base
             models = {name: models[name]}
         ready = [m.ready for m in models.values()]
         status: Literal["ok", "degraded", "unavailable"] = (
@@ -221,5 +233,5 @@ def create_app(
         """Same as `/health/ready`."""
         return readiness(None)
 
-    install_contract(app, keyed=gateway is not None, models=[name for spec in catalog for name in spec.names])
+    install_contract(app, keyed=gateway is not None, models=[name for spec in catalog.listed for name in spec.names])
     return app

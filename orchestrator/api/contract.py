@@ -75,6 +75,9 @@ _ROUTES: dict[str, Route] = {
     "GET /admin/workspaces": Route((), _ADMIN, (ADMIN_KEY,)),
     "PATCH /admin/workspaces/{workspace_id}": Route((400, 404, 413), _ADMIN, (ADMIN_KEY,)),
     "GET /admin/usage": Route((400,), _ADMIN, (ADMIN_KEY,)),
+    "POST /admin/adapters": Route((400, 404, 413), _ADMIN, (ADMIN_KEY,)),
+    "GET /admin/adapters": Route((), _ADMIN, (ADMIN_KEY,)),
+    "DELETE /admin/adapters/{name}": Route((404,), _ADMIN, (ADMIN_KEY,)),
 }
 # Any path answers an unknown method with 405 (and `Allow`), and a bug with 500.
 _EVERY_ROUTE = (405, 500)

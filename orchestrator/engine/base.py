@@ -65,6 +65,16 @@ class Engine(Protocol):
         """
         ...
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Loads the LoRA adapter in folder ``path``; requests whose ``model`` is ``name`` run it.
+
+        Raises:
+            OrchestratorError: the adapter cannot be loaded (missing files, rank too large).
+        """
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unloads an adapter and frees its weights (nothing if it is not loaded)."""
+
     async def check_health(self) -> None:
         """Returns if the engine can serve; raises if it is dead."""
 

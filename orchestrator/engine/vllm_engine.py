@@ -26,6 +26,7 @@ from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 from vllm.entrypoints.openai.models.protocol import BaseModelPath
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
 from vllm.renderers.online_renderer import OnlineRenderer
@@ -87,6 +88,10 @@ def engine_args_for(spec: ModelSpec, model_path: str) -> dict[str, Any]:
         args["reasoning_parser"] = spec.reasoning_parser
     if spec.task == "embed":
         args["runner"] = "pooling"
+    if spec.lora is not None:
+        # Every adapter a replica holds may run in one batch; the worker keeps no others.
+        slots = spec.lora.max_loaded_per_replica
+        args.update(enable_lora=True, max_loras=slots, max_cpu_loras=slots, max_lora_rank=spec.lora.max_rank)
     return args
 
 
@@ -170,6 +175,7 @@ class VLLMEngine:
         self._completion: Any = None
         self._tokenization: Any = None
         self._embedder: Embedder | None = None
+        self._models: Any = None
         self._scheduler = _SchedulerView(None)
         self._capacity = 1
 
@@ -182,7 +188,7 @@ class VLLMEngine:
             stat_loggers=[RayPrometheusStatLogger, self._scheduler_view],
         )
         self._capacity = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
-        models = OpenAIServingModels(
+        self._models = models = OpenAIServingModels(
             engine_client=self._llm,
             base_model_paths=[BaseModelPath(name=self.spec.name, model_path=path)],
             lora_modules=None,
@@ -240,11 +246,18 @@ class VLLMEngine:
         except ValueError as exc:
             raise self._map(exc) from None
 
+    def _served_name(self, body: dict[str, Any]) -> str:
+        """The name vLLM runs the request under: a LoRA adapter this engine holds, else the base."""
+        name = body.get("model")
+        held = self._models.lora_requests if self._models is not None else {}
+        return name if isinstance(name, str) and name in held else self.spec.name
+
     def _request(self, kind: Kind, body: dict[str, Any], request_id: str, stream: bool) -> Any:
+        served = self._served_name(body)
         kind, body = self._chat_body(kind, body)
         body = strict_forced_tools(body)
         cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
-        data = {**body, "model": self.spec.name, "request_id": request_id, "stream": stream}
+        data = {**body, "model": served, "request_id": request_id, "stream": stream}
         if stream:
             # Usage on every chunk lets the stream carry a running usage trailer, so a
             # stream cut short is still billed for what it produced.
@@ -374,6 +387,22 @@ class VLLMEngine:
                 f"Token id {unknown} is not in the vocabulary of {self.spec.name} (ids 0 to {size - 1}).",
                 param="tokens",
             )
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if self._models is None:
+            raise OrchestratorError(ErrorCode.PROVIDER_UNAVAILABLE, "The engine is not started.")
+        request = LoadLoRAAdapterRequest(lora_name=name, lora_path=path)
+        result = await self._models.load_lora_adapter(request, base_model_name=self.spec.name)
+        if isinstance(result, ErrorResponse):
+            raise map_engine_error(int(result.error.code), result.error.message, result.error.param)
+
+    async def unload_adapter(self, name: str) -> None:
+        if self._models is None or name not in self._models.lora_requests:
+            return
+        lora_id = self._models.lora_requests[name].lora_int_id
+        await self._models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+        # vLLM's unload only forgets the name; the worker frees the weights on remove_lora.
+        await self._llm.remove_lora(lora_id)
 
     async def check_health(self) -> None:
         if self._llm is None:

@@ -101,3 +101,17 @@ stored_responses = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_stored_responses_workspace", "workspace_id", "created_at"),
 )
+
+# LoRA adapters added at run time (gateway/adapters.py); the catalog's own are in the catalog.
+adapters = Table(
+    "adapters",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("base", String(128), nullable=False),  # the catalog model whose replicas serve it
+    Column("path", Text, nullable=False),  # the adapter's folder on the model replicas' nodes
+    Column("aliases", Text, nullable=False, default="[]"),  # JSON list
+    Column("input_per_million_nusd", Money, nullable=True),  # None: the base model's prices
+    Column("output_per_million_nusd", Money, nullable=True),
+    Column("description", String(200), nullable=False, default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)

@@ -222,6 +222,7 @@ class ModelCard(BaseModel):
     task: Literal["generate", "embed"] = Field(
         description="`generate`: chat, completions, Messages, Responses; `embed`: `/v1/embeddings` only."
     )
+    parent: str | None = Field(default=None, description="For a LoRA adapter: the base model whose replicas serve it.")
 
 
 class ModelList(BaseModel):

@@ -25,6 +25,10 @@ from orchestrator.serving.model_states import current_app_name
 from orchestrator.serving.telemetry import RaySink
 
 
+def _path(spec: ModelSpec) -> str | None:
+    return None if spec.adapter is None else str(spec.adapter.source.path)
+
+
 class ReplicaBackend:
     """Implements :class:`orchestrator.api.Backend` over one ModelServer in this process."""
 
@@ -32,11 +36,11 @@ class ReplicaBackend:
         self._server = server
 
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        return await self._server.complete(kind, body, request_id)
+        return await self._server.complete(kind, body, request_id, _path(spec))
 
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> GeneratorStream:
         # Every frame alone: nothing crosses a handle, so batching would only delay tokens.
-        return GeneratorStream(self._server.stream(kind, body, request_id, batch=False))
+        return GeneratorStream(self._server.stream(kind, body, request_id, _path(spec), batch=False))
 
     async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
         return await self._server.count_tokens(body)

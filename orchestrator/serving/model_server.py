@@ -11,6 +11,7 @@ from orchestrator.engine.base import Engine, Kind
 from orchestrator.engine.batching import batch_frames
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.protocol.tokens import TokensOp
+from orchestrator.serving.adapters import CacheFactory, ReplicaAdapters, serve_multiplexed
 from orchestrator.settings import Settings
 
 # Sent with 529: a shed request may retry soon, when a running request has finished.
@@ -26,12 +27,15 @@ def _vllm_engine(spec: ModelSpec, settings: Settings) -> Engine:
 
 
 class ModelServer:
-    """Serves one catalog model. The constructor does no I/O; :meth:`start` loads the engine.
+    """Serves one catalog model and its LoRA adapters (a request whose ``model`` names one
+    runs it, loaded on first use: :mod:`orchestrator.serving.adapters`). The constructor does
+    no I/O; :meth:`start` loads the engine.
 
     Args:
         spec: the catalog entry as a plain dict.
         settings: settings as a plain dict.
         engine_factory: builds the engine (vLLM by default; tests may inject another).
+        adapter_cache: the bounded LRU of LoRA adapters (Serve's multiplexing by default).
     """
 
     def __init__(
@@ -39,11 +43,13 @@ class ModelServer:
         spec: dict[str, Any],
         settings: dict[str, Any],
         engine_factory: Callable[[ModelSpec, Settings], Engine] = _vllm_engine,
+        adapter_cache: CacheFactory = serve_multiplexed,
     ) -> None:
         self.spec = ModelSpec.model_validate(spec)
         # A model replica needs no secret: any its environment supplies is dropped.
         self.settings = Settings(**settings).without_secrets()
         self.engine = engine_factory(self.spec, self.settings)
+        self.adapters = ReplicaAdapters(self.spec, self.engine, adapter_cache)
         self._batch_s = self.settings.stream_batch_ms / 1000.0
         self._batches_per_s = self.settings.stream_batches_per_second
         # Requests in this replica (running in the engine or waiting for a slot), counted
@@ -73,13 +79,17 @@ class ModelServer:
                 headers={"Retry-After": str(SHED_RETRY_AFTER_S)},
             )
 
-    async def complete(self, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+    async def complete(
+        self, kind: Kind, body: dict[str, Any], request_id: str, adapter_path: str | None = None
+    ) -> dict[str, Any]:
         """Returns the whole response body; raises ``OrchestratorError`` on failure (529 when
-        shed)."""
+        shed). ``adapter_path``: the folder of an adapter added at run time that ``body``
+        names (the catalog's own are known here)."""
         self._admit()
         self.in_flight += 1
         try:
-            return await self.engine.complete(kind, body, request_id)
+            async with self.adapters.using(body.get("model"), adapter_path):
+                return await self.engine.complete(kind, body, request_id)
         finally:
             self.in_flight -= 1
 
@@ -90,24 +100,26 @@ class ModelServer:
         return min(self._batch_s, self.streams / self._batches_per_s)
 
     async def stream(
-        self, kind: Kind, body: dict[str, Any], request_id: str, *, batch: bool = True
+        self, kind: Kind, body: dict[str, Any], request_id: str, adapter_path: str | None = None, *, batch: bool = True
     ) -> AsyncGenerator[list[str]]:
         """Yields batches of SSE frames: the first token at once, then batches whose interval
         grows with the streams in flight (:meth:`batch_interval_s`); without ``batch``, every
-        frame alone (for a caller in this process: nothing crosses a handle).
+        frame alone (for a caller in this process: nothing crosses a handle). ``adapter_path``
+        as for :meth:`complete`.
 
         Cancelling the caller (client disconnect) closes this generator, which aborts the
         request inside the engine. Raises 529 ``provider_overloaded`` before the first batch
-        when shed.
+        when shed, and the engine's error when the adapter it names cannot be loaded.
         """
         self._admit()
         self.in_flight += 1
         self.streams += 1
         try:
             eager = 1 if kind == "completion" else 2  # chat's first frame is the role alone
-            frames = self.engine.stream(kind, body, request_id)
-            async for frames_out in batch_frames(frames, self.batch_interval_s if batch else 0.0, eager=eager):
-                yield frames_out
+            async with self.adapters.using(body.get("model"), adapter_path):
+                frames = self.engine.stream(kind, body, request_id)
+                async for frames_out in batch_frames(frames, self.batch_interval_s if batch else 0.0, eager=eager):
+                    yield frames_out
         finally:
             self.in_flight -= 1
             self.streams -= 1

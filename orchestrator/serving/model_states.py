@@ -108,7 +108,7 @@ class ModelStates:
     def running(self, model: str) -> int | None:
         """Running replicas of a model, or None before the first refresh."""
         spec = self.catalog.resolve(model)
-        state = self._states.get(self._locations[spec.name])
+        state = self._states.get(self._locations[spec.base_name])
         return None if state is None else state.running
 
     def health(self) -> dict[str, ModelHealth]:

@@ -24,6 +24,7 @@ from orchestrator.api import Kind, create_app
 from orchestrator.api.backend import ModelHealth
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.adapters import AdapterTable
 from orchestrator.layout import model_app_name
 from orchestrator.protocol.tokens import TokensOp
 from orchestrator.serving.gateway_server import instance_gateway, remote_gateway
@@ -60,6 +61,12 @@ def _unavailable(spec: ModelSpec) -> OrchestratorError:
     )
 
 
+def _adapter_path(spec: ModelSpec) -> tuple[str, ...]:
+    """The extra argument of a call for an adapter: its folder (the replica may not know an
+    adapter added at run time); none for a base model."""
+    return () if spec.adapter is None else (str(spec.adapter.source.path),)
+
+
 class InFlight:
     """Requests this router has sent to each model and not yet seen end, bounded by the
     model's running replicas.
@@ -92,11 +99,11 @@ class InFlight:
         Raises:
             OrchestratorError: ``provider_overloaded`` (529, ``Retry-After``) past the bound.
         """
-        count = self.counts.get(spec.name, 0)
+        count = self.counts.get(spec.base_name, 0)
         bound = self.bound(spec, running)
         if bound is not None and count >= bound:
             raise _overloaded(spec)
-        self.counts[spec.name] = count + 1
+        self.counts[spec.base_name] = count + 1
 
     def release(self, model: str) -> None:
         self.counts[model] -= 1
@@ -114,7 +121,7 @@ class _HandleStream:
         self._source = source
         self._first = True
         # A finalizer runs its function at most once, whether called or collected.
-        self._release = weakref.finalize(self, router.in_flight.release, spec.name)
+        self._release = weakref.finalize(self, router.in_flight.release, spec.base_name)
 
     def __aiter__(self) -> _HandleStream:
         return self
@@ -182,20 +189,40 @@ class Router:
         self._stream = {name: h.options(method_name="stream", stream=True) for name, h in handles.items()}
         self.states = ModelStates(self.catalog, locations, serve_states)
         self._cold_waiters: dict[str, int] = {}
+        self._multiplexed: dict[tuple[int, str], DeploymentHandle] = {}
         self.in_flight = InFlight(self.settings.router_replicas)
 
     def __serve_build_asgi_app__(self) -> Any:
         # Serve's proxy assigns X-Request-Id (keeping a sane client one) and echoes it.
+        # With keys there is a database: the adapters added at run time are kept there.
+        adapters = None if self.gateway is None else AdapterTable(self.settings.resolved_database_url())
         return create_app(
-            self.catalog, self, self.settings, gateway=self.gateway, echo_request_id=False, metrics=self._sink
+            self.catalog,
+            self,
+            self.settings,
+            gateway=self.gateway,
+            echo_request_id=False,
+            metrics=self._sink,
+            adapters=adapters,
         )
+
+    def _handle(self, handles: dict[str, DeploymentHandle], spec: ModelSpec) -> DeploymentHandle:
+        """The handle of the model's base for this call; an adapter's call carries its name as
+        Serve's multiplexed model id, so Serve prefers replicas that hold it loaded."""
+        if spec.parent is None:
+            return handles[spec.base_name]
+        key = (id(handles), spec.name)
+        handle = self._multiplexed.get(key)
+        if handle is None:
+            handle = self._multiplexed[key] = handles[spec.base_name].options(multiplexed_model_id=spec.name)
+        return handle
 
     def _cold(self, spec: ModelSpec) -> bool:
         return self._running(spec) == 0
 
     def _running(self, spec: ModelSpec) -> int | None:
         self.states.start()
-        return self.states.running(spec.name)
+        return self.states.running(spec.base_name)
 
     async def bounded(self, spec: ModelSpec, call: Awaitable[Any], timeout_s: float, *, may_be_cold: bool) -> Any:
         """Awaits a handle call within its deadline.
@@ -220,7 +247,7 @@ class Router:
             raise _timed_out(spec, timeout_s) from None
 
     async def _after_cold_start(self, spec: ModelSpec, call: Awaitable[Any], timeout_s: float) -> Any:
-        waiting = self._cold_waiters.get(spec.name, 0)
+        waiting = self._cold_waiters.get(spec.base_name, 0)
         if waiting >= max(spec.overload.max_waiting_per_replica, 1):
             # The view may be a refresh period old: a replica that came up since (one Serve
             # just replaced, say) serves this request instead of it being refused.
@@ -233,7 +260,7 @@ class Router:
             raise _overloaded(spec)
         task = asyncio.ensure_future(call)
         try:
-            self._cold_waiters[spec.name] = waiting + 1
+            self._cold_waiters[spec.base_name] = waiting + 1
             try:
                 give_up = time.monotonic() + spec.autoscaling.cold_start_timeout_s
                 while self._cold(spec) and not task.done():
@@ -241,7 +268,7 @@ class Router:
                         raise _unavailable(spec)
                     await asyncio.wait({task}, timeout=COLD_POLL_S)
             finally:
-                self._cold_waiters[spec.name] -= 1  # a replica is up (or it gave up): no longer waiting
+                self._cold_waiters[spec.base_name] -= 1  # a replica is up (or it gave up): no longer waiting
             async with asyncio.timeout(timeout_s):
                 return await task
         finally:
@@ -251,7 +278,7 @@ class Router:
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         self.in_flight.take(spec, self._running(spec))
         try:
-            call = self._complete[spec.name].remote(kind, body, request_id)
+            call = self._handle(self._complete, spec).remote(kind, body, request_id, *_adapter_path(spec))
             try:
                 result: dict[str, Any] = await self.bounded(
                     spec, call, spec.overload.request_timeout_s, may_be_cold=True
@@ -260,11 +287,11 @@ class Router:
                 call.cancel()  # the replica stops generating (Serve cancels its task)
                 raise
         finally:
-            self.in_flight.release(spec.name)
+            self.in_flight.release(spec.base_name)
         return result
 
     async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
-        call = self._count[spec.name].remote(body)
+        call = self._handle(self._count, spec).remote(body)
         try:
             count: int = await self.bounded(spec, call, spec.overload.request_timeout_s, may_be_cold=True)
         except BaseException:
@@ -284,9 +311,10 @@ class Router:
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> _HandleStream:
         self.in_flight.take(spec, self._running(spec))
         try:
-            source: Any = self._stream[spec.name].remote(kind, body, request_id)  # stream=True: a generator
+            handle = self._handle(self._stream, spec)
+            source: Any = handle.remote(kind, body, request_id, *_adapter_path(spec))  # stream=True: a generator
         except BaseException:
-            self.in_flight.release(spec.name)
+            self.in_flight.release(spec.base_name)
             raise
         return _HandleStream(self, spec, source)
 

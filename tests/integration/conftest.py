@@ -38,6 +38,7 @@ import yaml
 from orchestrator.catalog import load_catalog
 from orchestrator.engine.weights import build_tiny_llama
 from orchestrator.layout import applications, model_app_name
+from tests.adapters import build_tiny_lora
 from tests.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,6 +77,7 @@ class Deployment:
     postgres: PostgresServer | None = None  # the main app's database server, when the tests run it
     config: dict[str, Any] = field(default_factory=dict)  # the Serve config deployed
     config_path: Path | None = None
+    spare_adapter: Path | None = None  # a LoRA for tiny-a in no catalog (test_adapters.py adds it at run time)
 
     @property
     def sqlite_base_url(self) -> str:
@@ -163,6 +165,23 @@ def tiny_entry(name: str, alias: str, path: Path, **overrides: object) -> dict[s
     }
 
 
+def tiny_a_adapters(base: Path, work: Path) -> list[dict[str, object]]:
+    """tiny-a's LoRA adapters (test_adapters.py): `tiny-a-lora` (alias `a-lora`) at prices of
+    its own, and `tiny-a-lora-2` at tiny-a's, which only the test loading it under load uses."""
+    return [
+        {
+            "name": "tiny-a-lora",
+            "aliases": ["a-lora"],
+            "source": {"kind": "local", "path": str(build_tiny_lora(base, work / "tiny-a-lora", seed=1))},
+            "pricing": {"input_per_million": "5", "output_per_million": "7"},
+        },
+        {
+            "name": "tiny-a-lora-2",
+            "source": {"kind": "local", "path": str(build_tiny_lora(base, work / "lora-2", seed=2))},
+        },
+    ]
+
+
 # The operations app's models (route /ops, open mode, 2 s keep-alives):
 #   tiny-scale   runs 2 sequences at once, 1..2 replicas, aims at 1 waiting per replica,
 #                sheds past 4 waiting;
@@ -228,8 +247,9 @@ def deployment(
 ) -> Iterator[Deployment]:
     work = tmp_path_factory.mktemp("cluster")
     catalog, small = work / "catalog.yaml", work / "small.yaml"
+    tiny_a = build_tiny_llama(work / "tiny-a", seed=1)
     entries = [
-        tiny_entry("tiny-a", "a", build_tiny_llama(work / "tiny-a", seed=1)),
+        tiny_entry("tiny-a", "a", tiny_a, adapters=tiny_a_adapters(tiny_a, work)),
         # A short queue, so the shedding test can fill it: 16 running + 2 waiting per replica.
         tiny_entry("tiny-b", "b", build_tiny_llama(work / "tiny-b", seed=2), overload={"max_waiting_per_replica": 2}),
     ]
@@ -339,6 +359,7 @@ def deployment(
             postgres=postgres,
             config=config,
             config_path=config_path,
+            spare_adapter=build_tiny_lora(tiny_a, work / "tiny-a-spare", seed=3),
         )
         deployed_app.api_key = deployed_app.new_key(name="integration")
         yield deployed_app

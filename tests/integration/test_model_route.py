@@ -25,7 +25,7 @@ def _route(deployment: Deployment) -> str:
 def test_the_route_answers_for_its_model_alone(deployment: Deployment) -> None:
     route = deployment.client(base_url=_route(deployment), timeout=120)
     # The model's application answered, not the router (which lists every model).
-    assert [m.id for m in route.models.list()] == ["tiny-a"]
+    assert [m.id for m in route.models.list()] == ["tiny-a", "tiny-a-lora", "tiny-a-lora-2"]  # and its adapters
     assert len(deployment.client().models.list().data) > 1
     assert route.chat.completions.create(model="a", messages=USER, max_tokens=2).choices  # by alias
     with pytest.raises(openai.NotFoundError) as info:

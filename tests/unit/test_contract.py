@@ -34,6 +34,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from orchestrator.api import create_app
 from orchestrator.catalog import Catalog, load_catalog
+from orchestrator.gateway.adapters import AdapterTable
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.records import MAX_RATE, KeyLimits
@@ -94,7 +95,8 @@ def keyed_app(catalog: Catalog, engines: dict[str, FakeEngine], folder: Path, ke
     event loop of its own, and the ledger must live on that loop."""
     ledger = Ledger(SQLStore(f"sqlite:///{folder / 'g.db'}"), UsageJournal(folder / "j"), flush_interval_s=0.05)
     settings = Settings(admin_key=ADMIN, max_body_bytes=BODY_LIMIT)
-    app = create_app(catalog, LocalBackend(engines), settings, gateway=ledger)
+    adapters = AdapterTable(ledger.store.url)
+    app = create_app(catalog, LocalBackend(engines), settings, gateway=ledger, adapters=adapters)
     inner = app.router.lifespan_context
 
     @asynccontextmanager

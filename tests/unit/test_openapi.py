@@ -12,6 +12,7 @@ from typing import Any
 
 from orchestrator.api import create_app
 from orchestrator.catalog import load_catalog
+from orchestrator.gateway.adapters import AdapterTable
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.store import SQLStore
 from orchestrator.settings import Settings
@@ -24,7 +25,8 @@ DOC = REPO / "docs" / "openapi.json"
 def current() -> dict[str, Any]:
     # A ledger that is never started (its constructor does no I/O) puts the admin routes in.
     gateway = Ledger(SQLStore("sqlite://"))
-    app = create_app(load_catalog([REPO / "catalog"]), LocalBackend({}), Settings(), gateway=gateway)
+    adapters = AdapterTable("sqlite://")  # never opened: it puts the /admin/adapters routes in
+    app = create_app(load_catalog([REPO / "catalog"]), LocalBackend({}), Settings(), gateway=gateway, adapters=adapters)
     return app.openapi()
 
 
