@@ -12,8 +12,8 @@ which Serve checks):
 * Loopback (unless ``ORCH_INGRESS_LOOPBACK=0``, as the Helm chart's pods set): the config's
   wildcard ``bind`` lines move to ``127.0.0.1``, and it refuses to start if any listener
   would still be reachable from other machines.
-* Model routes (when ``ORCH_INGRESS_ROUTES`` holds the JSON of
-  :func:`orchestrator.layout.ingress_routes`): a POST to one of the router's generation
+* Model routes (when ``ORCH_INGRESS_ROUTES``, or the file ``ORCH_INGRESS_ROUTES_FILE``
+  names, holds the JSON of :func:`orchestrator.layout.ingress_routes`): a POST to one of the router's generation
   routes (:data:`GENERATION_PATHS`) whose JSON body's ``model`` is exactly one of a model's
   names (display name, alias, backend id) gets the path of that model's own route
   (``/v1/chat/completions`` becomes ``/models/<name>/v1/chat/completions``) while a replica
@@ -69,6 +69,7 @@ def to_loopback(config: str) -> str:
 
 
 ROUTES_ENV = "ORCH_INGRESS_ROUTES"
+ROUTES_FILE_ENV = "ORCH_INGRESS_ROUTES_FILE"
 LOOPBACK_ENV = "ORCH_INGRESS_LOOPBACK"
 
 # The router's POST routes whose JSON body names the model (orchestrator/api); a model's own
@@ -184,8 +185,8 @@ def with_model_routes(config: str, routes: ModelRoutes, map_path: str) -> str:
 
 def rewrite(config: str, path: Path, environ: Mapping[str, str]) -> str:
     """Returns the config HAProxy should run: :func:`to_loopback` unless ``environ`` says
-    ``ORCH_INGRESS_LOOPBACK=0``, with the model routes of ``ORCH_INGRESS_ROUTES`` (their
-    map written beside ``path``).
+    ``ORCH_INGRESS_LOOPBACK=0``, with the model routes of ``ORCH_INGRESS_ROUTES`` or of the
+    file ``ORCH_INGRESS_ROUTES_FILE`` names (their map written beside ``path``).
 
     Raises:
         ExposedListener: see :func:`to_loopback`.
@@ -193,13 +194,25 @@ def rewrite(config: str, path: Path, environ: Mapping[str, str]) -> str:
     """
     if environ.get(LOOPBACK_ENV, "1") != "0":
         config = to_loopback(config)
-    given = environ.get(ROUTES_ENV)
+    given = environ.get(ROUTES_ENV) or _read(environ.get(ROUTES_FILE_ENV))
     if given:
         routes = ModelRoutes.from_json(given)
         map_path = path.with_name(path.name + ".models.map")
         _replace(map_path, routes.map_file())
         config = with_model_routes(config, routes, str(map_path))
     return config
+
+
+def _read(path: str | None) -> str:
+    """The file's text; empty without a path or a file (then every request goes as Serve
+    routes it)."""
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        print(f"orchestrator-haproxy: no {path}; /v1 goes through the router", file=sys.stderr)
+        return ""
 
 
 def _replace(path: Path, text: str) -> None:

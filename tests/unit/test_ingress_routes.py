@@ -345,3 +345,14 @@ def test_a_model_whose_replicas_are_down_is_served_through_the_router(tmp_path: 
             time.sleep(0.1)
         assert server == "router"
         assert ingress.where("POST", "/v1/messages", {"model": "tiny-e"})[:2] == ("router", "/v1/messages")
+
+
+def test_the_routes_can_come_from_a_file_and_a_missing_one_leaves_serves_routing(tmp_path: Path) -> None:
+    config = render(tmp_path, catalog_apps(9001, [9002]))
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps(ROUTES_JSON))
+    rewritten = rewrite(config, tmp_path / "h.cfg", {"ORCH_INGRESS_ROUTES_FILE": str(routes)})
+    assert "set-path /models/tiny-e" in rewritten
+    assert (tmp_path / "h.cfg.models.map").read_text() == ROUTES.map_file()
+    missing = {"ORCH_INGRESS_ROUTES_FILE": str(tmp_path / "none.json")}
+    assert rewrite(config, tmp_path / "h.cfg", missing) == rewrite(config, tmp_path / "h.cfg", {})

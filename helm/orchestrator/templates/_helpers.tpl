@@ -103,7 +103,18 @@ With catalog.existingConfigMap, one app that build_app builds from the mounted c
 {{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "applications" $apps) -}}
 {{- end -}}
 
-{{/* What orchestrator-haproxy reads from ORCH_INGRESS_ROUTES (orchestrator/layout.py
+{{/* "true" when Serve runs HAProxy through orchestrator-haproxy with the catalog's names
+(fastIngress, haproxyWrapper, and catalog.models laid out one app per model). */}}
+{{- define "orchestrator.modelIngress" -}}
+{{- if and .Values.fastIngress .Values.haproxyWrapper (not .Values.catalog.existingConfigMap) }}true{{ end -}}
+{{- end -}}
+
+{{/* The file of orchestrator.ingressRoutes in every Ray container, from the ConfigMap
+<fullname>-ingress-routes: a file, not an environment variable, so that a catalog change
+leaves the pod templates as they are (the RayCluster keeps running). */}}
+{{- define "orchestrator.ingressRoutesFile" -}}/etc/orchestrator/ingress/routes.json{{- end -}}
+
+{{/* What orchestrator-haproxy reads from ORCH_INGRESS_ROUTES_FILE (orchestrator/layout.py
 ingress_routes): the router's route prefix and every name of every catalog model (display
 name, aliases, backend id, which defaults from the source as orchestrator/catalog.py says)
 with the route of the model's own application. */}}
@@ -148,13 +159,13 @@ download folder inside the cache volume. */}}
   value: "0"
 - name: RAY_SERVE_HAPROXY_TUNE_BUFSIZE
   value: "65536"
-{{- if and .Values.haproxyWrapper (not .Values.catalog.existingConfigMap) }}
+{{- if include "orchestrator.modelIngress" . }}
 - name: RAY_SERVE_HAPROXY_BINARY_PATH
   value: {{ .Values.haproxyWrapper | quote }}
 - name: ORCH_INGRESS_LOOPBACK
   value: "0"
-- name: ORCH_INGRESS_ROUTES
-  value: {{ include "orchestrator.ingressRoutes" . | quote }}
+- name: ORCH_INGRESS_ROUTES_FILE
+  value: {{ include "orchestrator.ingressRoutesFile" . | quote }}
 {{- end }}
 {{- end }}
 {{- if .Values.rayAuth.enabled }}
@@ -192,6 +203,11 @@ download folder inside the cache volume. */}}
   readOnly: true
 - name: cache
   mountPath: {{ .Values.cache.mountPath }}
+{{- if include "orchestrator.modelIngress" . }}
+- name: ingress-routes
+  mountPath: {{ include "orchestrator.ingressRoutesFile" . | dir }}
+  readOnly: true
+{{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
@@ -207,6 +223,11 @@ download folder inside the cache volume. */}}
   secret:
     secretName: {{ include "orchestrator.secretName" . }}
 - {{ merge (dict "name" "cache") (deepCopy (.Values.cache.volume | default (dict "emptyDir" dict))) | toYaml | nindent 2 | trim }}
+{{- if include "orchestrator.modelIngress" . }}
+- name: ingress-routes
+  configMap:
+    name: {{ include "orchestrator.fullname" . }}-ingress-routes
+{{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
