@@ -205,7 +205,7 @@ def test_v1_sends_a_catalog_models_requests_straight_to_its_application(served: 
     raw = client.chat.completions.with_raw_response.create(model="e", messages=user, max_tokens=2)  # type: ignore[arg-type]
     assert raw.headers["x-ratelimit-limit-requests"] == "3" and raw.headers["x-ratelimit-remaining-requests"] == "2"
     chunks = list(client.completions.create(model="tiny-e", prompt="Hi", max_tokens=2, stream=True))
-    assert chunks[-1].choices[-1].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2
     reply = messages.messages.create(model="test-org/tiny-e", max_tokens=2, messages=user)  # type: ignore[arg-type]
     assert reply.usage.output_tokens == 2
     # The fourth this minute is refused on /v1, in each dialect's envelope.
