@@ -184,15 +184,29 @@ def test_serve_prints_its_metrics_port_which_serves_every_series(served: Served)
     assert names >= WANTED, sorted(names)
 
 
-def _requests_by_deployment(served: Served) -> dict[str, float]:
-    """ray_orchestrator_requests_total of model tiny-e, summed by the deployment that counted
-    it (the router's, or the model's when its own application answered)."""
+def _requests_by_deployment(served: Served) -> dict[tuple[str, str, str], float]:
+    """ray_orchestrator_requests_total of model tiny-e by the deployment that counted it (the
+    router's, or the model's when its own application answered), route and status."""
     text = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=30).text
-    counts: dict[str, float] = defaultdict(float)
+    counts: dict[tuple[str, str, str], float] = defaultdict(float)
     for sample in parse_samples(text, prefix="ray_orchestrator_requests"):
         if sample.name == "ray_orchestrator_requests_total" and sample.labels.get("model") == "tiny-e":
-            counts[sample.labels.get("deployment", "")] += sample.value
+            labels = sample.labels
+            counts[(labels.get("deployment", ""), labels.get("route", ""), labels.get("status", ""))] += sample.value
     return counts
+
+
+def _increase(before: dict[Any, float], after: dict[Any, float], **where: str) -> float:
+    """How much the counts matching ``where`` (deployment, route, status) grew."""
+
+    def total(counts: dict[Any, float]) -> float:
+        found = 0.0
+        for (deployment, route, status), value in counts.items():
+            labels = {"deployment": deployment, "route": route, "status": status}
+            found += value if all(labels[name] == wanted for name, wanted in where.items()) else 0
+        return found
+
+    return total(after) - total(before)
 
 
 def test_v1_sends_a_catalog_models_requests_straight_to_its_application(served: Served) -> None:
@@ -215,14 +229,21 @@ def test_v1_sends_a_catalog_models_requests_straight_to_its_application(served: 
     with pytest.raises(anthropic.RateLimitError) as told:
         messages.messages.create(model="e", max_tokens=2, messages=user)  # type: ignore[arg-type]
     assert told.value.body["type"] == "error" and told.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
-    # The model's application counted every one of them; the router none.
+    # The model's application counted every one of them (the only 429s and Messages requests
+    # of model tiny-e here); the router none.
     deadline = time.monotonic() + 120
     after = _requests_by_deployment(served)
-    while after["model-tiny-e"] < before["model-tiny-e"] + 5 and time.monotonic() < deadline:
+    mine = {"deployment": "model-tiny-e"}
+    while time.monotonic() < deadline and (
+        _increase(before, after, **mine, status="429") < 2
+        or _increase(before, after, **mine, route="/v1/messages", status="200") < 1
+    ):
         time.sleep(1)  # Ray exports every second here
         after = _requests_by_deployment(served)
-    assert after["model-tiny-e"] == before["model-tiny-e"] + 5, (before, after)
-    assert after["router"] == before["router"], (before, after)
+    assert _increase(before, after, **mine, status="429") == 2, (before, after)
+    assert _increase(before, after, **mine, route="/v1/messages", status="200") == 1, (before, after)
+    assert _increase(before, after, **mine, route="/v1/chat/completions", status="200") >= 1, (before, after)
+    assert _increase(before, after, deployment="router") == 0, (before, after)
     # A name outside the catalog still gets the router's answer.
     with pytest.raises(openai.NotFoundError) as unknown:
         served.client().chat.completions.create(model="nope", messages=user, max_tokens=2)  # type: ignore[arg-type]
