@@ -89,8 +89,17 @@ BODY_WAIT = "60s"
 _ANCHOR = re.compile(r"^[ \t]*# Per-backend path ACLs", re.MULTILINE)
 # `acl is_<backend> path <prefix>`: Serve's exact-path ACL of each application's backend.
 _BACKEND_PREFIX = re.compile(r"^\s*acl is_(\S+) path (\S+)\s*$", re.MULTILINE)
+# Serve's comment before its use_backend rules: the session rules' use_backend go there.
+_STATIC_ROUTING = re.compile(r"^[ \t]*# Static routing based on path prefixes", re.MULTILINE)
 _SECTION = re.compile(r"^(backend|frontend|listen|defaults|global)\s+(\S*)", re.MULTILINE)
-_SERVER = re.compile(r"^\s*server\s+(\S+)\s+\S+(.*)$", re.MULTILINE)
+_SERVER = re.compile(r"^\s*server\s+(\S+)\s+(\S+)(.*)$", re.MULTILINE)
+_TIMEOUT = re.compile(r"^\s*timeout\s.*$", re.MULTILINE)
+# A session: this header, else the body's `user` (OpenAI) or `metadata.user_id` (Anthropic).
+SESSION_HEADER = "x-session-id"
+SESSION_FIELDS = ("$.user", "$.metadata.user_id")
+# Bounded load: a session's replica takes its request while its connections stay within this
+# percentage of the mean of the model's replicas; past it the next replica on the ring does.
+HASH_BALANCE_FACTOR = 150
 
 
 @dataclass(frozen=True)
@@ -127,45 +136,66 @@ def _map_safe(name: str, prefix: str) -> bool:
     return bool(name) and not name.startswith("#") and not any(c.isspace() for c in name + prefix)
 
 
-def active_servers(config: str) -> dict[str, list[str]]:
-    """Returns each backend section's servers, backup servers (Serve's fallback proxy) left
-    out, by backend name."""
-    servers: dict[str, list[str]] = {}
+def backend_sections(config: str) -> dict[str, str]:
+    """Returns the text of each backend section, by backend name."""
     sections = list(_SECTION.finditer(config))
-    for section, after in zip(sections, [*sections[1:], None], strict=True):
-        if section.group(1) != "backend":
-            continue
-        body = config[section.end() : after.start() if after else len(config)]
-        found = _SERVER.findall(body)
-        servers[section.group(2)] = [name for name, rest in found if "backup" not in rest.split()]
-    return servers
+    return {
+        section.group(2): config[section.end() : after.start() if after else len(config)]
+        for section, after in zip(sections, [*sections[1:], None], strict=True)
+        if section.group(1) == "backend"
+    }
+
+
+def active_servers(config: str) -> dict[str, list[tuple[str, str]]]:
+    """Returns each backend's servers as (name, address), backup servers (Serve's fallback
+    proxy) left out, by backend name."""
+    return {
+        backend: [(name, address) for name, address, rest in _SERVER.findall(body) if "backup" not in rest.split()]
+        for backend, body in backend_sections(config).items()
+    }
+
+
+def model_backends(config: str, routes: ModelRoutes) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Returns, by route prefix, the backend of each model application in ``config`` that has
+    servers, with its servers (:func:`active_servers`)."""
+    prefixes = set(routes.models.values())
+    servers = active_servers(config)
+    found = {prefix: name for name, prefix in _BACKEND_PREFIX.findall(config) if prefix in prefixes}
+    return {prefix: (name, servers[name]) for prefix, name in sorted(found.items()) if servers.get(name)}
 
 
 def model_route_rules(config: str, routes: ModelRoutes, map_path: str) -> str:
-    """Returns the ``http_frontend`` rules that give a generation request on the router's
-    ``/v1`` the path of its model's own route, for the models whose application has a
-    backend with servers in ``config``; empty when there is none."""
-    prefixes = set(routes.models.values())
-    backends = {prefix: name for name, prefix in _BACKEND_PREFIX.findall(config) if prefix in prefixes}
-    servers = active_servers(config)
-    targets = {prefix: (name, servers.get(name, [])) for prefix, name in backends.items()}
-    targets = {prefix: target for prefix, target in targets.items() if target[1]}
+    """Returns the ``http_frontend`` rules that read a generation request's session and give
+    one on the router's ``/v1`` the path of its model's own route, for the models whose
+    application has a backend with servers in ``config``; empty when there is none."""
+    targets = model_backends(config, routes)
     if not targets:
         return ""
     router = routes.router.rstrip("/")
     paths = " ".join(router + path for path in GENERATION_PATHS)
     lines = [
-        "    # orchestrator-haproxy: a generation request on the router's /v1 whose body names a",
-        "    # model (map below) takes the path of that model's own route while one of its",
-        "    # replicas is up; Serve's use_backend rules then send it to that application.",
+        "    # orchestrator-haproxy: a generation request (on any route) carries its session in",
+        f"    # txn.orch_session ({SESSION_HEADER}, else the body's user or metadata.user_id).",
+        f"    acl orch_generation_any path_end {' '.join(GENERATION_PATHS)}",
+        f"    http-request wait-for-body time {BODY_WAIT} if METH_POST orch_generation_any",
+        f"    http-request set-var(txn.orch_session) req.hdr({SESSION_HEADER}) "
+        f"if {{ req.hdr({SESSION_HEADER}) -m found }}",
+        *(
+            f"    http-request set-var(txn.orch_session) req.body,json_query('{field}') "
+            "if METH_POST orch_generation_any !{ var(txn.orch_session) -m found }"
+            for field in SESSION_FIELDS
+        ),
+        "    http-request unset-var(txn.orch_session) if { var(txn.orch_session),length eq 0 }",
+        "    # A generation request on the router's /v1 whose body names a model (map below)",
+        "    # takes the path of that model's own route while one of its replicas is up;",
+        "    # Serve's use_backend rules then send it to that application.",
         f"    acl orch_generation path {paths}",
-        f"    http-request wait-for-body time {BODY_WAIT} if METH_POST orch_generation",
         f"    http-request set-var(txn.orch_route) req.body,json_query('$.model'),map({map_path}) "
         "if METH_POST orch_generation",
     ]
-    for number, (prefix, (backend, names)) in enumerate(sorted(targets.items())):
+    for number, (prefix, (backend, servers)) in enumerate(targets.items()):
         acl = f"orch_up_{number}"
-        lines += [f"    acl {acl} srv_is_up({backend}/{server})" for server in names]
+        lines += [f"    acl {acl} srv_is_up({backend}/{server})" for server, _ in servers]
         lines.append(
             f"    http-request set-path {prefix}%[path,bytes({len(router)})] "
             f"if {{ var(txn.orch_route) -m str {prefix} }} {acl}"
@@ -173,14 +203,43 @@ def model_route_rules(config: str, routes: ModelRoutes, map_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def affinity_backend(backend: str, servers: list[tuple[str, str]], section: str) -> str:
+    """Returns a backend over ``backend``'s servers (each tracking its health there) that
+    sends the requests of one session to one replica while it is up and within the bounded
+    load: consistent hashing of ``txn.orch_session``, so a replica's end moves only its own
+    sessions."""
+    lines = [
+        f"backend {backend}-orch-affinity",
+        "    log global",
+        "    http-reuse always",
+        *(line.rstrip() for line in _TIMEOUT.findall(section)),
+        "    balance hash var(txn.orch_session)",
+        "    hash-type consistent",
+        f"    hash-balance-factor {HASH_BALANCE_FACTOR}",
+        *(f"    server {name} {address} track {backend}/{name}" for name, address in servers),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def with_model_routes(config: str, routes: ModelRoutes, map_path: str) -> str:
     """Returns ``config`` with :func:`model_route_rules` in its HTTP frontend, before
-    Serve's per-backend rules; unchanged if it has no such place or no model backend."""
+    Serve's per-backend rules, and, for each model's backend, its :func:`affinity_backend`,
+    used before Serve's ``use_backend`` rules by a request with a session; unchanged if it
+    has no such places or no model backend."""
     rules = model_route_rules(config, routes, map_path)
-    anchor = _ANCHOR.search(config)
-    if not rules or anchor is None:
+    anchor, static = _ANCHOR.search(config), _STATIC_ROUTING.search(config)
+    if not rules or anchor is None or static is None:
         return config
-    return config[: anchor.start()] + rules + config[anchor.start() :]
+    targets = model_backends(config, routes)
+    sections = backend_sections(config)
+    use = "".join(
+        f"    use_backend {name}-orch-affinity if is_{name} {{ var(txn.orch_session) -m found }} "
+        f"{{ nbsrv({name}-orch-affinity) ge 1 }}\n"
+        for name, _ in targets.values()
+    )
+    extra = "".join(affinity_backend(name, servers, sections[name]) for name, servers in targets.values())
+    text = config[: anchor.start()] + rules + config[anchor.start() : static.start()] + use + config[static.start() :]
+    return (text if text.endswith("\n") else text + "\n") + extra
 
 
 def rewrite(config: str, path: Path, environ: Mapping[str, str]) -> str:

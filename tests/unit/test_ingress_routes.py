@@ -190,14 +190,16 @@ class _Quiet(ThreadingHTTPServer):
         pass  # HAProxy's health checks close their connections before the answer is read
 
 
-def stand_in(name: str, healthy: bool = True) -> ThreadingHTTPServer:
+def stand_in(name: str, healthy: bool | list[bool] = True) -> ThreadingHTTPServer:
     """A server that answers every request with its name, the path asked and the body's
-    length (and ``/-/healthz``, Serve's health check, with 200 or 503)."""
+    length (and ``/-/healthz``, Serve's health check, with 200 or 503; ``healthy`` as a
+    one-item list can be changed while it runs)."""
+    health = healthy if isinstance(healthy, list) else [healthy]
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/-/healthz":
-                self._send(200 if healthy else 503, b"success" if healthy else b"down")
+                self._send(200 if health[0] else 503, b"success" if health[0] else b"down")
             else:
                 self._answer(b"")
 
@@ -240,12 +242,15 @@ class Ingress:
         return answer["server"], answer["path"], answer["length"]
 
 
-def run_ingress(tmp_path: Path, prefix: str, model_healthy: bool = True) -> Iterator[Ingress]:
+def run_ingress(
+    tmp_path: Path, prefix: str, model_healthy: bool = True, health: list[list[bool]] | None = None
+) -> Iterator[Ingress]:
     """HAProxy with Serve's config for the router (under ``prefix``), a model with two
-    replicas and a model with none, rewritten by the wrapper with their names, in front of
-    stand-ins."""
+    replicas (or one for each of ``health``, the replicas' changeable health) and a model
+    with none, rewritten by the wrapper with their names, in front of stand-ins."""
     router = stand_in("router")
-    replicas = [stand_in(f"replica-{i}", model_healthy) for i in range(2)]
+    health = health or [[model_healthy], [model_healthy]]
+    replicas = [stand_in(f"replica-{i}", healthy) for i, healthy in enumerate(health)]
     port = free_port()
     under = prefix.rstrip("/")
     apps = catalog_apps(router.server_port, [r.server_port for r in replicas], prefix)
