@@ -21,6 +21,12 @@ which Serve checks):
   no router replica, no handle hop. Anything else (another name, a body that is not JSON or
   larger than HAProxy's buffer, ``tune.bufsize``, every GET) goes to the router unchanged.
   The names are written to an HAProxy map file beside the config.
+* Session affinity (with the model routes): a generation request with a session
+  (``x-session-id``, else the body's ``user`` or ``metadata.user_id``), on ``/v1`` or on a
+  model's own route, goes to its model's replicas through a backend that hashes the session
+  onto a consistent ring with bounded load (:func:`affinity_backend`): one replica per
+  session while it is up and not loaded past :data:`HASH_BALANCE_FACTOR` per cent of the
+  mean. Requests without a session keep Serve's balancing.
 
 Before the exec it asks Linux to send it SIGTERM when its parent, Serve's HAProxy manager,
 ends (``PR_SET_PDEATHSIG``, which survives the exec): HAProxy itself never notices, and one
