@@ -1,13 +1,14 @@
 """Orchestrator vs vLLM's own OpenAI server, same tiny model, same load, one sitting.
 
     .venv/bin/python benchmarks/vs_vllm.py [--runs 3] [--requests 300] [--concurrency 32]
-        [--c1-requests 40] [--overload N] [--modes direct floor open gateway] [--route model|router]
+        [--c1-requests 40] [--overload N] [--modes direct floor open gateway] [--route model router]
 
 Each run starts vLLM's OpenAI server on a tiny random-weight model, drives it with streaming
 completions (64-token prompts, 64 output tokens) at ``--concurrency`` and then one at a
 time, and stops it; then does the same through the orchestrator (``orchestrator serve``
 with a one-model catalog; by default on the model's own route, ``/models/tiny/v1``, with
-``--route router`` on the router's ``/v1``), in open mode and with the gateway on (an admin key, a SQLite
+``--route router`` on the router's ``/v1``, with ``--route model router`` on both, one after the
+other against the same server), in open mode and with the gateway on (an admin key, a SQLite
 ledger, and a key whose RPM, TPM and credit limits are checked on every request and never
 reached). Server CPU is the CPU time of the server's whole process tree. The ``floor`` mode
 (not run unless named) is vLLM's own server app in one Ray Serve replica, started as
@@ -21,7 +22,12 @@ each figure of the gateway mode at the top level (``throughput_ratio``,
 with ``--overload N`` at N x max_num_seqs streams under ``overload``, with the fraction of
 requests shed with 529),
 open mode's under ``open``, the floor's under ``floor``, direct's own figures under ``direct``, and every run's under
-``runs``. Ratios are orchestrator over direct within the same run. Inter-token latency is
+``runs``. Ratios are orchestrator over direct within the same run. With two routes, the
+top-level figures are the first route's, each route's are under ``routes`` (by mode), and
+``router_over_model`` (by mode) holds the router's route against the model's from the same
+server: ``throughput_ratio``, ``ttft_p50_added_ms`` (the router's TTFT p50 less the model's),
+``ttft_p50_added_ratio`` (each route's TTFT p50 added to vLLM's, router over model),
+``itl_p99_ratio`` and the router's ``itl_p50_ms``, the same at concurrency 1 under ``c1``. Inter-token latency is
 the gap between chunks with content, as vLLM's benchmark measures it. For the orchestrator,
 the summaries of the first two loads also split the time to first token with means read from
 its metrics export: ``replica_ttft_ms_mean`` (from the request's arrival at the model's
@@ -45,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,8 +189,8 @@ def measure(
     shape = {"prompt": prompt, "output_tokens": args.output_tokens}
     warm = asyncio.run(run_load(base_url, "tiny", requests=max(8, args.concurrency), concurrency=args.concurrency,
                                 headers=headers, **shape))  # fmt: skip
-    if times:
-        times.expected = warm.requests + warm.errors
+    if times:  # every load so far, on this route and any measured before it
+        times.expected += warm.requests + warm.errors
     load = _timed(base_url, headers, pid, args.requests, args.concurrency, **shape, times=times)
     c1 = _timed(base_url, headers, pid, args.c1_requests, 1, **shape, times=times)
     overload = None
@@ -201,21 +207,25 @@ Measure = Callable[[str, dict[str, str], argparse.Namespace, int], Any]
 
 def serve_and_measure(
     cmd: list[str], env: dict[str, str], port: int, ready_path: str, args: argparse.Namespace, log: Path,
-    prepare: Prepare = lambda _: {}, measure_fn: Measure = measure, route: str = "",
+    prepare: Prepare = lambda _: {}, measure_fn: Measure = measure, routes: Sequence[str] = ("",),
 ) -> Any:  # fmt: skip
-    """Starts a server, waits until ``ready_path`` answers 200, measures it under ``route``
-    (a path prefix), stops it."""
+    """Starts a server, waits until ``ready_path`` answers 200 under each of ``routes`` (path
+    prefixes), measures it under each in turn, stops it. Returns what was measured: one
+    result for one route, else a list in the order of ``routes``."""
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             base_url = f"http://127.0.0.1:{port}"
             try:
-                wait_ready(base_url + route + ready_path, proc)
+                for route in routes:
+                    wait_ready(base_url + route + ready_path, proc)
             except RuntimeError as exc:
                 out.flush()
                 tail = log.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{exc}; the end of its log:\n{tail}") from None
-            return measure_fn(base_url + route, prepare(base_url), args, proc.pid)
+            headers = prepare(base_url)
+            results = [measure_fn(base_url + route, headers, args, proc.pid) for route in routes]
+            return results[0] if len(results) == 1 else results
         finally:
             stop(proc)
 
@@ -283,10 +293,13 @@ def run_orchestrator(
     for pair in args.orch_env:
         key, _, value = pair.partition("=")
         env[key] = value
-    # The model's own route (/models/tiny) or the router's (/v1 for every model).
-    route = "/models/tiny" if args.route == "model" else ""
+    # The model's own route (/models/tiny) and/or the router's (/v1 for every model).
+    routes = [ROUTE_PREFIXES[route] for route in args.route]
     log = work / f"orch-{mode}.log"
-    return serve_and_measure(cmd, env, port, "/health", args, log, prepare, measure_fn, route)
+    return serve_and_measure(cmd, env, port, "/health", args, log, prepare, measure_fn, routes)
+
+
+ROUTE_PREFIXES = {"model": "/models/tiny", "router": ""}
 
 
 def figures(o: LoadResult, d: LoadResult) -> dict[str, float]:
@@ -300,6 +313,27 @@ def figures(o: LoadResult, d: LoadResult) -> dict[str, float]:
         "itl_p99_ratio": round(o.itl_ms(0.99) / d.itl_ms(0.99), 3),
         "cpu_per_request_ratio": round(o.cpu_ms_per_request / d.cpu_ms_per_request, 3),
     }
+
+
+def route_figures(router: LoadResult, model: LoadResult) -> dict[str, float]:
+    """The router's route against the model's own, from the same server."""
+    return {
+        "throughput_ratio": round(router.tokens_per_s / model.tokens_per_s, 3),
+        "ttft_p50_added_ms": round(router.ttft_ms(0.5) - model.ttft_ms(0.5), 1),
+        "itl_p99_ratio": round(router.itl_ms(0.99) / model.itl_ms(0.99), 3),
+        "itl_p50_ms": round(router.itl_ms(0.5), 2),
+    }
+
+
+def compare_routes(router: Measured, model: Measured, d: Measured | None) -> dict[str, Any]:
+    """``router_over_model`` of one mode; with direct's run, also each route's TTFT p50
+    added to vLLM's, router over model."""
+    out: dict[str, Any] = {**route_figures(router.load, model.load), "c1": route_figures(router.c1, model.c1)}
+    if d is not None:
+        for key, r, m, base in (("", router.load, model.load, d.load), ("c1", router.c1, model.c1, d.c1)):
+            added = (r.ttft_ms(0.5) - base.ttft_ms(0.5)) / max(1e-9, m.ttft_ms(0.5) - base.ttft_ms(0.5))
+            (out[key] if key else out)["ttft_p50_added_ratio"] = round(added, 3)
+    return out
 
 
 def compare(o: Measured, d: Measured) -> dict[str, Any]:
@@ -329,13 +363,13 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_table(run: int, results: dict[str, Measured]) -> None:
-    print(f"\nrun {run}: {'':4}{'req/s':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}"
+    print(f"\nrun {run}: {'':10}{'req/s':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}"
           f"{'ITL p99':>9}{'CPU/req':>9}{'errors':>7}{'shed':>6}")  # fmt: skip
     for name, m in results.items():
         loads = [(name, m.load), (f"{name} c1", m.c1)] + ([(f"{name} over", m.overload)] if m.overload else [])
         for label, r in loads:
             print(
-                f"{label:14}{r.rps:8.2f}{r.tokens_per_s:9.1f}{r.ttft_ms(0.5):8.1f}ms{r.ttft_ms(0.99):8.1f}ms"
+                f"{label:20}{r.rps:8.2f}{r.tokens_per_s:9.1f}{r.ttft_ms(0.5):8.1f}ms{r.ttft_ms(0.99):8.1f}ms"
                 f"{r.itl_ms(0.5):7.2f}ms{r.itl_ms(0.99):7.2f}ms{r.cpu_ms_per_request:7.1f}ms{r.errors:7d}{r.shed:6d}"
             )
 
@@ -357,9 +391,11 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--orch-env", action="append", default=[], help="KEY=VALUE for the orchestrator runs")
     parser.add_argument(
         "--route",
-        choices=("model", "router"),
-        default="model",
-        help="send the orchestrator's load to the model's own route (/models/tiny/v1) or the router's (/v1)",
+        nargs="+",
+        choices=tuple(ROUTE_PREFIXES),
+        default=["model"],
+        help="send the orchestrator's load to the model's own route (/models/tiny/v1) and/or the router's (/v1), "
+        "in this order, against the same server",
     )
 
 
@@ -382,30 +418,63 @@ def main() -> None:
         work = Path(tmp)
         model_dir = build_tiny_llama(work / "tiny", seed=0)
         for run in range(1, args.runs + 1):
-            results: dict[str, Measured] = {}
-            for mode in args.modes:
-                print(f"== run {run}: {mode} ...", flush=True)
-                results[mode] = run_mode(mode, model_dir, args, work)
-                print(json.dumps(summaries(results[mode])), flush=True)
+            results = measure_run(run, model_dir, args, work)
             print_table(run, results)
-            row: dict[str, Any] = {}
-            if "direct" in results:
-                d = results["direct"]
-                row["direct"] = summaries(d)
-                for mode in ("floor", "open", "gateway"):
-                    if mode in results:
-                        row[mode] = compare(results[mode], d)
-            per_run.append(row)
+            per_run.append(run_row(results, args.route))
 
     final: dict[str, Any] = {}
     medians = median_of(per_run) if per_run and per_run[0] else {}
-    final.update(medians.get("gateway", {}))
+    first = label("gateway", args.route[0], args.route)
+    final.update(medians.get(first, {}))
     for key in ("open", "floor", "direct"):
-        if key in medians:
-            final[key] = medians[key]
+        found = medians.get(label(key, args.route[0], args.route), medians.get(key))
+        if found is not None:
+            final[key] = found
+    if len(args.route) > 1:
+        final["routes"] = {key: value for key, value in medians.items() if "/" in key}
+        final["router_over_model"] = medians.get("router_over_model", {})
     final["route"] = args.route
     final["runs"] = per_run
     print(json.dumps(final))
+
+
+def label(mode: str, route: str, routes: Sequence[str]) -> str:
+    """A result's name: the mode, with its route when several are measured (``gateway/router``)."""
+    return f"{mode}/{route}" if len(routes) > 1 and mode not in ("direct", "floor") else mode
+
+
+def measure_run(run: int, model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, Measured]:
+    """Every mode of one run, each orchestrator mode on every route."""
+    results: dict[str, Measured] = {}
+    for mode in args.modes:
+        print(f"== run {run}: {mode} ...", flush=True)
+        measured = run_mode(mode, model_dir, args, work)
+        by_route = measured if isinstance(measured, list) else [measured] * len(args.route)
+        for route, result in zip(args.route, by_route, strict=True):
+            results[label(mode, route, args.route)] = result
+            print(json.dumps(summaries(result)), flush=True)
+            if mode in ("direct", "floor"):
+                break
+    return results
+
+
+def run_row(results: dict[str, Measured], routes: Sequence[str]) -> dict[str, Any]:
+    """One run's figures: direct's own, every other result against it, and with the model's
+    and the router's routes both measured, the router's against the model's."""
+    row: dict[str, Any] = {}
+    d = results.get("direct")
+    if d is not None:
+        row["direct"] = summaries(d)
+        for name, result in results.items():
+            if name != "direct":
+                row[name] = compare(result, d)
+    if {"model", "router"} <= set(routes):
+        row["router_over_model"] = {
+            mode: compare_routes(results[f"{mode}/router"], results[f"{mode}/model"], d)
+            for mode in ("open", "gateway")
+            if f"{mode}/router" in results
+        }
+    return row
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import psutil
 
-from orchestrator import grpc_loopback
+from orchestrator import grpc_loopback, ingress
 from orchestrator.catalog import CatalogError
+from orchestrator.layout import ingress_routes
 from orchestrator.settings import FAST_INGRESS_ENV, Settings
 from orchestrator.warden import reap
 from orchestrator.warden import start as start_warden
@@ -57,6 +59,9 @@ def serve_forever(
     except CatalogError as exc:
         print(f"catalog is invalid:\n{exc}", file=sys.stderr)
         return 1
+    if settings.fast_ingress:
+        # Read by orchestrator-haproxy, which Serve's HAProxy manager starts (after this).
+        os.environ.setdefault(ingress.ROUTES_ENV, json.dumps(ingress_routes(models)))
     # Prepare weights here, with progress bars, so replicas start from the cache.
     for spec in models:
         print(f"Preparing {spec.name} ...", flush=True)
@@ -144,10 +149,15 @@ def _ray_environment(settings: Settings) -> None:
         for key, value in FAST_INGRESS_ENV.items():
             os.environ.setdefault(key, value)
         wrapper = shutil.which("orchestrator-haproxy", path=str(Path(sys.executable).parent))
-        if is_loopback(settings.host) and wrapper:
-            # HAProxy's stats and metrics listeners bind every interface in Serve's config;
-            # the wrapper moves them to loopback (orchestrator/haproxy_loopback.py).
+        if wrapper:
+            # Serve runs HAProxy through the wrapper (orchestrator/ingress.py), which sends
+            # generation requests on /v1 straight to their model's application
+            # (ORCH_INGRESS_ROUTES, set once the catalog is loaded) and, on a loopback host,
+            # moves HAProxy's stats and metrics listeners (every interface in Serve's config)
+            # to loopback.
             os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
+            if not is_loopback(settings.host):
+                os.environ.setdefault(ingress.LOOPBACK_ENV, "0")
         if is_loopback(settings.host):
             # HAProxy sends its log to an address (Serve's default: syslog on 127.0.0.1:514)
             # from a UDP socket bound to every interface; the local syslog socket needs none.

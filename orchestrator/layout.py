@@ -53,6 +53,14 @@ def model_route(spec: ModelSpec, route_prefix: str = "/") -> str:
     return f"{route_prefix.rstrip('/')}/models/{spec.deployment_name.removeprefix('model-')}"
 
 
+def ingress_routes(specs: Iterable[ModelSpec], route_prefix: str = "/") -> dict[str, Any]:
+    """What the ingress needs to send a generation request on the router's ``/v1`` straight
+    to its model's application (``ORCH_INGRESS_ROUTES``, read by :mod:`orchestrator.ingress`):
+    the router's route prefix, and every name of every model with its :func:`model_route`."""
+    models = {name: model_route(spec, route_prefix) for spec in specs for name in spec.names}
+    return {"router": route_prefix, "models": models}
+
+
 def instance_of(application: str, deployment: str) -> str:
     """The router application that ``application`` belongs to: itself, unless it is the
     application of that one deployment (a model's or the gateway's, named as above)."""

@@ -32,6 +32,10 @@ def database_password(url: str) -> bool:
 # that an operator sees it; docs/ARCHITECTURE.md has the measurement).
 FAST_INGRESS_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # HAProxy's buffer, 64 KiB (Serve's default is 16 KiB): a generation request on /v1 whose
+    # `model` lies past it goes through the router instead of straight to the model
+    # (orchestrator/ingress.py).
+    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "65536",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
@@ -78,9 +82,10 @@ class Settings(BaseSettings):
         default=True,
         description=(
             "`orchestrator serve` only: start Ray with Serve's HAProxy ingress and throughput-optimized "
-            "mode, user code on each replica's main event loop (FAST_INGRESS_ENV; see docs/ARCHITECTURE.md). On a "
-            "loopback host HAProxy's stats and metrics ports are moved to 127.0.0.1 (orchestrator-haproxy); "
-            "on another host they listen on all interfaces."
+            "mode, user code on each replica's main event loop (FAST_INGRESS_ENV; see docs/ARCHITECTURE.md). "
+            "HAProxy runs through orchestrator-haproxy, which sends generation requests on /v1 straight to "
+            "their model's application; on a loopback host it also moves HAProxy's stats and metrics ports to "
+            "127.0.0.1 (on another host they listen on all interfaces)."
         ),
     )
     database_url: str | None = Field(

@@ -4,12 +4,15 @@ In the layout of :mod:`orchestrator.layout` each model's application has its own
 route, ``/models/<name>/v1`` (:func:`orchestrator.layout.model_route`), served by the
 model's replicas with the same FastAPI app as the router (keys, limits, metering and
 errors are the router's code, run here), over a :class:`ReplicaBackend` instead of Serve
-handles. Requests on it skip the router replica and the handle hop between them; the
+handles, with the router's deadlines (the catalog's ``overload.request_timeout_s`` and
+``stream_idle_timeout_s``). Requests on it skip the router replica and the handle hop between them; the
 ingress (HAProxy or Serve's proxy) sends them straight to a replica of the model.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from ray import serve
@@ -22,6 +25,7 @@ from orchestrator.protocol.tokens import TokensOp
 from orchestrator.serving.gateway_server import instance_gateway
 from orchestrator.serving.model_server import ModelServer, ServedModelServer
 from orchestrator.serving.model_states import current_app_name
+from orchestrator.serving.router import timed_out
 from orchestrator.serving.telemetry import RaySink
 
 
@@ -29,21 +33,50 @@ def _path(spec: ModelSpec) -> str | None:
     return None if spec.adapter is None else str(spec.adapter.source.path)
 
 
+class IdleBoundStream(GeneratorStream):
+    """A :class:`GeneratorStream` that gives up (504 provider_timeout) when its next batch,
+    the first included, takes longer than the model's ``overload.stream_idle_timeout_s``,
+    as the router's stream does; the generator is cancelled, which aborts the request."""
+
+    def __init__(self, source: AsyncGenerator[list[str]], spec: ModelSpec) -> None:
+        super().__init__(source)
+        self._spec = spec
+
+    async def __anext__(self) -> list[str]:
+        seconds = self._spec.overload.stream_idle_timeout_s
+        try:
+            async with asyncio.timeout(seconds):
+                return await super().__anext__()
+        except TimeoutError:
+            raise timed_out(self._spec, seconds) from None
+
+
 class ReplicaBackend:
-    """Implements :class:`orchestrator.api.Backend` over one ModelServer in this process."""
+    """Implements :class:`orchestrator.api.Backend` over one ModelServer in this process,
+    within the router's deadlines."""
 
     def __init__(self, server: ModelServer) -> None:
         self._server = server
 
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        return await self._server.complete(kind, body, request_id, _path(spec))
+        seconds = spec.overload.request_timeout_s
+        try:
+            async with asyncio.timeout(seconds):
+                return await self._server.complete(kind, body, request_id, _path(spec))
+        except TimeoutError:
+            raise timed_out(spec, seconds) from None
 
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> GeneratorStream:
         # Every frame alone: nothing crosses a handle, so batching would only delay tokens.
-        return GeneratorStream(self._server.stream(kind, body, request_id, _path(spec), batch=False))
+        return IdleBoundStream(self._server.stream(kind, body, request_id, _path(spec), batch=False), spec)
 
     async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
-        return await self._server.count_tokens(body)
+        seconds = spec.overload.request_timeout_s
+        try:
+            async with asyncio.timeout(seconds):
+                return await self._server.count_tokens(body)
+        except TimeoutError:
+            raise timed_out(spec, seconds) from None
 
     async def tokens(self, spec: ModelSpec, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
         return await self._server.tokens(op, body)

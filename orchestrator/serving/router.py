@@ -48,7 +48,8 @@ def _overloaded(spec: ModelSpec) -> OrchestratorError:
     )
 
 
-def _timed_out(spec: ModelSpec, seconds: float) -> OrchestratorError:
+def timed_out(spec: ModelSpec, seconds: float) -> OrchestratorError:
+    """504 provider_timeout: the model gave nothing within its deadline of ``seconds``."""
     return OrchestratorError(ErrorCode.PROVIDER_TIMEOUT, f"Model {spec.name} did not answer within {seconds:g} s.")
 
 
@@ -244,7 +245,7 @@ class Router:
             async with asyncio.timeout(timeout_s):
                 return await call
         except TimeoutError:
-            raise _timed_out(spec, timeout_s) from None
+            raise timed_out(spec, timeout_s) from None
 
     async def _after_cold_start(self, spec: ModelSpec, call: Awaitable[Any], timeout_s: float) -> Any:
         waiting = self._cold_waiters.get(spec.base_name, 0)

@@ -3,9 +3,13 @@
 on is on loopback; an engine ends with its replica's worker; killed with SIGKILL it leaves
 nothing behind and starts again on the same port; Ctrl-C leaves nothing behind.
 
+It also shows HAProxy sending a generation request on the router's /v1 straight to its
+model's application (orchestrator/ingress.py), with the key's limits holding there.
+
 Its own Ray cluster, beside the session's: the environment has no RAY_* variables and its
-own HOME (so its own Ray token and an empty gateway database: open mode on loopback). The
-tests run in order on one command, then on the one started again after the SIGKILL."""
+own HOME (so its own Ray token and an empty gateway database), and an admin key, with which
+the fixture makes the API key the tests use. The tests run in order on one command, then on
+the one started again after the SIGKILL."""
 
 from __future__ import annotations
 
@@ -14,14 +18,18 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anthropic
 import httpx
 import openai
 import psutil
@@ -48,10 +56,30 @@ WANTED = {
 }
 
 
+ADMIN_KEY = "serve-command-admin-" + secrets.token_hex(8)
+
+
 class Served:
     def __init__(self, proc: subprocess.Popen[str], env: dict[str, str], port: int, lines: list[str]) -> None:
         self.proc, self.env, self.port, self.lines = proc, env, port, lines
         self.catalog = Path()
+        self.api_key = ""
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, api_key: str | None = None, route: str = "") -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.base_url}{route}/v1", api_key=api_key or self.api_key, max_retries=0, timeout=120
+        )
+
+    def new_key(self, **limits: object) -> dict[str, Any]:
+        """Creates an API key through the admin API; returns the answer (``key``, ``info``)."""
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        resp = httpx.post(f"{self.base_url}/admin/keys", headers=headers, json=limits, timeout=60)
+        assert resp.status_code == 201, resp.text
+        return dict(resp.json())
 
     def tree(self) -> list[psutil.Process]:
         """The command and every process under it."""
@@ -103,12 +131,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     catalog.write_text(yaml.safe_dump(tiny_entry("tiny-e", "e", build_tiny_llama(work / "tiny-e", seed=5))))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "ORCH_"))}
     env |= {"HOME": str(work / "home"), "RAY_USAGE_STATS_ENABLED": "0", "RAY_metrics_report_interval_ms": "1000"}
+    env["ORCH_ADMIN_KEY"] = ADMIN_KEY
     # Ray 2.60's raylet kills a dead worker's process group, which holds the worker's vLLM
     # engines; it cannot once the raylet is gone too (serve killed with SIGKILL), which is how
     # engines were left behind. Off here, so that what is tested is what holds without it.
     env["RAY_process_group_cleanup_enabled"] = "0"
     served = _start(env, catalog, free_port(), free_port())
     served.catalog = catalog
+    served.api_key = served.new_key(name="serve-command")["key"]
     try:
         yield served
     finally:
@@ -124,7 +154,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 def test_serve_prints_its_metrics_port_which_serves_every_series(served: Served) -> None:
     url = served.line(r"Metrics \(Prometheus text\) at (\S+)").group(1)
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", url)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{served.port}/v1", api_key="none", max_retries=0)
+    client = served.client()
     resp = client.chat.completions.create(model="e", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert resp.usage is not None and resp.usage.completion_tokens > 0
     stream = client.chat.completions.create(
@@ -134,7 +164,7 @@ def test_serve_prints_its_metrics_port_which_serves_every_series(served: Served)
     # The model's own route, through HAProxy straight to the model's replica.
     own = served.line(r"its own route, without the router: (\S+)").group(1)
     assert own == f"http://127.0.0.1:{served.port}/models/tiny-e/v1"
-    route = openai.OpenAI(base_url=own, api_key="none", max_retries=0)
+    route = openai.OpenAI(base_url=own, api_key=served.api_key, max_retries=0)
     assert [m.id for m in route.models.list()] == ["tiny-e"]
     chunks = list(route.completions.create(model="e", prompt="Hi", max_tokens=4, stream=True))
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
@@ -154,13 +184,86 @@ def test_serve_prints_its_metrics_port_which_serves_every_series(served: Served)
     assert names >= WANTED, sorted(names)
 
 
+def _requests_by_deployment(served: Served) -> dict[tuple[str, str, str], float]:
+    """ray_orchestrator_requests_total of model tiny-e by the deployment that counted it (the
+    router's, or the model's when its own application answered), route and status."""
+    text = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=30).text
+    counts: dict[tuple[str, str, str], float] = defaultdict(float)
+    for sample in parse_samples(text, prefix="ray_orchestrator_requests"):
+        if sample.name == "ray_orchestrator_requests_total" and sample.labels.get("model") == "tiny-e":
+            labels = sample.labels
+            counts[(labels.get("deployment", ""), labels.get("route", ""), labels.get("status", ""))] += sample.value
+    return counts
+
+
+def _increase(before: dict[Any, float], after: dict[Any, float], **where: str) -> float:
+    """How much the counts matching ``where`` (deployment, route, status) grew."""
+
+    def total(counts: dict[Any, float]) -> float:
+        found = 0.0
+        for (deployment, route, status), value in counts.items():
+            labels = {"deployment": deployment, "route": route, "status": status}
+            found += value if all(labels[name] == wanted for name, wanted in where.items()) else 0
+        return found
+
+    return total(after) - total(before)
+
+
+def test_v1_sends_a_catalog_models_requests_straight_to_its_application(served: Served) -> None:
+    before = _requests_by_deployment(served)
+    key = served.new_key(rpm=3)["key"]
+    client = served.client(key)
+    messages = anthropic.Anthropic(base_url=served.base_url, api_key=key, max_retries=0, timeout=120)
+    user = [{"role": "user", "content": "Hi"}]
+    # By alias, display name and backend id, in two dialects, within the key's 3 a minute.
+    raw = client.chat.completions.with_raw_response.create(model="e", messages=user, max_tokens=2)  # type: ignore[arg-type]
+    assert raw.headers["x-ratelimit-limit-requests"] == "3" and raw.headers["x-ratelimit-remaining-requests"] == "2"
+    chunks = list(client.completions.create(model="tiny-e", prompt="Hi", max_tokens=2, stream=True))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2
+    reply = messages.messages.create(model="test-org/tiny-e", max_tokens=2, messages=user)  # type: ignore[arg-type]
+    assert reply.usage.output_tokens == 2
+    # The fourth this minute is refused on /v1, in each dialect's envelope.
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="e", messages=user, max_tokens=2)  # type: ignore[arg-type]
+    assert refused.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+    with pytest.raises(anthropic.RateLimitError) as told:
+        messages.messages.create(model="e", max_tokens=2, messages=user)  # type: ignore[arg-type]
+    assert told.value.body["type"] == "error" and told.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    # The model's application counted every one of them (the only 429s and Messages requests
+    # of model tiny-e here); the router none.
+    deadline = time.monotonic() + 120
+    after = _requests_by_deployment(served)
+    mine = {"deployment": "model-tiny-e"}
+    while time.monotonic() < deadline and (
+        _increase(before, after, **mine, status="429") < 2
+        or _increase(before, after, **mine, route="/v1/messages", status="200") < 1
+    ):
+        time.sleep(1)  # Ray exports every second here
+        after = _requests_by_deployment(served)
+    assert _increase(before, after, **mine, status="429") == 2, (before, after)
+    assert _increase(before, after, **mine, route="/v1/messages", status="200") == 1, (before, after)
+    assert _increase(before, after, **mine, route="/v1/chat/completions", status="200") >= 1, (before, after)
+    assert _increase(before, after, deployment="router") == 0, (before, after)
+    # A name outside the catalog still gets the router's answer.
+    with pytest.raises(openai.NotFoundError) as unknown:
+        served.client().chat.completions.create(model="nope", messages=user, max_tokens=2)  # type: ignore[arg-type]
+    assert unknown.value.body["code"] == "model_not_found"  # type: ignore[index]
+    with pytest.raises(anthropic.NotFoundError) as unknown_message:
+        anthropic.Anthropic(base_url=served.base_url, api_key=served.api_key, max_retries=0).messages.create(
+            model="nope",
+            max_tokens=2,
+            messages=user,  # type: ignore[arg-type]
+        )
+    assert unknown_message.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+
+
 _WITH_SIGINT = (
     "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
 )
 
 
 def test_status_once_and_watching_under_traffic(served: Served) -> None:
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{served.port}/v1", api_key="none", max_retries=0)
+    client = served.client()
     with steady_load(client, "e", streams=2) as load:
         time.sleep(5)  # a few streams, so the window sees tokens
         done = served.status("--json", "--window", "5")
@@ -247,9 +350,9 @@ def _names(processes: list[psutil.Process]) -> list[str]:
     return names
 
 
-def _answers(port: int, deadline_s: float) -> bool:
+def _answers(served: Served, deadline_s: float) -> bool:
     """Polls a chat completion of model e until one succeeds, for up to ``deadline_s``."""
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    client = served.client()
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         with contextlib.suppress(openai.OpenAIError):
@@ -282,7 +385,7 @@ def test_an_engine_ends_with_its_replicas_worker(served: Served) -> None:
     worker.kill()  # as the out-of-memory killer would: nothing in the worker runs
     left = _until_gone(engines, deadline_s=120)
     assert not left, f"outlived their replica's worker: {_names(left)}"
-    assert _answers(served.port, deadline_s=600), "Serve did not replace the model's replica"
+    assert _answers(served, deadline_s=600), "Serve did not replace the model's replica"
 
 
 def test_killed_with_sigkill_it_leaves_nothing_and_starts_again(served: Served) -> None:
@@ -294,7 +397,7 @@ def test_killed_with_sigkill_it_leaves_nothing_and_starts_again(served: Served) 
     assert not left, f"outlived orchestrator serve: {_names(left)}"
     again = _start(served.env, served.catalog, served.port, served.metrics_port)
     served.proc, served.lines = again.proc, again.lines  # the fixture stops this one
-    assert _answers(served.port, deadline_s=120)
+    assert _answers(served, deadline_s=120)
 
 
 def test_ctrl_c_stops_everything_it_started(served: Served) -> None:

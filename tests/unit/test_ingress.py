@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.haproxy_loopback import ExposedListener, config_path, to_loopback
+from orchestrator.ingress import ExposedListener, config_path, to_loopback
 
 
 def serve_config(host: str = "127.0.0.1") -> str:
@@ -73,7 +73,7 @@ def _run_wrapper(tmp_path: Path, config: str) -> subprocess.CompletedProcess[str
     fake.write_text('#!/bin/sh\necho "args: $*"\ncat "$3"\n')
     fake.chmod(0o755)
     # `python -c runner FAKE -db -f cfg`: the stand-in binary comes first, then Serve's arguments.
-    runner = "import sys; from orchestrator.haproxy_loopback import main; sys.exit(main(sys.argv[2:], sys.argv[1]))"
+    runner = "import sys; from orchestrator.ingress import main; sys.exit(main(sys.argv[2:], sys.argv[1]))"
     return subprocess.run(
         [sys.executable, "-c", runner, str(fake), "-db", "-f", str(cfg)], capture_output=True, text=True, check=False
     )
@@ -92,7 +92,7 @@ def test_nothing_starts_when_a_listener_cannot_move(tmp_path: Path) -> None:
 
 
 def test_the_real_binary_is_rays_even_when_serve_is_pointed_at_the_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.haproxy_loopback import real_haproxy
+    from orchestrator.ingress import real_haproxy
 
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", sys.executable)  # what orchestrator serve sets
     binary = Path(real_haproxy())
@@ -103,7 +103,7 @@ def test_the_real_binary_is_rays_even_when_serve_is_pointed_at_the_wrapper(monke
 # on, prints the HAProxy's pid, and waits to be killed.
 _MANAGER = """
 import subprocess, sys, time
-runner = "import sys; from orchestrator.haproxy_loopback import main; sys.exit(main(sys.argv[2:], sys.argv[1]))"
+runner = "import sys; from orchestrator.ingress import main; sys.exit(main(sys.argv[2:], sys.argv[1]))"
 haproxy = subprocess.Popen([sys.executable, "-c", runner, sys.argv[1], "-db", "-f", sys.argv[2]])
 print(haproxy.pid, flush=True)
 time.sleep(600)
