@@ -40,6 +40,7 @@ class ErrorCode(StrEnum):
     CAPABILITY_NOT_SUPPORTED = "capability_not_supported"
     REQUEST_TOO_LARGE_FOR_LIMIT = "request_too_large_for_limit"
     STORAGE_LIMIT_EXCEEDED = "storage_limit_exceeded"
+    AUTHENTICATION_THROTTLED = "authentication_throttled"
 
     @property
     def http_status(self) -> int:
@@ -77,6 +78,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.CAPABILITY_NOT_SUPPORTED: 400,
     ErrorCode.REQUEST_TOO_LARGE_FOR_LIMIT: 400,
     ErrorCode.STORAGE_LIMIT_EXCEEDED: 400,
+    ErrorCode.AUTHENTICATION_THROTTLED: 429,
 }
 
 # OpenAI SDKs only look at the status, but `type` helps humans group errors.

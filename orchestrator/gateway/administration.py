@@ -46,7 +46,7 @@ class Administration:
         created: CreatedKey = await self._run(
             lambda: admin.create_key(store, limits, workspace=workspace, pepper=pepper, now=now)
         )
-        self._keyring.forget()  # the new key may have been cached as unknown
+        self._keyring.created(created.key)  # it may have been found unknown (guessed) before
         return created
 
     async def list_keys(self) -> list[KeyInfo]:

@@ -6,7 +6,9 @@ deployment), which is what makes limits and balances exact however many routers 
 are. Every database call that touches money runs on one dedicated thread, so the database
 and the ledger's view of it never disagree: a finished record is either still *pending*
 (journaled, in memory, counted against the key) or *committed* (in the database), never
-both or neither.
+both or neither. Only the first lookup of a key not cached runs elsewhere, on a bounded lane
+of its own (:mod:`~orchestrator.gateway.key_lookups`), so that random keys never queue
+ahead of that thread's work.
 
 This class is the facade the serving layer calls; each duty is a module of its own:
 :mod:`~orchestrator.gateway.keyring` (key cache and authentication),
@@ -48,7 +50,7 @@ from orchestrator.gateway.fence import Fence, fence_for
 from orchestrator.gateway.fence_keeper import FenceKeeper
 from orchestrator.gateway.holds import Holds
 from orchestrator.gateway.journal import UsageJournal
-from orchestrator.gateway.keyring import KeyRing
+from orchestrator.gateway.keyring import KEY_LOOKUP_TIMEOUT_S, KEY_LOOKUPS, UNKNOWN_KEY_TTL_S, KeyRing
 from orchestrator.gateway.limiter import RateLimiter, refuse_unreachable
 from orchestrator.gateway.records import Admission, CreatedKey, KeyInfo, KeyLimits, KeyRecord, UsageRecord, Workspace
 from orchestrator.gateway.responses import DEFAULT_WORKSPACE_BYTES, ResponseArchive
@@ -96,6 +98,11 @@ class Ledger:
         fence_poll_s: how often the fence is tried (while waiting) or checked (while held).
         metrics: where the backlog (pending records, journal segments) and flush times go.
         response_bytes: the bound on one workspace's stored responses (Responses API).
+        unknown_key_ttl_s: how long a key found unknown is refused without asking the
+            database (a key made through this ledger works at once).
+        key_lookups: lookups of keys not cached that may run at once, on threads of their own
+            (never on the database thread admissions wait on); more get 503.
+        key_lookup_timeout_s: how long one such lookup is waited for (then 503).
     """
 
     def __init__(
@@ -116,6 +123,9 @@ class Ledger:
         fence_poll_s: float = 0.5,
         metrics: GatewayMetrics | None = None,
         response_bytes: int = DEFAULT_WORKSPACE_BYTES,
+        unknown_key_ttl_s: float = UNKNOWN_KEY_TTL_S,
+        key_lookups: int = KEY_LOOKUPS,
+        key_lookup_timeout_s: float = KEY_LOOKUP_TIMEOUT_S,
     ) -> None:
         self.store = store
         self.responses = ResponseArchive(lambda: self.store.engine, response_bytes)
@@ -135,8 +145,10 @@ class Ledger:
         lock = threading.Lock()  # the money view: cached balances, pending records and costs, spend
         run = self._run
         self.keyring = KeyRing(
-            store, run, lock, pepper=pepper, monotonic=monotonic, key_cache_s=key_cache_s, outage_grace_s=outage_grace_s
-        )
+            store, run, lock,
+            pepper=pepper, monotonic=monotonic, key_cache_s=key_cache_s, outage_grace_s=outage_grace_s,
+            unknown_key_ttl_s=unknown_key_ttl_s, lookups=key_lookups, lookup_timeout_s=key_lookup_timeout_s,
+        )  # fmt: skip
         self.holds = Holds(monotonic, hold_ttl_s)
         self.books = Books(
             store, journal, run, lock,
@@ -176,6 +188,7 @@ class Ledger:
         another ledger on the same database still runs)."""
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-db")
         await self._run(self.store.open)
+        self.keyring.open()
         if self.journal is not None:
             await self._run(self.journal.open)
         self._flusher = asyncio.create_task(self._flush_loop())
@@ -222,6 +235,7 @@ class Ledger:
             except Exception as exc:
                 logger.exception("stopping the ledger: %s failed", what)
                 failures.append(exc)
+        self.keyring.close()
         self._db.shutdown(wait=True)
         self._db = None
         if failures:

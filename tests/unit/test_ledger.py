@@ -527,6 +527,7 @@ async def test_a_handover_under_concurrent_load_admits_exactly_rpm(db_url: str, 
     await new.start()
     try:
         key = (await old.create_key(KeyLimits(rpm=20))).key
+        await old.authenticate(key)  # a key in use: the old ledger has its row cached
         by: dict[str, list[Admission]] = {"old": [], "new": []}
 
         async def one(i: int) -> None:
