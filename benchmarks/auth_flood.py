@@ -1,6 +1,7 @@
 """A valid key's admissions while random keys flood the ledger, on SQLite and on PostgreSQL.
 
     .venv/bin/python benchmarks/auth_flood.py [--seconds 8] [--flooders 64] [--pace-ms 20]
+        [--flood-pace-ms 10] [--rtt-ms 2]
 
 In one process, per database (a SQLite file; a throwaway PostgreSQL server on 127.0.0.1,
 started with ``initdb``/``pg_ctl`` as the unit tests do), a started :class:`Ledger` serves one
@@ -9,10 +10,15 @@ calls a router makes per request; its row is read again every ``key_cache_s``, 2
 production) for ``--seconds``, in three phases:
 
 - ``quiet``: nothing else runs;
-- ``flood``: ``--flooders`` concurrent clients authenticate random keys as fast as they are
-  answered (the ledger as built: the unknown-key cache, the bounded lookup lane);
+- ``flood``: ``--flooders`` concurrent clients authenticate random keys, each as soon as
+  its last one is answered and at most one per ``--flood-pace-ms`` (the ledger as built:
+  the unknown-key cache, the bounded lookup lane);
 - ``flood_one_thread``: the same flood with the lookup lane closed, so that lookups of random
   keys run on the ledger's database thread, as before the lane existed.
+
+PostgreSQL runs twice: as it is on 127.0.0.1, and with ``--rtt-ms`` added to each call on
+the request and flush paths (a database a few milliseconds away, where lookups wait on the
+network rather than on the CPU).
 
 Reported per phase: the valid key's admission wait (``admit``) and its latency (``admit`` +
 ``settle``), p50/p99/max in ms, the flood's answers per second by code, and the ratios of
@@ -95,22 +101,45 @@ async def valid_traffic(ledger: Ledger, key: str, seconds: float, pace_s: float)
     return {"admission": percentiles(waits), "latency": percentiles(latencies), "failures": failures}
 
 
-async def flooder(ledger: Ledger, stop: asyncio.Event, answers: Counter[str]) -> None:
+async def flooder(ledger: Ledger, stop: asyncio.Event, answers: Counter[str], pace_s: float) -> None:
+    # A client that sends its next random key when the last one is answered, at most one per
+    # `pace_s` (an HTTP round trip), so that refusals answered at once do not spin.
     while not stop.is_set():
+        started = time.perf_counter()
         try:
             await ledger.authenticate("sk-orch-" + uuid.uuid4().hex)
             answers["accepted"] += 1  # never: the keys are random
         except OrchestratorError as exc:
             answers[exc.code.value] += 1
-        await asyncio.sleep(0)  # each request is a turn of its own, as one arriving over HTTP is
+        await asyncio.sleep(max(0.0, pace_s - (time.perf_counter() - started)))
+
+
+class DistantStore(SQLStore):
+    """The store with ``rtt_s`` added to each call on the request and flush paths: a database
+    a network round trip away (the wait releases the GIL, as waiting on a socket does)."""
+
+    def __init__(self, url: str, rtt_s: float) -> None:
+        super().__init__(url)
+        self._rtt_s = rtt_s
+
+    def key_by_hash(self, key_hash: str) -> Any:
+        time.sleep(self._rtt_s)
+        return super().key_by_hash(key_hash)
+
+    def get_workspace(self, workspace_id: str) -> Any:
+        time.sleep(self._rtt_s)
+        return super().get_workspace(workspace_id)
+
+    def write_usage(self, records: Any) -> Any:
+        time.sleep(self._rtt_s)
+        return super().write_usage(records)
 
 
 async def phase(ledger: Ledger, key: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
     stop = asyncio.Event()
     answers: Counter[str] = Counter()
-    flood = (
-        [] if name == "quiet" else [asyncio.create_task(flooder(ledger, stop, answers)) for _ in range(args.flooders)]
-    )
+    flooders = 0 if name == "quiet" else args.flooders
+    flood = [asyncio.create_task(flooder(ledger, stop, answers, args.flood_pace_ms / 1000)) for _ in range(flooders)]
     started = time.perf_counter()
     result = await valid_traffic(ledger, key, args.seconds, args.pace_ms / 1000)
     stop.set()
@@ -120,11 +149,11 @@ async def phase(ledger: Ledger, key: str, name: str, args: argparse.Namespace) -
     return result
 
 
-async def measure(url: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(url: str, rtt_s: float, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for name in PHASES:
         # A fresh ledger per phase (same database), so that no phase inherits another's caches.
-        ledger = Ledger(SQLStore(url), UsageJournal(folder / f"journal-{name}"), fence=None)
+        ledger = Ledger(DistantStore(url, rtt_s), UsageJournal(folder / f"journal-{name}"), fence=None)
         await ledger.start()
         try:
             key = (await ledger.create_key(KeyLimits(credits=Decimal(1000)))).key
@@ -165,22 +194,28 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each phase")
     parser.add_argument("--flooders", type=int, default=64, help="concurrent clients sending random keys")
     parser.add_argument("--pace-ms", type=float, default=20.0, help="the valid key's interval between requests")
+    parser.add_argument("--flood-pace-ms", type=float, default=10.0, help="each flooder's least interval")
+    parser.add_argument("--rtt-ms", type=float, default=2.0, help="round trip added to PostgreSQL calls (a second run)")
     parser.add_argument("--databases", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="auth-flood-") as tmp, databases(Path(tmp), args.databases) as urls:
-        for db, url in urls.items():
-            results[db] = asyncio.run(measure(url, Path(tmp) / db, args))
+        runs = [(db, url, 0.0) for db, url in urls.items()]
+        if "postgresql" in urls and args.rtt_ms > 0:
+            runs.append((f"postgresql+{args.rtt_ms:g}ms", urls["postgresql"], args.rtt_ms / 1000))
+        for db, url, rtt_s in runs:
+            (Path(tmp) / db).mkdir()
+            results[db] = asyncio.run(measure(url, rtt_s, Path(tmp) / db, args))
             for name in PHASES:
                 row = results[db][name]
                 print(
-                    f"{db:10} {name:17} admission p50/p99/max {row['admission'].get('p50_ms')}/"
+                    f"{db:16} {name:17} admission p50/p99/max {row['admission'].get('p50_ms')}/"
                     f"{row['admission'].get('p99_ms')}/{row['admission'].get('max_ms')} ms  latency p50/p99/max "
                     f"{row['latency'].get('p50_ms')}/{row['latency'].get('p99_ms')}/{row['latency'].get('max_ms')} ms"
                     f"  failures {row['failures']}  flood/s {row['flood_answers_per_s']}"
                 )
             for name in PHASES[1:]:
-                print(f"{db:10} {name + '_vs_quiet':26} {results[db][name + '_vs_quiet']}")
+                print(f"{db:16} {name + '_vs_quiet':26} {results[db][name + '_vs_quiet']}")
     print(json.dumps(results))
 
 
