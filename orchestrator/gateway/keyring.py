@@ -20,7 +20,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
@@ -31,7 +31,6 @@ from orchestrator.gateway.keys import hash_key
 from orchestrator.gateway.records import KeyRecord
 from orchestrator.gateway.store import SQLStore
 
-T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]
 UNKNOWN_KEY_TTL_S = 5.0  # how long a key found unknown is refused without asking the database
 UNKNOWN_KEYS_MAX = 100_000  # unknown keys remembered at most (the oldest are forgotten first)
