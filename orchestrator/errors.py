@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     REQUEST_TOO_LARGE_FOR_LIMIT = "request_too_large_for_limit"
     STORAGE_LIMIT_EXCEEDED = "storage_limit_exceeded"
     MODEL_KIND_MISMATCH = "model_kind_mismatch"
+    AUTHENTICATION_THROTTLED = "authentication_throttled"
 
     @property
     def http_status(self) -> int:
@@ -79,6 +80,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.REQUEST_TOO_LARGE_FOR_LIMIT: 400,
     ErrorCode.STORAGE_LIMIT_EXCEEDED: 400,
     ErrorCode.MODEL_KIND_MISMATCH: 400,
+    ErrorCode.AUTHENTICATION_THROTTLED: 429,
 }
 
 # OpenAI SDKs only look at the status, but `type` helps humans group errors.

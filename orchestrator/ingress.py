@@ -78,14 +78,17 @@ ROUTES_ENV = "ORCH_INGRESS_ROUTES"
 ROUTES_FILE_ENV = "ORCH_INGRESS_ROUTES_FILE"
 LOOPBACK_ENV = "ORCH_INGRESS_LOOPBACK"
 
-# The router's POST routes whose JSON body names the model (orchestrator/api); a model's own
-# route answers each of them the same way.
+# The router's POST routes whose JSON body names the model (orchestrator/api: generation,
+# embeddings, tokens); a model's own route answers each of them the same way.
 GENERATION_PATHS = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/messages",
     "/v1/messages/count_tokens",
     "/v1/responses",
+    "/v1/embeddings",
+    "/tokenize",
+    "/detokenize",
 )
 # The longest HAProxy waits for a generation request's body (or a buffer's worth of it) before
 # it reads `model`; a client slower than that gets HAProxy's 408.

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRETS = ("admin_key", "key_pepper", "database_url")
@@ -124,6 +125,26 @@ class Settings(BaseSettings):
     key_cache_seconds: float = Field(
         default=2.0, ge=0, description="How long the gateway trusts a cached key row (CLI changes show up after this)."
     )
+    auth_failures_per_address: int = Field(
+        default=30,
+        ge=0,
+        description=(
+            "Failed authentications (401) one client address may make per auth_failure_window_seconds; past "
+            "them its requests get 429 authentication_throttled until the window ends (requests with a key "
+            "this router saw succeed still pass). 0: no throttle."
+        ),
+    )
+    auth_failure_window_seconds: float = Field(
+        default=10.0, gt=0, description="The window of auth_failures_per_address, in seconds."
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Addresses or CIDR networks of proxies whose X-Forwarded-For is believed: a request's client "
+            "address is its peer's, or, when the peer is one of these, the last X-Forwarded-For hop that is "
+            "not. Default: none (the peer's address)."
+        ),
+    )
     ledger_channel: bool = Field(
         default=True,
         description=(
@@ -184,6 +205,13 @@ class Settings(BaseSettings):
             "engine_args do not set kv_cache_memory_bytes."
         ),
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad entry
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -17,7 +17,7 @@ from orchestrator.api.accounting import Settler
 from orchestrator.api.adapters import AdapterRefresher, adapters_router
 from orchestrator.api.admin import admin_router
 from orchestrator.api.anthropic.routes import messages_router
-from orchestrator.api.auth import bearer_token, is_admin
+from orchestrator.api.auth import AuthFailureGuard, bearer_token, is_admin
 from orchestrator.api.backend import Backend, ModelHealth
 from orchestrator.api.contract import install_contract, request_body
 from orchestrator.api.dialect import CHAT, COMPLETION, EMBEDDINGS
@@ -30,6 +30,7 @@ from orchestrator.api.tokens import tokens_router
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.gateway.adapters import AdapterTable
 from orchestrator.gateway.base import Gateway, OpenGateway, RequestGateway
+from orchestrator.gateway.throttle import FailureThrottle
 from orchestrator.metrics import Sink
 from orchestrator.protocol import (
     ChatCompletion,
@@ -83,6 +84,7 @@ def create_app(
     *,
     gateway: Gateway | None = None,
     clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
     echo_request_id: bool = True,
     metrics: Sink | None = None,
     admin_routes: bool = True,
@@ -97,6 +99,7 @@ def create_app(
         gateway: keys, limits, metering and the admin API (default: open mode, no keys,
             nothing recorded, no ``/admin`` routes).
         clock: wall clock for the ``created`` fields.
+        monotonic: monotonic seconds (the windows of the failed-authentication throttle).
         echo_request_id: add ``X-Request-Id`` to responses (off behind Ray Serve's proxy,
             which adds it itself).
         metrics: where request metrics go (Ray's metrics in Serve; none by default).
@@ -134,6 +137,11 @@ def create_app(
         redirect_slashes=False,
     )
     install_error_handlers(app)
+    if gateway is not None:  # inside RequestContext: a refusal carries the request's id
+        throttle = FailureThrottle(settings.auth_failures_per_address, settings.auth_failure_window_seconds, monotonic)
+        app.add_middleware(
+            AuthFailureGuard, throttle=throttle, trusted_proxies=settings.trusted_proxies, monotonic=monotonic
+        )
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, echo_header=echo_request_id)
     if gateway is not None and admin_routes:
         app.include_router(admin_router(gateway, settings.admin_key))

@@ -27,11 +27,12 @@ REF = "#/components/schemas/{model}"
 API_KEY = "ApiKey"
 ADMIN_KEY = "AdminKey"
 
-# What the gateway adds to a route: authenticating a key (bad, disabled, or the database
-# unreachable), admitting a request (also credits, spend and rate limits), the admin check.
-_AUTHENTICATE = (401, 403, 503)
-_ADMIT = (*_AUTHENTICATE, 402, 429)
-_ADMIN = (401, 503)
+# What the gateway adds to a route: authenticating a key (bad, disabled, the database
+# unreachable, or 429 for an address that keeps failing: api/auth.py), admitting a request
+# (also credits, spend and rate limits), the admin check.
+_AUTHENTICATE = (401, 403, 429, 503)
+_ADMIT = (*_AUTHENTICATE, 402)
+_ADMIN = (401, 429, 503)
 _GENERATION = (400, 404, 413, 429, 502, 503, 504, 529)
 # Anthropic's statuses: no 502 or 503 (engine failures are 500, a model or gateway briefly
 # unable to serve is 529), and 402 for credits as on the OpenAI routes.
@@ -57,7 +58,9 @@ _ROUTES: dict[str, Route] = {
     "GET /v1/responses/{response_id}": Route((404,), _AUTHENTICATE, (API_KEY,)),
     "DELETE /v1/responses/{response_id}": Route((404,), _AUTHENTICATE, (API_KEY,)),
     "POST /v1/messages": Route(_MESSAGES, _MESSAGES_ADMIT, (API_KEY,), anthropic=True),
-    "POST /v1/messages/count_tokens": Route((400, 404, 413, 504, 529), (401, 403, 529), (API_KEY,), anthropic=True),
+    "POST /v1/messages/count_tokens": Route(
+        (400, 404, 413, 504, 529), (401, 403, 429, 529), (API_KEY,), anthropic=True
+    ),
     "POST /tokenize": Route((400, 404, 413, 502, 503, 504, 529), _AUTHENTICATE, (API_KEY,)),
     "POST /detokenize": Route((400, 404, 413, 502, 503, 504, 529), _AUTHENTICATE, (API_KEY,)),
     "GET /v1/generation": Route((400, 404), _AUTHENTICATE, (API_KEY, ADMIN_KEY)),
@@ -202,7 +205,7 @@ def _amend_operation(operation: dict[str, Any], route: Route, *, keyed: bool) ->
         headers["X-Request-Id"] = _header("X-Request-Id")
         if status == "405":
             headers["Allow"] = _header("Allow")
-        if status in ("200", "429") and keyed and 429 in route.gateway:
+        if status in ("200", "429") and keyed and 402 in route.gateway:  # admitted: rate limits apply
             headers.update({name: _header(name) for name in _HEADERS if name.startswith("x-ratelimit-")})
     if keyed and route.auth:
         operation["security"] = [{scheme: []} for scheme in route.auth]

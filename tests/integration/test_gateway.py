@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
+import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
@@ -342,3 +345,47 @@ def test_workspaces_never_share_cached_prefixes(deployment: Deployment) -> None:
         model="tiny-a", system=prefix, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=1
     )
     assert (reply.usage.cache_read_input_tokens or 0) == 0
+
+
+def test_a_flood_of_random_keys_leaves_a_streaming_key_served(deployment: Deployment) -> None:
+    """Thousands of requests with random keys from 16 clients while a valid key streams on the
+    SQLite app (one router replica): every valid stream completes; the flood gets 401 until
+    its address is throttled, then 429 ``authentication_throttled`` (or 503 while more lookups
+    than the lane holds are under way), never anything else."""
+    base_url = deployment.sqlite_base_url
+    key = deployment.new_key(base_url=base_url)
+    body = {"model": "c", "messages": USER, "max_tokens": 16, "stream": True}
+    stop = threading.Event()
+    flood: Counter[tuple[int, str]] = Counter()
+    lock = threading.Lock()
+
+    def flooder() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                headers = {"Authorization": f"Bearer sk-orch-{uuid.uuid4().hex}"}
+                resp = http.post(base_url + "/v1/chat/completions", json=body, headers=headers)
+                with lock:
+                    flood[(resp.status_code, resp.json()["error"]["code"])] += 1
+
+    def stream() -> bool:
+        with open_stream(deployment, body, key=key, base_url=base_url) as lines:
+            return [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+
+    assert stream()  # before the flood: its router has seen the key succeed
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        flooders = [pool.submit(flooder) for _ in range(16)]
+        try:
+            completed = [stream() for _ in range(10)]
+            while sum(flood.values()) < 2000 and not any(f.done() for f in flooders):
+                completed.append(stream())
+        finally:
+            stop.set()
+        for f in flooders:
+            f.result()
+    assert all(completed) and len(completed) >= 10, completed
+    assert sum(flood.values()) >= 2000
+    assert set(flood) <= {(401, "invalid_api_key"), (429, "authentication_throttled"), (503, "service_unavailable")}, (
+        flood
+    )
+    assert flood[(429, "authentication_throttled")] > 0
+    time.sleep(10)  # the throttle's window ends: later tests from this address are not refused

@@ -94,7 +94,10 @@ def keyed_app(catalog: Catalog, engines: dict[str, FakeEngine], folder: Path, ke
     ledger and puts a new API key into ``keys["user"]``: schemathesis serves the app from an
     event loop of its own, and the ledger must live on that loop."""
     ledger = Ledger(SQLStore(f"sqlite:///{folder / 'g.db'}"), UsageJournal(folder / "j"), flush_interval_s=0.05)
-    settings = Settings(admin_key=ADMIN, max_body_bytes=BODY_LIMIT)
+    # No failed-authentication throttle: the generated cases send thousands of bad keys from
+    # one address, and its 429 would hide the rest of the app from them (test_auth_abuse.py
+    # tests it; its 429 is documented on every route with credentials).
+    settings = Settings(admin_key=ADMIN, max_body_bytes=BODY_LIMIT, auth_failures_per_address=0)
     adapters = AdapterTable(ledger.store.url)
     app = create_app(catalog, LocalBackend(engines), settings, gateway=ledger, adapters=adapters)
     inner = app.router.lifespan_context

@@ -316,9 +316,9 @@ async def test_a_client_leaving_during_admission_is_settled_once(
         slow.release.set()  # the gateway admits it after all
         for _ in range(1000):  # up to 10 s on a loaded machine
             await asyncio.sleep(0.01)
-            if not ledger._admitted:
+            if not ledger.holds.admitted and ledger.books.settled:  # admitted, then settled
                 break
-    assert ledger._admitted == {}  # its holds and its lookup wait are released
+    assert ledger.holds.admitted == {}  # its holds and its lookup wait are released
     await ledger.flush()
     report = await ledger.usage_report(group_by=["key"])
     assert [(row["key"], row["requests"]) for row in report] == [(created.info.id, 1)]
@@ -438,7 +438,7 @@ async def test_a_running_router_renews_its_holds_and_admits_under_the_id_it_rene
         await asyncio.sleep(0.6)
     # Every 0.25 s (a quarter of the TTL) from startup, on past a failed renewal, one id.
     assert len(renewals) >= 3 and len(set(renewals)) == 1, renewals
-    assert set(ledger._holders) == set(renewals)  # the request was admitted under it
+    assert set(ledger.holds.holders) == set(renewals)  # the request was admitted under it
     count = len(renewals)
     await asyncio.sleep(0.4)
     assert len(renewals) == count  # stopped with the app

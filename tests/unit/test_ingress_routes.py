@@ -307,7 +307,7 @@ ELSEWHERE: list[tuple[str, str, Any, bytes | None]] = [
     ("POST", "/v1/chat/completions", {"messages": [{"model": "e"}]}, None),  # not the top level's
     ("POST", "/v1/completions", {"model": 5}, None),
     ("POST", "/v1/completions", None, b"not json"),
-    ("POST", "/v1/embeddings", {"model": "e"}, None),  # not a generation route
+    ("POST", "/v1/models", {"model": "e"}, None),  # not a route whose body names a model
     ("POST", "/models/tiny-e/v1/completions", {"model": "e"}, None),  # a model's own route already
     ("GET", "/v1/models", None, None),
     ("GET", "/v1/responses/resp_1", None, None),

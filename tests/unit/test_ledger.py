@@ -152,10 +152,10 @@ async def test_journal_replayed_after_crash(db_url: str, tmp_path: Path) -> None
     await first.settle(admission, record(first, admission))
     # Simulated crash: nothing flushed, nothing closed; the dead process's fence is dropped
     # (by the kernel for a lock file, by PostgreSQL for the session's advisory lock).
-    assert first._db is not None and first._fence is not None
+    assert first._db is not None and first.keeper.fence is not None
     first._flusher.cancel()  # type: ignore[union-attr]
     first._fencer.cancel()  # type: ignore[union-attr]
-    first._fence.release()
+    first.keeper.fence.release()
     second = Ledger(SQLStore(db_url), UsageJournal(tmp_path / "j"), clock=clock, monotonic=clock)
     await second.start()
     try:
@@ -183,9 +183,9 @@ async def test_a_batch_committed_twice_moves_its_records_once(ledger: Ledger) ->
     created = await ledger.create_key(KeyLimits(credits=Decimal(1)))
     admission = await ledger.admit(created.key, NAMES, 10, "twice")
     await ledger.settle(admission, record(ledger, admission))
-    batch = list(ledger._unsealed)
+    batch = list(ledger.books.unsealed)
     await ledger.flush()
-    await ledger._run(ledger._commit, batch)  # e.g. a retried flush after a cancellation
+    await ledger._run(ledger.books.commit, batch)  # e.g. a retried flush after a cancellation
     assert (await ledger.get_key(created.info.id)).credits == Decimal("0.75")
     assert (await ledger.admit(created.key, NAMES, 10, "after")).key_id == created.info.id
 
@@ -200,7 +200,7 @@ async def test_concurrent_flushes_commit_every_batch_once(ledger: Ledger) -> Non
         if i % 2:
             await asyncio.gather(ledger.flush(), ledger.flush(), ledger.usage_report(group_by=["key"]))
     await ledger.flush()
-    assert not ledger._pending and not ledger._batches
+    assert not ledger.books.pending and not ledger.books.batches
     assert (await ledger.get_key(created.info.id)).credits == Decimal(10) - 6 * Decimal("0.25")
     assert (await ledger.usage_report(group_by=["key"]))[0]["requests"] == 6
 
@@ -241,11 +241,11 @@ async def test_admissions_without_a_holder_never_settled_are_recorded_as_lost_af
     await ledger.admit(created.key, NAMES, 10, "orphan", cost=Decimal("0.5"))  # its router died: never settled
     ledger._clock.now += 60  # type: ignore[attr-defined]  # the fixture's clock is also the monotonic one
     ledger.reap()
-    assert list(ledger._admitted) == ["orphan"]
+    assert list(ledger.holds.admitted) == ["orphan"]
     ledger._clock.now += 1  # type: ignore[attr-defined]
     ledger.reap()
     await ledger.admit(created.key, NAMES, 10, "fresh", cost=Decimal("0.5"))  # the orphan's hold is free again
-    assert list(ledger._admitted) == ["fresh"]
+    assert list(ledger.holds.admitted) == ["fresh"]
     # It still leaves its one record: lost (500), nothing billed.
     lost = await ledger.generation("gen-orphan", created.key)
     assert (lost.status_code, lost.error_code, lost.cost, lost.model) == (500, "internal_error", 0, "tiny-a")
@@ -320,17 +320,17 @@ async def test_a_dead_routers_holds_expire_and_a_live_ones_last(ledger: Ledger) 
             clock.now += 15
             await ledger.renew("live")
         ledger.reap()
-    assert ledger._held_cost == {created.info.id: Decimal("0.5")}  # the live router's request still holds
+    assert ledger.holds.held_cost == {created.info.id: Decimal("0.5")}  # the live router's request still holds
     await ledger.admit(created.key, NAMES, 10, "r", cost=Decimal("0.1"), holder="live")
     lost = await ledger.generation("gen-orphan", None, admin=True)
     assert lost.status_code == 500 and lost.error_code == "internal_error" and lost.cost == 0
     # The live router stops renewing (it died): 60 s later its requests end too.
     clock.now += 60
     ledger.reap()
-    assert "long" in ledger._admitted
+    assert "long" in ledger.holds.admitted
     clock.now += 1
     ledger.reap()
-    assert ledger._admitted == {} and ledger._held_cost == {} and ledger._holders == {}
+    assert ledger.holds.admitted == {} and ledger.holds.held_cost == {} and ledger.holds.holders == {}
     await ledger.flush()
     assert (await ledger.get_key(created.info.id)).credits == Decimal("1")
 
@@ -425,7 +425,7 @@ async def test_the_backlog_gauges_keep_reporting_while_a_flush_hangs(db_url: str
             if seen[-1] == 5:
                 break
         assert seen[-1] == 5, seen  # reported while the flush still waits
-        assert ledger._flush_lock.locked()
+        assert ledger.books.flush_lock.locked()
         store.answering.set()
         for _ in range(40):
             await asyncio.sleep(0.05)
@@ -470,12 +470,12 @@ async def test_postgresql_stopped_keeps_its_ledger_admitting_cached_keys_then_al
                 await ledger.settle(admission, record(ledger, admission, cost="0.1"))
             clock.now += 60  # past the grace: neither the key nor the fence is trusted any longer
             await asyncio.sleep(0.5)
-            assert not ledger._active.is_set()
+            assert not ledger.keeper.active.is_set()
             late = await refused(ledger.admit(created.key, NAMES, 10, "late"))
             assert late.code is ErrorCode.SERVICE_UNAVAILABLE and late.headers["Retry-After"]
         finally:
             postgres.start()
-        await asyncio.wait_for(ledger._active.wait(), 10)  # the fence is this ledger's again
+        await asyncio.wait_for(ledger.keeper.active.wait(), 10)  # the fence is this ledger's again
         await ledger.flush()
         assert (await ledger.get_key(created.info.id)).credits == Decimal(10) - Decimal("0.1") * 6
         report = await ledger.usage_report(group_by=["key"])
@@ -527,6 +527,7 @@ async def test_a_handover_under_concurrent_load_admits_exactly_rpm(db_url: str, 
     await new.start()
     try:
         key = (await old.create_key(KeyLimits(rpm=20))).key
+        await old.authenticate(key)  # a key in use: the old ledger has its row cached
         by: dict[str, list[Admission]] = {"old": [], "new": []}
 
         async def one(i: int) -> None:
@@ -587,17 +588,17 @@ async def test_a_dead_ledgers_fence_is_freed_and_its_journal_replayed(db_url: st
         created = await dead.create_key(KeyLimits(credits=Decimal(1)))
         admission = await dead.admit(created.key, NAMES, 10, "last-words")
         await dead.settle(admission, record(dead, admission))  # journaled, never flushed
-        assert not heir._active.is_set()
+        assert not heir.keeper.active.is_set()
         # The process dies: its session (and advisory lock) or its lock file descriptor goes.
         dead._fencer.cancel()  # type: ignore[union-attr]
         dead._flusher.cancel()  # type: ignore[union-attr]
-        fence = dead._fence
+        fence = dead.keeper.fence
         if isinstance(fence, AdvisoryLockFence):
             fence._drop()
         elif isinstance(fence, FileFence) and fence._fd is not None:
             os.close(fence._fd)
             fence._fd = None
-        await asyncio.wait_for(heir._active.wait(), 5)
+        await asyncio.wait_for(heir.keeper.active.wait(), 5)
         assert (await heir.generation("gen-last-words", created.key)).cost == Decimal("0.25")
         assert (await heir.get_key(created.info.id)).credits == Decimal("0.75")
     finally:

@@ -215,7 +215,7 @@ async def test_a_reaper_pass_that_raises_does_not_stop_later_ones(
         wall.failures = 1  # the pass that finds the orphan raises (the lost record's time)
         monotonic.now += 1  # the router "dead" was last heard from past the TTL
         await eventually(lambda: wall.failures == 0, "a reaper pass ran and raised")
-        await eventually(lambda: "orphan" not in ledger._admitted, "a later pass released the orphan")
+        await eventually(lambda: "orphan" not in ledger.holds.admitted, "a later pass released the orphan")
         assert ledger._reaper is not None and not ledger._reaper.done()
         assert "reaping dead routers' admissions failed" in caplog.text
         lost = await ledger.generation("gen-orphan", None, admin=True)
@@ -239,9 +239,9 @@ async def test_a_lost_request_the_journal_cannot_take_stays_held_until_a_later_p
         clock.now += 61
         journal.appends_failing = 1
         ledger.reap()  # the first one's record cannot be journaled; the second is recorded
-        assert list(ledger._admitted) == ["orphan-1"]
+        assert list(ledger.holds.admitted) == ["orphan-1"]
         ledger.reap()
-        assert ledger._admitted == {} and ledger._held_cost == {}
+        assert ledger.holds.admitted == {} and ledger.holds.held_cost == {}
         await ledger.flush()
         assert await requests_recorded(ledger) == 2
     finally:
@@ -291,7 +291,7 @@ async def test_every_shutdown_step_runs_when_one_fails(db_url: str, tmp_path: Pa
         assert ledger.journal is not None and ledger.journal.close() is None  # already closed
         assert ledger._db is None and store._engine is None
         await heir.start()
-        assert heir._active.is_set()  # the fence was free
+        assert heir.keeper.active.is_set()  # the fence was free
         assert (await heir.generation("gen-r1", created.key)).cost == Decimal("0.25")
         assert (await heir.get_key(created.info.id)).credits == Decimal("0.75")
         second = await heir.admit(created.key, NAMES, 10, "r2")

@@ -45,9 +45,9 @@ class FlushingLedger(Ledger):
             try:
                 return fn(*args)
             finally:
-                with self._lock:
-                    pending = list(self._pending.values())
-                self._commit(pending)
+                with self.books.lock:
+                    pending = list(self.books.pending.values())
+                self.books.commit(pending)
 
         return await super()._run(then_commit)
 
@@ -133,7 +133,7 @@ async def test_an_admission_during_a_commit_reads_the_balance_before_or_after_it
     )  # fmt: skip
     await ledger.start()
     lock = WatchedLock()
-    ledger._lock = lock  # type: ignore[assignment]
+    ledger.keyring.lock = ledger.books.lock = lock  # type: ignore[assignment]  # the lock they share
     try:
         created = await ledger.create_key(KeyLimits(credits=Decimal(1)))
         first = await ledger.admit(created.key, NAMES, 10, "first", cost=Decimal("0.5"))
@@ -202,9 +202,9 @@ async def test_a_ledger_taking_over_rereads_the_key_rows_it_cached(db_url: str, 
         for task in (dead._fencer, dead._flusher, dead._reaper):
             assert task is not None
             task.cancel()
-        assert dead._fence is not None
-        dead._fence.release()
-        await asyncio.wait_for(heir._active.wait(), 10)
+        assert dead.keeper.fence is not None
+        dead.keeper.fence.release()
+        await asyncio.wait_for(heir.keeper.active.wait(), 10)
         assert await admit(heir, created.key, "after") is None
         assert (await heir.get_key(created.info.id)).credits == 0
     finally:

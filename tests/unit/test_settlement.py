@@ -125,10 +125,10 @@ async def call(
 async def settled(gateway: CountingGateway, ledger: Ledger) -> UsageRecord:
     """Waits (bounded) for the ledger to hold no admitted request; returns the one record."""
     for _ in range(500):
-        if not ledger._admitted and gateway.records:
+        if not ledger.holds.admitted and gateway.records:
             break
         await asyncio.sleep(0.01)
-    assert ledger._admitted == {}, "an admitted request was never settled: it still holds"
+    assert ledger.holds.admitted == {}, "an admitted request was never settled: it still holds"
     assert list(gateway.settled.values()) == [1], gateway.settled
     (record,) = gateway.records
     return record

@@ -217,9 +217,9 @@ async def test_an_admission_past_the_gateway_deadline_gets_503_and_is_settled_wh
     release.set()  # the gateway answers after all
     for _ in range(200):
         await asyncio.sleep(0.01)
-        if not ledger._admitted and ledger._settled:
+        if not ledger.holds.admitted and ledger.books.settled:
             break
-    assert ledger._admitted == {} and ledger._running == {} and ledger._held_cost == {}  # nothing held
+    assert ledger.holds.admitted == {} and ledger.holds.running == {} and ledger.holds.held_cost == {}  # nothing held
     await ledger.flush()
     (row,) = await ledger.usage_report(group_by=["key"])
     assert row["requests"] == 1 and row["cost"] == 0
@@ -249,10 +249,10 @@ async def test_many_concurrent_admissions_past_the_deadline_leak_no_hold(catalog
         release.set()
         for _ in range(300):
             await asyncio.sleep(0.01)
-            if len(ledger._settled) == 8:
+            if len(ledger.books.settled) == 8:
                 break
-        assert len(ledger._settled) == 8 and ledger._admitted == {} and ledger._running == {}
-        assert ledger._held_cost == {}
+        assert len(ledger.books.settled) == 8 and ledger.holds.admitted == {} and ledger.holds.running == {}
+        assert ledger.holds.held_cost == {}
         second = await asyncio.gather(*(http.post(ROUTE, json=CHAT, headers=headers) for _ in range(8)))
         assert [r.status_code for r in second] == [200] * 8
     await ledger.flush()

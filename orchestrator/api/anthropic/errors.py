@@ -32,6 +32,7 @@ ANTHROPIC_ERRORS: dict[ErrorCode, tuple[str, int]] = {
     ErrorCode.PAYLOAD_TOO_LARGE: ("request_too_large", 413),
     ErrorCode.RATE_LIMIT_EXCEEDED: ("rate_limit_error", 429),
     ErrorCode.PROVIDER_RATE_LIMIT: ("rate_limit_error", 429),
+    ErrorCode.AUTHENTICATION_THROTTLED: ("rate_limit_error", 429),
     ErrorCode.INTERNAL_ERROR: ("api_error", 500),
     ErrorCode.PROVIDER_AUTH: ("api_error", 500),
     ErrorCode.PROVIDER_UNAVAILABLE: ("api_error", 500),
