@@ -173,7 +173,8 @@ def wrap_replica_grpc_bind(rewrite: Callable[[str], str]) -> bool:
 
     Replaces ``ray.serve._private.replica.add_port_to_grpc_server``, the name the replica module
     binds with. Waits for: a bind address for that server in Serve's options
-    (ray-project/ray#64544 asks for a port range; nothing asks for a host yet).
+    (ray-project/ray#64544 and its open pull request #64623 add a port range; nothing asks
+    for a host yet).
     """
     from ray.serve._private import replica
 

@@ -159,6 +159,24 @@ def test_the_serving_layer_takes_what_the_engine_passes() -> None:
 
 
 @pytest.mark.engine
+def test_the_scheduler_view_is_still_a_complete_stat_logger() -> None:
+    """The engine's load report (autoscaling) reads the scheduler's figures through a stat
+    logger that vLLM calls with ``record(scheduler_stats, iteration_stats, ...)``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    from orchestrator.engine.vllm_engine import _SchedulerView
+
+    use = "engine/vllm_engine.py _SchedulerView (the load report)"
+    assert list(inspect.signature(StatLoggerBase.record).parameters)[1:3] == ["scheduler_stats", "iteration_stats"], (
+        f"{use}: StatLoggerBase.record now takes {list(inspect.signature(StatLoggerBase.record).parameters)}"
+    )
+    view = _SchedulerView(None)  # raises TypeError if vLLM added an abstract method
+    view.record(SchedulerStats(num_running_reqs=3, kv_cache_usage=0.5), None)
+    assert (view.running, view.kv_cache_usage) == (3, 0.5), f"{use}: SchedulerStats' fields changed"
+
+
+@pytest.mark.engine
 def test_anthropic_serving_is_a_chat_serving_with_count_tokens() -> None:
     from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
     from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
