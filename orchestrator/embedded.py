@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from orchestrator import grpc_loopback, ingress
+from orchestrator import grpc_loopback, ingress, ray_internals
 from orchestrator.catalog import CatalogError
 from orchestrator.layout import ingress_routes
 from orchestrator.settings import FAST_INGRESS_ENV, Settings
@@ -69,7 +69,6 @@ def serve_forever(
 
     import ray
     from ray import serve
-    from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
     from orchestrator.layout import model_route, serve_config
@@ -82,12 +81,11 @@ def serve_forever(
         # A cluster of its own, even when `ray start` left one running on this machine (which
         # ray.init() would otherwise join).
         address="local",
-        _node_ip_address="127.0.0.1",
         num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
-        _metrics_export_port=settings.metrics_port,
+        **ray_internals.init_options(node_ip_address="127.0.0.1", metrics_export_port=settings.metrics_port),
         # Serve's replicas bind their gRPC servers (handle streams) to 127.0.0.1, the node
         # address above, instead of every interface.
         runtime_env={"worker_process_setup_hook": grpc_loopback.SETUP_HOOK},
@@ -105,10 +103,7 @@ def serve_forever(
         config = ServeDeploySchema.model_validate(
             serve_config(models, settings.shareable(), host=settings.host, port=settings.port, local=True)
         )
-        client = serve_api.serve_start(
-            http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
-        )
-        client.deploy_apps(config)
+        ray_internals.deploy_config(config)
         apps = [app.name for app in config.applications]
         while not stop and not _running(apps):
             time.sleep(1)
@@ -251,10 +246,7 @@ def internal_ports(fast_ingress: bool) -> list[tuple[range, str]]:
     """Returns the fixed ports Ray and Serve open on ``orchestrator serve``'s machine besides
     the API and metrics ports, each with what opens it, as Ray reads them (so after the
     environment is set: each variable named moves its port)."""
-    from ray._private import ray_constants
-    from ray.serve._private import constants as serve
-
-    agent = ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+    agent = ray_internals.dashboard_agent_port()
     ports = [(range(agent, agent + 1), "the HTTP port of Ray's dashboard agent")]
     if not fast_ingress:
         return ports
@@ -264,9 +256,10 @@ def internal_ports(fast_ingress: bool) -> list[tuple[range, str]]:
         "HAProxy's metrics port": "RAY_SERVE_HAPROXY_METRICS_PORT",
     }
     for what, name in named.items():
-        port = int(getattr(serve, name))
+        port = ray_internals.serve_constant(name)
         ports.append((range(port, port + 1), f"{what} ({name})"))
-    low, high = serve.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, serve.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
+    low = ray_internals.serve_constant("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT")
+    high = ray_internals.serve_constant("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT")
     where = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, _MAX_HTTP_PORT"
     ports.append((range(low, high + 1), f"in Serve's range for replicas' HTTP ports, {low}-{high} ({where})"))
     return ports

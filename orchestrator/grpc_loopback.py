@@ -8,17 +8,17 @@ serve`` sets to 127.0.0.1, so binding it there loses nothing.
 
 :func:`bind_replicas_to_loopback` is a Ray worker-process setup hook (public:
 ``ray.init(runtime_env={"worker_process_setup_hook": SETUP_HOOK})``; Ray runs it in each
-worker before any actor starts there). It wraps the private name the replica module binds
-with (``ray.serve._private.replica.add_port_to_grpc_server``). This is the one place that
-touches Serve's internals for it, until Serve takes a bind address for that server; should
-a Ray upgrade rename it, the hook warns instead of failing the worker, and the serve-command
-integration test, which lists every listening socket, fails.
+worker before any actor starts there). The private name it replaces is wrapped in
+:func:`orchestrator.ray_internals.wrap_replica_grpc_bind`; should a Ray upgrade rename it, the
+hook warns instead of failing the worker, tests/unit/test_ray_internals.py fails, and so does
+the serve-command integration test, which lists every listening socket.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+
+from orchestrator.ray_internals import wrap_replica_grpc_bind
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +35,7 @@ def loopback_address(address: str) -> str:
 def bind_replicas_to_loopback() -> bool:
     """Makes this worker's Serve replicas bind their gRPC server to 127.0.0.1. Returns whether
     it did (False, after a warning, if Serve no longer binds through the wrapped name)."""
-    from ray.serve._private import replica
-
-    bind = getattr(replica, "add_port_to_grpc_server", None)
-    if bind is None:
-        logger.warning("Serve's replica module has no add_port_to_grpc_server: its gRPC server keeps Serve's address")
-        return False
-    if getattr(bind, "loopback", False):
+    if wrap_replica_grpc_bind(loopback_address):
         return True
-
-    def on_loopback(server: Any, address: str) -> int:
-        return int(bind(server, loopback_address(address)))
-
-    on_loopback.loopback = True  # type: ignore[attr-defined]
-    replica.add_port_to_grpc_server = on_loopback
-    return True
+    logger.warning("Serve's replica module has no add_port_to_grpc_server: its gRPC server keeps Serve's address")
+    return False

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm import AsyncEngineArgs, AsyncLLMEngine
 from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -29,9 +29,9 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
+from vllm.renderers.inputs.preprocess import extract_prompt_len
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.usage.usage_lib import UsageContext
-from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
@@ -54,6 +54,7 @@ from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.protocol.openai import prompt_count
 from orchestrator.protocol.tokens import TokensOp
 from orchestrator.settings import Settings
+from orchestrator.vllm_internals import merge_inline_system, rendered_chat_inputs, rendered_completion_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +96,15 @@ def engine_args_for(spec: ModelSpec, model_path: str) -> dict[str, Any]:
     return args
 
 
-def _check_window(serving: Any, request: Any, engine_inputs: list[Any]) -> None:
+def _check_window(serving: Any, request: Any, engine_inputs: list[Any] | None) -> None:
     # vLLM silently shortens max_tokens when prompt + max_tokens exceeds the window; an
     # OpenAI client expects a 400 instead, so the budget is checked once the prompt is known.
     budget = getattr(request, "max_completion_tokens", None) or request.max_tokens
-    if budget is None:
+    if budget is None or engine_inputs is None:
         return
     window = serving.model_config.max_model_len
     for engine_input in engine_inputs:
-        prompt = serving._extract_prompt_len(engine_input)
+        prompt = extract_prompt_len(serving.model_config, engine_input)
         if prompt + budget > window:
             raise OrchestratorError(
                 ErrorCode.CONTEXT_LENGTH_EXCEEDED,
@@ -120,14 +121,13 @@ class _StrictChat(AnthropicServingMessages):  # type: ignore[misc]
 
     async def render_chat_request(self, request: Any) -> Any:
         result = await super().render_chat_request(request)
-        if isinstance(result, tuple):
-            _check_window(self, request, result[1])
+        _check_window(self, request, rendered_chat_inputs(result))
         return result
 
     def chat_body(self, messages: AnthropicMessagesRequest) -> dict[str, Any]:
         """Returns the OpenAI chat body vLLM's own translation makes of a Messages request
         (system prompt, blocks, images, tool use and results, tool choice, thinking)."""
-        request = self.to_chat_completion_request(messages, merge_inline_system=self._merge_inline_system)
+        request = self.to_chat_completion_request(messages, merge_inline_system=merge_inline_system(self))
         body: dict[str, Any] = request.model_dump(mode="json", exclude_unset=True)
         return body
 
@@ -135,8 +135,7 @@ class _StrictChat(AnthropicServingMessages):  # type: ignore[misc]
 class _StrictCompletion(OpenAIServingCompletion):  # type: ignore[misc]
     async def render_completion_request(self, request: Any) -> Any:
         result = await super().render_completion_request(request)
-        if isinstance(result, list):
-            _check_window(self, request, result)
+        _check_window(self, request, rendered_completion_inputs(result))
         return result
 
 
@@ -182,7 +181,7 @@ class VLLMEngine:
     async def start(self) -> None:
         path = await asyncio.to_thread(prepare_weights, self.spec.source, self.settings.cache_dir)
         args = AsyncEngineArgs(**_typed_engine_args(engine_args_for(self.spec, path)))
-        self._llm = AsyncLLM.from_engine_args(
+        self._llm = AsyncLLMEngine.from_engine_args(
             args,
             usage_context=UsageContext.OPENAI_API_SERVER,
             stat_loggers=[RayPrometheusStatLogger, self._scheduler_view],

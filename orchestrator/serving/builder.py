@@ -81,7 +81,7 @@ def load_validated_catalog(paths: list[str]) -> Catalog:
     Raises:
         CatalogError: every problem, with file and field.
     """
-    from orchestrator.engine.vllm_args import engine_arg_names
+    from orchestrator.vllm_internals import engine_arg_names
 
     return load_catalog(resolve_paths(paths), engine_arg_names=engine_arg_names())
 
@@ -200,7 +200,7 @@ def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
         CatalogError: the entry is invalid (``engine_args`` are checked against vLLM's).
         UnsafeConfigError: a secret is written in ``args.settings``.
     """
-    from orchestrator.engine.vllm_args import engine_arg_names
+    from orchestrator.vllm_internals import engine_arg_names
 
     args = ModelAppArgs.model_validate(args) if not isinstance(args, ModelAppArgs) else args
     _refuse_plain_secrets(args.settings)  # a model needs no admin key or database

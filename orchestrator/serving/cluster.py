@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-import os
 import socket
 import sys
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
+
+from orchestrator import ray_internals
 
 CONNECT_TIMEOUT_S = 3.0
 
@@ -33,6 +36,29 @@ def reachable(host: str, port: int, timeout_s: float = CONNECT_TIMEOUT_S) -> boo
         with socket.create_connection((host, port), timeout=timeout_s):
             return True
     except OSError:
+        return False
+
+
+def host_and_port(address: str) -> tuple[str, int] | None:
+    """Returns ``address`` (``host:port``, ``[v6]:port``) as (host, port), or None when it is not
+    one (no port, or a port that is not a number from 0 to 65535)."""
+    try:
+        parts = urlsplit(f"//{address}")
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.hostname is None or port is None:
+        return None
+    return parts.hostname, port
+
+
+def is_loopback(host: str) -> bool:
+    """Returns whether ``host`` is ``localhost`` or a loopback address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
         return False
 
 
@@ -81,28 +107,26 @@ class RayCluster:
         Raises:
             ClusterUnreachable: no cluster is found, or nothing answers at its address.
         """
-        from ray._common.network_utils import is_localhost, parse_address
-        from ray._private import ray_constants, services
+        from ray.util import get_node_ip_address
 
         try:
-            target = services.get_ray_address_from_environment(address, None) if address == "auto" else address
+            target = ray_internals.ray_address_from_environment(address) if address == "auto" else address
         except ConnectionError as exc:
             raise ClusterUnreachable(f"cannot reach a Ray cluster at {address!r}: {_first_line(exc)}") from exc
         if target.startswith("ray://"):
             return target  # Ray Client: it has its own connection timeout
-        parsed = parse_address(target)
+        parsed = host_and_port(target)
         shown = target if target == address else f"{address!r} ({target})"
         if parsed is None:
             raise ClusterUnreachable(f"cannot reach a Ray cluster at {shown}: not a host:port address")
-        host, port = parsed[0], int(parsed[1])
-        if not is_localhost(host):
+        host, port = parsed
+        if not is_loopback(host):
             if self._probe(host, port):
                 return target
-        elif self._probe(services.get_node_ip_address(), port):
+        elif self._probe(get_node_ip_address(), port):
             return target
         elif self._probe(host, port):
-            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-            ray_constants.ENABLE_RAY_CLUSTER = False
+            ray_internals.connect_through_loopback()
             return target
         raise ClusterUnreachable(f"cannot reach a Ray cluster at {shown}: nothing answers there")
 
@@ -120,11 +144,7 @@ class RayCluster:
         # address="auto". This passes the address it found, or the one given (which
         # `orchestrator serve` prints for its own token-auth cluster): use the token this
         # machine has, if any, as ray.init does for "auto".
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        ray_internals.use_token_auth_if_available()
         try:
             ray.init(
                 address=target,

@@ -27,7 +27,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import ray
-from ray import serve
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.exceptions import RayServeException
@@ -40,6 +39,7 @@ from orchestrator.gateway.ledger import LOOKUP_WAIT_S, Ledger, LedgerStopped
 from orchestrator.gateway.store import SQLStore
 from orchestrator.layout import GATEWAY_DEPLOYMENT, gateway_app_name
 from orchestrator.metrics import GATEWAY_CALL_SECONDS, GatewayMetrics, NullSink, Sink
+from orchestrator.ray_internals import deployment_handle
 from orchestrator.serving.ledger_channel import Channel, ChannelClosed, ChannelServer
 from orchestrator.serving.telemetry import RaySink
 from orchestrator.settings import Settings
@@ -289,5 +289,5 @@ def instance_gateway(instance: str, timeout_s: float, metrics: Sink | None = Non
     """Returns the gateway of router application ``instance`` in the layout of
     :mod:`orchestrator.layout` (its own application), looked up without an existence check:
     the applications are built concurrently, and a call waits for it like any cold model."""
-    handle = serve.get_deployment_handle(GATEWAY_DEPLOYMENT, app_name=gateway_app_name(instance), _check_exists=False)
+    handle = deployment_handle(GATEWAY_DEPLOYMENT, gateway_app_name(instance))
     return remote_gateway(handle, timeout_s, metrics)

@@ -27,6 +27,7 @@ from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.adapters import AdapterTable
 from orchestrator.layout import model_app_name
 from orchestrator.protocol.tokens import TokensOp
+from orchestrator.ray_internals import deployment_handle
 from orchestrator.serving.gateway_server import instance_gateway, remote_gateway
 from orchestrator.serving.model_states import ModelStates, current_app_name, serve_states
 from orchestrator.serving.options import DEFAULT_MAX_NUM_SEQS
@@ -175,10 +176,7 @@ class Router:
             locations = {s.name: (model_app_name(app, s.deployment_name), s.deployment_name) for s in self.catalog}
             # Without an existence check: the other applications may not be built yet, and a
             # call waits for their replicas like any cold model's.
-            handles = {
-                name: serve.get_deployment_handle(deployment, app_name=where, _check_exists=False)
-                for name, (where, deployment) in locations.items()
-            }
+            handles = {name: deployment_handle(deployment, where) for name, (where, deployment) in locations.items()}
             self.gateway = None if self.settings.open_access else instance_gateway(app, timeout_s, self._sink)
         else:
             locations = {s.name: (app, s.deployment_name) for s in self.catalog}

@@ -1,17 +1,25 @@
 """``serving/cluster.py``: Serve's status as plain data, and finding a cluster's address fast.
 
-Ray's own lookups (``services``) and flags (``ray_constants``) are replaced where a test plays a
-cluster; the TCP probe is injected."""
+The Ray internals it uses (``orchestrator.ray_internals``) and Ray's node address are replaced
+where a test plays a cluster; the TCP probe is injected. That Ray still provides those internals:
+tests/unit/test_ray_internals.py."""
 
 from __future__ import annotations
 
-import os
 import socket
 from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.serving.cluster import ClusterUnreachable, RayCluster, deployments_from_serve_status, reachable
+from orchestrator import ray_internals
+from orchestrator.serving.cluster import (
+    ClusterUnreachable,
+    RayCluster,
+    deployments_from_serve_status,
+    host_and_port,
+    is_loopback,
+    reachable,
+)
 
 
 def test_deployments_from_serve_status_gives_plain_strings() -> None:
@@ -41,11 +49,11 @@ def test_reachable() -> None:
 
 def test_loopback_only_cluster_is_reached_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     """``orchestrator serve``'s Ray listens on 127.0.0.1 only; Ray would dial the public address."""
-    from ray._private import ray_constants, services
+    import ray.util
 
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
-    monkeypatch.delenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, raising=False)
-    monkeypatch.setattr(services, "get_node_ip_address", lambda address=None: "192.0.2.7")
+    through_loopback: list[bool] = []
+    monkeypatch.setattr(ray_internals, "connect_through_loopback", lambda: through_loopback.append(True))
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda address=None: "192.0.2.7")
     dialed: list[str] = []
 
     def loopback_only(host: str, port: int) -> bool:
@@ -54,38 +62,36 @@ def test_loopback_only_cluster_is_reached_on_loopback(monkeypatch: pytest.Monkey
 
     assert RayCluster(probe=loopback_only).bootstrap_address("127.0.0.1:6379") == "127.0.0.1:6379"
     assert dialed == ["192.0.2.7:6379", "127.0.0.1:6379"]
-    assert ray_constants.ENABLE_RAY_CLUSTER is False
-    assert os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] == "0"
+    assert through_loopback == [True]
 
 
 def test_cluster_on_public_address_is_left_to_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray._private import ray_constants, services
+    import ray.util
 
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
-    monkeypatch.setattr(services, "get_node_ip_address", lambda address=None: "192.0.2.7")
+    through_loopback: list[bool] = []
+    monkeypatch.setattr(ray_internals, "connect_through_loopback", lambda: through_loopback.append(True))
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda address=None: "192.0.2.7")
     cluster = RayCluster(probe=lambda host, port: True)
     assert cluster.bootstrap_address("127.0.0.1:6379") == "127.0.0.1:6379"
     assert cluster.bootstrap_address("10.0.0.1:6379") == "10.0.0.1:6379"
     assert cluster.bootstrap_address("ray://head:10001") == "ray://head:10001"
-    assert ray_constants.ENABLE_RAY_CLUSTER is True
+    assert through_loopback == []
 
 
 def test_unreachable_or_missing_cluster_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray._private import services
-
     cluster = RayCluster(probe=lambda host, port: False)
     with pytest.raises(
         ClusterUnreachable, match=r"^cannot reach a Ray cluster at 10.0.0.1:6379: nothing answers there$"
     ):
         cluster.bootstrap_address("10.0.0.1:6379")
-    monkeypatch.setattr(services, "get_ray_address_from_environment", lambda address, temp_dir: "127.0.0.1:6379")
+    monkeypatch.setattr(ray_internals, "ray_address_from_environment", lambda address: "127.0.0.1:6379")
     with pytest.raises(ClusterUnreachable, match=r"^cannot reach a Ray cluster at 'auto' \(127.0.0.1:6379\): nothing"):
         cluster.bootstrap_address("auto")
 
-    def none_running(address: str, temp_dir: str | None) -> str:
+    def none_running(address: str) -> str:
         raise ConnectionError("Could not find any running Ray instance. Please specify ...")
 
-    monkeypatch.setattr(services, "get_ray_address_from_environment", none_running)
+    monkeypatch.setattr(ray_internals, "ray_address_from_environment", none_running)
     with pytest.raises(ClusterUnreachable, match=r"^cannot reach a Ray cluster at 'auto': Could not find any running"):
         cluster.bootstrap_address("auto")
 
@@ -101,16 +107,29 @@ def test_a_cluster_found_or_given_gets_token_auth_like_ray_init(monkeypatch: pyt
     passes an address (found, or given as orchestrator serve prints it), so it does that step
     itself before connecting (orchestrator serve's cluster uses token auth)."""
     import ray
-    from ray._private.authentication import authentication_token_setup
 
     calls: list[str] = []
-    monkeypatch.setattr(
-        authentication_token_setup,
-        "maybe_enable_token_auth_if_token_available",
-        lambda warn_if_disabled=True: calls.append("token-auth") or True,
-    )
+    monkeypatch.setattr(ray_internals, "use_token_auth_if_available", lambda: calls.append("token-auth") or True)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(f"init {kwargs['address']}"))
     cluster = RayCluster(probe=lambda host, port: True)
     monkeypatch.setattr(cluster, "bootstrap_address", lambda given: "127.0.0.1:6379")
     cluster.connect(address)
     assert calls == ["token-auth", "init 127.0.0.1:6379"]
+
+
+@pytest.mark.parametrize(
+    ("address", "parsed"),
+    [("127.0.0.1:6379", ("127.0.0.1", 6379)), ("head:6379", ("head", 6379)), ("[::1]:6379", ("::1", 6379)),
+     ("head", None), ("head:port", None), ("head:70000", None), (":6379", None)],
+)  # fmt: skip
+def test_host_and_port(address: str, parsed: tuple[str, int] | None) -> None:
+    assert host_and_port(address) == parsed
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.3.0.1", True), ("::1", True), ("LOCALHOST", True),
+     ("10.0.0.1", False), ("head", False)],
+)  # fmt: skip
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback

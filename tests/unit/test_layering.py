@@ -1,6 +1,7 @@
 """The router never imports vllm; the HTTP edge imports neither ray nor vllm; the gateway
 none of ray, vllm or fastapi; serving does not import the status command, and the status
-command loads ray only when it runs. Every module of a package is imported, not only its
+command loads ray only when it runs; the modules wrapping Ray's and vLLM's internals import
+neither until a function is called. Every module of a package is imported, not only its
 ``__init__``, so a module that nothing imports eagerly is checked too."""
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ print(len(names), ",".join(m for m in forbidden if m in sys.modules))
         ("orchestrator.api", ["vllm", "ray"], 10),
         ("orchestrator.gateway", ["vllm", "ray", "fastapi"], 12),
         ("orchestrator.protocol", ["vllm", "ray", "fastapi"], 2),
+        ("orchestrator.ray_internals", ["ray", "vllm"], 1),
+        ("orchestrator.vllm_internals", ["vllm", "ray"], 1),
     ],
 )
 def test_package_does_not_import(package: str, forbidden: list[str], at_least: int) -> None:
