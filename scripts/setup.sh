@@ -11,7 +11,11 @@ cd "$(dirname "$0")/.."
 device="${ORCH_DEVICE:-cpu}"
 extras=""
 [[ "$device" != none ]] && extras="$device"
-[[ "${1:-}" == "--test" ]] && extras="${extras:+$extras,}test"
+if [[ "${1:-}" == "--test" ]]; then
+  extras="${extras:+$extras,}test"
+  # peft for the LoRA tests needs torch: only beside an engine (it would pull a torch build otherwise).
+  [[ "$device" != none ]] && extras="$extras,engine-test"
+fi
 venv="${ORCH_VENV:-.venv}"
 
 python="${PYTHON:-}"
