@@ -114,7 +114,9 @@ class Dialect:
     def forwarded(self, parsed: Any, body: dict[str, Any]) -> dict[str, Any]:
         """The body the model replica gets: OpenAI chat's and completions' as sent (vLLM's
         extensions pass), Anthropic's with its own fields only, Responses' as a chat body."""
-        return parsed.forwarded() if hasattr(parsed, "forwarded") else body
+        # Looked up on the class: a body field named `forwarded` is an attribute of the instance.
+        forwarded = getattr(type(parsed), "forwarded", None)
+        return forwarded(parsed) if forwarded is not None else body
 
 
 CHAT = Dialect("chat", "/v1/chat/completions", ChatCompletionRequest)

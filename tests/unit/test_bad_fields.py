@@ -194,6 +194,19 @@ def test_best_of_not_finite_or_not_a_number_is_a_400_on_chat(catalog: Catalog, t
             assert response.json()["error"]["param"] == "best_of"
 
 
+def test_undeclared_fields_named_like_the_requests_methods_are_no_server_error(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    # Undeclared fields are kept as attributes (vLLM's extensions); one named like a method the
+    # router calls must not hide it (a random search found `forwarded`).
+    names = ("forwarded", "output_budget", "capabilities_used", "model_dump")
+    with served(catalog, tmp_path) as send:
+        for base, path in ((CHAT, "/v1/chat/completions"), (COMPLETION, "/v1/completions")):
+            for name in names:
+                response = send("POST", path, body={**base, name: 5})
+                assert response.status_code < 500, (path, name, response.text)
+
+
 @pytest.mark.parametrize(
     ("route", "fields", "param"),
     [
