@@ -12,6 +12,7 @@ from orchestrator.engine.batching import batch_frames
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.protocol.tokens import TokensOp
 from orchestrator.serving.adapters import CacheFactory, ReplicaAdapters, serve_multiplexed
+from orchestrator.serving.log_buffers import LogBufferTargets
 from orchestrator.settings import Settings
 
 # Sent with 529: a shed request may retry soon, when a running request has finished.
@@ -48,6 +49,8 @@ class ModelServer:
         self.spec = ModelSpec.model_validate(spec)
         # A model replica needs no secret: any its environment supplies is dropped.
         self.settings = Settings(**settings).without_secrets()
+        # vLLM's logging setup closes Serve's log handlers; start() mends them (log_buffers.py).
+        self._log_targets = LogBufferTargets()
         self.engine = engine_factory(self.spec, self.settings)
         self.adapters = ReplicaAdapters(self.spec, self.engine, adapter_cache)
         self._batch_s = self.settings.stream_batch_ms / 1000.0
@@ -60,6 +63,8 @@ class ModelServer:
     async def start(self) -> None:
         """Loads the weights and starts the engine."""
         await self.engine.start()
+        if self._log_targets.restore():
+            logger.info("restored the log handlers vLLM's logging setup closed")
         logger.info("model %s ready", self.spec.name)
 
     def _admit(self) -> None:
