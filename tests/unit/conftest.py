@@ -29,6 +29,15 @@ TINY = {
     "engine_args": {"dtype": "float32"},
     "pricing": {"input_per_million": "1.5", "output_per_million": "2"},
 }
+# A tiny embedding model (task: embed).
+EMBEDDER = {
+    "name": "embed-e",
+    "aliases": ["e"],
+    "backend_id": "org/embed-e",
+    "task": "embed",
+    "source": {"kind": "tiny_random", "seed": 5},
+    "context_window": 256,
+}
 
 
 def write_catalog(folder: Path, *entries: dict) -> Path:

@@ -41,7 +41,7 @@ from orchestrator.gateway.records import MAX_RATE, KeyLimits
 from orchestrator.gateway.store import SQLStore
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend
-from tests.unit.conftest import ADMIN, TINY, write_catalog
+from tests.unit.conftest import ADMIN, EMBEDDER, TINY, write_catalog
 
 EXAMPLES = int(os.environ.get("ORCH_CONTRACT_EXAMPLES", "70"))  # per operation and mode; few inputs run out sooner
 MIN_CASES = 2000
@@ -67,14 +67,6 @@ UNFORESEEABLE = {
 # Spellings the router also resolves, beside the document's examples (names are case-blind).
 SPELLINGS = ("TINY-B",)
 GENERATION = ("POST /v1/chat/completions", "POST /v1/completions")
-EMBEDDER = {
-    "name": "embed-e",
-    "aliases": ["e"],
-    "backend_id": "org/embed-e",
-    "task": "embed",
-    "source": {"kind": "tiny_random", "seed": 5},
-    "context_window": 256,
-}
 
 
 @pytest.fixture

@@ -20,15 +20,10 @@ from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.pricing import request_cost
 from orchestrator.gateway.records import KeyLimits
 from tests.fakes import FakeEngine
-from tests.unit.conftest import TINY, write_catalog
+from tests.unit.conftest import EMBEDDER, TINY, write_catalog
 
 EMBED = {
-    "name": "embed-e",
-    "aliases": ["e"],
-    "backend_id": "org/embed-e",
-    "task": "embed",
-    "source": {"kind": "tiny_random", "seed": 5},
-    "context_window": 256,
+    **EMBEDDER,
     "pricing": {"input_per_million": "3"},
     "capabilities": {"json": False},
     "embedding": {"max_inputs": 4, "max_tokens": 50},
