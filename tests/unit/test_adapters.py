@@ -84,6 +84,7 @@ def test_what_the_catalog_sets_for_lora_cannot_be_written(tmp_path: Path, extra:
         load_catalog([write_catalog(tmp_path, {**TINY, **extra})])
 
 
+@pytest.mark.engine  # imports vLLM
 def test_engine_args_enable_lora_with_the_catalogs_bounds(lora_catalog: Catalog) -> None:
     from orchestrator.engine.vllm_engine import engine_args_for
 

@@ -57,6 +57,7 @@ def serve_log() -> Iterator[tuple[logging.Logger, logging.handlers.MemoryHandler
         handler.target = None
 
 
+@pytest.mark.engine  # imports vLLM
 def test_vllm_logging_setup_takes_the_target(serve_log: Any) -> None:
     # The upstream cause: should vLLM stop closing handlers, this fails and the mending
     # in ModelServer.start can go.
@@ -65,6 +66,7 @@ def test_vllm_logging_setup_takes_the_target(serve_log: Any) -> None:
     assert handler.target is None
 
 
+@pytest.mark.engine  # imports vLLM
 async def test_served_requests_leave_nothing_in_the_log_buffer(catalog: Catalog, serve_log: Any) -> None:
     log, handler, text = serve_log
     log.info("before the engine")
