@@ -239,7 +239,9 @@ async def test_many_concurrent_admissions_past_the_deadline_leak_no_hold(catalog
     release = asyncio.Event()
     hanging = DelayedAdmission(ledger, release.wait)
     engines = {"tiny-a": FakeEngine(words=["x"]), "tiny-b": FakeEngine()}
-    settings = Settings(gateway_timeout_seconds=0.2)
+    # The first round waits for `release` whatever the deadline; a second lets the second round's
+    # admissions through on a busy machine.
+    settings = Settings(gateway_timeout_seconds=1.0)
     app = create_app(catalog, LocalBackend(engines, batch_s=0.0), settings, gateway=hanging)  # type: ignore[arg-type]
     created = await ledger.create_key(KeyLimits(credits=Decimal("1"), max_concurrent=8))
     headers = {"Authorization": f"Bearer {created.key}"}
@@ -247,7 +249,7 @@ async def test_many_concurrent_admissions_past_the_deadline_leak_no_hold(catalog
         first = await asyncio.gather(*(http.post(ROUTE, json=CHAT, headers=headers) for _ in range(8)))
         assert [r.status_code for r in first] == [503] * 8
         release.set()
-        for _ in range(300):
+        for _ in range(1000):
             await asyncio.sleep(0.01)
             if len(ledger.books.settled) == 8:
                 break
