@@ -299,7 +299,7 @@ class Router:
         return count
 
     async def tokens(self, spec: ModelSpec, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
-        call = self._tokens[spec.name].remote(op, body)
+        call = self._tokens[spec.base_name].remote(op, body)  # an adapter tokenizes as its base
         try:
             answer: dict[str, Any] = await self.bounded(spec, call, spec.overload.request_timeout_s, may_be_cold=True)
         except BaseException:

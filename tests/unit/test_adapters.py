@@ -3,6 +3,7 @@ model's replicas, loaded on first use and bounded per replica (least recently us
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -248,3 +249,14 @@ async def test_the_router_sends_an_adapter_to_its_bases_replicas_with_its_multip
     with pytest.raises(OrchestratorError) as info:
         router.stream(pirate, "chat", {}, "r3")
     assert info.value.code is ErrorCode.PROVIDER_OVERLOADED and router.in_flight.counts == {"tiny-a": 3}
+    # Tokens of an adapter are its base's: asked of the base's replicas (an adapter has no handle).
+    asked: list[Any] = []
+
+    class _Tokens:
+        def remote(self, op: str, body: dict[str, Any]) -> Any:
+            asked.append((op, body))
+            return asyncio.sleep(0, result={"count": 1})
+
+    router._tokens = {"tiny-a": _Tokens()}  # type: ignore[dict-item]
+    assert await router.tokens(pirate, "tokenize", {"prompt": "hi"}) == {"count": 1}
+    assert asked == [("tokenize", {"prompt": "hi"})]
