@@ -115,9 +115,15 @@ class AuthFailureGuard:
             # load balancer sends from the address of every client behind it, always pass).
             await self.app(scope, receive, send)
             return
-        address = client_address(scope, self._trusted)
         digest = hashlib.sha256(token.encode()).digest()
-        refusal = None if digest in self._vouched else self.throttle.refusal(address)
+        if digest in self._vouched:
+            # A key that succeeded lately is not watched: its stream's every frame would
+            # otherwise pass one more call. A 401 it may get now (revoked) counts against
+            # nobody's address until its vouching ends.
+            await self.app(scope, receive, send)
+            return
+        address = client_address(scope, self._trusted)
+        refusal = self.throttle.refusal(address)
         if refusal is not None:
             await _refuse(send, refusal, scope)
             return
@@ -132,7 +138,6 @@ class AuthFailureGuard:
         status = statuses[0] if statuses else None
         if status == 401:
             self.throttle.failed(address)
-            self._vouched.discard(digest)
         elif status is not None and 200 <= status < 300 and _under_v1(scope):
             self._vouched.add(digest)
 
