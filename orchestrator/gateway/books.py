@@ -32,7 +32,12 @@ from orchestrator.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
 Runner = Callable[..., Awaitable[Any]]
-_SETTLED_MEMORY = 200_000  # request ids remembered to refuse a second settlement
+# Request ids remembered to refuse a second settlement: for SETTLED_MEMORY_S after it (twice
+# the 300 s a router retries a settlement, ``Settler.retry_for_s``) and at most SETTLED_MEMORY_MAX
+# of them. One forgotten earlier is still stored and debited once: the store skips request ids it
+# has (``SQLStore.write_usage``).
+SETTLED_MEMORY_S = 600.0
+SETTLED_MEMORY_MAX = 200_000
 
 
 @dataclass
@@ -106,7 +111,7 @@ class Books:
         self.pending_cost: dict[str, Decimal] = {}
         self.unsealed: list[UsageRecord] = []
         self.batches: list[tuple[Path | None, list[UsageRecord]]] = []
-        self.settled: OrderedDict[str, None] = OrderedDict()
+        self.settled: OrderedDict[str, float] = OrderedDict()  # request id: when settled (monotonic)
         self.flush_lock = asyncio.Lock()
 
     # -- settlement -------------------------------------------------------------------
@@ -125,15 +130,22 @@ class Books:
             return False
         self._journal(record)
         admitted = self._holds.release(rid)
-        self.settled[rid] = None
-        if len(self.settled) > _SETTLED_MEMORY:
-            self.settled.popitem(last=False)
+        self._remember_settled(rid)
         if admission.key_id is not None:
             used = record.prompt_tokens + record.completion_tokens
             self._limiter.settle(admission.key_id, admission.window_start, admission.reserved_tokens, used)
         self._add_pending(record)
         _wake(admitted)
         return True
+
+    def _remember_settled(self, rid: str) -> None:
+        """Remembers ``rid`` as settled now, forgetting the ids settled more than
+        :data:`SETTLED_MEMORY_S` ago and the oldest past :data:`SETTLED_MEMORY_MAX`."""
+        now = self._monotonic()
+        self.settled[rid] = now
+        oldest = now - SETTLED_MEMORY_S
+        while self.settled and (len(self.settled) > SETTLED_MEMORY_MAX or next(iter(self.settled.values())) < oldest):
+            self.settled.popitem(last=False)
 
     def _journal(self, record: UsageRecord) -> None:
         if self.journal is None:

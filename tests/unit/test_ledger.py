@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway import books
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger, model_allowed
 from orchestrator.gateway.records import Admission, KeyLimits, UsageRecord
@@ -177,6 +178,32 @@ async def test_lookup_of_an_admitted_request_waits_for_its_settlement(ledger: Le
     assert not lookup.done()  # no 404 while the router has yet to settle
     await ledger.settle(admission, record(ledger, admission))
     assert (await lookup).request_id == "slow-settle"
+
+
+async def test_settled_ids_are_forgotten_after_the_retry_window_and_a_late_retry_debits_once(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ids of settled requests are kept for SETTLED_MEMORY_S (a router retries a settlement
+    for half of it), not for ever: the ledger's memory levels off under steady load. A retry
+    that comes after its id is forgotten is still stored and debited once."""
+    clock = ledger.books._monotonic  # type: ignore[attr-defined]
+    created = await ledger.create_key(KeyLimits(credits=Decimal("2")))
+    first = await ledger.admit(created.key, NAMES, 10, "r1")
+    assert await ledger.settle(first, record(ledger, first))
+    clock.now += books.SETTLED_MEMORY_S - 1  # type: ignore[attr-defined]
+    assert not await ledger.settle(first, record(ledger, first))  # still remembered: refused
+    clock.now += 2  # type: ignore[attr-defined]
+    second = await ledger.admit(created.key, NAMES, 10, "r2")
+    assert await ledger.settle(second, record(ledger, second))
+    assert list(ledger.books.settled) == ["r2"]  # r1 forgotten, r2 remembered
+    await ledger.settle(first, record(ledger, first))  # a retry of r1 after it was forgotten
+    await ledger.flush()
+    assert (await ledger.get_key(created.info.id)).credits == Decimal("1.5")  # r1 and r2 once each
+    monkeypatch.setattr(books, "SETTLED_MEMORY_MAX", 2)
+    for rid in ("r3", "r4", "r5"):
+        admitted = await ledger.admit(created.key, NAMES, 10, rid)
+        await ledger.settle(admitted, record(ledger, admitted))
+    assert list(ledger.books.settled) == ["r4", "r5"]  # bounded in number too
 
 
 async def test_a_batch_committed_twice_moves_its_records_once(ledger: Ledger) -> None:
