@@ -263,9 +263,12 @@ def _check_once(store: SQLStore, keys: dict[str, Key], tally: Tally) -> dict[str
 
 def _label(name: str, cmdline: list[str]) -> str:
     """Ray's process title, or for a Python process the script it runs (Ray's dashboard,
-    log monitor, ...), or the program's name."""
+    log monitor, ...), or the program's name; the same for a process in every sample."""
     if cmdline and cmdline[0].startswith("ray::"):
-        return cmdline[0].split(" ")[0]
+        title = cmdline[0].split(" ")[0]
+        # An actor's title names the method it runs (`ray::ServeController.listen_for_change`);
+        # a Serve replica's names its application and deployment, which may hold dots.
+        return title if title.startswith("ray::ServeReplica:") else title.split(".")[0]
     if name.startswith("python"):
         script = next((arg for arg in cmdline[1:] if arg.endswith(".py")), None)
         return f"python {Path(script).name}" if script else name
