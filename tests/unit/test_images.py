@@ -473,6 +473,7 @@ def test_vllms_anthropic_translation_makes_image_url_parts_of_image_blocks() -> 
     assert chat_image(f"data:image/png;base64,{raw}") in parts
 
 
+@pytest.mark.engine  # needs transformers and torch
 def test_the_tiny_vision_model_builds_with_a_processor_that_loads_offline(tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoProcessor
 
