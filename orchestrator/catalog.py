@@ -20,6 +20,7 @@ from orchestrator.errors import ErrorCode, OrchestratorError
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 NAME_PATTERN = _NAME_PATTERN  # what a model or adapter name may be
+_HOST_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$"  # a lower-case host name or IPv4 address
 
 # Engine arguments the catalog sets from its own fields; writing them in `engine_args`
 # would let the two disagree, so they are refused.
@@ -38,6 +39,9 @@ RESERVED_ENGINE_ARGS = frozenset(
         "max_loras",
         "max_cpu_loras",
         "max_lora_rank",
+        "allowed_media_domains",
+        "allowed_local_media_path",
+        "limit_mm_per_prompt",
     }
 )
 
@@ -93,11 +97,16 @@ class PyPIFolderSource(_Frozen):
 
 
 class TinyRandomSource(_Frozen):
-    """A tiny random-weight Llama built locally in about a second. Its text is gibberish:
-    it exists to show and test dispatch, streaming and limits without a real model."""
+    """A tiny random-weight model built locally in about a second. Its text is gibberish:
+    it exists to show and test dispatch, streaming, limits and image inputs without a real
+    model."""
 
     kind: Literal["tiny_random"] = Field(description="Source type tag.")
     seed: int = Field(default=0, ge=0, description="Seed for weights, so builds repeat.")
+    architecture: Literal["llama", "idefics3"] = Field(
+        default="llama",
+        description="`llama`: a text model. `idefics3`: a vision-language model (a tiny vision tower and Llama).",
+    )
 
 
 WeightsSource = Annotated[
@@ -237,6 +246,23 @@ class EmbeddingBounds(_Frozen):
     )
 
 
+class ImageBounds(_Frozen):
+    """What image inputs one request to a vision model (``capabilities.vision``) may carry;
+    past a bound it gets 400 (the router checks before anything reaches the engine)."""
+
+    max_per_request: int = Field(default=4, ge=1, le=64, description="Images in one request, all messages together.")
+    max_bytes: int = Field(
+        default=10 * 2**20, ge=1, description="Size of one image, decoded (a `data:` URL's bytes, a download's)."
+    )
+    allowed_domains: tuple[Annotated[str, Field(pattern=_HOST_PATTERN)], ...] = Field(
+        default=(),
+        description=(
+            "Host names remote (`http`/`https`) image URLs may name, matched exactly; the engine fetches from "
+            "these only, without following redirects. Empty: only `data:` URLs. `file:` URLs are never read."
+        ),
+    )
+
+
 class AdapterSpec(_Frozen):
     """A LoRA adapter of a catalog model: a model of its own to clients (its own names,
     prices and key scopes), served on its base model's replicas."""
@@ -285,6 +311,9 @@ class ModelSpec(_Frozen):
     )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM engine arguments, by vLLM's names."
+    )
+    images: ImageBounds = Field(
+        default_factory=ImageBounds, description="Bounds and allowed domains of image inputs (`capabilities.vision`)."
     )
     context_window: int = Field(ge=16, description="Max prompt + output tokens; becomes vLLM's max_model_len.")
     pricing: Pricing = Field(default_factory=Pricing, description="Per-million-token prices in USD.")

@@ -42,6 +42,9 @@ class ErrorCode(StrEnum):
     STORAGE_LIMIT_EXCEEDED = "storage_limit_exceeded"
     MODEL_KIND_MISMATCH = "model_kind_mismatch"
     AUTHENTICATION_THROTTLED = "authentication_throttled"
+    INVALID_IMAGE = "invalid_image"
+    IMAGE_URL_NOT_ALLOWED = "image_url_not_allowed"
+    IMAGE_LIMIT_EXCEEDED = "image_limit_exceeded"
 
     @property
     def http_status(self) -> int:
@@ -81,6 +84,9 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.STORAGE_LIMIT_EXCEEDED: 400,
     ErrorCode.MODEL_KIND_MISMATCH: 400,
     ErrorCode.AUTHENTICATION_THROTTLED: 429,
+    ErrorCode.INVALID_IMAGE: 400,
+    ErrorCode.IMAGE_URL_NOT_ALLOWED: 400,
+    ErrorCode.IMAGE_LIMIT_EXCEEDED: 400,
 }
 
 # OpenAI SDKs only look at the status, but `type` helps humans group errors.

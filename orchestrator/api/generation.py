@@ -17,6 +17,7 @@ from orchestrator.api.auth import bearer_token
 from orchestrator.api.backend import Backend
 from orchestrator.api.cache_salt import salted
 from orchestrator.api.dialect import Dialect
+from orchestrator.api.images import check_images
 from orchestrator.api.sse import EventStreamResponse, StreamHead, as_orchestrator_error, drive
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
@@ -50,7 +51,7 @@ def parse(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Any
     Raises:
         OrchestratorError: ``invalid_request`` (naming the parameter), ``model_not_found``,
         ``model_kind_mismatch`` (an embedding model asked to generate, or a text model to
-        embed), or ``capability_not_supported``.
+        embed), ``capability_not_supported``, or an image's error (:func:`check_images`).
     """
     try:
         parsed: Any = dialect.schema.model_validate(body)
@@ -68,6 +69,10 @@ def parse(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Any
             "GET /v1/models lists each model's capabilities.",
             param="model",
         )
+    # Looked up on the class, as Dialect.forwarded is: a body field may be named `media`.
+    media = getattr(type(parsed), "media", None)
+    if media is not None:
+        check_images(media(parsed), spec)
     dialect.check(parsed, spec)
     return parsed, spec
 

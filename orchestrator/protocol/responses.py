@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestrator.protocol.media import MediaPart, media_capabilities
 from orchestrator.protocol.openai import MAX_MESSAGES, MAX_TOOLS
 from orchestrator.protocol.values import Boolean, CacheSalt, OptionalInteger, OptionalNumber
 
@@ -138,14 +139,22 @@ class ResponsesRequest(BaseModel):
             used.add("tools")
         if self.text and self.text.format and self.text.format.type != "text":
             used.add("json")
-        if isinstance(self.input, list) and any(
-            isinstance(item, MessageItem)
-            and isinstance(item.content, list)
-            and any(part.get("type") == "input_image" for part in item.content)
-            for item in self.input
-        ):
-            used.add("vision")
+        used |= media_capabilities(self.media())
         return used
+
+    def media(self) -> list[MediaPart]:
+        """The ``input_image`` parts of the input's messages (the only media forwarded)."""
+        if isinstance(self.input, str):
+            return []
+        return [
+            MediaPart(
+                "image", url if isinstance(url := part.get("image_url"), str) else None, f"input[{i}].content[{j}]"
+            )
+            for i, item in enumerate(self.input)
+            if isinstance(item, MessageItem) and isinstance(item.content, list)
+            for j, part in enumerate(item.content)
+            if part.get("type") == "input_image"
+        ]
 
     def forwarded(self) -> dict[str, Any]:
         """The chat body the model replica runs for this request."""

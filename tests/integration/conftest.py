@@ -3,9 +3,9 @@
 The apps are deployed the way operators deploy them: ``serve deploy`` of a Serve config file
 onto a cluster started with ``ray start --head``. The main app (route ``/``) is laid out as
 ``orchestrator serve-config`` writes it, one Serve application per model
-(orchestrator/layout.py); it serves two tiny models, the default catalog's SmolLM2 and its
-embedding model (at zero replicas until the embeddings test wakes it), keeps its gateway in
-a real PostgreSQL server and runs two router replicas. The other two are
+(orchestrator/layout.py); it serves two tiny models and the default catalog's SmolLM2, and,
+at zero replicas until their tests wake them, a tiny vision model and the default catalog's
+embedding model; it keeps its gateway in a real PostgreSQL server and runs two router replicas. The other two are
 ``orchestrator.serving:build_app`` with catalog args, the whole catalog in one application:
 the second (route ``/sqlite``) serves one tiny model
 with the embedded SQLite default; the third (route ``/ops``, open mode) holds the models
@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from orchestrator.catalog import load_catalog
-from orchestrator.engine.weights import build_tiny_llama
+from orchestrator.engine.weights import build_tiny_idefics3, build_tiny_llama
 from orchestrator.layout import applications, model_app_name
 from tests.adapters import build_tiny_lora
 from tests.postgres import PostgresServer
@@ -54,6 +54,10 @@ ENGINE = {
     "kv_cache_memory_bytes": 32 * 2**20,
     "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
 }
+
+
+# Woken by its first request; gone 30 s after its last, so its engine holds no memory for long.
+VISION_SCALING = {"min_replicas": 0, "max_replicas": 1, "scale_to_zero_delay_s": 30, "cold_start_timeout_s": 300}
 
 
 def free_port() -> int:
@@ -252,6 +256,16 @@ def deployment(
         tiny_entry("tiny-a", "a", tiny_a, adapters=tiny_a_adapters(tiny_a, work)),
         # A short queue, so the shedding test can fill it: 16 running + 2 waiting per replica.
         tiny_entry("tiny-b", "b", build_tiny_llama(work / "tiny-b", seed=2), overload={"max_waiting_per_replica": 2}),
+        # The vision model waits at zero replicas until test_images.py wakes it; it fetches
+        # remote images from 127.0.0.1 only (not from `localhost`, the same listener).
+        tiny_entry(
+            "tiny-vision",
+            "vision",
+            build_tiny_idefics3(work / "tiny-vision", seed=0),
+            capabilities={"vision": True},
+            images={"max_per_request": 2, "allowed_domains": ["127.0.0.1"]},
+            autoscaling=VISION_SCALING,
+        ),
     ]
     catalog.write_text(yaml.safe_dump({"models": entries}))
     # tiny-c gives up on its engine after 10 s (the deadline test stops that engine).

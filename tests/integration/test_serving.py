@@ -19,7 +19,15 @@ USER = [{"role": "user", "content": "Tell me a story about a cat."}]
 
 def test_models_list_has_catalog_fields(client: openai.OpenAI, deployment: Deployment) -> None:
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["tiny-a", "tiny-b", "smollm2-135m-instruct", "all-minilm-l6-v2", "tiny-a-lora", "tiny-a-lora-2"]
+    assert ids == [
+        "tiny-a",
+        "tiny-b",
+        "tiny-vision",
+        "smollm2-135m-instruct",
+        "all-minilm-l6-v2",
+        "tiny-a-lora",
+        "tiny-a-lora-2",
+    ]
     headers = {"Authorization": f"Bearer {deployment.api_key}"}
     card = httpx.get(deployment.base_url + "/v1/models/test-org/tiny-b", headers=headers).json()
     assert card["id"] == "tiny-b" and card["aliases"] == ["b"] and card["context_window"] == 512
