@@ -421,7 +421,11 @@ def test_killed_with_sigkill_it_leaves_nothing_and_starts_again(served: Served) 
 def test_ctrl_c_stops_everything_it_started(served: Served) -> None:
     started = psutil.Process(served.proc.pid).children(recursive=True)
     assert any("VLLM" in " ".join(p.cmdline()) or p.name().startswith("VLLM") for p in started if p.is_running())
+    address = served.line(r"Ray cluster at (\S+):").group(1)
+    published = Path(served.env["HOME"]) / ".cache" / "orchestrator" / "clusters" / f"{address.replace(':', '_')}.json"
+    assert published.is_file()
     served.proc.send_signal(signal.SIGINT)
     assert served.proc.wait(timeout=180) == 0
     alive = _until_gone(started, deadline_s=30)
     assert not alive, _names(alive)
+    assert not published.exists()  # what it published for orchestrator status is gone with it
