@@ -166,7 +166,7 @@ def frames(
     Without ``window_s``, each frame is one scrape, rates from the recent-rate gauges (their
     window, :data:`orchestrator.metrics.RATE_WINDOW_S`); when the first scrape has no such
     gauge but the orchestrator's counters (see :func:`has_recent_rates`), frames are measured
-    as with ``window_s=fallback_window_s``. With ``window_s``, the first frame comes
+    as with ``window_s=fallback_window_s`` (and ``interval_s`` at least that). With ``window_s``, the first frame comes
     ``window_s`` after a first scrape, rates from the counters' increase (the measured window).
     When ``interval_s`` is given, a frame follows every ``interval_s`` forever (with a window,
     rates since the frame before).
@@ -178,6 +178,7 @@ def frames(
     first = scrape()
     if window_s is None and not has_recent_rates(first.values()):
         window_s = fallback_window_s
+        interval_s = None if interval_s is None else max(interval_s, window_s)
     if window_s is not None:
         yield from _windowed(first, started, scrape, deployments, window_s, interval_s, clock, sleep)
         return

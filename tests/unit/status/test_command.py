@@ -174,6 +174,10 @@ def test_frames_measure_a_window_when_the_cluster_keeps_no_recent_rates() -> Non
     rows, window = next(got)
     assert (clock.slept, window) == ([10.0], 10.0)
     assert {r.model: r.tokens_per_second for r in rows}[SMOL] == 60.0  # router A's +600 in 10 s
+    scrapes = iter([{"u": head_text(before=True)}, {"u": head_text(before=False)}, {"u": head_text(before=False)}])
+    watched = frames(lambda: next(scrapes), dict, window_s=None, interval_s=5.0, clock=clock, sleep=clock.sleep)
+    next(watched), next(watched)
+    assert clock.slept[-2:] == [10.0, 10.0]  # redrawn no faster than the window
 
 
 def test_frames_without_window_need_none_before_any_traffic() -> None:
