@@ -129,8 +129,7 @@ def serve_forever(
                 time.sleep(0.2)
     finally:
         print("\nShutting down ...", flush=True)
-        if snapshot is not None:
-            snapshot.remove()
+        _remove(snapshot)
         # Everything this command started, engines and HAProxy included: if Serve's graceful
         # shutdown times out (it can on a busy machine), ray.shutdown() kills the Ray workers
         # and their own children (vLLM's engine processes, HAProxy) would outlive them.
@@ -250,6 +249,11 @@ def _write_if_due(snapshot: SnapshotWriter) -> None:
         snapshot.write_if_due()
     except OSError as exc:
         logger.warning("cannot write the cluster's status for orchestrator status: %s", exc)
+
+
+def _remove(snapshot: SnapshotWriter | None) -> None:
+    if snapshot is not None:
+        snapshot.remove()
 
 
 def _running(apps: list[str]) -> bool:
