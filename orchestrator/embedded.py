@@ -19,6 +19,7 @@ from orchestrator import grpc_loopback, ingress, ray_internals
 from orchestrator.catalog import CatalogError
 from orchestrator.layout import ingress_routes
 from orchestrator.settings import FAST_INGRESS_ENV, Settings
+from orchestrator.status.snapshot import SnapshotWriter, default_directory
 from orchestrator.warden import reap
 from orchestrator.warden import start as start_warden
 
@@ -93,6 +94,7 @@ def serve_forever(
     # A plain flag, polled: a handler that calls threading.Event.set() can deadlock when a
     # second signal (a double Ctrl-C, or `timeout` forwarding one) lands inside the first.
     stop: list[bool] = []
+    snapshot: SnapshotWriter | None = None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(True))
     try:
@@ -117,12 +119,17 @@ def serve_forever(
                 print(f"    its own route, without the router: {own}", flush=True)
             print(f"Metrics (Prometheus text) at {_metrics_url()}", flush=True)
             gcs = ray.get_runtime_context().gcs_address
+            # What `orchestrator status` reads of the cluster, so that it need not join Ray.
+            snapshot = _snapshot_writer(gcs)
+            _write_if_due(snapshot)
             print(f"Ray cluster at {gcs}: orchestrator status --address {gcs}", flush=True)
             print("Press Ctrl-C to stop.", flush=True)
             while not stop:
+                _write_if_due(snapshot)
                 time.sleep(0.2)
     finally:
         print("\nShutting down ...", flush=True)
+        _remove(snapshot)
         # Everything this command started, engines and HAProxy included: if Serve's graceful
         # shutdown times out (it can on a busy machine), ray.shutdown() kills the Ray workers
         # and their own children (vLLM's engine processes, HAProxy) would outlive them.
@@ -228,6 +235,25 @@ def _metrics_url() -> str:
 
     node = next(n for n in ray.nodes() if n["Alive"])
     return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def _snapshot_writer(address: str) -> SnapshotWriter:
+    from orchestrator.serving.cluster import RayCluster
+
+    cluster = RayCluster()  # this process is connected already: it reads, never connects
+    return SnapshotWriter(default_directory(), address, cluster.nodes, cluster.deployments)
+
+
+def _write_if_due(snapshot: SnapshotWriter) -> None:
+    try:
+        snapshot.write_if_due()
+    except OSError as exc:
+        logger.warning("cannot write the cluster's status for orchestrator status: %s", exc)
+
+
+def _remove(snapshot: SnapshotWriter | None) -> None:
+    if snapshot is not None:
+        snapshot.remove()
 
 
 def _running(apps: list[str]) -> bool:

@@ -6,6 +6,10 @@ leave through each node's metrics agent beside Serve's and vLLM's, and Ray adds 
 ``ray_`` prefix (and ``_total`` to counters) on export: ``orchestrator_requests`` is
 scraped as ``ray_orchestrator_requests_total``. Unit tests use :class:`MemorySink`.
 
+A gauge declared with ``window_s`` is a recent rate: what is recorded are amounts, and what
+is exported is their sum per second over the last ``window_s`` seconds (each process its
+own, :mod:`orchestrator.rates`), so that one scrape gives a rate.
+
 Labels are bounded: ``model`` is a catalog display name (``unknown`` when the request
 named none that exists), ``route`` one of the API paths, ``code`` an
 :class:`~orchestrator.errors.ErrorCode` value or ``ok``. No label takes a value per key,
@@ -34,13 +38,15 @@ _FLUSH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """One metric: its name (before Ray's ``ray_`` prefix), kind, help text and labels."""
+    """One metric: its name (before Ray's ``ray_`` prefix), kind, help text and labels;
+    ``window_s`` makes a gauge a recent rate (see above)."""
 
     name: str
     kind: Kind
     description: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    window_s: float = 0.0
 
 
 # --- measured where a request is answered (the router, or a model replica on its own route): what the client sees
@@ -87,6 +93,40 @@ REJECTED = MetricSpec(
     "Requests refused before or instead of generating: `rate_limited` (429), `shed` (overload, no replica), "
     "`timeout`, or `rejected` by the gateway (keys, credits, models).",
     ("model", "reason", "code"),
+)
+
+# --- recent rates, kept by each process that counts (router, model route, model replica), for
+# `orchestrator status`: one scrape gives them; summed over a model's processes
+RATE_WINDOW_S = 10.0
+TOKEN_RATE = MetricSpec(
+    "orchestrator_recent_completion_tokens_per_second",
+    "gauge",
+    f"Generated tokens of finished requests per second over the last {RATE_WINDOW_S:g} s, in this process.",
+    ("model",),
+    window_s=RATE_WINDOW_S,
+)
+SERVER_ERROR_RATE = MetricSpec(
+    "orchestrator_recent_server_errors_per_second",
+    "gauge",
+    f"Generation requests answered with a 5xx status per second over the last {RATE_WINDOW_S:g} s, in this process.",
+    ("model",),
+    window_s=RATE_WINDOW_S,
+)
+PREFIX_CACHE_QUERY_RATE = MetricSpec(
+    "orchestrator_recent_prefix_cache_queries_per_second",
+    "gauge",
+    f"Prompt tokens the engine looked up in its prefix cache per second over the last {RATE_WINDOW_S:g} s "
+    "(vLLM's prefix-cache statistics, which also feed vllm:prefix_cache_queries).",
+    ("model",),
+    window_s=RATE_WINDOW_S,
+)
+PREFIX_CACHE_HIT_RATE = MetricSpec(
+    "orchestrator_recent_prefix_cache_hits_per_second",
+    "gauge",
+    f"Prompt tokens found in the engine's prefix cache per second over the last {RATE_WINDOW_S:g} s "
+    "(vLLM's prefix-cache statistics, which also feed vllm:prefix_cache_hits).",
+    ("model",),
+    window_s=RATE_WINDOW_S,
 )
 
 # --- decided by the autoscaling policy (in Serve's controller), per model and Serve application
@@ -147,6 +187,10 @@ ALL: tuple[MetricSpec, ...] = (
     COMPLETION_TOKENS,
     COST,
     REJECTED,
+    TOKEN_RATE,
+    SERVER_ERROR_RATE,
+    PREFIX_CACHE_QUERY_RATE,
+    PREFIX_CACHE_HIT_RATE,
     GATEWAY_CALL_SECONDS,
     TARGET_REPLICAS,
     RUNNING_REPLICAS,
@@ -186,7 +230,8 @@ class NullSink:
 
 class MemorySink:
     """Keeps what is recorded in memory, for tests: ``values[name][labels]`` is a counter's
-    sum, a gauge's last value, or a histogram's list of observations."""
+    sum, a gauge's last value (a recent rate's: the sum of its amounts), or a histogram's
+    list of observations."""
 
     def __init__(self) -> None:
         self.values: dict[str, dict[tuple[tuple[str, str], ...], Any]] = defaultdict(dict)
@@ -209,7 +254,7 @@ class _MemoryInstrument:
             raise ValueError(f"{self.spec.name}: labels {sorted(tags)} != {sorted(self.spec.labels)}")
         series: dict[tuple[tuple[str, str], ...], Any] = self.sink.values[self.spec.name]
         key = tuple(sorted(tags.items()))
-        if self.spec.kind == "counter":
+        if self.spec.kind == "counter" or self.spec.window_s:
             series[key] = series.get(key, 0.0) + value
         elif self.spec.kind == "gauge":
             series[key] = value
@@ -232,6 +277,8 @@ class RouterMetrics:
         self.completion_tokens = sink.instrument(COMPLETION_TOKENS)
         self.cost = sink.instrument(COST)
         self.rejected = sink.instrument(REJECTED)
+        self.token_rate = sink.instrument(TOKEN_RATE)
+        self.server_error_rate = sink.instrument(SERVER_ERROR_RATE)
 
 
 class GatewayMetrics:
@@ -248,6 +295,19 @@ class GatewayMetrics:
 
     def flushed(self, seconds: float) -> None:
         self._flush.record(seconds, _NO_TAGS)
+
+
+class PrefixCacheMetrics:
+    """An engine's prefix-cache lookups, as vLLM's statistics give them per step."""
+
+    def __init__(self, sink: Sink, model: str) -> None:
+        self._queries = sink.instrument(PREFIX_CACHE_QUERY_RATE)
+        self._hits = sink.instrument(PREFIX_CACHE_HIT_RATE)
+        self._tags = {"model": model}
+
+    def observe(self, queries: int, hits: int) -> None:
+        self._queries.record(queries, self._tags)
+        self._hits.record(hits, self._tags)
 
 
 class ScalingMetrics:

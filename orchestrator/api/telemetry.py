@@ -37,6 +37,8 @@ class Telemetry:
     def _count(self, model: str, route: str, status: int, code: str) -> None:
         m = self.metrics
         m.requests.record(1, {"model": model, "route": route, "status": str(status), "code": code})
+        if status >= 500:
+            m.server_error_rate.record(1, {"model": model})
         reason = _REASONS.get(code)
         if reason is not None:
             m.rejected.record(1, {"model": model, "reason": reason, "code": code})
@@ -61,5 +63,6 @@ class Telemetry:
         model_tag = {"model": model}
         m.prompt_tokens.record(record.prompt_tokens, model_tag)
         m.completion_tokens.record(record.completion_tokens, model_tag)
+        m.token_rate.record(record.completion_tokens, model_tag)
         if record.cost > 0:
             m.cost.record(float(record.cost), model_tag)

@@ -53,6 +53,7 @@ from orchestrator.engine.requests import strict_forced_tools
 from orchestrator.engine.vllm_embedding import Embedder
 from orchestrator.engine.weights import prepare_weights
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.metrics import NullSink, PrefixCacheMetrics, Sink
 from orchestrator.protocol.openai import prompt_count
 from orchestrator.protocol.tokens import TokensOp
 from orchestrator.settings import Settings
@@ -172,11 +173,13 @@ class _StrictCompletion(OpenAIServingCompletion):  # type: ignore[misc]
 
 class _SchedulerView(StatLoggerBase):  # type: ignore[misc]
     """Keeps the engine core's latest scheduler figures (vLLM calls ``record`` after
-    every engine step that produced output)."""
+    every engine step that produced output) and hands its prefix-cache lookups to
+    ``prefix_cache`` (the figures vLLM's own ``vllm:prefix_cache_*`` counters add up)."""
 
-    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+    def __init__(self, vllm_config: Any, engine_index: int = 0, prefix_cache: PrefixCacheMetrics | None = None) -> None:
         self.running = 0
         self.kv_cache_usage = 0.0
+        self._prefix_cache = prefix_cache
 
     def record(
         self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
@@ -184,6 +187,9 @@ class _SchedulerView(StatLoggerBase):  # type: ignore[misc]
         if scheduler_stats is not None:
             self.running = scheduler_stats.num_running_reqs
             self.kv_cache_usage = scheduler_stats.kv_cache_usage
+            lookups = scheduler_stats.prefix_cache_stats
+            if self._prefix_cache is not None and lookups is not None:
+                self._prefix_cache.observe(lookups.queries, lookups.hits)
 
     def log_engine_initialized(self) -> None:
         pass
@@ -194,10 +200,11 @@ class VLLMEngine:
 
     Its statistics go two ways: vLLM's Ray stat logger exports vLLM's own metrics
     (``vllm:*``, labelled by ``model_name``) through Ray's metrics pipeline, and a small
-    logger keeps the scheduler's latest figures for :meth:`load` (autoscaling).
+    logger keeps the scheduler's latest figures for :meth:`load` (autoscaling) and records
+    the prefix-cache lookups' recent rates into ``metrics``.
     """
 
-    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings, metrics: Sink | None = None) -> None:
         self.spec = spec
         self.settings = settings
         self._llm: Any = None
@@ -206,7 +213,7 @@ class VLLMEngine:
         self._tokenization: Any = None
         self._embedder: Embedder | None = None
         self._models: Any = None
-        self._scheduler = _SchedulerView(None)
+        self._scheduler = _SchedulerView(None, prefix_cache=PrefixCacheMetrics(metrics or NullSink(), spec.name))
         self._capacity = 1
 
     async def start(self) -> None:

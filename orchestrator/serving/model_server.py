@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 def _vllm_engine(spec: ModelSpec, settings: Settings) -> Engine:
     from orchestrator.engine.vllm_engine import VLLMEngine
+    from orchestrator.serving.telemetry import RaySink
 
-    return VLLMEngine(spec, settings)
+    return VLLMEngine(spec, settings, RaySink())
 
 
 class ModelServer:

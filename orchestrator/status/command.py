@@ -10,11 +10,17 @@ Both are reached through collaborators given to :func:`status_command`: a :class
 and an ``httpx.Client``. The default cluster is Ray's dashboard read over HTTP
 (:class:`orchestrator.status.dashboard.Dashboard`) when the address is a dashboard URL
 (``http://`` or ``https://``, from ``--address``, ``RAY_DASHBOARD_ADDRESS`` or ``RAY_ADDRESS``);
-otherwise :class:`orchestrator.serving.cluster.RayCluster`, which joins the cluster as a driver.
-Both are imported only when the command runs, so ``orchestrator --help`` stays fast.
+else the snapshot a running ``orchestrator serve`` publishes of its cluster
+(:class:`orchestrator.status.snapshot.PublishedCluster`), when there is a fresh one for the
+address; otherwise :class:`orchestrator.serving.cluster.RayCluster`, which joins the cluster
+as a driver. They are imported only when the command runs, so ``orchestrator --help`` stays fast.
 
-Rates need two scrapes ``--window`` seconds apart; Ray's agents refresh their values about
-every 10 s, so shorter windows jitter between 0 and double the true rate.
+By default each frame is one scrape: rates are the recent-rate gauges the routers and model
+replicas export (:func:`orchestrator.status.summary.summarize_recent`). A cluster that exports
+the orchestrator's counters but none of those gauges (an older version) is measured as with
+``--window``: two scrapes that many seconds apart, rates from the counters' increase; Ray's
+agents refresh their values about every 10 s, so shorter windows jitter between 0 and double
+the true rate.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
+from orchestrator.metrics import RATE_WINDOW_S
 from orchestrator.status.display import write_frame
-from orchestrator.status.exposition import Key, parse_samples
-from orchestrator.status.summary import ModelStatus, summarize
+from orchestrator.status.exposition import COMPLETION_TOKENS, RECENT_RATES, REQUESTS, Key, parse_samples
+from orchestrator.status.snapshot import default_directory, find_snapshot
+from orchestrator.status.summary import ModelStatus, summarize, summarize_recent
 
 if TYPE_CHECKING:
     import httpx
@@ -73,6 +81,11 @@ def _default_cluster(address: str) -> Cluster:
         from orchestrator.status.dashboard import dashboard_from_environment
 
         return dashboard_from_environment(_http_client)
+    published = find_snapshot(default_directory(), address)
+    if published is not None:
+        from orchestrator.status.snapshot import PublishedCluster
+
+        return PublishedCluster(published)
     # Imported here: orchestrator.serving imports Ray, which only a running command needs.
     from orchestrator.serving.cluster import RayCluster
 
@@ -103,24 +116,28 @@ def _aligned(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
     return [before.get(url, text) for url, text in after.items()]
 
 
-def frames(
-    scrape: Callable[[], Mapping[str, str]],
-    deployments: Callable[[], Mapping[Key, Mapping[str, Any]]],
-    *,
-    window_s: float,
-    interval_s: float | None,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Iterator[tuple[list[ModelStatus], float]]:
-    """Yields (rows, measured window in seconds): the first frame ``window_s`` after a first
-    scrape, then, when ``interval_s`` is given, one every ``interval_s`` forever, each with
-    rates since the frame before. ``scrape`` returns exposition text by endpoint.
+def has_recent_rates(texts: Iterable[str]) -> bool:
+    """Returns whether one scrape gives rates: it has a recent-rate gauge, or none of the
+    orchestrator's counters either (no traffic yet, so no rates to measure).
 
     Raises:
-        StatusError: from ``scrape``.
+        ValueError: a text is not Prometheus text exposition.
     """
-    started = clock()
-    before = scrape()
+    names = {sample.name for text in texts for sample in parse_samples(text)}
+    return bool(names & set(RECENT_RATES)) or not names & {COMPLETION_TOKENS, REQUESTS}
+
+
+def _windowed(
+    before: Mapping[str, str],
+    started: float,
+    scrape: Callable[[], Mapping[str, str]],
+    deployments: Callable[[], Mapping[Key, Mapping[str, Any]]],
+    window_s: float,
+    interval_s: float | None,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> Iterator[tuple[list[ModelStatus], float]]:
+    """Frames of two scrapes each (the first, ``before``, began at ``started``), see :func:`frames`."""
     sleep(window_s)
     while True:
         now = clock()
@@ -131,6 +148,48 @@ def frames(
             return
         before, started = after, now
         sleep(max(0.0, interval_s - (clock() - now)))
+
+
+def frames(
+    scrape: Callable[[], Mapping[str, str]],
+    deployments: Callable[[], Mapping[Key, Mapping[str, Any]]],
+    *,
+    window_s: float | None,
+    interval_s: float | None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    fallback_window_s: float = DEFAULT_WINDOW_S,
+) -> Iterator[tuple[list[ModelStatus], float]]:
+    """Yields (rows, window in seconds the rates cover). ``scrape`` returns exposition text
+    by endpoint.
+
+    Without ``window_s``, each frame is one scrape, rates from the recent-rate gauges (their
+    window, :data:`orchestrator.metrics.RATE_WINDOW_S`); when the first scrape has no such
+    gauge but the orchestrator's counters (see :func:`has_recent_rates`), frames are measured
+    as with ``window_s=fallback_window_s`` (and ``interval_s`` at least that). With ``window_s``, the first frame comes
+    ``window_s`` after a first scrape, rates from the counters' increase (the measured window).
+    When ``interval_s`` is given, a frame follows every ``interval_s`` forever (with a window,
+    rates since the frame before).
+
+    Raises:
+        StatusError: from ``scrape``.
+    """
+    started = clock()
+    first = scrape()
+    if window_s is None and not has_recent_rates(first.values()):
+        window_s = fallback_window_s
+        interval_s = None if interval_s is None else max(interval_s, window_s)
+    if window_s is not None:
+        yield from _windowed(first, started, scrape, deployments, window_s, interval_s, clock, sleep)
+        return
+    texts = first
+    while True:
+        started = clock()
+        yield summarize_recent(list(texts.values()), deployments()), RATE_WINDOW_S
+        if interval_s is None:
+            return
+        sleep(max(0.0, interval_s - (clock() - started)))
+        texts = scrape()
 
 
 def _host(address: str) -> str:
@@ -214,8 +273,8 @@ def _connect(cluster: Cluster, address: str) -> None:
 
 def _run(ns: argparse.Namespace, cluster: Cluster, http: httpx.Client | None, out: TextIO, err: TextIO) -> int:
     urls = _metrics_urls_for(ns, cluster)
-    interval = None if ns.watch is None else max(ns.watch, ns.window)
-    if interval is None and err.isatty():
+    interval = None if ns.watch is None else max(ns.watch, ns.window or 0.0)
+    if interval is None and ns.window is not None and err.isatty():
         print(f"sampling metrics for {ns.window:g} s ...", file=err)
     clear = interval is not None and not ns.json and out.isatty()
     # A client of our own is closed here; a given one belongs to the caller.
@@ -268,12 +327,14 @@ def add_command(sub: Any) -> None:
     """Adds ``status`` to the ``orchestrator`` command (``sub``: its argparse subparsers)."""
     status = sub.add_parser(
         "status",
-        help="Replicas, queues, KV cache, tokens/s and errors/min per model of a running cluster.",
+        help="Replicas, queues, KV cache, tokens/s, errors/min and prefix-cache hits per model of a running cluster.",
         description=(
             "Per model and Serve application: deployment status, running/target replicas, waiting and running "
-            "requests, KV-cache use, tokens/s and 5xx errors per minute, from the Ray nodes' metrics and "
-            "Serve's status (through Ray's dashboard when the address is its URL, else by joining the cluster). "
-            "Rates are measured over --window seconds."
+            "requests, KV-cache use, tokens/s, 5xx errors per minute and prefix-cache hit rate, from the Ray "
+            "nodes' metrics and Serve's status (through Ray's dashboard when the address is its URL, else from "
+            "what a running `orchestrator serve` publishes of its cluster, else by joining the cluster). Rates "
+            f"are the last {RATE_WINDOW_S:g} s as the routers and model replicas report them, or measured over "
+            "--window seconds."
         ),
     )
     status.add_argument(
@@ -287,10 +348,11 @@ def add_command(sub: Any) -> None:
     status.add_argument(
         "--window",
         type=_positive_float,
-        default=DEFAULT_WINDOW_S,
+        default=None,
         metavar="SECONDS",
-        help=f"Seconds between the two samples rates are computed from (default {DEFAULT_WINDOW_S:g}; "
-        "Ray exports every ~10 s).",
+        help="Measure rates from two samples SECONDS apart (Ray exports every ~10 s) instead of reading the "
+        f"rates the processes keep over their last {RATE_WINDOW_S:g} s (default; a cluster that keeps none is "
+        f"measured over {DEFAULT_WINDOW_S:g} s).",
     )
     status.add_argument("--json", action="store_true", help="One JSON object per frame, one per line.")
     status.add_argument(

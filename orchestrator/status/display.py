@@ -11,7 +11,7 @@ from orchestrator.status.summary import ModelStatus
 
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
-COLUMNS = ("APP", "MODEL", "STATUS", "REPLICAS", "WAITING", "RUNNING", "KV%", "TOK/S", "ERR/MIN")
+COLUMNS = ("APP", "MODEL", "STATUS", "REPLICAS", "WAITING", "RUNNING", "KV%", "TOK/S", "ERR/MIN", "CACHE%")
 _LEFT_ALIGNED = 3  # APP, MODEL, STATUS
 
 
@@ -36,13 +36,14 @@ def _cells(row: ModelStatus) -> tuple[str, ...]:
         _fixed(row.kv_cache_usage, 100.0),
         _fixed(row.tokens_per_second),
         _fixed(row.errors_per_minute),
+        _fixed(row.prefix_cache_hit_rate, 100.0),
     )
 
 
 def render_table(rows: Sequence[ModelStatus]) -> str:
     """Returns the rows as an aligned text table with a header line (no trailing newline):
     text columns left-aligned, figures right-aligned, ``-`` for unknown figures, KV-cache
-    use in percent, replicas as running/target."""
+    use and prefix-cache hit rate in percent, replicas as running/target."""
     table = [COLUMNS, *(_cells(row) for row in rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
     lines = []
@@ -65,7 +66,8 @@ def to_json(rows: Sequence[ModelStatus], window_s: float) -> dict[str, Any]:
     """Returns one frame as a JSON-ready dict: ``{"window_s", "models": [...]}``, each model
     with ``application``, ``model``, ``deployment``, ``status``, ``replicas`` {running,
     target}, ``requests`` {waiting, running}, ``kv_cache_usage`` (0..1),
-    ``tokens_per_second`` and ``errors_per_minute``; unknown figures are ``null``."""
+    ``tokens_per_second``, ``errors_per_minute`` and ``prefix_cache_hit_rate`` (0..1);
+    unknown figures are ``null``."""
     return {
         "window_s": round(window_s, 3),
         "models": [
@@ -79,6 +81,9 @@ def to_json(rows: Sequence[ModelStatus], window_s: float) -> dict[str, Any]:
                 "kv_cache_usage": None if row.kv_cache_usage is None else round(row.kv_cache_usage, 4),
                 "tokens_per_second": None if row.tokens_per_second is None else round(row.tokens_per_second, 3),
                 "errors_per_minute": None if row.errors_per_minute is None else round(row.errors_per_minute, 3),
+                "prefix_cache_hit_rate": (
+                    None if row.prefix_cache_hit_rate is None else round(row.prefix_cache_hit_rate, 4)
+                ),
             }
             for row in rows
         ],

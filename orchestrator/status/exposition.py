@@ -32,6 +32,11 @@ RUNNING_REQUESTS = exported_name(metrics.RUNNING)
 KV_CACHE_USAGE = exported_name(metrics.KV_CACHE)
 COMPLETION_TOKENS = exported_name(metrics.COMPLETION_TOKENS)
 REQUESTS = exported_name(metrics.REQUESTS)
+TOKEN_RATE = exported_name(metrics.TOKEN_RATE)
+SERVER_ERROR_RATE = exported_name(metrics.SERVER_ERROR_RATE)
+PREFIX_CACHE_QUERY_RATE = exported_name(metrics.PREFIX_CACHE_QUERY_RATE)
+PREFIX_CACHE_HIT_RATE = exported_name(metrics.PREFIX_CACHE_HIT_RATE)
+RECENT_RATES = (TOKEN_RATE, SERVER_ERROR_RATE, PREFIX_CACHE_QUERY_RATE, PREFIX_CACHE_HIT_RATE)
 
 Key = tuple[str, str]
 """(Serve application, model display name)."""
@@ -123,6 +128,16 @@ def gauge_values(series: Series, name: str) -> dict[Key, float]:
             key = key_of(labels)
             out[key] = max(value, out.get(key, value))
     return out
+
+
+def gauge_sums(series: Series, name: str) -> dict[Key, float]:
+    """Returns a gauge's values summed per (application, model): for a recent rate, which
+    each process (router or model replica) exports for what it counted itself."""
+    out: dict[Key, float] = defaultdict(float)
+    for (sample_name, labels), value in series.items():
+        if sample_name == name:
+            out[key_of(labels)] += value
+    return dict(out)
 
 
 def counter_increases(

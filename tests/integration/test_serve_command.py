@@ -262,11 +262,28 @@ _WITH_SIGINT = (
 )
 
 
-def test_status_once_and_watching_under_traffic(served: Served) -> None:
+def test_status_once_and_watching_under_traffic(served: Served, tmp_path: Path) -> None:
     client = served.client()
+    # Without Ray: `orchestrator serve` publishes what status reads of its cluster, and the
+    # rates are the gauges of one scrape. A `ray` that cannot be imported proves it.
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text("raise ImportError('orchestrator status imported ray')\n")
+    no_ray = {**served.env, "PYTHONPATH": os.pathsep.join([str(tmp_path), served.env.get("PYTHONPATH", "")])}
+    address = served.line(r"Ray cluster at (\S+):").group(1)
+    published = Path(served.env["HOME"]) / ".cache" / "orchestrator" / "clusters" / f"{address.replace(':', '_')}.json"
+    assert published.is_file()
+    # A system prompt of ~270 tokens (longer than a KV-cache block), repeated: the prefix cache hits.
+    shared = [{"role": "system", "content": " ".join(f"rule {i}" for i in range(40))}]
     with steady_load(client, "e", streams=2) as load:
-        time.sleep(5)  # a few streams, so the window sees tokens
-        done = served.status("--json", "--window", "5")
+        for _ in range(3):
+            client.chat.completions.create(
+                model="e", messages=[*shared, {"role": "user", "content": "hi"}], max_tokens=2
+            )
+        time.sleep(5)  # a few streams, so the processes' recent rates see tokens
+        done = subprocess.run(
+            [str(BIN / "orchestrator"), "status", "--address", address, "--json"],
+            env=no_ray, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
         # Through an exec that restores SIGINT's default: a shell's background job (how a
         # suite may be run) starts with SIGINT ignored, and Python then never raises
         # KeyboardInterrupt, so Ctrl-C would not reach the command.
@@ -295,6 +312,7 @@ def test_status_once_and_watching_under_traffic(served: Served) -> None:
     assert (row["application"], row["model"], row["status"]) == ("orchestrator", "tiny-e", "HEALTHY")
     assert row["replicas"] == {"running": 1, "target": 1}
     assert row["tokens_per_second"] > 0 and row["errors_per_minute"] == 0
+    assert row["prefix_cache_hit_rate"] is not None and 0 < row["prefix_cache_hit_rate"] <= 1
     assert row["requests"]["waiting"] is not None and row["requests"]["running"] is not None
     assert row["kv_cache_usage"] is not None and 0 <= row["kv_cache_usage"] <= 1
     for frame in frames:
@@ -403,7 +421,11 @@ def test_killed_with_sigkill_it_leaves_nothing_and_starts_again(served: Served) 
 def test_ctrl_c_stops_everything_it_started(served: Served) -> None:
     started = psutil.Process(served.proc.pid).children(recursive=True)
     assert any("VLLM" in " ".join(p.cmdline()) or p.name().startswith("VLLM") for p in started if p.is_running())
+    address = served.line(r"Ray cluster at (\S+):").group(1)
+    published = Path(served.env["HOME"]) / ".cache" / "orchestrator" / "clusters" / f"{address.replace(':', '_')}.json"
+    assert published.is_file()
     served.proc.send_signal(signal.SIGINT)
     assert served.proc.wait(timeout=180) == 0
     alive = _until_gone(started, deadline_s=30)
     assert not alive, _names(alive)
+    assert not published.exists()  # what it published for orchestrator status is gone with it

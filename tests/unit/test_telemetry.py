@@ -92,6 +92,10 @@ async def test_every_outcome_is_counted_by_code(catalog: Catalog, ledger: Ledger
     assert sink.get("orchestrator_rejected_requests", model="tiny-a", reason="rejected", code="invalid_api_key") == 1
     # Tokens and cost of the two answered requests (the shed one produced and cost nothing).
     assert sink.get("orchestrator_completion_tokens", model="tiny-a") == 6
+    # The recent rates get the same amounts (MemorySink sums them): tokens, and the 529 as a 5xx.
+    assert sink.get("orchestrator_recent_completion_tokens_per_second", model="tiny-a") == 6
+    assert sink.get("orchestrator_recent_server_errors_per_second", model="tiny-a") == 1
+    assert sink.get("orchestrator_recent_server_errors_per_second", model="unknown") is None  # a 404
     cost = sink.get("orchestrator_cost_usd", model="tiny-a")
     assert isinstance(cost, float) and Decimal(str(cost)) > 0
     # Latency: one TTFT for the stream, a duration for each of the three admitted requests,

@@ -29,6 +29,7 @@ from tests.unit.status.texts import (
     WORKER,
     counter,
     head_text,
+    recent_texts,
     tokens,
     worker_text,
 )
@@ -145,6 +146,46 @@ def test_frames_single_shot_stops_after_one() -> None:
     assert got == [([], 3.0)]
 
 
+def test_frames_without_window_read_one_scrape_each() -> None:
+    texts = recent_texts()
+    scrapes = 0
+
+    def scrape() -> dict[str, str]:
+        nonlocal scrapes
+        scrapes += 1
+        return {"http://head/metrics": texts[0], "http://worker/metrics": texts[1]}
+
+    clock = FakeClock()
+    got = frames(scrape, lambda: DEPLOYMENTS, window_s=None, interval_s=None, clock=clock, sleep=clock.sleep)
+    ((rows, window),) = list(got)
+    assert (scrapes, clock.slept, window) == (1, [], 10.0)  # no waiting; the gauges' own window
+    assert {r.model: r.tokens_per_second for r in rows}[SMOL] == 80.0
+
+    watched = frames(scrape, lambda: DEPLOYMENTS, window_s=None, interval_s=5.0, clock=clock, sleep=clock.sleep)
+    next(watched), next(watched), next(watched)
+    assert (scrapes, clock.slept) == (4, [5.0, 5.0])
+
+
+def test_frames_measure_a_window_when_the_cluster_keeps_no_recent_rates() -> None:
+    """A cluster that exports counters but no recent-rate gauge (an older version): two scrapes."""
+    scrapes = iter([{"u": head_text(before=True)}, {"u": head_text(before=False)}])
+    clock = FakeClock()
+    got = frames(lambda: next(scrapes), dict, window_s=None, interval_s=None, clock=clock, sleep=clock.sleep)
+    rows, window = next(got)
+    assert (clock.slept, window) == ([10.0], 10.0)
+    assert {r.model: r.tokens_per_second for r in rows}[SMOL] == 60.0  # router A's +600 in 10 s
+    scrapes = iter([{"u": head_text(before=True)}, {"u": head_text(before=False)}, {"u": head_text(before=False)}])
+    watched = frames(lambda: next(scrapes), dict, window_s=None, interval_s=5.0, clock=clock, sleep=clock.sleep)
+    next(watched), next(watched)
+    assert clock.slept[-2:] == [10.0, 10.0]  # redrawn no faster than the window
+
+
+def test_frames_without_window_need_none_before_any_traffic() -> None:
+    clock = FakeClock()
+    got = list(frames(lambda: {"u": ""}, dict, window_s=None, interval_s=None, clock=clock, sleep=clock.sleep))
+    assert (got, clock.slept) == ([([], 10.0)], [])
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="orchestrator")
     command.add_command(parser.add_subparsers(dest="command", required=True))
@@ -153,7 +194,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def test_arguments() -> None:
     ns = parse([])
-    assert (ns.watch, ns.window, ns.json, ns.address, ns.metrics_url) == (None, 10.0, False, None, None)
+    assert (ns.watch, ns.window, ns.json, ns.address, ns.metrics_url) == (None, None, False, None, None)
     assert ns.func is status_command
     assert parse(["--watch"]).watch == 5.0
     assert parse(["--watch", "2", "--window", "3", "--json"]).watch == 2.0
@@ -195,6 +236,23 @@ def test_command_prints_json_frame(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     assert cluster.calls == ["connect auto", "close"]
     assert done.err == ""
     assert capsys.readouterr() == ("", "")  # all output went to the given streams
+
+
+def test_command_by_default_scrapes_each_node_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = {HEAD: recent_texts()[0], WORKER: recent_texts()[1]}
+    scrapes: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        scrapes.append(request.url.host)
+        return httpx.Response(200, text=texts[request.url.host])
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    done = run(["--json"], FakeCluster(), answer)
+    assert done.code == 0 and sorted(scrapes) == [HEAD, WORKER]
+    frame = json.loads(done.out)
+    assert frame["window_s"] == 10.0
+    smol = next(m for m in frame["models"] if m["model"] == SMOL)
+    assert (smol["tokens_per_second"], smol["prefix_cache_hit_rate"]) == (80.0, 0.5)
 
 
 def test_command_exits_1_when_no_endpoint_answers(monkeypatch: pytest.MonkeyPatch) -> None:

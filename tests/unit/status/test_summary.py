@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
-from orchestrator.status.summary import ModelStatus, summarize
-from tests.unit.status.texts import HEAD, QWEN, ROUTER_A, SMOL, TINY, counter, head_text, summary, tokens
+import pytest
+
+from orchestrator.status.summary import ModelStatus, summarize, summarize_recent
+from tests.unit.status.texts import (
+    DEPLOYMENTS,
+    HEAD,
+    QWEN,
+    ROUTER_A,
+    SMOL,
+    TINY,
+    counter,
+    head_text,
+    recent_texts,
+    summary,
+    tokens,
+    worker_text,
+)
 
 
 def test_summary_figures() -> None:
@@ -101,3 +116,33 @@ def test_requests_on_a_models_own_route_count_in_its_routers_row() -> None:
     (row,) = summarize(before, after, 5.0, deployments)
     assert (row.application, row.model) == ("batch", QWEN)
     assert row.tokens_per_second == 6.0  # 10 through the router and 20 on its own route, in 5 s
+
+
+def test_one_scrape_reads_the_recent_rates_summed_over_processes() -> None:
+    """Routers and model replicas each export what they counted lately; one scrape gives the
+    model's rates: tokens and errors summed, the cache hit rate weighted by lookups."""
+    rows = {(r.application, r.model): r for r in summarize_recent(recent_texts(), DEPLOYMENTS)}
+    assert list(rows) == [("batch", "fresh-model"), ("batch", QWEN), ("llm", SMOL), ("llm", TINY)]
+    smol = rows["llm", SMOL]
+    assert smol.tokens_per_second == 80.0  # 40 + 30 through the routers, 10 on its own route
+    assert smol.errors_per_minute == pytest.approx(6.0)
+    assert smol.prefix_cache_hit_rate == 0.5  # 150 of 300 tokens (the replicas' own: 25 % and 100 %)
+    assert (smol.status, smol.running_replicas, smol.target_replicas, smol.kv_cache_usage) == ("HEALTHY", 1, 2, 0.25)
+    tiny = rows["llm", TINY]
+    assert (tiny.tokens_per_second, tiny.errors_per_minute, tiny.prefix_cache_hit_rate) == (5.0, 0.0, None)
+    qwen = rows["batch", QWEN]  # counters, but no recent rate: no traffic lately
+    assert (qwen.tokens_per_second, qwen.errors_per_minute, qwen.prefix_cache_hit_rate) == (0.0, 0.0, None)
+
+
+def test_one_scrape_without_rate_gauges_has_the_same_rows_at_zero() -> None:
+    texts = [head_text(before=False), worker_text(before=False)]
+    recent = summarize_recent(texts, DEPLOYMENTS)
+    assert [(r.application, r.model) for r in recent] == [(r.application, r.model) for r in summary()]
+    assert {(r.tokens_per_second, r.errors_per_minute, r.prefix_cache_hit_rate) for r in recent} == {(0.0, 0.0, None)}
+
+
+def test_two_scrapes_take_the_cache_hit_rate_from_the_later() -> None:
+    before = [head_text(before=True), worker_text(before=True)]
+    rows = {r.model: r for r in summarize(before, recent_texts(), 10.0, DEPLOYMENTS)}
+    assert rows[SMOL].prefix_cache_hit_rate == 0.5
+    assert rows[SMOL].tokens_per_second == 70.0  # from the counters, not the gauges

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.catalog import deployment_name
 from orchestrator.status.summary import ModelStatus, summarize
 
 SESSION = "session_2026-11-23_11-02-03_456789_1234"
@@ -158,3 +159,72 @@ def summary(window_s: float = 10.0) -> list[ModelStatus]:
     before = [head_text(before=True), worker_text(before=True)]
     after = [worker_text(before=False), head_text(before=False)]  # order of endpoints does not matter
     return summarize(before, after, window_s, DEPLOYMENTS)
+
+
+def labelled_gauge(name: str, rows: list[tuple[dict[str, str], float]]) -> str:
+    """A gauge's series, each with its Serve labels (see :func:`router`) and Ray's."""
+    lines = [f"# HELP {name} a gauge", f"# TYPE {name} gauge"]
+    lines += [f"{name}{{{ray_labels(**labels)}}} {value}" for labels, value in rows]
+    return "\n".join(lines)
+
+
+MODEL_REPLICA_1 = "dddd0004"
+MODEL_REPLICA_2 = "eeee0005"
+
+
+def model_replica(node: str, worker: str, model: str) -> dict[str, str]:
+    """A model replica's Serve labels: its model's own application (orchestrator.layout), under router app "llm"."""
+    deployment = deployment_name(model)
+    return {
+        "node": node,
+        "worker": worker,
+        "application": f"llm-{deployment}",
+        "deployment": deployment,
+        "replica": f"{deployment}#{worker}",
+        "model": model,
+    }
+
+
+def recent_texts() -> list[str]:
+    """One scrape of both nodes with the recent-rate gauges: SMOL's tokens through two routers
+    and its own route (40 + 30 + 10 per second), its 5xx errors (0.1 per second), and the
+    prefix-cache lookups of its two replicas (200 tokens/s looked up with 50 found, and 100 with
+    100: 150 of 300, 50 %); TINY's tokens (5 per second) and an engine that looked nothing up lately."""
+    head = [
+        head_text(before=False),
+        labelled_gauge(
+            "ray_orchestrator_recent_completion_tokens_per_second",
+            [
+                (router(HEAD, ROUTER_A, "llm", SMOL), 40.0),
+                (router(HEAD, ROUTER_A, "llm", TINY), 5.0),
+                (model_replica(HEAD, MODEL_REPLICA_1, SMOL), 10.0),
+            ],
+        ),
+        labelled_gauge(
+            "ray_orchestrator_recent_server_errors_per_second",
+            [(router(HEAD, ROUTER_A, "llm", SMOL), 0.1), (router(HEAD, ROUTER_A, "llm", TINY), 0.0)],
+        ),
+        labelled_gauge(
+            "ray_orchestrator_recent_prefix_cache_queries_per_second",
+            [(model_replica(HEAD, MODEL_REPLICA_1, SMOL), 200.0), (model_replica(HEAD, "ffff0006", TINY), 0.0)],
+        ),
+        labelled_gauge(
+            "ray_orchestrator_recent_prefix_cache_hits_per_second",
+            [(model_replica(HEAD, MODEL_REPLICA_1, SMOL), 50.0), (model_replica(HEAD, "ffff0006", TINY), 0.0)],
+        ),
+    ]
+    worker = [
+        worker_text(before=False).rstrip("\n"),
+        labelled_gauge(
+            "ray_orchestrator_recent_completion_tokens_per_second", [(router(WORKER, ROUTER_B, "llm", SMOL), 30.0)]
+        ),
+        labelled_gauge(
+            "ray_orchestrator_recent_prefix_cache_queries_per_second",
+            [(model_replica(WORKER, MODEL_REPLICA_2, SMOL), 100.0)],
+        ),
+        labelled_gauge(
+            "ray_orchestrator_recent_prefix_cache_hits_per_second",
+            [(model_replica(WORKER, MODEL_REPLICA_2, SMOL), 100.0)],
+        ),
+    ]
+    return ["\n".join(head) + "\n", "\n".join(worker) + "\n"]
