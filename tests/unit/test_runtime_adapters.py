@@ -20,6 +20,7 @@ from orchestrator.engine.base import Engine
 from orchestrator.errors import OrchestratorError
 from orchestrator.gateway.adapters import AdapterEntry, AdapterTable
 from orchestrator.gateway.ledger import Ledger
+from orchestrator.serving.adapters import adapter_id
 from orchestrator.serving.model_server import ModelServer
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend, lru_cache
@@ -195,4 +196,5 @@ async def test_a_replica_loads_a_run_time_adapter_from_the_folder_the_router_nam
     await server.complete("chat", {**CHAT, "model": "tiny-a-chef"}, "r", "/adapters/chef")
     async for _ in server.stream("chat", {**CHAT, "model": "tiny-a-chef"}, "s", "/adapters/chef"):
         pass
-    assert engine.adapter_log == ["load tiny-a-chef"] and engine.adapters == {"tiny-a-chef": "/adapters/chef"}
+    chef = adapter_id("tiny-a-chef", "/adapters/chef")
+    assert engine.adapter_log == [f"load {chef}"] and engine.adapters == {chef: "/adapters/chef"}
