@@ -93,7 +93,7 @@ class ReplicaAdapters:
 
     def __init__(self, spec: ModelSpec, engine: Engine, cache: CacheFactory = serve_multiplexed) -> None:
         self.catalog_paths = {a.name: str(a.source.path) for a in spec.adapters}
-        self._paths: dict[str, str] = {}  # every adapter id asked for: its folder
+        self._paths: dict[str, str] = {}  # every adapter id asked for here: its folder (a few bytes each)
         self._engine = engine
         self._cache_factory = cache
         self._capacity = spec.lora.max_loaded_per_replica if spec.lora is not None else 0
@@ -122,13 +122,6 @@ class ReplicaAdapters:
         del self.loaded[served]
         await self._engine.unload_adapter(served)
 
-    def served_id(self, model: Any, path: str | None = None) -> str | None:
-        """The :func:`adapter_id` a request for ``model`` runs under: one of the catalog
-        entry's adapters, or, with ``path``, one added at run time (its folder); None for any
-        other name (the base model's requests)."""
-        folder = self._folder(model, path)
-        return None if folder is None else adapter_id(model, folder)
-
     def _folder(self, model: Any, path: str | None) -> str | None:
         if not isinstance(model, str):
             return None
@@ -137,8 +130,9 @@ class ReplicaAdapters:
     @asynccontextmanager
     async def using(self, model: Any, path: str | None = None) -> AsyncIterator[str | None]:
         """Holds the adapter named ``model`` loaded while the block runs and yields the name
-        the engine knows it by (:meth:`served_id`); yields None, loading nothing, for the
-        base model's requests.
+        the engine knows it by (its :func:`adapter_id`): one of the catalog entry's adapters,
+        or, with ``path``, one added at run time (its folder). Yields None, loading nothing,
+        for any other name (the base model's requests).
 
         Raises:
             OrchestratorError: the engine cannot load the adapter.
