@@ -118,17 +118,17 @@ def _served(client: openai.OpenAI, model: str) -> bool:
 
 
 def _everywhere(client: openai.OpenAI, model: str, *, served: bool = True) -> bool:
-    """Returns once every call for 3 s has found ``model`` served (or, with ``served`` False,
+    """Returns once every call for 2 s has found ``model`` served (or, with ``served`` False,
     not served), False if that took over 120 s. The routers, and a model's route, read the
-    adapters table every second (ORCH_KEY_CACHE_SECONDS=1): calls that agree for 3 s mean that
-    each of them has read it since it changed, whichever replicas the calls reached (a few
-    fast calls in a row may all reach the one replica that has)."""
+    adapters table every second (ORCH_KEY_CACHE_SECONDS=1): calls that agree for two periods
+    mean that each of them has read it since it changed, whichever replicas the calls reached
+    (a few fast calls in a row may all reach the one replica that has)."""
     deadline = time.monotonic() + 120
     agreed_since = time.monotonic()
     while time.monotonic() < deadline:
         if _served(client, model) is not served:
             agreed_since = time.monotonic()
-        elif time.monotonic() - agreed_since >= 3:
+        elif time.monotonic() - agreed_since >= 2:
             return True
         time.sleep(0.1)
     return False
