@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from orchestrator.api.accounting import Settler
-from orchestrator.api.adapters import AdapterRefresher, adapters_router
+from orchestrator.api.adapters import AdapterRefresher, AdapterSource, adapters_router, table_source
 from orchestrator.api.admin import admin_router
 from orchestrator.api.anthropic.routes import messages_router
 from orchestrator.api.auth import AuthFailureGuard, bearer_token, is_admin
@@ -89,6 +89,7 @@ def create_app(
     metrics: Sink | None = None,
     admin_routes: bool = True,
     adapters: AdapterTable | None = None,
+    adapter_source: AdapterSource | None = None,
 ) -> FastAPI:
     """Builds the OpenAI-compatible HTTP app.
 
@@ -107,10 +108,14 @@ def create_app(
             replicas hold no admin key).
         adapters: the database's LoRA adapters added at run time: served beside the
             catalog's (read every ``key_cache_seconds``) and managed at ``/admin/adapters``.
+        adapter_source: without ``adapters``, where to read the adapters added at run time
+            (every ``key_cache_seconds``) to serve them, with no admin routes for them (a
+            model's own route).
     """
     gate: RequestGateway = gateway if gateway is not None else OpenGateway()
     settler = Settler(gate, Telemetry(metrics))
-    refresher = None if adapters is None else AdapterRefresher(adapters, catalog, settings.key_cache_seconds)
+    source = table_source(adapters) if adapters is not None else adapter_source
+    refresher = None if source is None else AdapterRefresher(source, catalog, settings.key_cache_seconds)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -145,8 +150,8 @@ def create_app(
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, echo_header=echo_request_id)
     if gateway is not None and admin_routes:
         app.include_router(admin_router(gateway, settings.admin_key))
-        if refresher is not None:
-            app.include_router(adapters_router(refresher, settings.admin_key))
+        if adapters is not None and refresher is not None:
+            app.include_router(adapters_router(adapters, refresher, settings.admin_key))
     created = int(clock())
     run = functools.partial(
         generate, catalog=catalog, backend=backend, gateway=gate, settler=settler, settings=settings

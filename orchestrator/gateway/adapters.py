@@ -2,7 +2,9 @@
 that every router replica learns them and they outlive a restart of the cluster.
 
 The admin API and ``orchestrator adapters`` write here; each router reads the table every
-few seconds (:class:`orchestrator.api.adapters.AdapterRefresher`).
+few seconds (:class:`orchestrator.api.adapters.AdapterRefresher`), and each model replica
+answering on its own route reads it as often through the gateway's ledger
+(:meth:`orchestrator.gateway.ledger.Ledger.runtime_adapters`): it holds no database URL.
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ def checked(catalog: Catalog, entry: AdapterEntry) -> AdapterEntry:
     return entry.model_copy(update={"base": base.name})
 
 
+def stored_adapters(engine: Engine) -> list[AdapterEntry]:
+    """Every adapter stored in the database of ``engine``, by name."""
+    with engine.connect() as conn:
+        return [_entry(r) for r in conn.execute(select(adapters).order_by(adapters.c.name))]
+
+
 class AdapterTable:
     """The ``adapters`` table of a gateway database. No I/O until :meth:`open`.
 
@@ -181,8 +189,7 @@ class AdapterTable:
 
     def list(self) -> list[AdapterEntry]:
         """Every stored adapter, by name."""
-        with self.engine.connect() as conn:
-            return [_entry(r) for r in conn.execute(select(adapters).order_by(adapters.c.name))]
+        return stored_adapters(self.engine)
 
     def remove(self, name: str) -> AdapterEntry:
         """Deletes the adapter and returns what it was.

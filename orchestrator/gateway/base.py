@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.adapters import AdapterEntry
 from orchestrator.gateway.records import Admission, CreatedKey, KeyInfo, KeyLimits, UsageRecord, Workspace
 
 
@@ -50,7 +51,8 @@ class RequestGateway(Protocol):
 
 
 class Gateway(RequestGateway, Protocol):
-    """The request path plus administration: keys, workspaces, usage reports."""
+    """The request path plus administration: keys, workspaces, usage reports, and the LoRA
+    adapters added at run time (for model replicas, which hold no database URL)."""
 
     async def usage_report(self, **filters: Any) -> list[dict[str, Any]]: ...
 
@@ -73,6 +75,8 @@ class Gateway(RequestGateway, Protocol):
     async def list_workspaces(self) -> list[Workspace]: ...
 
     async def set_workspace_enabled(self, workspace_id: str, enabled: bool) -> Workspace: ...
+
+    async def runtime_adapters(self) -> list[AdapterEntry]: ...
 
 
 ZERO = Decimal(0)

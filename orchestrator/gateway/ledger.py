@@ -36,6 +36,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway import admin
+from orchestrator.gateway.adapters import AdapterEntry, stored_adapters
 from orchestrator.gateway.administration import Administration
 from orchestrator.gateway.admission import (
     check_concurrency,
@@ -484,6 +485,17 @@ class Ledger:
 
     async def set_workspace_enabled(self, workspace_id: str, enabled: bool) -> Workspace:
         return await self.administration.set_workspace_enabled(workspace_id, enabled)
+
+    async def runtime_adapters(self) -> list[AdapterEntry]:
+        """The LoRA adapters added at run time (gateway/adapters.py), read on a thread of its
+        own rather than the database thread admissions wait on.
+
+        Raises:
+            LedgerStopped: the ledger is not running.
+        """
+        if self._db is None:
+            raise LedgerStopped("the ledger is not running")
+        return await asyncio.to_thread(stored_adapters, self.store.engine)
 
     # -- stored responses (gateway/responses.py) ---------------------------------------
 

@@ -7,6 +7,10 @@ errors are the router's code, run here), over a :class:`ReplicaBackend` instead 
 handles, with the router's deadlines (the catalog's ``overload.request_timeout_s`` and
 ``stream_idle_timeout_s``). Requests on it skip the router replica and the handle hop between them; the
 ingress (HAProxy or Serve's proxy) sends them straight to a replica of the model.
+
+The route serves the model's LoRA adapters by their own names too: the catalog's, and those
+added at run time, which the replica reads through the gateway's ledger (it holds no
+database URL) every ``key_cache_seconds``, as each router reads them from the database.
 """
 
 from __future__ import annotations
@@ -15,12 +19,16 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from fastapi import FastAPI
 from ray import serve
 
 from orchestrator.api import Kind, create_app
 from orchestrator.api.backend import GeneratorStream, ModelHealth
 from orchestrator.catalog import Catalog, ModelSpec
+from orchestrator.gateway.adapters import AdapterEntry
+from orchestrator.gateway.base import Gateway
 from orchestrator.layout import instance_of
+from orchestrator.metrics import Sink
 from orchestrator.protocol.tokens import TokensOp
 from orchestrator.serving.gateway_server import instance_gateway
 from orchestrator.serving.model_server import ModelServer, ServedModelServer
@@ -100,15 +108,29 @@ class RoutedModelServer(ServedModelServer):
         if not self.settings.open_access:
             instance = instance_of(current_app_name(), self.spec.deployment_name)
             gateway = instance_gateway(instance, self.settings.gateway_timeout_seconds, sink)
-        return create_app(
-            Catalog([self.spec]),
-            ReplicaBackend(self),
-            self.settings,
-            gateway=gateway,
-            admin_routes=False,
-            echo_request_id=False,
-            metrics=sink,
-        )
+        return route_app(self, gateway, sink)
+
+
+def route_app(server: ModelServer, gateway: Gateway | None, sink: Sink | None = None) -> FastAPI:
+    """The HTTP app of ``server``'s model route: its model and that model's LoRA adapters,
+    the catalog's and, with a gateway, those added at run time (read through the gateway
+    every ``key_cache_seconds``, as routers read them from the database)."""
+    spec = server.spec
+
+    async def adapters_of_this_model() -> list[AdapterEntry]:
+        assert gateway is not None
+        return [e for e in await gateway.runtime_adapters() if e.base == spec.name]
+
+    return create_app(
+        Catalog([spec]),
+        ReplicaBackend(server),
+        server.settings,
+        gateway=gateway,
+        admin_routes=False,
+        echo_request_id=False,
+        metrics=sink,
+        adapter_source=None if gateway is None or spec.lora is None else adapters_of_this_model,
+    )
 
 
 ModelRouteDeployment = serve.ingress()(RoutedModelServer)

@@ -11,7 +11,7 @@ from orchestrator.engine.base import Engine, Kind
 from orchestrator.engine.batching import batch_frames
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.protocol.tokens import TokensOp
-from orchestrator.serving.adapters import CacheFactory, ReplicaAdapters, serve_multiplexed
+from orchestrator.serving.adapters import CacheFactory, Renamer, ReplicaAdapters, serve_multiplexed
 from orchestrator.serving.log_buffers import LogBufferTargets
 from orchestrator.settings import Settings
 
@@ -94,8 +94,11 @@ class ModelServer:
         self._admit()
         self.in_flight += 1
         try:
-            async with self.adapters.using(body.get("model"), adapter_path):
-                return await self.engine.complete(kind, body, request_id)
+            async with self.adapters.using(body.get("model"), adapter_path) as served:
+                if served is None:
+                    return await self.engine.complete(kind, body, request_id)
+                result = await self.engine.complete(kind, {**body, "model": served}, request_id)
+                return {**result, "model": body["model"]}  # vLLM names the adapter by its id
         finally:
             self.in_flight -= 1
 
@@ -122,10 +125,15 @@ class ModelServer:
         self.streams += 1
         try:
             eager = 1 if kind == "completion" else 2  # chat's first frame is the role alone
-            async with self.adapters.using(body.get("model"), adapter_path):
-                frames = self.engine.stream(kind, body, request_id)
+            async with self.adapters.using(body.get("model"), adapter_path) as served:
+                if served is None:
+                    frames = self.engine.stream(kind, body, request_id)
+                    rename = None
+                else:
+                    frames = self.engine.stream(kind, {**body, "model": served}, request_id)
+                    rename = Renamer(served, body["model"])  # vLLM names the adapter by its id
                 async for frames_out in batch_frames(frames, self.batch_interval_s if batch else 0.0, eager=eager):
-                    yield frames_out
+                    yield frames_out if rename is None else rename(frames_out)
         finally:
             self.in_flight -= 1
             self.streams -= 1

@@ -28,6 +28,7 @@ from orchestrator.gateway.adapters import AdapterTable
 from orchestrator.layout import model_app_name
 from orchestrator.protocol.tokens import TokensOp
 from orchestrator.ray_internals import deployment_handle
+from orchestrator.serving.adapters import adapter_id
 from orchestrator.serving.gateway_server import instance_gateway, remote_gateway
 from orchestrator.serving.model_states import ModelStates, current_app_name, serve_states
 from orchestrator.serving.options import DEFAULT_MAX_NUM_SEQS
@@ -206,14 +207,16 @@ class Router:
         )
 
     def _handle(self, handles: dict[str, DeploymentHandle], spec: ModelSpec) -> DeploymentHandle:
-        """The handle of the model's base for this call; an adapter's call carries its name as
-        Serve's multiplexed model id, so Serve prefers replicas that hold it loaded."""
-        if spec.parent is None:
+        """The handle of the model's base for this call; an adapter's call carries its id
+        (:func:`~orchestrator.serving.adapters.adapter_id`) as Serve's multiplexed model id,
+        so Serve prefers replicas that hold it loaded."""
+        if spec.adapter is None:
             return handles[spec.base_name]
-        key = (id(handles), spec.name)
+        model_id = adapter_id(spec.name, str(spec.adapter.source.path))
+        key = (id(handles), model_id)
         handle = self._multiplexed.get(key)
         if handle is None:
-            handle = self._multiplexed[key] = handles[spec.base_name].options(multiplexed_model_id=spec.name)
+            handle = self._multiplexed[key] = handles[spec.base_name].options(multiplexed_model_id=model_id)
         return handle
 
     def _cold(self, spec: ModelSpec) -> bool:

@@ -4,6 +4,7 @@ model's replicas, loaded on first use and bounded per replica (least recently us
 from __future__ import annotations
 
 import asyncio
+import json
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from orchestrator.engine.base import Engine
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.records import KeyLimits
+from orchestrator.serving.adapters import adapter_id
 from orchestrator.serving.model_server import ModelServer
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend, lru_cache
@@ -172,10 +174,22 @@ async def test_a_replica_loads_an_adapter_on_first_use_only(lora_catalog: Catalo
     server = replica(lora_catalog, engine)
     await server.complete("chat", {**CHAT, "model": "tiny-a"}, "r0")
     assert engine.adapter_log == []  # the base model's requests load nothing
-    await server.complete("chat", {**CHAT, "model": "tiny-a-pirate"}, "r1")
-    await drain(server, "tiny-a-pirate")
-    assert engine.adapter_log == ["load tiny-a-pirate"]
-    assert engine.adapters == {"tiny-a-pirate": str(tmp_path / "tiny-a-pirate")}
+    answer = await server.complete("chat", {**CHAT, "model": "tiny-a-pirate"}, "r1")
+    frames = [f async for batch in server.stream("chat", {**CHAT, "model": "tiny-a-pirate"}, "r2") for f in batch]
+    pirate = adapter_id("tiny-a-pirate", str(tmp_path / "tiny-a-pirate"))
+    assert engine.adapter_log == [f"load {pirate}"]
+    assert engine.adapters == {pirate: str(tmp_path / "tiny-a-pirate")}
+    # vLLM runs it by its id; the client sees its display name.
+    assert engine.bodies[-1]["model"] == pirate and answer["model"] == "tiny-a-pirate"
+    chunks = [json.loads(f.removeprefix("data: ")) for f in frames if f.startswith("data: {")]
+    assert chunks and {c["model"] for c in chunks} == {"tiny-a-pirate"}
+
+
+def ids(tmp_path: Path, log: list[str]) -> list[str]:
+    """The engine's adapter log with each adapter's id replaced by its name (the adapters of
+    these tests have their folder under ``tmp_path``, named as they are)."""
+    named = {adapter_id(n, str(tmp_path / n)): n for n in "pqr"}
+    return [" ".join(named.get(word, word) for word in line.split()) for line in log]
 
 
 async def test_a_replica_holds_at_most_its_bound_evicting_the_least_recently_used(tmp_path: Path) -> None:
@@ -185,8 +199,8 @@ async def test_a_replica_holds_at_most_its_bound_evicting_the_least_recently_use
     server = replica(load_catalog([write_catalog(tmp_path, entry)]), engine)
     for name in ["p", "q", "p", "r"]:  # q is the least recently used when r comes
         await server.complete("chat", {**CHAT, "model": name}, "x")
-    assert engine.adapter_log == ["load p", "load q", "unload q", "load r"]
-    assert set(engine.adapters) == {"p", "r"}
+    assert ids(tmp_path, engine.adapter_log) == ["load p", "load q", "unload q", "load r"]
+    assert ids(tmp_path, list(engine.adapters)) == ["p", "r"]
 
 
 async def test_an_adapter_evicted_while_in_use_unloads_when_its_last_request_ends(tmp_path: Path) -> None:
@@ -196,13 +210,27 @@ async def test_an_adapter_evicted_while_in_use_unloads_when_its_last_request_end
     stream = server.stream("chat", {**CHAT, "model": "p"}, "r")
     await anext(stream)  # p is loaded and its stream has begun
     await server.complete("chat", {**CHAT, "model": "q"}, "x")  # evicts p from the cache
-    assert "p" in engine.adapters  # still running a stream: not unloaded under it
+    assert ids(tmp_path, list(engine.adapters)) == ["p", "q"]  # p still runs a stream: not unloaded under it
     await server.complete("chat", {**CHAT, "model": "p"}, "y")  # asked for again: it never left
-    assert engine.adapter_log.count("load p") == 1
     async for _ in stream:
         pass
-    assert engine.adapter_log == ["load p", "load q", "unload q"]
-    assert set(engine.adapters) == {"p"}
+    assert ids(tmp_path, engine.adapter_log) == ["load p", "load q", "unload q"]
+    assert ids(tmp_path, list(engine.adapters)) == ["p"]
+
+
+async def test_an_adapter_added_again_from_another_folder_runs_the_new_weights(tmp_path: Path) -> None:
+    """A run-time adapter removed and added again under its name from another folder is
+    another id: its requests load the new folder, though the old one is still held."""
+    entry = {**TINY, "lora": {"max_loaded_per_replica": 2}}
+    engine = FakeEngine()
+    server = replica(load_catalog([write_catalog(tmp_path, entry)]), engine)
+    old, new = adapter_id("x", "/adapters/old"), adapter_id("x", "/adapters/new")
+    await server.complete("chat", {**CHAT, "model": "x"}, "r0", "/adapters/old")
+    await server.complete("chat", {**CHAT, "model": "x"}, "r1", "/adapters/new")
+    assert engine.adapters == {old: "/adapters/old", new: "/adapters/new"}
+    assert engine.bodies[-1]["model"] == new != old
+    await server.complete("chat", {**CHAT, "model": "y"}, "r2", "/adapters/y")  # the old x is the least recent
+    assert engine.adapter_log[-2:] == [f"unload {old}", f"load {adapter_id('y', '/adapters/y')}"]
 
 
 # ----------------------------------------------------------------------------- the router
@@ -244,7 +272,8 @@ async def test_the_router_sends_an_adapter_to_its_bases_replicas_with_its_multip
     base, pirate = catalog.resolve("tiny-a"), catalog.resolve("tiny-a-pirate")
     streams = [router.stream(pirate, "chat", {}, "r0"), router.stream(base, "chat", {}, "r1")]
     streams.append(router.stream(pirate, "chat", {}, "r2"))
-    assert sent == ["tiny-a-pirate", None, "tiny-a-pirate"]
+    pirate_id = adapter_id("tiny-a-pirate", str(tmp_path / "tiny-a-pirate"))
+    assert sent == [pirate_id, None, pirate_id]
     # The adapter's requests take places of its base's replicas: one replica holds 3.
     with pytest.raises(OrchestratorError) as info:
         router.stream(pirate, "chat", {}, "r3")

@@ -3,6 +3,7 @@ the admin API and ``orchestrator adapters``, and learnt by every router from the
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -14,12 +15,14 @@ import httpx
 import pytest
 
 from orchestrator.api import create_app
-from orchestrator.api.adapters import AdapterRefresher
+from orchestrator.api.adapters import AdapterRefresher, table_source
 from orchestrator.catalog import load_catalog
 from orchestrator.engine.base import Engine
 from orchestrator.errors import OrchestratorError
 from orchestrator.gateway.adapters import AdapterEntry, AdapterTable
 from orchestrator.gateway.ledger import Ledger
+from orchestrator.serving.adapters import adapter_id
+from orchestrator.serving.model_route import route_app
 from orchestrator.serving.model_server import ModelServer
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine, LocalBackend, lru_cache
@@ -119,10 +122,10 @@ async def test_an_adapter_added_through_the_admin_api_serves_at_once_and_removed
     assert (again.status_code, again.json()["error"]["code"]) == (404, "not_found")
 
 
-def _limits() -> Any:
+def _limits(**limits: Any) -> Any:
     from orchestrator.gateway.records import KeyLimits
 
-    return KeyLimits()
+    return KeyLimits(**limits)
 
 
 @pytest.mark.parametrize(
@@ -149,7 +152,7 @@ async def test_every_router_learns_an_added_adapter_from_the_database(
     two_models: list[Path], table: AdapterTable
 ) -> None:
     mine, theirs = load_catalog(two_models), load_catalog(two_models)
-    other_router = AdapterRefresher(table, theirs, period_s=2)
+    other_router = AdapterRefresher(table_source(table), theirs, period_s=2)
     table.add(entry(), datetime.now(UTC))  # through this router, or the CLI
     with pytest.raises(OrchestratorError):
         theirs.resolve("tiny-a-chef")  # not read yet
@@ -195,4 +198,60 @@ async def test_a_replica_loads_a_run_time_adapter_from_the_folder_the_router_nam
     await server.complete("chat", {**CHAT, "model": "tiny-a-chef"}, "r", "/adapters/chef")
     async for _ in server.stream("chat", {**CHAT, "model": "tiny-a-chef"}, "s", "/adapters/chef"):
         pass
-    assert engine.adapter_log == ["load tiny-a-chef"] and engine.adapters == {"tiny-a-chef": "/adapters/chef"}
+    chef = adapter_id("tiny-a-chef", "/adapters/chef")
+    assert engine.adapter_log == [f"load {chef}"] and engine.adapters == {chef: "/adapters/chef"}
+
+
+# ----------------------------------------------------------------------------- a model's own route
+
+
+async def _until(done: Any) -> None:
+    """Yields to the event loop until ``done()`` holds (the refresher reads every 10 ms)."""
+    for _ in range(2000):
+        if await done():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the route never got there")
+
+
+async def test_a_models_route_serves_its_run_time_adapters_by_their_own_names(
+    two_models: list[Path], ledger: Ledger, table: AdapterTable
+) -> None:
+    """The base's own route learns adapters added and removed at run time through the gateway
+    (its replica holds no database URL), with keys' scopes and prices by the adapter's names."""
+    engine = FakeEngine()
+    spec = load_catalog(two_models).resolve("tiny-a").model_dump(mode="json")
+    settings = Settings(key_cache_seconds=0.01).model_dump(mode="json")
+    server = ModelServer(spec, settings, engine_factory=lambda s, st: engine, adapter_cache=lru_cache)  # type: ignore[arg-type,return-value]
+    app = route_app(server, ledger)
+    base_only = {"Authorization": f"Bearer {(await ledger.create_key(_limits(models=['tiny-a']))).key}"}
+    chef_only = {"Authorization": f"Bearer {(await ledger.create_key(_limits(models=['chef']))).key}"}
+    table.add(entry(aliases=["chef"], pricing={"input_per_million": "4"}), datetime.now(UTC))
+    table.add(entry("tiny-b-x", base="tiny-b"), datetime.now(UTC))  # another model's: not this route's
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http,
+    ):
+
+        async def status(model: str, key: dict[str, str]) -> tuple[int, str]:
+            resp = await http.post("/v1/chat/completions", json={**CHAT, "model": model}, headers=key)
+            return resp.status_code, "" if resp.status_code == 200 else resp.json()["error"]["code"]
+
+        async def listed() -> bool:
+            models = (await http.get("/v1/models", headers=chef_only)).json()["data"]
+            return "tiny-a-chef" in {m["id"] for m in models}
+
+        await _until(listed)
+        assert await status("tiny-a-chef", base_only) == (403, "model_not_allowed")
+        resp = await http.post("/v1/chat/completions", json={**CHAT, "model": "chef"}, headers=chef_only)
+        assert resp.status_code == 200 and resp.json()["model"] == "tiny-a-chef"
+        usage = resp.json()["usage"]
+        assert Decimal(str(usage["cost"])) == Decimal(4) * usage["prompt_tokens"] / 1_000_000
+        assert engine.adapters == {adapter_id("tiny-a-chef", "/adapters/tiny-a-chef"): "/adapters/tiny-a-chef"}
+        assert await status("tiny-b-x", chef_only) == (404, "model_not_found")
+        table.remove("tiny-a-chef")
+
+        async def gone() -> bool:
+            return await status("tiny-a-chef", chef_only) == (404, "model_not_found")
+
+        await _until(gone)
