@@ -131,10 +131,13 @@ def test_invalid_yaml_reported(tmp_path: Path) -> None:
 
 def test_shipped_catalogs_are_valid() -> None:
     catalog = load_catalog([REPO / "catalog"])
-    assert {s.name for s in catalog} == {"smollm2-135m-instruct", "tiny-random", "all-minilm-l6-v2"}
+    assert {s.name for s in catalog} == {"smollm2-135m-instruct", "tiny-random", "all-minilm-l6-v2", "tiny-vision"}
     embedder = catalog.resolve("minilm")
-    # The embedding model waits at zero replicas, so it never delays the chat model's start.
+    # The embedding and vision models wait at zero replicas, so they never delay the chat
+    # model's start.
     assert (embedder.task, embedder.autoscaling.min_replicas) == ("embed", 0)
+    vision = catalog.resolve("vision")
+    assert (vision.capabilities.vision, vision.autoscaling.min_replicas) == (True, 0)
     assert load_catalog([REPO / "deployments" / "gpu-catalog"]).resolve("llama-3.1-70b-instruct")
 
 
