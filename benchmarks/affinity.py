@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -498,6 +499,16 @@ async def slowed_load(client: httpx.AsyncClient, args: argparse.Namespace, side:
     await asyncio.gather(*(one(i) for i in range(args.slowed_requests)))
 
 
+def haproxy_has_affinity(server: Server) -> bool:
+    """Whether the config the server's HAProxy runs holds the affinity backends."""
+    for process in psutil.Process(server.proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if process.name() == "haproxy":
+                command = process.cmdline()
+                return "-orch-affinity" in Path(command[command.index("-f") + 1]).read_text()
+    raise RuntimeError("no HAProxy under orchestrator serve")
+
+
 def run_side(args: argparse.Namespace, catalog: Path, work: Path, affinity: bool) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "ORCH_", "VLLM_CPU_KVCACHE"))}
     env |= {"HOME": str(work / "home"), "RAY_USAGE_STATS_ENABLED": "0", "ORCH_OPEN_ACCESS": "true"}
@@ -506,6 +517,8 @@ def run_side(args: argparse.Namespace, catalog: Path, work: Path, affinity: bool
     name = "affinity" if affinity else "default"
     server = start_server(catalog, env, work / f"serve-{name}.log")
     try:
+        if haproxy_has_affinity(server) != affinity:
+            raise RuntimeError(f"HAProxy's config does not match the {name} side")
         side = asyncio.run(run_loads(server, args))
     finally:
         stop_server(server.proc)
