@@ -431,9 +431,10 @@ def _free_port() -> int:
 
 
 _REPLICA_PIDS = """
-import json, sys, ray
+import json, sys
+from orchestrator.serving.cluster import RayCluster
+RayCluster().connect(sys.argv[1])  # as `orchestrator status` connects (loopback, the token)
 from ray.serve.context import _get_global_client
-ray.init(address=sys.argv[1], log_to_driver=False)
 apps = _get_global_client().get_serve_details()["applications"]
 print(json.dumps({r["replica_id"]: r["pid"] for a in apps.values() for d in a["deployments"].values()
                   if d["name"] == "model-bench" for r in d["replicas"] if r["state"] == "RUNNING"}))

@@ -41,10 +41,12 @@ SESSIONS = [f"session-{i}" for i in range(12)]
 _DRIVER = """
 import json, sys, time
 import psutil, ray
+from orchestrator.serving.cluster import RayCluster
+
+RayCluster().connect(sys.argv[1])  # as `orchestrator status` connects (loopback, the token)
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
-ray.init(address=sys.argv[1], log_to_driver=False)
 app, deployment, action, arg = sys.argv[2:6]
 client = _get_global_client()
 
@@ -99,7 +101,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         build_tiny_llama(work / "tiny-f", seed=6),
         autoscaling={"min_replicas": 2, "max_replicas": 2},
     )
-    catalog.write_text(yaml.safe_dump([entry]))
+    catalog.write_text(yaml.safe_dump(entry))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "ORCH_"))}
     env |= {"HOME": str(work / "home"), "RAY_USAGE_STATS_ENABLED": "0"}  # open mode, on loopback
     served = _start(env, catalog, free_port(), free_port())

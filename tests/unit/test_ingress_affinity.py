@@ -22,6 +22,10 @@ from orchestrator.ingress import HASH_BALANCE_FACTOR, PREFIX_BYTES, with_model_r
 from tests.unit.test_ingress_routes import CHAT, ROUTES, Ingress, catalog_apps, render, run_ingress
 
 SESSIONS = [f"session-{i}" for i in range(12)]
+# Two replicas where requests go one after another: HAProxy's bound is ceil(1.5 x (in flight
+# + 1) / replicas) connections a replica, so with three, a replica that still counts the
+# previous request's connection (HAProxy may not have closed it yet) is past it.
+TWO = [[True], [True]]
 THREE = [[True], [True], [True]]
 
 
@@ -48,7 +52,7 @@ def ways(session: str) -> list[tuple[dict[str, Any], dict[str, str]]]:
 
 
 def test_each_session_keeps_one_replica_on_both_routes(tmp_path: Path) -> None:
-    for ingress in run_ingress(tmp_path, "/", health=THREE):
+    for ingress in run_ingress(tmp_path, "/", health=TWO):
         pinned = {}
         for session in SESSIONS:
             seen = {
@@ -64,9 +68,9 @@ def test_each_session_keeps_one_replica_on_both_routes(tmp_path: Path) -> None:
         # With neither a session (or an empty one) nor a prompt, requests are balanced as before.
         empty = {"model": "e", "messages": []}
         spread = Counter(asked(ingress, "", empty) for _ in range(12))
-        assert len(spread) == 3, spread
+        assert len(spread) == 2, spread
         blank = Counter(asked(ingress, "", empty, {"x-session-id": ""}) for _ in range(12))
-        assert len(blank) == 3, blank
+        assert len(blank) == 2, blank
 
 
 def _turns(turn: int) -> list[dict[str, Any]]:
@@ -129,7 +133,7 @@ CONVERSATIONS: dict[str, tuple[str, Callable[[int, int], dict[str, Any]]]] = {
 @pytest.mark.parametrize("dialect", CONVERSATIONS)
 def test_requests_whose_prompts_begin_alike_meet_on_one_replica(tmp_path: Path, dialect: str) -> None:
     path, conversation = CONVERSATIONS[dialect]
-    for ingress in run_ingress(tmp_path, "/", health=THREE):
+    for ingress in run_ingress(tmp_path, "/", health=TWO):
         pinned = {}
         for c in range(12):
             seen = {
@@ -144,7 +148,7 @@ def test_requests_whose_prompts_begin_alike_meet_on_one_replica(tmp_path: Path, 
 
 def test_a_long_shared_system_prompt_keys_every_request_that_starts_with_it(tmp_path: Path) -> None:
     system = {"role": "system", "content": "You answer in French. " * (PREFIX_BYTES // 10)}
-    for ingress in run_ingress(tmp_path, "/", health=THREE):
+    for ingress in run_ingress(tmp_path, "/", health=TWO):
         seen = Counter(
             asked(ingress, "", {"model": "e", "messages": [system, {"role": "user", "content": f"q{i}"}]})
             for i in range(12)

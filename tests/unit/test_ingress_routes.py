@@ -186,6 +186,9 @@ def test_ingress_routes_name_every_models_every_name(catalog: Catalog) -> None:
 
 
 class _Quiet(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # HAProxy's idle keep-alive connections end with HAProxy
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # HAProxy's health checks close their connections before the answer is read
 
@@ -198,6 +201,11 @@ def stand_in(name: str, healthy: bool | list[bool] = True) -> ThreadingHTTPServe
     health = healthy if isinstance(healthy, list) else [healthy]
 
     class Handler(BaseHTTPRequestHandler):
+        # Keep-alive, as the replicas' uvicorn: HAProxy ends each stream (and its count of the
+        # server's connections, which bounded load reads) with its response.
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart
+
         def do_GET(self) -> None:
             if self.path == "/-/healthz":
                 self._send(200 if health[0] else 503, b"success" if health[0] else b"down")
