@@ -22,7 +22,7 @@ def turn(ttft: float, cached: int, replica: str = "r1", number: int = 1, began: 
 
 def test_defaults_and_overrides() -> None:
     args = parse_args([])
-    assert (args.model, args.groups, args.turns, args.cache_fraction) == ("smollm2", 8, 6, 0.7)
+    assert (args.model, args.groups, args.turns, args.cache_fraction) == ("smollm2", 8, 5, 0.7)
     assert parse_args(["--model", "tiny", "--groups", "3"]).groups == 3
 
 
