@@ -205,7 +205,7 @@ def test_no_request_lands_on_a_draining_replica(served: Served) -> None:
     assert not failures, failures
     (survivor,) = states[-1]["replicas"]
     (drained,) = set(sessions.values()) - {survivor}
-    draining_from = min(s["t"] for s in states if s["replicas"].get(drained, "RUNNING") != "RUNNING")
+    draining_from = min(s["t"] for s in states if s["replicas"].get(drained, "GONE") != "RUNNING")
     late = [(at, replica) for at, replica in sent if at >= draining_from]
     assert any(replica == drained for at, replica in sent if at < draining_from)  # it had sessions
     assert late and all(replica == survivor for _, replica in late), late
