@@ -50,9 +50,9 @@ from ray.serve.schema import ServeDeploySchema
 app, deployment, action, arg = sys.argv[2:6]
 client = _get_global_client()
 
-def replicas():
-    details = client.get_serve_details()["applications"][app]["deployments"][deployment]
-    return {r["replica_id"]: (r["state"], r["actor_name"], r["pid"]) for r in details["replicas"]}
+def replicas():  # None while the application is being rebuilt
+    details = client.get_serve_details()["applications"].get(app, {}).get("deployments", {}).get(deployment)
+    return details and {r["replica_id"]: (r["state"], r["actor_name"], r["pid"]) for r in details["replicas"]}
 
 if action == "kill":  # and wait until its process is gone
     (name, pid) = [(actor, pid) for rid, (_, actor, pid) in replicas().items() if rid == arg][0]
@@ -72,10 +72,12 @@ client.deploy_apps(ServeDeploySchema(
     proxy_location=details["proxy_location"], http_options=details["http_options"], applications=apps
 ))
 while True:
-    states = {rid: state for rid, (state, _, _) in replicas().items()}
-    print(json.dumps({"t": time.time(), "replicas": states}), flush=True)
-    if list(states.values()) == ["RUNNING"] * int(arg):
-        break
+    found = replicas()
+    if found is not None:
+        states = {rid: state for rid, (state, _, _) in found.items()}
+        print(json.dumps({"t": time.time(), "replicas": states}), flush=True)
+        if list(states.values()) == ["RUNNING"] * int(arg):
+            break
     time.sleep(0.1)
 """
 
