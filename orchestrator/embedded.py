@@ -154,7 +154,8 @@ def _ray_environment(settings: Settings) -> None:
         if wrapper:
             # Serve runs HAProxy through the wrapper (orchestrator/ingress.py), which sends
             # generation requests on /v1 straight to their model's application
-            # (ORCH_INGRESS_ROUTES, set once the catalog is loaded) and, on a loopback host,
+            # (ORCH_INGRESS_ROUTES, set once the catalog is loaded; ORCH_INGRESS_AFFINITY=0 in
+            # this command's environment reaches it the same way) and, on a loopback host,
             # moves HAProxy's stats and metrics listeners (every interface in Serve's config)
             # to loopback.
             os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)

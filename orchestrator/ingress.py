@@ -21,12 +21,16 @@ which Serve checks):
   no router replica, no handle hop. Anything else (another name, a body that is not JSON or
   larger than HAProxy's buffer, ``tune.bufsize``, every GET) goes to the router unchanged.
   The names are written to an HAProxy map file beside the config.
-* Session affinity (with the model routes): a generation request with a session
-  (``x-session-id``, else the body's ``user`` or ``metadata.user_id``), on ``/v1`` or on a
-  model's own route, goes to its model's replicas through a backend that hashes the session
-  onto a consistent ring with bounded load (:func:`affinity_backend`): one replica per
-  session while it is up and not loaded past :data:`HASH_BALANCE_FACTOR` per cent of the
-  mean. Requests without a session keep Serve's balancing.
+* Affinity (with the model routes, unless ``ORCH_INGRESS_AFFINITY=0``): a generation
+  request, on ``/v1`` or on a model's own route, gets an affinity key: its session
+  (``x-session-id``, else the body's ``user`` or ``metadata.user_id``), else the first
+  :data:`PREFIX_BYTES` bytes of its prompt's beginning (:data:`PREFIX_FIELDS`: the first
+  messages, the system prompt or instructions, the prompt or input). A request with a key goes
+  to its model's replicas through a backend that hashes the key onto a consistent ring with
+  bounded load (:func:`affinity_backend`): one replica per key while it is up and not loaded
+  past :data:`HASH_BALANCE_FACTOR` per cent of the mean, so a conversation's turns and the
+  requests sharing a prompt's beginning meet where it is cached. Requests without a key keep
+  Serve's balancing (``leastconn``).
 
 Before the exec it asks Linux to send it SIGTERM when its parent, Serve's HAProxy manager,
 ends (``PR_SET_PDEATHSIG``, which survives the exec): HAProxy itself never notices, and one
@@ -106,9 +110,37 @@ _TIMEOUT = re.compile(r"^\s*timeout\s.*$", re.MULTILINE)
 # A session: this header, else the body's `user` (OpenAI) or `metadata.user_id` (Anthropic).
 SESSION_HEADER = "x-session-id"
 SESSION_FIELDS = ("$.user", "$.metadata.user_id")
-# Bounded load: a session's replica takes its request while its connections stay within this
+# Bounded load: a key's replica takes its request while its connections stay within this
 # percentage of the mean of the model's replicas; past it the next replica on the ring does.
 HASH_BALANCE_FACTOR = 150
+AFFINITY_ENV = "ORCH_INGRESS_AFFINITY"
+# How much of a prompt's beginning makes its key: a shared system prompt longer than this keys
+# every request that starts with it alike; a shorter one keys each conversation by its first
+# turn too (which stays the same across its turns).
+PREFIX_BYTES = 1024
+# Where a prompt begins, by the route's path: slots in prompt order, each the first of its
+# JSON paths found as a string or number (a content given as a list of parts: the first
+# part's text), read only if its condition (an HAProxy ACL, "" for none) holds. The key is the
+# slots' values joined, cut to PREFIX_BYTES. A chat's second message counts only after a
+# system (or developer) message: otherwise it is the first answer, which the first turn lacks.
+PREFIX_FIELDS: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
+    "/v1/chat/completions": (
+        (("$.messages[0].content", "$.messages[0].content[0].text"), ""),
+        (
+            ("$.messages[1].content", "$.messages[1].content[0].text"),
+            "{ req.body,json_query('$.messages[0].role') -m str system developer }",
+        ),
+    ),
+    "/v1/messages": (
+        (("$.system", "$.system[0].text"), ""),
+        (("$.messages[0].content", "$.messages[0].content[0].text"), ""),
+    ),
+    "/v1/completions": ((("$.prompt", "$.prompt[0]"), ""),),
+    "/v1/responses": (
+        (("$.instructions",), ""),
+        (("$.input", "$.input[0].content", "$.input[0].content[0].text"), ""),
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -173,28 +205,21 @@ def model_backends(config: str, routes: ModelRoutes) -> dict[str, tuple[str, lis
     return {prefix: (name, servers[name]) for prefix, name in sorted(found.items()) if servers.get(name)}
 
 
-def model_route_rules(config: str, routes: ModelRoutes, map_path: str) -> str:
-    """Returns the ``http_frontend`` rules that read a generation request's session and give
-    one on the router's ``/v1`` the path of its model's own route, for the models whose
-    application has a backend with servers in ``config``; empty when there is none."""
+def model_route_rules(config: str, routes: ModelRoutes, map_path: str, affinity: bool = True) -> str:
+    """Returns the ``http_frontend`` rules that give a generation request on the router's
+    ``/v1`` the path of its model's own route, for the models whose application has a backend
+    with servers in ``config`` (and, with ``affinity``, read its key, :func:`affinity_rules`);
+    empty when there is none."""
     targets = model_backends(config, routes)
     if not targets:
         return ""
     router = routes.router.rstrip("/")
     paths = " ".join(router + path for path in GENERATION_PATHS)
     lines = [
-        "    # orchestrator-haproxy: a generation request (on any route) carries its session in",
-        f"    # txn.orch_session ({SESSION_HEADER}, else the body's user or metadata.user_id).",
+        "    # orchestrator-haproxy: a generation request (on any route) waits for its body.",
         f"    acl orch_generation_any path_end {' '.join(GENERATION_PATHS)}",
         f"    http-request wait-for-body time {BODY_WAIT} if METH_POST orch_generation_any",
-        f"    http-request set-var(txn.orch_session) req.hdr({SESSION_HEADER}) "
-        f"if {{ req.hdr({SESSION_HEADER}) -m found }}",
-        *(
-            f"    http-request set-var(txn.orch_session) req.body,json_query('{field}') "
-            "if METH_POST orch_generation_any !{ var(txn.orch_session) -m found }"
-            for field in SESSION_FIELDS
-        ),
-        "    http-request unset-var(txn.orch_session) if { var(txn.orch_session),length eq 0 }",
+        *(affinity_rules() if affinity else []),
         "    # A generation request on the router's /v1 whose body names a model (map below)",
         "    # takes the path of that model's own route while one of its replicas is up;",
         "    # Serve's use_backend rules then send it to that application.",
@@ -212,17 +237,65 @@ def model_route_rules(config: str, routes: ModelRoutes, map_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def affinity_rules() -> list[str]:
+    """Returns the rules that set a generation request's affinity key, ``txn.orch_key``: its
+    session (``txn.orch_session``: the :data:`SESSION_HEADER` header, else the first of
+    :data:`SESSION_FIELDS` in the body), else its prompt's beginning (``txn.orch_prefix``,
+    :func:`prefix_rules`); unset when both are empty."""
+    no_session = "!{ var(txn.orch_session) -m found }"
+    return [
+        "    # Its affinity key, txn.orch_key: its session, else its prompt's beginning.",
+        f"    http-request set-var(txn.orch_session) req.hdr({SESSION_HEADER}) "
+        f"if {{ req.hdr({SESSION_HEADER}) -m found }}",
+        *(
+            f"    http-request set-var(txn.orch_session) req.body,json_query('{field}') "
+            f"if METH_POST orch_generation_any {no_session}"
+            for field in SESSION_FIELDS
+        ),
+        "    http-request unset-var(txn.orch_session) if { var(txn.orch_session),length eq 0 }",
+        *prefix_rules(no_session),
+        "    http-request set-var(txn.orch_key) var(txn.orch_session) if { var(txn.orch_session) -m found }",
+        f"    http-request set-var(txn.orch_key) var(txn.orch_prefix) if {no_session} "
+        "{ var(txn.orch_prefix) -m found }",
+    ]
+
+
+def prefix_rules(condition: str) -> list[str]:
+    """Returns the rules that set ``txn.orch_prefix`` under ``condition``: the values of the
+    :data:`PREFIX_FIELDS` slots of the request's path, joined and cut to :data:`PREFIX_BYTES`
+    bytes; unset when that is empty."""
+    slots = max(len(fields) for fields in PREFIX_FIELDS.values())
+    lines = []
+    for number, (path, fields) in enumerate(PREFIX_FIELDS.items()):
+        acl = f"orch_prefix_{number}"
+        lines.append(f"    acl {acl} path_end {path}")
+        for slot, (alternatives, only_if) in enumerate(fields):
+            lines += [
+                f"    http-request set-var(txn.orch_p{slot}) req.body,json_query('{field}') "
+                f"if METH_POST {acl} {condition} !{{ var(txn.orch_p{slot}) -m found }}{' ' * bool(only_if)}{only_if}"
+                for field in alternatives
+            ]
+    joined = "".join(f"%[var(txn.orch_p{slot})]" for slot in range(slots))
+    return [
+        *lines,
+        f'    http-request set-var-fmt(txn.orch_prefix) "{joined}" if METH_POST orch_generation_any {condition}',
+        f"    http-request set-var(txn.orch_prefix) var(txn.orch_prefix),bytes(0,{PREFIX_BYTES}) "
+        "if { var(txn.orch_prefix) -m found }",
+        "    http-request unset-var(txn.orch_prefix) if { var(txn.orch_prefix),length eq 0 }",
+    ]
+
+
 def affinity_backend(backend: str, servers: list[tuple[str, str]], section: str) -> str:
     """Returns a backend over ``backend``'s servers (each tracking its health there) that
-    sends the requests of one session to one replica while it is up and within the bounded
-    load: consistent hashing of ``txn.orch_session``, so a replica's end moves only its own
-    sessions."""
+    sends the requests of one affinity key to one replica while it is up and within the
+    bounded load: consistent hashing of ``txn.orch_key``, so a replica's end moves only its
+    own keys."""
     lines = [
         f"backend {backend}-orch-affinity",
         "    log global",
         "    http-reuse always",
         *(line.rstrip() for line in _TIMEOUT.findall(section)),
-        "    balance hash var(txn.orch_session)",
+        "    balance hash var(txn.orch_key)",
         "    hash-type consistent",
         f"    hash-balance-factor {HASH_BALANCE_FACTOR}",
         *(f"    server {name} {address} track {backend}/{name}" for name, address in servers),
@@ -230,19 +303,19 @@ def affinity_backend(backend: str, servers: list[tuple[str, str]], section: str)
     return "\n".join(lines) + "\n"
 
 
-def with_model_routes(config: str, routes: ModelRoutes, map_path: str) -> str:
+def with_model_routes(config: str, routes: ModelRoutes, map_path: str, affinity: bool = True) -> str:
     """Returns ``config`` with :func:`model_route_rules` in its HTTP frontend, before
-    Serve's per-backend rules, and, for each model's backend, its :func:`affinity_backend`,
-    used before Serve's ``use_backend`` rules by a request with a session; unchanged if it
-    has no such places or no model backend."""
-    rules = model_route_rules(config, routes, map_path)
+    Serve's per-backend rules, and, with ``affinity``, for each model's backend, its
+    :func:`affinity_backend`, used before Serve's ``use_backend`` rules by a request with an
+    affinity key; unchanged if it has no such places or no model backend."""
+    rules = model_route_rules(config, routes, map_path, affinity)
     anchor, static = _ANCHOR.search(config), _STATIC_ROUTING.search(config)
     if not rules or anchor is None or static is None:
         return config
-    targets = model_backends(config, routes)
+    targets = model_backends(config, routes) if affinity else {}
     sections = backend_sections(config)
     use = "".join(
-        f"    use_backend {name}-orch-affinity if is_{name} {{ var(txn.orch_session) -m found }} "
+        f"    use_backend {name}-orch-affinity if is_{name} {{ var(txn.orch_key) -m found }} "
         f"{{ nbsrv({name}-orch-affinity) ge 1 }}\n"
         for name, _ in targets.values()
     )
@@ -254,7 +327,8 @@ def with_model_routes(config: str, routes: ModelRoutes, map_path: str) -> str:
 def rewrite(config: str, path: Path, environ: Mapping[str, str]) -> str:
     """Returns the config HAProxy should run: :func:`to_loopback` unless ``environ`` says
     ``ORCH_INGRESS_LOOPBACK=0``, with the model routes of ``ORCH_INGRESS_ROUTES`` or of the
-    file ``ORCH_INGRESS_ROUTES_FILE`` names (their map written beside ``path``).
+    file ``ORCH_INGRESS_ROUTES_FILE`` names (their map written beside ``path``), and their
+    affinity unless ``ORCH_INGRESS_AFFINITY=0``.
 
     Raises:
         ExposedListener: see :func:`to_loopback`.
@@ -267,7 +341,7 @@ def rewrite(config: str, path: Path, environ: Mapping[str, str]) -> str:
         routes = ModelRoutes.from_json(given)
         map_path = path.with_name(path.name + ".models.map")
         _replace(map_path, routes.map_file())
-        config = with_model_routes(config, routes, str(map_path))
+        config = with_model_routes(config, routes, str(map_path), environ.get(AFFINITY_ENV, "1") != "0")
     return config
 
 

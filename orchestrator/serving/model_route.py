@@ -94,6 +94,31 @@ class ReplicaBackend:
         return {self._server.spec.name: ModelHealth(ready=True, state="serving", replicas=1)}
 
 
+REPLICA_HEADER = b"x-orch-replica"
+
+
+class ReplicaHeader:
+    """ASGI middleware: every HTTP response of this replica names it in ``x-orch-replica``
+    (Serve's replica id, the last part of its actor's name), so a client or test sees which
+    replica of the model answered (session and prefix affinity, orchestrator/ingress.py)."""
+
+    def __init__(self, app: Any, replica: str) -> None:
+        self.app = app
+        self._header = (REPLICA_HEADER, replica.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self._header]}
+            await send(message)
+
+        await self.app(scope, receive, named)
+
+
 class RoutedModelServer(ServedModelServer):
     """A ModelServer that also answers HTTP on its model's route (Serve's ingress).
 
@@ -108,7 +133,9 @@ class RoutedModelServer(ServedModelServer):
         if not self.settings.open_access:
             instance = instance_of(current_app_name(), self.spec.deployment_name)
             gateway = instance_gateway(instance, self.settings.gateway_timeout_seconds, sink)
-        return route_app(self, gateway, sink)
+        app = route_app(self, gateway, sink)
+        app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
+        return app
 
 
 def route_app(server: ModelServer, gateway: Gateway | None, sink: Sink | None = None) -> FastAPI:

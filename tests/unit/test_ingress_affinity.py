@@ -1,24 +1,43 @@
-"""Session affinity in orchestrator-haproxy: the requests of one session (an x-session-id
-header, else the body's user or metadata.user_id) go to one replica of their model while it
-is up, on /v1 and on the model's own route; requests without one are balanced as Serve
-balances them. Run by the bundled HAProxy in front of stand-in replicas."""
+"""Affinity in orchestrator-haproxy: the requests of one session (an x-session-id header, else
+the body's user or metadata.user_id), or without one those whose prompts begin alike, go to
+one replica of their model while it is up and within its bounded load, on /v1 and on the
+model's own route; requests with neither are balanced as Serve balances them, and so is
+everything with ORCH_INGRESS_AFFINITY=0. Run by the bundled HAProxy in front of stand-in
+replicas."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from orchestrator.ingress import HASH_BALANCE_FACTOR, with_model_routes
+import pytest
+
+from orchestrator.ingress import HASH_BALANCE_FACTOR, PREFIX_BYTES, with_model_routes
 from tests.unit.test_ingress_routes import CHAT, ROUTES, Ingress, catalog_apps, render, run_ingress
 
 SESSIONS = [f"session-{i}" for i in range(12)]
+# Two replicas where requests go one after another: HAProxy's bound is ceil(1.5 x (in flight
+# + 1) / replicas) connections a replica, so with three, a replica that still counts the
+# previous request's connection (HAProxy may not have closed it yet) is past it.
+TWO = [[True], [True]]
+THREE = [[True], [True], [True]]
 
 
-def asked(ingress: Ingress, route: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> str:
-    """The replica that answered a chat completion on ``route`` ("" for /v1)."""
-    resp = ingress.client.post(f"{route}/v1/chat/completions", json={**CHAT, **body}, headers=headers or {})
+def asked(
+    ingress: Ingress,
+    route: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    path: str = "/v1/chat/completions",
+) -> str:
+    """The replica that answered a POST of ``body`` to ``path`` on ``route`` ("" for /v1)."""
+    resp = ingress.client.post(f"{route}{path}", json={**CHAT, **body}, headers=headers or {})
     assert resp.status_code == 200, resp.text
     return str(resp.json()["server"])
 
@@ -33,7 +52,7 @@ def ways(session: str) -> list[tuple[dict[str, Any], dict[str, str]]]:
 
 
 def test_each_session_keeps_one_replica_on_both_routes(tmp_path: Path) -> None:
-    for ingress in run_ingress(tmp_path, "/", health=[[True], [True], [True]]):
+    for ingress in run_ingress(tmp_path, "/", health=TWO):
         pinned = {}
         for session in SESSIONS:
             seen = {
@@ -44,12 +63,109 @@ def test_each_session_keeps_one_replica_on_both_routes(tmp_path: Path) -> None:
             }
             assert len(seen) == 1, (session, seen)
             pinned[session] = seen.pop()
-        assert len(set(pinned.values())) > 1  # sessions spread over the replicas
-        # Without a session (or with an empty one), requests are balanced as before.
-        spread = Counter(asked(ingress, "", {"model": "e"}) for _ in range(12))
-        assert len(spread) == 3, spread
-        blank = Counter(asked(ingress, "", {"model": "e"}, {"x-session-id": ""}) for _ in range(12))
-        assert len(blank) == 3, blank
+        # Every request had the same prompt: the session, not the prompt, chose the replica.
+        assert len(set(pinned.values())) > 1
+        # With neither a session (or an empty one) nor a prompt, requests are balanced as before.
+        empty = {"model": "e", "messages": []}
+        spread = Counter(asked(ingress, "", empty) for _ in range(12))
+        assert len(spread) == 2, spread
+        blank = Counter(asked(ingress, "", empty, {"x-session-id": ""}) for _ in range(12))
+        assert len(blank) == 2, blank
+
+
+def _turns(turn: int) -> list[dict[str, Any]]:
+    """What a conversation adds after its first messages by its turn ``turn``."""
+    return [
+        m
+        for t in range(turn)
+        for m in ({"role": "assistant", "content": f"a{t}"}, {"role": "user", "content": f"q{t}"})
+    ]
+
+
+def _text(text: str) -> list[dict[str, str]]:
+    return [{"type": "text", "text": text}]
+
+
+# A conversation's request at a turn, by dialect: its path and body (conversation c, turn t).
+# What each keeps the same across turns is its prompt's beginning.
+CONVERSATIONS: dict[str, tuple[str, Callable[[int, int], dict[str, Any]]]] = {
+    "chat": (
+        "/v1/chat/completions",
+        lambda c, t: {"messages": [{"role": "user", "content": f"conversation {c}"}, *_turns(t)]},
+    ),
+    "chat, a system prompt in parts": (
+        "/v1/chat/completions",
+        lambda c, t: {
+            "messages": [
+                {"role": "system", "content": _text("You help.")},
+                {"role": "user", "content": _text(f"conversation {c}")},
+                *_turns(t),
+            ]
+        },
+    ),
+    "messages": (
+        "/v1/messages",
+        lambda c, t: {"system": f"conversation {c}", "messages": [{"role": "user", "content": "q"}, *_turns(t)]},
+    ),
+    "messages, system in blocks": (
+        "/v1/messages",
+        lambda c, t: {
+            "system": _text("Be brief."),
+            "messages": [{"role": "user", "content": _text(f"c {c}")}, *_turns(t)],
+        },
+    ),
+    "completions, cut to the key's length": (
+        "/v1/completions",
+        lambda c, t: {"prompt": f"conversation {c} " + "x" * PREFIX_BYTES + f" turn {t}"},
+    ),
+    "completions, a list of prompts": ("/v1/completions", lambda c, t: {"prompt": [f"conversation {c}", f"turn {t}"]}),
+    "responses, input items": (
+        "/v1/responses",
+        lambda c, t: {"input": [{"role": "user", "content": f"conversation {c}"}, *_turns(t)]},
+    ),
+    "responses, instructions": (
+        "/v1/responses",
+        lambda c, t: {"instructions": f"conversation {c}", "input": "q", "max_output_tokens": 8 + t},
+    ),
+}
+
+
+@pytest.mark.parametrize("dialect", CONVERSATIONS)
+def test_requests_whose_prompts_begin_alike_meet_on_one_replica(tmp_path: Path, dialect: str) -> None:
+    path, conversation = CONVERSATIONS[dialect]
+    for ingress in run_ingress(tmp_path, "/", health=TWO):
+        pinned = {}
+        for c in range(12):
+            seen = {
+                asked(ingress, route, {"model": "e", **conversation(c, t)}, path=path)
+                for t in range(3)
+                for route in ("", "/models/tiny-e")
+            }
+            assert len(seen) == 1, (c, seen)
+            pinned[c] = seen.pop()
+        assert len(set(pinned.values())) > 1, pinned  # conversations spread over the replicas
+
+
+def test_a_long_shared_system_prompt_keys_every_request_that_starts_with_it(tmp_path: Path) -> None:
+    system = {"role": "system", "content": "You answer in French. " * (PREFIX_BYTES // 10)}
+    for ingress in run_ingress(tmp_path, "/", health=TWO):
+        seen = Counter(
+            asked(ingress, "", {"model": "e", "messages": [system, {"role": "user", "content": f"q{i}"}]})
+            for i in range(12)
+        )
+        assert len(seen) == 1, seen
+
+
+def test_a_busy_keys_replica_takes_no_more_than_its_bounded_share(tmp_path: Path) -> None:
+    held = 6
+    for ingress in run_ingress(tmp_path, "/", health=THREE):
+        ask = partial(asked, ingress, "", {"model": "e"}, {"x-session-id": "hot", "x-hold": "3"})
+        with ThreadPoolExecutor(held) as pool:  # held at once: each answered 3 s later
+            replicas = [future.result() for future in [pool.submit(ask) for _ in range(held)]]
+        counts = Counter(replicas)
+        # Without the bound all six would go to the session's replica.
+        assert len(counts) > 1, counts
+        assert max(counts.values()) <= math.ceil(HASH_BALANCE_FACTOR / 100 * held / len(THREE)), counts
 
 
 def test_a_replica_that_goes_down_gives_up_only_its_own_sessions(tmp_path: Path) -> None:
@@ -68,10 +184,19 @@ def test_a_replica_that_goes_down_gives_up_only_its_own_sessions(tmp_path: Path)
         assert {s: r for s, r in after.items() if before[s] != gone} == {s: r for s, r in before.items() if r != gone}
 
 
+def test_turned_off_every_request_is_balanced_as_serve_balances_it(tmp_path: Path) -> None:
+    config = with_model_routes(render(tmp_path, catalog_apps(9001, [9002, 9003])), ROUTES, "/m.map", affinity=False)
+    assert "orch-affinity" not in config and "orch_key" not in config and "set-path /models/tiny-e" in config
+    for ingress in run_ingress(tmp_path, "/", health=THREE, environ={"ORCH_INGRESS_AFFINITY": "0"}):
+        session = Counter(asked(ingress, "", {"model": "e"}, {"x-session-id": "s"}) for _ in range(12))
+        prompt = Counter(asked(ingress, "", {"model": "e"}) for _ in range(12))
+        assert len(session) == 3 and len(prompt) == 3, (session, prompt)
+
+
 def test_the_affinity_backend_tracks_the_models_replicas_with_bounded_load(tmp_path: Path) -> None:
     config = with_model_routes(render(tmp_path, catalog_apps(9001, [9002, 9003])), ROUTES, "/m.map")
     backend = config[config.index("\nbackend http-orchestrator-model-tiny-e-orch-affinity") :]
-    assert "balance hash var(txn.orch_session)" in backend and "hash-type consistent" in backend
+    assert "balance hash var(txn.orch_key)" in backend and "hash-type consistent" in backend
     assert f"hash-balance-factor {HASH_BALANCE_FACTOR}" in backend
     tracked = [line.split()[-1] for line in backend.splitlines() if line.strip().startswith("server ")]
     assert tracked == [f"http-orchestrator-model-tiny-e/SERVE_REPLICA__orchestrator-model-tiny-e-{i}" for i in (0, 1)]

@@ -186,6 +186,9 @@ def test_ingress_routes_name_every_models_every_name(catalog: Catalog) -> None:
 
 
 class _Quiet(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # HAProxy's idle keep-alive connections end with HAProxy
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # HAProxy's health checks close their connections before the answer is read
 
@@ -193,10 +196,16 @@ class _Quiet(ThreadingHTTPServer):
 def stand_in(name: str, healthy: bool | list[bool] = True) -> ThreadingHTTPServer:
     """A server that answers every request with its name, the path asked and the body's
     length (and ``/-/healthz``, Serve's health check, with 200 or 503; ``healthy`` as a
-    one-item list can be changed while it runs)."""
+    one-item list can be changed while it runs); a POST with ``x-hold: <seconds>`` is
+    answered that much later."""
     health = healthy if isinstance(healthy, list) else [healthy]
 
     class Handler(BaseHTTPRequestHandler):
+        # Keep-alive, as the replicas' uvicorn: HAProxy ends each stream (and its count of the
+        # server's connections, which bounded load reads) with its response.
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart
+
         def do_GET(self) -> None:
             if self.path == "/-/healthz":
                 self._send(200 if health[0] else 503, b"success" if health[0] else b"down")
@@ -207,7 +216,9 @@ def stand_in(name: str, healthy: bool | list[bool] = True) -> ThreadingHTTPServe
             self._answer(b"")
 
         def do_POST(self) -> None:
-            self._answer(self.rfile.read(int(self.headers.get("content-length", 0))))
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            time.sleep(float(self.headers.get("x-hold", 0)))
+            self._answer(body)
 
         def _answer(self, body: bytes) -> None:
             self._send(200, json.dumps({"server": name, "path": self.path, "length": len(body)}).encode())
@@ -243,11 +254,16 @@ class Ingress:
 
 
 def run_ingress(
-    tmp_path: Path, prefix: str, model_healthy: bool = True, health: list[list[bool]] | None = None
+    tmp_path: Path,
+    prefix: str,
+    model_healthy: bool = True,
+    health: list[list[bool]] | None = None,
+    environ: dict[str, str] | None = None,
 ) -> Iterator[Ingress]:
     """HAProxy with Serve's config for the router (under ``prefix``), a model with two
     replicas (or one for each of ``health``, the replicas' changeable health) and a model
-    with none, rewritten by the wrapper with their names, in front of stand-ins."""
+    with none, rewritten by the wrapper with their names (and ``environ``), in front of
+    stand-ins."""
     router = stand_in("router")
     health = health or [[model_healthy], [model_healthy]]
     replicas = [stand_in(f"replica-{i}", healthy) for i, healthy in enumerate(health)]
@@ -256,7 +272,9 @@ def run_ingress(
     apps = catalog_apps(router.server_port, [r.server_port for r in replicas], prefix)
     routes = {"router": prefix, "models": {name: under + route for name, route in ROUTES.models.items()}}
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(rewrite(render(tmp_path, apps, port), cfg, {"ORCH_INGRESS_ROUTES": json.dumps(routes)}))
+    cfg.write_text(
+        rewrite(render(tmp_path, apps, port), cfg, {"ORCH_INGRESS_ROUTES": json.dumps(routes), **(environ or {})})
+    )
     haproxy = subprocess.Popen([real_haproxy(), "-db", "-f", str(cfg)], stderr=subprocess.DEVNULL)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
