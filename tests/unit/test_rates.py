@@ -86,6 +86,7 @@ def test_prefix_cache_lookups_feed_both_rates() -> None:
     assert sink.get(PREFIX_CACHE_HIT_RATE.name, model="tiny-a") == 48
 
 
+@pytest.mark.engine  # imports vLLM
 def test_engine_stat_logger_hands_vllms_prefix_cache_stats_on() -> None:
     """The engine's own stat logger passes each step's prefix-cache figures (what vLLM's
     vllm:prefix_cache_* counters add up) to the recent rates."""
