@@ -59,15 +59,18 @@ class Reservation:
     cost: Decimal
 
 
-def reservation(body: dict[str, Any], body_bytes: int, spec: ModelSpec, output_budget: int | None) -> Reservation:
+def reservation(
+    body: dict[str, Any], body_bytes: int, spec: ModelSpec, output_budget: int | None, *, embedding: bool = False
+) -> Reservation:
     """Returns the reservation of a request whose body had ``body_bytes`` bytes, validated by
     its protocol model (so ``n`` and ``messages`` hold what that model allows). An
-    embeddings body (``input``) counts each input as a prompt and reserves no output (its
-    budget is 0)."""
+    embeddings request (``embedding``, known by its route, never by a body field, which a
+    generation body may carry undeclared) counts each ``input`` as a prompt and reserves no
+    output (its budget is 0)."""
     messages = body.get("messages")
     count = len(messages) if isinstance(messages, list) else 1
     prompts = prompt_count(body.get("prompt"))
-    if "input" in body:  # embeddings: each input is a prompt with its own special tokens
+    if embedding:  # each input is a prompt with its own special tokens
         prompts = count = prompt_count(body["input"])
     choices = int(body.get("n") or 1)
     window = spec.context_window

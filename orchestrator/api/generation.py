@@ -196,7 +196,8 @@ async def generate(
         forwarded = dialect.forwarded(parsed, body)
         # The prompt's worst case from what the model gets (a Responses body becomes a chat body).
         size = len(await request.body()) if forwarded is body else len(json.dumps(forwarded).encode())
-        reserve = reservation(forwarded, size, spec, budget)  # the body is cached
+        # The body is cached; an embeddings request is known by its route.
+        reserve = reservation(forwarded, size, spec, budget, embedding=dialect.kind == "embedding")
         admitting = asyncio.ensure_future(
             gateway.admit(api_key, spec.names, reserve.tokens, generation_id, cost=reserve.cost, holder=settler.holder)
         )

@@ -179,7 +179,7 @@ def test_an_embedding_holds_its_inputs_and_no_output(catalog: Catalog) -> None:
     spec = catalog.resolve("e")
     body = {"model": "e", "input": ["abcd"] * 3}
     size = len(json.dumps(body).encode())
-    hold = reservation(body, size, spec, 0)
+    hold = reservation(body, size, spec, 0, embedding=True)
     # Every input a prompt of its own (at most a window each); nothing generated.
     assert hold.cost == request_cost(spec.pricing, size + 64 + 16 * 3, 0)
     assert hold.tokens == -(-size // 4) + 4 * 3

@@ -96,3 +96,14 @@ async def test_fifty_concurrent_streams_through_the_api_cannot_overrun_a_balance
     report = await ledger.usage_report(group_by=["key"])
     assert report[0]["requests"] == statuses.count(200)
     assert Decimal(str(report[0]["cost"])) == hold * 5 + hold / 2 - info.credits
+
+
+def test_an_undeclared_input_field_does_not_change_a_chats_reservation(catalog: Catalog) -> None:
+    """Only the embeddings route counts ``input``: a chat body carrying one (generation bodies
+    allow undeclared fields) can neither shrink its hold (one message instead of 50) nor
+    inflate it."""
+    spec = catalog.resolve("a")
+    chat = {"model": "a", "messages": [{"role": "user", "content": "hi"}] * 50, "max_tokens": 5}
+    for extra in ("x", ["x"] * 100):
+        body = {**chat, "input": extra}
+        assert reservation(body, _bytes(body), spec, 5) == reservation(chat, _bytes(body), spec, 5)
