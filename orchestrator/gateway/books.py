@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.gateway.expiring_set import ExpiringSet
 from orchestrator.gateway.holds import Admitted, Holds
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.keyring import KeyRing
@@ -111,7 +111,7 @@ class Books:
         self.pending_cost: dict[str, Decimal] = {}
         self.unsealed: list[UsageRecord] = []
         self.batches: list[tuple[Path | None, list[UsageRecord]]] = []
-        self.settled: OrderedDict[str, float] = OrderedDict()  # request id: when settled (monotonic)
+        self.settled = ExpiringSet(SETTLED_MEMORY_S, SETTLED_MEMORY_MAX, monotonic)  # request ids settled
         self.flush_lock = asyncio.Lock()
 
     # -- settlement -------------------------------------------------------------------
@@ -130,22 +130,13 @@ class Books:
             return False
         self._journal(record)
         admitted = self._holds.release(rid)
-        self._remember_settled(rid)
+        self.settled.add(rid)
         if admission.key_id is not None:
             used = record.prompt_tokens + record.completion_tokens
             self._limiter.settle(admission.key_id, admission.window_start, admission.reserved_tokens, used)
         self._add_pending(record)
         _wake(admitted)
         return True
-
-    def _remember_settled(self, rid: str) -> None:
-        """Remembers ``rid`` as settled now, forgetting the ids settled more than
-        :data:`SETTLED_MEMORY_S` ago and the oldest past :data:`SETTLED_MEMORY_MAX`."""
-        now = self._monotonic()
-        self.settled[rid] = now
-        oldest = now - SETTLED_MEMORY_S
-        while self.settled and (len(self.settled) > SETTLED_MEMORY_MAX or next(iter(self.settled.values())) < oldest):
-            self.settled.popitem(last=False)
 
     def _journal(self, record: UsageRecord) -> None:
         if self.journal is None:

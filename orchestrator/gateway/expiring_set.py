@@ -8,9 +8,9 @@ from collections.abc import Callable, Hashable
 
 
 class ExpiringSet:
-    """Members expire ``ttl_s`` after they were (last) added, by ``monotonic``; past
-    ``max_size`` members the oldest added goes first. Not thread-safe: use it from one thread
-    (the event loop)."""
+    """Members expire ``ttl_s`` after they were (last) added, by ``monotonic``, and are
+    dropped at the next :meth:`add`; past ``max_size`` members the oldest added goes first.
+    Not thread-safe: use it from one thread (the event loop)."""
 
     def __init__(self, ttl_s: float, max_size: int, monotonic: Callable[[], float]) -> None:
         self.ttl_s = ttl_s
@@ -19,9 +19,12 @@ class ExpiringSet:
         self._until: OrderedDict[Hashable, float] = OrderedDict()  # member -> when it expires
 
     def add(self, member: Hashable) -> None:
+        """Adds ``member`` (again), dropping the members expired by now and the oldest past
+        ``max_size``: members are kept in the order they expire, so both go from the front."""
+        now = self._monotonic()
         self._until.pop(member, None)
-        self._until[member] = self._monotonic() + self.ttl_s
-        while len(self._until) > self.max_size:
+        self._until[member] = now + self.ttl_s
+        while self._until and (len(self._until) > self.max_size or next(iter(self._until.values())) <= now):
             self._until.popitem(last=False)
 
     def __contains__(self, member: object) -> bool:

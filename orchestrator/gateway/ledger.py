@@ -51,6 +51,7 @@ from orchestrator.gateway.fence import Fence, fence_for
 from orchestrator.gateway.fence_keeper import FenceKeeper
 from orchestrator.gateway.holds import Holds
 from orchestrator.gateway.journal import UsageJournal
+from orchestrator.gateway.key_lookups import unreachable
 from orchestrator.gateway.keyring import KEY_LOOKUP_TIMEOUT_S, KEY_LOOKUPS, UNKNOWN_KEY_TTL_S, KeyRing
 from orchestrator.gateway.limiter import RateLimiter, refuse_unreachable
 from orchestrator.gateway.records import Admission, CreatedKey, KeyInfo, KeyLimits, KeyRecord, UsageRecord, Workspace
@@ -177,11 +178,7 @@ class Ledger:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
         except (OperationalError, InterfaceError) as exc:
-            raise OrchestratorError(
-                ErrorCode.SERVICE_UNAVAILABLE,
-                "The gateway's database is unreachable; retry shortly.",
-                headers={"Retry-After": "5"},
-            ) from exc
+            raise unreachable() from exc
 
     async def start(self) -> None:
         """Opens the store (applying migrations) and the journal, and starts the flusher and
