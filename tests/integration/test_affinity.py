@@ -125,6 +125,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 ROUTER = "router"
 
 
+class HAProxy500(Exception):
+    """HAProxy's plain 500 (the known failure below); anything else fails a test as usual."""
+
+
 def ask(
     served: Served, messages: list[dict[str, Any]], session: str | None = None, stream: bool = False
 ) -> tuple[str, str]:
@@ -134,6 +138,8 @@ def ask(
     headers = {"x-session-id": session} if session else {}
     body = {"model": "f", "messages": messages, "max_tokens": 3, "stream": stream}
     resp = httpx.post(f"{served.base_url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+    if resp.status_code == 500 and resp.text.strip() == "Internal Server Error":
+        raise HAProxy500(resp.text)  # HAProxy's own 502/503/504, as Serve's config words them
     assert resp.status_code == 200, resp.text
     if stream:
         assert resp.text.rstrip().endswith("data: [DONE]"), resp.text
@@ -174,7 +180,9 @@ def test_every_turn_of_a_session_lands_on_one_replica(served: Served) -> None:
 # (Serve's config turns HAProxy's own 502/503/504 into a plain 500), not an answer from the
 # live replica. Not yet explained; the promise these two tests check is not met until it is.
 KNOWN_500_AFTER_A_REPLICA_ENDS = pytest.mark.xfail(
-    reason="HAProxy answered 500 for some requests after a replica ended (see the comment above)", strict=False
+    raises=HAProxy500,
+    reason="HAProxy answered 500 for some requests after a replica ended (see the comment above)",
+    strict=False,
 )
 
 
@@ -220,6 +228,8 @@ def test_no_request_lands_on_a_draining_replica(served: Served) -> None:
         stop.set()
         for thread in threads:
             thread.join(timeout=120)
+    if failures and all(f.startswith("HAProxy500") for f in failures):
+        raise HAProxy500(failures[0])  # only the known failure: the xfail above
     assert not failures, failures
     # Serve stops the replicas the new goal leaves out (a scale-down, or a rollout if the
     # change makes a new version): each drains from when Serve first shows it not running.
