@@ -20,7 +20,8 @@ from orchestrator.engine.base import Kind
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
 from orchestrator.protocol.anthropic import CountTokensRequest, MessagesRequest
-from orchestrator.protocol.embeddings import EmbeddingRequest, input_count, input_tokens
+from orchestrator.protocol.embeddings import EmbeddingRequest, input_tokens
+from orchestrator.protocol.openai import prompt_count
 from orchestrator.protocol.responses import ResponsesRequest
 
 
@@ -43,7 +44,7 @@ def _no_check(parsed: Any, spec: ModelSpec) -> None:
 def _embedding_batch(parsed: Any, spec: ModelSpec) -> None:
     """An embeddings request within the model's bounds (inputs; tokens, where given as ids:
     the replica counts text once it has tokenized it)."""
-    count, bounds = input_count(parsed.input), spec.embedding
+    count, bounds = prompt_count(parsed.input), spec.embedding
     if count > bounds.max_inputs:
         raise OrchestratorError(
             ErrorCode.INVALID_REQUEST,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import JsonDict
 
+from orchestrator.protocol.openai import prompt_count
 from orchestrator.protocol.values import Integer, TokenId
 
 # OpenAI's bound on the inputs of one request; a catalog entry may set a lower one.
@@ -35,14 +36,6 @@ _INPUT: JsonDict = {
         },
     ]
 }
-
-
-def input_count(value: Any) -> int:
-    """Returns how many inputs an ``input`` holds: a string or one token list is one input,
-    a list of strings or of token lists one each."""
-    if isinstance(value, list) and value and not isinstance(value[0], int):
-        return len(value)
-    return 1
 
 
 def input_tokens(value: Any) -> int:
@@ -80,7 +73,7 @@ class EmbeddingRequest(BaseModel):
             raise ValueError("input must not be empty")
         if isinstance(value, list) and any(v == "" or v == [] for v in value):
             raise ValueError("no input may be empty")
-        if input_count(value) > MAX_INPUTS:
+        if prompt_count(value) > MAX_INPUTS:
             raise ValueError(f"at most {MAX_INPUTS} inputs per request")
         return value
 
