@@ -16,8 +16,8 @@ database URL) every ``key_cache_seconds``, as each router reads them from the da
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
 from ray import serve
@@ -35,6 +35,8 @@ from orchestrator.serving.model_server import ModelServer, ServedModelServer
 from orchestrator.serving.model_states import current_app_name
 from orchestrator.serving.router import timed_out
 from orchestrator.serving.telemetry import RaySink
+
+T = TypeVar("T")
 
 
 def _path(spec: ModelSpec) -> str | None:
@@ -59,6 +61,17 @@ class IdleBoundStream(GeneratorStream):
             raise timed_out(self._spec, seconds) from None
 
 
+async def _within_deadline(spec: ModelSpec, work: Awaitable[T]) -> T:
+    """Awaits ``work`` within the model's ``overload.request_timeout_s``, as the router does;
+    past it, 504 ``provider_timeout``."""
+    seconds = spec.overload.request_timeout_s
+    try:
+        async with asyncio.timeout(seconds):
+            return await work
+    except TimeoutError:
+        raise timed_out(spec, seconds) from None
+
+
 class ReplicaBackend:
     """Implements :class:`orchestrator.api.Backend` over one ModelServer in this process,
     within the router's deadlines."""
@@ -67,27 +80,17 @@ class ReplicaBackend:
         self._server = server
 
     async def complete(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        seconds = spec.overload.request_timeout_s
-        try:
-            async with asyncio.timeout(seconds):
-                return await self._server.complete(kind, body, request_id, _path(spec))
-        except TimeoutError:
-            raise timed_out(spec, seconds) from None
+        return await _within_deadline(spec, self._server.complete(kind, body, request_id, _path(spec)))
 
     def stream(self, spec: ModelSpec, kind: Kind, body: dict[str, Any], request_id: str) -> GeneratorStream:
         # Every frame alone: nothing crosses a handle, so batching would only delay tokens.
         return IdleBoundStream(self._server.stream(kind, body, request_id, _path(spec), batch=False), spec)
 
     async def count_tokens(self, spec: ModelSpec, body: dict[str, Any]) -> int:
-        seconds = spec.overload.request_timeout_s
-        try:
-            async with asyncio.timeout(seconds):
-                return await self._server.count_tokens(body)
-        except TimeoutError:
-            raise timed_out(spec, seconds) from None
+        return await _within_deadline(spec, self._server.count_tokens(body))
 
     async def tokens(self, spec: ModelSpec, op: TokensOp, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._server.tokens(op, body)
+        return await _within_deadline(spec, self._server.tokens(op, body))
 
     def health(self) -> dict[str, ModelHealth]:
         """This replica's model: it answers, so it serves."""

@@ -161,6 +161,10 @@ class _Stalled(FakeEngine):
         await asyncio.sleep(3600)
         raise AssertionError("not reached")
 
+    async def tokens(self, op: Any, body: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        raise AssertionError("not reached")
+
 
 async def test_the_route_keeps_the_routers_deadlines(catalog: Catalog) -> None:
     # /v1 sends a catalog model's requests here (orchestrator/ingress.py), so a stalled engine
@@ -174,6 +178,8 @@ async def test_the_route_keeps_the_routers_deadlines(catalog: Catalog) -> None:
             if isinstance(engine, _Stalled):
                 whole = await http.post("/v1/chat/completions", json=CHAT)
                 assert whole.status_code == 504 and whole.json()["error"]["code"] == "provider_timeout"
+                tokens = await http.post("/tokenize", json={"model": CHAT["model"], "prompt": "hi"})
+                assert tokens.status_code == 504 and tokens.json()["error"]["code"] == "provider_timeout"
                 # Nothing came: the status is the error's.
                 assert streamed.status_code == 504 and streamed.json()["error"]["code"] == "provider_timeout"
             else:  # stalled after its first frames: the stream's error event
