@@ -107,12 +107,17 @@ _STATIC_ROUTING = re.compile(r"^[ \t]*# Static routing based on path prefixes", 
 _SECTION = re.compile(r"^(backend|frontend|listen|defaults|global)\s+(\S*)", re.MULTILINE)
 _SERVER = re.compile(r"^\s*server\s+(\S+)\s+(\S+)(.*)$", re.MULTILINE)
 _TIMEOUT = re.compile(r"^\s*timeout\s.*$", re.MULTILINE)
+# Serve's health check of a backend's servers: its request, expected answer and intervals.
+_HEALTH_CHECK = re.compile(r"^\s*(?:option httpchk|http-check|default-server)\s.*$", re.MULTILINE)
 # A session: this header, else the body's `user` (OpenAI) or `metadata.user_id` (Anthropic).
 SESSION_HEADER = "x-session-id"
 SESSION_FIELDS = ("$.user", "$.metadata.user_id")
 # Bounded load: a key's replica takes its request while its connections stay within this
 # percentage of the mean of the model's replicas; past it the next replica on the ring does.
 HASH_BALANCE_FACTOR = 150
+# An affinity server that refuses this many connections in a row is down until its checks
+# pass again (Serve's own backends use the same limit, RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT).
+OBSERVE_ERROR_LIMIT = 3
 AFFINITY_ENV = "ORCH_INGRESS_AFFINITY"
 # How much of a prompt's beginning makes its key: a shared system prompt longer than this keys
 # every request that starts with it alike; a shorter one keys each conversation by its first
@@ -286,19 +291,29 @@ def prefix_rules(condition: str) -> list[str]:
 
 
 def affinity_backend(backend: str, servers: list[tuple[str, str]], section: str) -> str:
-    """Returns a backend over ``backend``'s servers (each tracking its health there) that
-    sends the requests of one affinity key to one replica while it is up and within the
-    bounded load: consistent hashing of ``txn.orch_key``, so a replica's end moves only its
-    own keys."""
+    """Returns a backend over ``backend``'s servers that sends the requests of one affinity
+    key to one replica while it is up and within the bounded load: consistent hashing of
+    ``txn.orch_key``, so a replica's end moves only its own keys.
+
+    Its servers are checked as Serve's backend checks them (its health-check lines, copied
+    from ``section``) and also taken out on :data:`OBSERVE_ERROR_LIMIT` failed connections in
+    a row. They do not ``track`` Serve's servers: a tracking server cannot observe its own
+    traffic, and a retry of a hashed request goes back to the same server until it is marked
+    down, so a killed replica's keys would fail (HAProxy's 503, a 500 in Serve's config) until
+    Serve's next check."""
     lines = [
         f"backend {backend}-orch-affinity",
         "    log global",
         "    http-reuse always",
         *(line.rstrip() for line in _TIMEOUT.findall(section)),
+        *(line.rstrip() for line in _HEALTH_CHECK.findall(section)),
         "    balance hash var(txn.orch_key)",
         "    hash-type consistent",
         f"    hash-balance-factor {HASH_BALANCE_FACTOR}",
-        *(f"    server {name} {address} track {backend}/{name}" for name, address in servers),
+        *(
+            f"    server {name} {address} check observe layer4 error-limit {OBSERVE_ERROR_LIMIT} on-error mark-down"
+            for name, address in servers
+        ),
     ]
     return "\n".join(lines) + "\n"
 

@@ -184,6 +184,31 @@ def test_a_replica_that_goes_down_gives_up_only_its_own_sessions(tmp_path: Path)
         assert {s: r for s, r in after.items() if before[s] != gone} == {s: r for s, r in before.items() if r != gone}
 
 
+def test_a_killed_replicas_sessions_are_answered_by_a_live_one_at_once(tmp_path: Path) -> None:
+    """Its worker killed (every socket closed at once, as when Ray kills a replica), a replica
+    refuses connections: its sessions' next requests, sent before any health check can see it,
+    are each answered by the live replica (HAProxy retries them elsewhere), and the other
+    sessions stay where they were."""
+    for ingress in run_ingress(tmp_path, "/", killable=2):
+
+        def ask(session: str, ingress: Ingress = ingress) -> str:
+            return asked(ingress, "", {"model": "e"}, {"x-session-id": session})
+
+        before = {s: ask(s) for s in SESSIONS}
+        with ThreadPoolExecutor(8) as pool:  # several pooled connections to each replica
+            list(pool.map(ask, SESSIONS * 3))
+        victim = before[SESSIONS[0]]
+        child = ingress.children[int(victim.removeprefix("replica-"))]
+        child.kill()
+        child.wait(timeout=30)
+        with ThreadPoolExecutor(8) as pool:  # asked() asserts each is answered (200)
+            after = dict(zip(SESSIONS, pool.map(ask, SESSIONS), strict=True))
+        assert victim not in after.values()
+        assert {s: r for s, r in after.items() if before[s] != victim} == {
+            s: r for s, r in before.items() if r != victim
+        }
+
+
 def test_turned_off_every_request_is_balanced_as_serve_balances_it(tmp_path: Path) -> None:
     config = with_model_routes(render(tmp_path, catalog_apps(9001, [9002, 9003])), ROUTES, "/m.map", affinity=False)
     assert "orch-affinity" not in config and "orch_key" not in config and "set-path /models/tiny-e" in config
@@ -198,8 +223,11 @@ def test_the_affinity_backend_tracks_the_models_replicas_with_bounded_load(tmp_p
     backend = config[config.index("\nbackend http-orchestrator-model-tiny-e-orch-affinity") :]
     assert "balance hash var(txn.orch_key)" in backend and "hash-type consistent" in backend
     assert f"hash-balance-factor {HASH_BALANCE_FACTOR}" in backend
-    tracked = [line.split()[-1] for line in backend.splitlines() if line.strip().startswith("server ")]
-    assert tracked == [f"http-orchestrator-model-tiny-e/SERVE_REPLICA__orchestrator-model-tiny-e-{i}" for i in (0, 1)]
+    servers = [line.split() for line in backend.splitlines() if line.strip().startswith("server ")]
+    assert [words[1] for words in servers] == [f"SERVE_REPLICA__orchestrator-model-tiny-e-{i}" for i in (0, 1)]
+    # Checked as Serve checks them, and taken out by failed connections too; not tracking.
+    assert all("check" in words and "observe" in words and "track" not in words for words in servers)
+    assert "option httpchk GET /-/healthz" in backend and "default-server" in backend
     use = "use_backend http-orchestrator-model-tiny-e-orch-affinity if is_http-orchestrator-model-tiny-e"
     assert config.index(use) < config.index("use_backend http-orchestrator-model-tiny-e if")
     # None for the router's backend or a model without replicas.

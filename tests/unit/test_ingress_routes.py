@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -237,10 +238,28 @@ def stand_in(name: str, healthy: bool | list[bool] = True) -> ThreadingHTTPServe
     return server
 
 
+_STAND_IN_CHILD = """
+import sys, time
+from tests.unit.test_ingress_routes import stand_in
+print(stand_in(sys.argv[1]).server_port, flush=True)
+time.sleep(3600)
+"""
+
+
+def stand_in_process(name: str) -> tuple[subprocess.Popen[str], int]:
+    """A healthy :func:`stand_in` in a child process, which a test can SIGKILL as Ray kills a
+    replica's worker (every socket of it closes at once), and its port."""
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen([sys.executable, "-c", _STAND_IN_CHILD, name], stdout=subprocess.PIPE, text=True, cwd=root)
+    assert child.stdout is not None
+    return child, int(child.stdout.readline())
+
+
 @dataclass
 class Ingress:
     client: httpx.Client
     under: str  # the router's route prefix, "" for "/"
+    children: list[subprocess.Popen[str]] = field(default_factory=list)  # the killable replicas
 
     def where(self, method: str, path: str, body: Any = None, content: bytes | None = None) -> tuple[str, str, int]:
         """Which server answered a request to ``path`` under the router's prefix, the path it
@@ -259,17 +278,21 @@ def run_ingress(
     model_healthy: bool = True,
     health: list[list[bool]] | None = None,
     environ: dict[str, str] | None = None,
+    killable: int = 0,
 ) -> Iterator[Ingress]:
     """HAProxy with Serve's config for the router (under ``prefix``), a model with two
     replicas (or one for each of ``health``, the replicas' changeable health) and a model
     with none, rewritten by the wrapper with their names (and ``environ``), in front of
-    stand-ins."""
+    stand-ins; with ``killable``, that many healthy replicas, each in a child process
+    (:attr:`Ingress.children`)."""
     router = stand_in("router")
     health = health or [[model_healthy], [model_healthy]]
-    replicas = [stand_in(f"replica-{i}", healthy) for i, healthy in enumerate(health)]
+    replicas = [] if killable else [stand_in(f"replica-{i}", healthy) for i, healthy in enumerate(health)]
+    children = [stand_in_process(f"replica-{i}") for i in range(killable)]
+    ports = [p for _, p in children] or [r.server_port for r in replicas]
     port = free_port()
     under = prefix.rstrip("/")
-    apps = catalog_apps(router.server_port, [r.server_port for r in replicas], prefix)
+    apps = catalog_apps(router.server_port, ports, prefix)
     routes = {"router": prefix, "models": {name: under + route for name, route in ROUTES.models.items()}}
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(
@@ -285,11 +308,14 @@ def run_ingress(
                 break
             except httpx.TransportError:
                 time.sleep(0.05)
-        yield Ingress(client, under)
+        yield Ingress(client, under, [child for child, _ in children])
     finally:
         client.close()
         haproxy.kill()
         haproxy.wait(timeout=30)
+        for child, _ in children:
+            child.kill()
+            child.wait(timeout=30)
         for server in (router, *replicas):
             server.shutdown()
             server.server_close()
