@@ -1,21 +1,28 @@
 """Affinity (orchestrator/ingress.py) against Serve's default balancing, one model with two
 replicas, one sitting.
 
-    .venv/bin/python benchmarks/affinity.py [--model smollm2|tiny] [--groups 8]
-        [--prefix-words 400] [--turns 5] [--cache-fraction 0.7] [--concurrency 4]
+    .venv/bin/python benchmarks/affinity.py [--model smollm2|tiny] [--groups 24]
+        [--per-group 3] [--prefix-words 300] [--turns 4] [--cache-fraction 0.75]
+        [--concurrency 4]
 
 Starts ``orchestrator serve`` (open mode, on the router's ``/v1``) twice with the same
 catalog, a model at two replicas whose engines each get a KV cache of ``--cache-fraction``
-of the tokens of every distinct prompt of the shared-prefix load (``kv_cache_memory_bytes``,
-from the tokenizer's count and the model's shape): first with affinity, then with
+of the distinct tokens of the shared-prefix load's prompts (``kv_cache_memory_bytes``, from
+the tokenizer's count and the model's shape: each system prompt once, and each conversation's
+own part at its last turn): first with affinity, then with
 ``ORCH_INGRESS_AFFINITY=0`` (Serve's ``leastconn``). Against each it runs:
 
-* shared prefix: ``--groups`` conversations, each with a long system prompt of its own
-  (``--prefix-words`` words) and ``--turns`` turns sent in turn, every turn resending all
-  before it, ``--concurrency`` requests at a time over all of them; 4 tokens out. The prompts
-  of all groups are more than one replica's KV cache holds and fit in the two. Figures: TTFT
-  p50 of the turns after the first (the first of each is a miss on both sides), and the
-  cached fraction of their prompt tokens (``usage.prompt_tokens_details.cached_tokens``).
+* shared prefix: ``--groups`` long system prompts (``--prefix-words`` words), each shared
+  by ``--per-group`` conversations of ``--turns`` turns, every turn resending all before
+  it, ``--concurrency`` requests at a time over all of them; 4 tokens out. The conversations
+  are interleaved across groups (the first of every group, then the second of every group,
+  and so on), so that between two requests that share a system prompt every other system
+  prompt comes by once: what one replica would have to keep to hit every time under Serve's
+  balancing, which sends each request to either replica. The distinct tokens are more than
+  one replica's KV cache holds and fit in the two (affinity keeps each system prompt, its
+  key, on one replica). Figures: TTFT p50 of the turns after the first of each conversation
+  (a group's first turns also miss on both sides), and the cached fraction of their prompt
+  tokens (``usage.prompt_tokens_details.cached_tokens``).
 * no prefix: ``--no-prefix-requests`` requests whose prompts all differ from their first
   word, ``--no-prefix-concurrency`` at a time, 16 tokens out: output tokens per second.
 * slowed: one replica's engine processes share a core with a busy loop (the other's get the
@@ -222,16 +229,23 @@ def system_prompts(groups: int, prefix_words: int, seed: int = 1) -> list[str]:
     return [f"Group {g}. " + words(rng, prefix_words) for g in range(groups)]
 
 
-def conversation_messages(system: str, turn: int, answers: list[str]) -> list[dict[str, str]]:
-    """A conversation's messages at ``turn``: its system prompt, every turn before it with its
-    answer, and this turn's question."""
+def conversation_messages(system: str, turn: int, answers: list[str], number: int = 0) -> list[dict[str, str]]:
+    """Conversation ``number``'s messages at ``turn``: its system prompt, every turn before it
+    with its answer, and this turn's question (each conversation's questions its own)."""
     messages = [{"role": "system", "content": system}]
     for before in range(turn):
         messages += [
-            {"role": "user", "content": f"Question {before}: what comes next?"},
+            {"role": "user", "content": f"Conversation {number}, question {before}: what comes next?"},
             {"role": "assistant", "content": answers[before]},
         ]
-    return [*messages, {"role": "user", "content": f"Question {turn}: what comes next?"}]
+    return [*messages, {"role": "user", "content": f"Conversation {number}, question {turn}: what comes next?"}]
+
+
+def conversations(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The shared-prefix load's conversations as (system prompt, number), interleaved: the
+    first of every group, then the second of every group, and so on."""
+    prompts = system_prompts(args.groups, args.prefix_words)
+    return [(prompts[g], k * args.groups + g) for k in range(args.per_group) for g in range(args.groups)]
 
 
 # --- one request ---------------------------------------------------------------------------
@@ -278,12 +292,12 @@ async def shared_prefix_load(client: httpx.AsyncClient, args: argparse.Namespace
     """Every group's conversation, turn after turn, ``concurrency`` requests at a time."""
     gate = asyncio.Semaphore(args.concurrency)
 
-    async def converse(system: str) -> None:
+    async def converse(system: str, number: int) -> None:
         answers: list[str] = []
         for turn in range(args.turns):
             async with gate:
                 try:
-                    done, text = await ask(client, conversation_messages(system, turn, answers), 4)
+                    done, text = await ask(client, conversation_messages(system, turn, answers, number), 4)
                 except Exception as exc:  # counted, and the conversation goes on
                     side.errors.append(f"shared: {exc}"[:300])
                     text = "ok"
@@ -292,7 +306,7 @@ async def shared_prefix_load(client: httpx.AsyncClient, args: argparse.Namespace
                     side.shared.append(done)
             answers.append(text or "ok")
 
-    await asyncio.gather(*(converse(s) for s in system_prompts(args.groups, args.prefix_words)))
+    await asyncio.gather(*(converse(system, number) for system, number in conversations(args)))
 
 
 async def no_prefix_load(client: httpx.AsyncClient, args: argparse.Namespace, side: Side) -> None:
@@ -363,19 +377,23 @@ def model_dir(args: argparse.Namespace, work: Path) -> Path:
 
 
 def kv_cache_bytes(args: argparse.Namespace, folder: Path) -> tuple[int, int]:
-    """Returns (the KV cache bytes per engine, the tokens of every distinct prompt of the
-    shared-prefix load at its last turn): ``cache_fraction`` of those tokens, at the model's
-    bytes per token (float32 keys and values of every layer)."""
+    """Returns (the KV cache bytes per engine, the distinct tokens of the shared-prefix load's
+    prompts: each system prompt once, and what each conversation adds to it by its last
+    turn): ``cache_fraction`` of those tokens, at the model's bytes per token (float32 keys
+    and values of every layer)."""
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config = AutoConfig.from_pretrained(folder)
+
+    def tokens(messages: list[dict[str, str]]) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     answers = ["word " * 4] * args.turns
-    texts = [
-        tokenizer.apply_chat_template(conversation_messages(s, args.turns - 1, answers), tokenize=False)
-        for s in system_prompts(args.groups, args.prefix_words)
-    ]
-    total = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+    system = {s: tokens([{"role": "system", "content": s}]) for s in system_prompts(args.groups, args.prefix_words)}
+    own = sum(tokens(conversation_messages(s, args.turns - 1, answers, n)) - system[s] for s, n in conversations(args))
+    total = sum(system.values()) + own
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
     return int(args.cache_fraction * total * per_token), total
@@ -513,12 +531,12 @@ async def slowed_load(client: httpx.AsyncClient, args: argparse.Namespace, side:
 
 
 def haproxy_has_affinity(server: Server) -> bool:
-    """Whether the config the server's HAProxy runs holds the affinity backends."""
+    """Whether the config the server's HAProxy runs balances by affinity."""
     for process in psutil.Process(server.proc.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if process.name() == "haproxy":
                 command = process.cmdline()
-                return "-orch-affinity" in Path(command[command.index("-f") + 1]).read_text()
+                return "balance hash var(txn.orch_key)" in Path(command[command.index("-f") + 1]).read_text()
     raise RuntimeError("no HAProxy under orchestrator serve")
 
 
@@ -550,10 +568,13 @@ def run_side(args: argparse.Namespace, catalog: Path, work: Path, affinity: bool
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
-    parser.add_argument("--groups", type=int, default=8, help="conversations, each with its own system prompt")
-    parser.add_argument("--prefix-words", type=int, default=400, help="words of each system prompt")
-    parser.add_argument("--turns", type=int, default=5)
-    parser.add_argument("--cache-fraction", type=float, default=0.7, help="KV cache per engine over all prompts")
+    parser.add_argument("--groups", type=int, default=24, help="system prompts, each shared by --per-group")
+    parser.add_argument("--per-group", type=int, default=3, help="conversations that share a system prompt")
+    parser.add_argument("--prefix-words", type=int, default=300, help="words of each system prompt")
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument(
+        "--cache-fraction", type=float, default=0.75, help="KV cache per engine over the distinct prompt tokens"
+    )
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--no-prefix-requests", type=int, default=32)
     parser.add_argument("--no-prefix-concurrency", type=int, default=8)

@@ -25,12 +25,11 @@ which Serve checks):
   request, on ``/v1`` or on a model's own route, gets an affinity key: its session
   (``x-session-id``, else the body's ``user`` or ``metadata.user_id``), else the first
   :data:`PREFIX_BYTES` bytes of its prompt's beginning (:data:`PREFIX_FIELDS`: the first
-  messages, the system prompt or instructions, the prompt or input). A request with a key goes
-  to its model's replicas through a backend that hashes the key onto a consistent ring with
-  bounded load (:func:`affinity_backend`): one replica per key while it is up and not loaded
-  past :data:`HASH_BALANCE_FACTOR` per cent of the mean, so a conversation's turns and the
-  requests sharing a prompt's beginning meet where it is cached. Requests without a key keep
-  Serve's balancing (``leastconn``).
+  messages, the system prompt or instructions, the prompt or input). Each model's backend
+  hashes the key onto a consistent ring with bounded load (:func:`affinity_balance`): one
+  replica per key while it is up and not loaded past :data:`HASH_BALANCE_FACTOR` per cent of
+  the mean, so a conversation's turns and the requests sharing a prompt's beginning meet
+  where it is cached. Requests without a key go round robin.
 
 Before the exec it asks Linux to send it SIGTERM when its parent, Serve's HAProxy manager,
 ends (``PR_SET_PDEATHSIG``, which survives the exec): HAProxy itself never notices, and one
@@ -102,22 +101,18 @@ BODY_WAIT = "60s"
 _ANCHOR = re.compile(r"^[ \t]*# Per-backend path ACLs", re.MULTILINE)
 # `acl is_<backend> path <prefix>`: Serve's exact-path ACL of each application's backend.
 _BACKEND_PREFIX = re.compile(r"^\s*acl is_(\S+) path (\S+)\s*$", re.MULTILINE)
-# Serve's comment before its use_backend rules: the session rules' use_backend go there.
-_STATIC_ROUTING = re.compile(r"^[ \t]*# Static routing based on path prefixes", re.MULTILINE)
 _SECTION = re.compile(r"^(backend|frontend|listen|defaults|global)\s+(\S*)", re.MULTILINE)
 _SERVER = re.compile(r"^\s*server\s+(\S+)\s+(\S+)(.*)$", re.MULTILINE)
-_TIMEOUT = re.compile(r"^\s*timeout\s.*$", re.MULTILINE)
-# Serve's health check of a backend's servers: its request, expected answer and intervals.
-_HEALTH_CHECK = re.compile(r"^\s*(?:option httpchk|http-check|default-server)\s.*$", re.MULTILINE)
 # A session: this header, else the body's `user` (OpenAI) or `metadata.user_id` (Anthropic).
 SESSION_HEADER = "x-session-id"
 SESSION_FIELDS = ("$.user", "$.metadata.user_id")
 # Bounded load: a key's replica takes its request while its connections stay within this
 # percentage of the mean of the model's replicas; past it the next replica on the ring does.
 HASH_BALANCE_FACTOR = 150
-# An affinity server that refuses this many connections in a row is down until its checks
-# pass again (Serve's own backends use the same limit, RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT).
-OBSERVE_ERROR_LIMIT = 3
+# Every model server's weight under affinity. A server's points on HAProxy's consistent-hash
+# ring grow with its weight: at the default of 1, two servers' arcs split keys about 60/40 here;
+# at 100 (the same for every server, so their shares stay equal) about 50/50.
+RING_WEIGHT = 100
 AFFINITY_ENV = "ORCH_INGRESS_AFFINITY"
 # How much of a prompt's beginning makes its key: a shared system prompt longer than this keys
 # every request that starts with it alike; a shorter one keys each conversation by its first
@@ -290,53 +285,50 @@ def prefix_rules(condition: str) -> list[str]:
     ]
 
 
-def affinity_backend(backend: str, servers: list[tuple[str, str]], section: str) -> str:
-    """Returns a backend over ``backend``'s servers that sends the requests of one affinity
-    key to one replica while it is up and within the bounded load: consistent hashing of
-    ``txn.orch_key``, so a replica's end moves only its own keys.
+def affinity_balance(section: str) -> str:
+    """Returns a model backend's ``section`` (Serve's, with its servers, health checks and
+    ``observe`` of failed connections) balancing by affinity: consistent hashing of
+    ``txn.orch_key`` with bounded load, so a replica's end moves only its own keys, and every
+    server at :data:`RING_WEIGHT`. A request without a key goes round robin (HAProxy's rule for
+    a hash with no input) instead of Serve's ``leastconn``.
 
-    Its servers are checked as Serve's backend checks them (its health-check lines, copied
-    from ``section``) and also taken out on :data:`OBSERVE_ERROR_LIMIT` failed connections in
-    a row. They do not ``track`` Serve's servers: a tracking server cannot observe its own
-    traffic, and a retry of a hashed request goes back to the same server until it is marked
-    down, so a killed replica's keys would fail (HAProxy's 503, a 500 in Serve's config) until
-    Serve's next check."""
+    In Serve's backend rather than a backend of its own over the same replicas: a replica that
+    is killed refuses connections, and HAProxy retries a hashed request on the same server
+    until that server is down. Serve's servers are taken down by 3 refused connections in a
+    row (``observe layer4``), so the retry after them reaches the live replica; a separate
+    backend's servers could only ``track`` Serve's (a tracking server cannot check or observe
+    by itself), and were taken down only at Serve's next health check, up to 5 s later."""
     lines = [
-        f"backend {backend}-orch-affinity",
-        "    log global",
-        "    http-reuse always",
-        *(line.rstrip() for line in _TIMEOUT.findall(section)),
-        *(line.rstrip() for line in _HEALTH_CHECK.findall(section)),
+        "    # orchestrator-haproxy: affinity (consistent hashing of the key, bounded load).",
         "    balance hash var(txn.orch_key)",
         "    hash-type consistent",
         f"    hash-balance-factor {HASH_BALANCE_FACTOR}",
-        *(
-            f"    server {name} {address} check observe layer4 error-limit {OBSERVE_ERROR_LIMIT} on-error mark-down"
-            for name, address in servers
-        ),
+        f"    default-server weight {RING_WEIGHT}",
     ]
-    return "\n".join(lines) + "\n"
+    first_server = _SERVER.search(section)
+    at = first_server.start() if first_server else len(section)
+    # Before the first server: `default-server` applies to the servers after it.
+    return section[:at] + "\n".join(lines) + "\n" + section[at:].lstrip("\n")
 
 
 def with_model_routes(config: str, routes: ModelRoutes, map_path: str, affinity: bool = True) -> str:
     """Returns ``config`` with :func:`model_route_rules` in its HTTP frontend, before
-    Serve's per-backend rules, and, with ``affinity``, for each model's backend, its
-    :func:`affinity_backend`, used before Serve's ``use_backend`` rules by a request with an
-    affinity key; unchanged if it has no such places or no model backend."""
+    Serve's per-backend rules, and, with ``affinity``, each model backend with servers
+    balancing by affinity (:func:`affinity_balance`); unchanged if it has no such place or no
+    model backend."""
     rules = model_route_rules(config, routes, map_path, affinity)
-    anchor, static = _ANCHOR.search(config), _STATIC_ROUTING.search(config)
-    if not rules or anchor is None or static is None:
+    anchor = _ANCHOR.search(config)
+    if not rules or anchor is None:
         return config
-    targets = model_backends(config, routes) if affinity else {}
-    sections = backend_sections(config)
-    use = "".join(
-        f"    use_backend {name}-orch-affinity if is_{name} {{ var(txn.orch_key) -m found }} "
-        f"{{ nbsrv({name}-orch-affinity) ge 1 }}\n"
-        for name, _ in targets.values()
-    )
-    extra = "".join(affinity_backend(name, servers, sections[name]) for name, servers in targets.values())
-    text = config[: anchor.start()] + rules + config[anchor.start() : static.start()] + use + config[static.start() :]
-    return (text if text.endswith("\n") else text + "\n") + extra
+    text = config[: anchor.start()] + rules + config[anchor.start() :]
+    if affinity:
+        sections = backend_sections(text)
+        for name, _ in model_backends(text, routes).values():
+            head = f"\nbackend {name}\n"
+            at = text.index(head) + len(head)
+            section = sections[name].removeprefix("\n")
+            text = text[:at] + affinity_balance(section) + text[at + len(section) :]
+    return text if text.endswith("\n") else text + "\n"
 
 
 def rewrite(config: str, path: Path, environ: Mapping[str, str]) -> str:

@@ -93,6 +93,19 @@ def _driver(served: Served, action: str, arg: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
+def _until_both_replicas_serve_v1(served: Served) -> None:
+    """Returns once HAProxy has sent /v1 requests straight to both replicas for 3 rounds in a
+    row. `orchestrator serve` is ready once Serve runs both, but HAProxy's config may still lack
+    one (Serve's manager renders it after), or its first health checks may still be pending:
+    meanwhile requests go through the router, or to the one replica up."""
+    deadline, rounds = time.monotonic() + 300, 0
+    while rounds < 3 and time.monotonic() < deadline:
+        seen = {ask(served, [{"role": "user", "content": "Hi"}], f"warm-{i}")[0] for i in range(16)}
+        rounds = rounds + 1 if len(seen) == 2 and ROUTER not in seen else 0
+        time.sleep(0.5)
+    assert rounds == 3, "/v1 never reached both replicas straight"
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     work = tmp_path_factory.mktemp("affinity")
@@ -108,6 +121,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     env |= {"HOME": str(work / "home"), "RAY_USAGE_STATS_ENABLED": "0"}  # open mode, on loopback
     served = _start(env, catalog, free_port(), free_port())
     try:
+        _until_both_replicas_serve_v1(served)
         yield served
     finally:
         proc = served.proc

@@ -8,6 +8,7 @@ from benchmarks.affinity import (
     Side,
     Turn,
     conversation_messages,
+    conversations,
     max_inflight_share,
     parse_args,
     side_figures,
@@ -22,7 +23,7 @@ def turn(ttft: float, cached: int, replica: str = "r1", number: int = 1, began: 
 
 def test_defaults_and_overrides() -> None:
     args = parse_args([])
-    assert (args.model, args.groups, args.turns, args.cache_fraction) == ("smollm2", 8, 5, 0.7)
+    assert (args.model, args.groups, args.per_group, args.turns, args.cache_fraction) == ("smollm2", 24, 3, 4, 0.75)
     assert parse_args(["--model", "tiny", "--groups", "3"]).groups == 3
 
 
@@ -30,7 +31,21 @@ def test_a_conversation_keeps_its_beginning_and_groups_differ_from_their_first_w
     prompts = system_prompts(4, 50)
     assert len(set(prompts)) == 4 and len({p.split()[1] for p in prompts}) == 4
     first, later = conversation_messages(prompts[0], 0, []), conversation_messages(prompts[0], 3, ["a", "b", "c"])
-    assert later[:2] == first[:2] and len(later) == 8 and later[-1]["content"].startswith("Question 3")
+    assert later[:2] == first[:2] and len(later) == 8 and later[-1]["content"].endswith("question 3: what comes next?")
+    assert conversation_messages(prompts[0], 0, [], 1)[1] != first[1]  # each conversation asks its own
+
+
+def test_conversations_share_system_prompts_and_come_interleaved_across_groups() -> None:
+    args = parse_args(["--groups", "3", "--per-group", "2"])
+    prompts = system_prompts(3, args.prefix_words)
+    assert conversations(args) == [
+        (prompts[0], 0),
+        (prompts[1], 1),
+        (prompts[2], 2),
+        (prompts[0], 3),
+        (prompts[1], 4),
+        (prompts[2], 5),
+    ]
 
 
 def test_the_summary_compares_the_sides() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.ingress import HASH_BALANCE_FACTOR, PREFIX_BYTES, with_model_routes
+from orchestrator.ingress import HASH_BALANCE_FACTOR, PREFIX_BYTES, RING_WEIGHT, backend_sections, with_model_routes
 from tests.unit.test_ingress_routes import CHAT, ROUTES, Ingress, catalog_apps, render, run_ingress
 
 SESSIONS = [f"session-{i}" for i in range(12)]
@@ -209,26 +209,31 @@ def test_a_killed_replicas_sessions_are_answered_by_a_live_one_at_once(tmp_path:
         }
 
 
+def test_many_keys_split_evenly_between_two_replicas(tmp_path: Path) -> None:
+    """At HAProxy's default server weight the ring's arcs gave one of two replicas about 60% of
+    the keys; with RING_WEIGHT, each gets half within the noise of 1,000 keys (sd 1.6%)."""
+    for ingress in run_ingress(tmp_path, "/", health=TWO):
+        counts = Counter(asked(ingress, "", {"model": "e"}, {"x-session-id": f"key {i}"}) for i in range(1000))
+        assert len(counts) == 2 and max(counts.values()) <= 560, counts
+
+
 def test_turned_off_every_request_is_balanced_as_serve_balances_it(tmp_path: Path) -> None:
     config = with_model_routes(render(tmp_path, catalog_apps(9001, [9002, 9003])), ROUTES, "/m.map", affinity=False)
-    assert "orch-affinity" not in config and "orch_key" not in config and "set-path /models/tiny-e" in config
+    assert "balance hash" not in config and "orch_key" not in config and "set-path /models/tiny-e" in config
     for ingress in run_ingress(tmp_path, "/", health=THREE, environ={"ORCH_INGRESS_AFFINITY": "0"}):
         session = Counter(asked(ingress, "", {"model": "e"}, {"x-session-id": "s"}) for _ in range(12))
         prompt = Counter(asked(ingress, "", {"model": "e"}) for _ in range(12))
         assert len(session) == 3 and len(prompt) == 3, (session, prompt)
 
 
-def test_the_affinity_backend_tracks_the_models_replicas_with_bounded_load(tmp_path: Path) -> None:
+def test_each_model_backend_with_replicas_balances_by_affinity_with_bounded_load(tmp_path: Path) -> None:
     config = with_model_routes(render(tmp_path, catalog_apps(9001, [9002, 9003])), ROUTES, "/m.map")
-    backend = config[config.index("\nbackend http-orchestrator-model-tiny-e-orch-affinity") :]
+    backends = backend_sections(config)
+    backend = backends["http-orchestrator-model-tiny-e"]
     assert "balance hash var(txn.orch_key)" in backend and "hash-type consistent" in backend
     assert f"hash-balance-factor {HASH_BALANCE_FACTOR}" in backend
-    servers = [line.split() for line in backend.splitlines() if line.strip().startswith("server ")]
-    assert [words[1] for words in servers] == [f"SERVE_REPLICA__orchestrator-model-tiny-e-{i}" for i in (0, 1)]
-    # Checked as Serve checks them, and taken out by failed connections too; not tracking.
-    assert all("check" in words and "observe" in words and "track" not in words for words in servers)
-    assert "option httpchk GET /-/healthz" in backend and "default-server" in backend
-    use = "use_backend http-orchestrator-model-tiny-e-orch-affinity if is_http-orchestrator-model-tiny-e"
-    assert config.index(use) < config.index("use_backend http-orchestrator-model-tiny-e if")
-    # None for the router's backend or a model without replicas.
-    assert "http-orchestrator-orch-affinity" not in config and "model-zero-orch-affinity" not in config
+    assert backend.index(f"default-server weight {RING_WEIGHT}") < backend.index("server SERVE_REPLICA")
+    # Serve's servers as Serve wrote them: checked, and observed for refused connections.
+    assert backend.count("check observe layer4") == 2 and "option httpchk GET /-/healthz" in backend
+    # Nothing for the router's backend or a model without replicas.
+    assert "orch_key" not in backends["http-orchestrator"] + backends["http-orchestrator-model-zero"]
