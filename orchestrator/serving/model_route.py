@@ -152,29 +152,7 @@ class ReplicaBackend:
         return {self._server.spec.name: ModelHealth(ready=True, state="serving", replicas=1)}
 
 
-REPLICA_HEADER = b"x-orch-replica"
-
-
-class ReplicaHeader:
-    """ASGI middleware: every HTTP response of this replica names it in ``x-orch-replica``
-    (Serve's replica id, the last part of its actor's name), so a client or test sees which
-    replica of the model answered (session and prefix affinity, orchestrator/ingress.py)."""
-
-    def __init__(self, app: Any, replica: str) -> None:
-        self.app = app
-        self._header = (REPLICA_HEADER, replica.encode())
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def named(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self._header]}
-            await send(message)
-
-        await self.app(scope, receive, named)
+REPLICA_HEADER = "x-orch-replica"
 
 
 class RoutedModelServer(ServedModelServer):
@@ -191,15 +169,19 @@ class RoutedModelServer(ServedModelServer):
         if not self.settings.open_access:
             instance = instance_of(current_app_name(), self.spec.deployment_name)
             gateway = instance_gateway(instance, self.settings.gateway_timeout_seconds, sink)
-        app = route_app(self, gateway, sink)
-        app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
-        return app
+        return route_app(self, gateway, sink, replica=serve.get_replica_context().replica_id.unique_id)
 
 
-def route_app(server: ModelServer, gateway: Gateway | None, sink: Sink | None = None) -> FastAPI:
+def route_app(
+    server: ModelServer, gateway: Gateway | None, sink: Sink | None = None, replica: str | None = None
+) -> FastAPI:
     """The HTTP app of ``server``'s model route: its model and that model's LoRA adapters,
     the catalog's and, with a gateway, those added at run time (read through the gateway
-    every ``key_cache_seconds``, as routers read them from the database)."""
+    every ``key_cache_seconds``, as routers read them from the database).
+
+    With ``replica`` (Serve's replica id, the last part of its actor's name), every HTTP
+    response, errors included, names it in ``x-orch-replica``, so a client or test sees which
+    replica of the model answered (session and prefix affinity, orchestrator/ingress.py)."""
     spec = server.spec
 
     async def adapters_of_this_model() -> list[AdapterEntry]:
@@ -213,6 +195,7 @@ def route_app(server: ModelServer, gateway: Gateway | None, sink: Sink | None = 
         gateway=gateway,
         admin_routes=False,
         echo_request_id=False,
+        response_headers=None if replica is None else {REPLICA_HEADER: replica},
         metrics=sink,
         adapter_source=None if gateway is None or spec.lora is None else adapters_of_this_model,
     )
