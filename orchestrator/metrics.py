@@ -21,7 +21,7 @@ value is a series Prometheus keeps): spend per key is the gateway's usage report
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -204,6 +204,34 @@ ALL: tuple[MetricSpec, ...] = (
 )
 
 
+SeriesKey = tuple[tuple[str, str], ...]
+
+
+class Labels(Mapping[str, str]):
+    """A label set made once for a series recorded often (an engine's every step), which
+    carries its series key, so that recording it does not build the key again."""
+
+    __slots__ = ("_labels", "key")
+
+    def __init__(self, **labels: str) -> None:
+        self._labels = labels
+        self.key: SeriesKey = tuple(sorted(labels.items()))
+
+    def __getitem__(self, name: str) -> str:
+        return self._labels[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._labels)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+
+def series_key(tags: Mapping[str, str]) -> SeriesKey:
+    """Returns the key of the series ``tags`` name: its pairs sorted by label."""
+    return tags.key if isinstance(tags, Labels) else tuple(sorted(tags.items()))
+
+
 class Instrument(Protocol):
     """A metric ready to record: counters add, gauges set, histograms observe."""
 
@@ -234,7 +262,7 @@ class MemorySink:
     list of observations."""
 
     def __init__(self) -> None:
-        self.values: dict[str, dict[tuple[tuple[str, str], ...], Any]] = defaultdict(dict)
+        self.values: dict[str, dict[SeriesKey, Any]] = defaultdict(dict)
 
     def instrument(self, spec: MetricSpec) -> Instrument:
         return _MemoryInstrument(self, spec)
@@ -252,8 +280,8 @@ class _MemoryInstrument:
     def record(self, value: float, tags: Mapping[str, str]) -> None:
         if set(tags) != set(self.spec.labels):
             raise ValueError(f"{self.spec.name}: labels {sorted(tags)} != {sorted(self.spec.labels)}")
-        series: dict[tuple[tuple[str, str], ...], Any] = self.sink.values[self.spec.name]
-        key = tuple(sorted(tags.items()))
+        series: dict[SeriesKey, Any] = self.sink.values[self.spec.name]
+        key = series_key(tags)
         if self.spec.kind == "counter" or self.spec.window_s:
             series[key] = series.get(key, 0.0) + value
         elif self.spec.kind == "gauge":
@@ -298,12 +326,13 @@ class GatewayMetrics:
 
 
 class PrefixCacheMetrics:
-    """An engine's prefix-cache lookups, as vLLM's statistics give them per step."""
+    """An engine's prefix-cache lookups, as vLLM's statistics give them per step (its label
+    set is made once, with its series key)."""
 
     def __init__(self, sink: Sink, model: str) -> None:
         self._queries = sink.instrument(PREFIX_CACHE_QUERY_RATE)
         self._hits = sink.instrument(PREFIX_CACHE_HIT_RATE)
-        self._tags = {"model": model}
+        self._tags = Labels(model=model)
 
     def observe(self, queries: int, hits: int) -> None:
         self._queries.record(queries, self._tags)

@@ -14,9 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from orchestrator.metrics import Instrument
-
-Tags = tuple[tuple[str, str], ...]
+from orchestrator.metrics import Instrument, SeriesKey, series_key
 
 
 class RecentRates:
@@ -38,7 +36,7 @@ class RecentRates:
         self._slots = slots
         self._clock = clock
         self._lock = threading.Lock()
-        self._amounts: dict[Tags, dict[int, float]] = {}
+        self._amounts: dict[SeriesKey, dict[int, float]] = {}
 
     def _slot(self, now: float) -> int:
         return math.floor(now / self._slot_s)
@@ -47,7 +45,7 @@ class RecentRates:
         """Adds ``amount`` (ignored unless positive) to the label set ``tags`` now."""
         if not amount > 0:
             return
-        key = tuple(sorted(tags.items()))
+        key = series_key(tags)
         slot = self._slot(self._clock())
         with self._lock:
             amounts = self._amounts.setdefault(key, {})
@@ -63,7 +61,7 @@ class RecentRates:
         covered = now - oldest * self._slot_s
         return sum(amounts.values()) / covered if covered > 0 else 0.0
 
-    def rates(self) -> dict[Tags, float]:
+    def rates(self) -> dict[SeriesKey, float]:
         """Returns each known label set's rate now (without publishing it)."""
         now = self._clock()
         with self._lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -86,6 +86,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
     echo_request_id: bool = True,
+    response_headers: Mapping[str, str] | None = None,
     metrics: Sink | None = None,
     admin_routes: bool = True,
     adapters: AdapterTable | None = None,
@@ -103,6 +104,8 @@ def create_app(
         monotonic: monotonic seconds (the windows of the failed-authentication throttle).
         echo_request_id: add ``X-Request-Id`` to responses (off behind Ray Serve's proxy,
             which adds it itself).
+        response_headers: added to every response, errors included (a model route's
+            replica names itself in ``x-orch-replica``).
         metrics: where request metrics go (Ray's metrics in Serve; none by default).
         admin_routes: serve ``/admin`` with a gateway (off on a model's own route, whose
             replicas hold no admin key).
@@ -147,7 +150,9 @@ def create_app(
         app.add_middleware(
             AuthFailureGuard, throttle=throttle, trusted_proxies=settings.trusted_proxies, monotonic=monotonic
         )
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, echo_header=echo_request_id)
+    app.add_middleware(
+        RequestContext, max_body_bytes=settings.max_body_bytes, echo_header=echo_request_id, headers=response_headers
+    )
     if gateway is not None and admin_routes:
         app.include_router(admin_router(gateway, settings.admin_key))
         if adapters is not None and refresher is not None:

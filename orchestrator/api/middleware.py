@@ -6,6 +6,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.api.errors import error_body, route_path
@@ -28,12 +29,19 @@ class RequestContext:
     An incoming ``X-Request-Id`` is kept when it is a sane token: behind Ray Serve the proxy
     has already chosen the id and echoes it on the response itself, so there
     ``echo_header=False`` avoids a second header.
+
+    ``headers`` are added to every response too (a model route's replica names itself in
+    ``x-orch-replica``), through the same wrapper of ``send``; with nothing to add, ``send``
+    is passed on unwrapped.
     """
 
-    def __init__(self, app: Any, max_body_bytes: int, echo_header: bool = True) -> None:
+    def __init__(
+        self, app: Any, max_body_bytes: int, echo_header: bool = True, headers: Mapping[str, str] | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.echo_header = echo_header
+        self._headers = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -47,27 +55,29 @@ class RequestContext:
         # Latency and time to first token count from here, as the client sees them: body
         # reading, admission and routing included.
         state["arrived_at"] = time.monotonic()
-        id_header = (b"x-request-id", request_id.encode())
+        added = [*self._headers, (b"x-request-id", request_id.encode())] if self.echo_header else self._headers
 
-        async def send_with_id(message: dict[str, Any]) -> None:
-            if self.echo_header and message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), id_header]
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *added]
             await send(message)
+
+        sender = send_with_headers if added else send
 
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(send_with_id, request_id, route_path(scope))
+            await self._too_large(sender, request_id, route_path(scope))
             return
         read = await self._read_body(receive)
         if read is None:
-            await self._too_large(send_with_id, request_id, scope.get("path", ""))
+            await self._too_large(sender, request_id, scope.get("path", ""))
             return
 
         async def replay() -> dict[str, Any]:
             # The body as read, then the client's own messages (a disconnect, while streaming).
             return read.pop(0) if read else await receive()
 
-        await self.app(scope, replay, send_with_id)
+        await self.app(scope, replay, sender)
 
     async def _read_body(self, receive: Any) -> list[dict[str, Any]] | None:
         """Returns the request's messages up to the end of its body (or a disconnect), or

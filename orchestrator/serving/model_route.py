@@ -46,19 +46,74 @@ def _path(spec: ModelSpec) -> str | None:
 class IdleBoundStream(GeneratorStream):
     """A :class:`GeneratorStream` that gives up (504 provider_timeout) when its next batch,
     the first included, takes longer than the model's ``overload.stream_idle_timeout_s``,
-    as the router's stream does; the generator is cancelled, which aborts the request."""
+    as the router's stream does; the generator is cancelled, which aborts the request.
+
+    One timer per stream instead of a timeout around every frame: a read only notes when it
+    began, and the timer, when it fires, cancels the read that has waited the whole bound or
+    moves itself to when the current read will have. The first batch and the rest are read
+    by different tasks (the edge's :class:`~orchestrator.api.sse.StreamHead`, then the
+    response), so it cancels whichever task is reading, as ``asyncio.timeout`` would: the
+    cancellation becomes the 504 only if nothing else cancelled that task meanwhile.
+    """
 
     def __init__(self, source: AsyncGenerator[list[str]], spec: ModelSpec) -> None:
         super().__init__(source)
         self._spec = spec
+        self._seconds = spec.overload.stream_idle_timeout_s
+        self._reader: asyncio.Task[Any] | None = None  # the task inside a read, if any
+        self._began = 0.0  # when that read began (the event loop's clock)
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False  # the timer cancelled the current read
 
     async def __anext__(self) -> list[str]:
-        seconds = self._spec.overload.stream_idle_timeout_s
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None  # a read runs in a task
+        cancelling = task.cancelling()
+        self._reader, self._began = task, loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(self._began + self._seconds, self._check)
         try:
-            async with asyncio.timeout(seconds):
-                return await super().__anext__()
-        except TimeoutError:
-            raise timed_out(self._spec, seconds) from None
+            return await super().__anext__()
+        except BaseException as exc:  # the stream ends: its last batch, an error or a cancellation
+            self._stop_timer()
+            if isinstance(exc, asyncio.CancelledError) and self._end_read(task, cancelling):
+                raise timed_out(self._spec, self._seconds) from None
+            raise
+        finally:
+            self._end_read(task, cancelling)
+
+    def cancel(self) -> None:
+        self._stop_timer()
+        super().cancel()
+
+    def _check(self) -> None:
+        """The timer: cancels a read that has waited the bound, or fires again when the
+        current one will have (none between reads: the next read sets it)."""
+        self._timer = None
+        if self._reader is None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._began + self._seconds
+        if loop.time() < due:
+            self._timer = loop.call_at(due, self._check)
+        else:
+            self._expired = True
+            self._reader.cancel()
+
+    def _end_read(self, task: asyncio.Task[Any], cancelling: int) -> bool:
+        """Ends the current read. Returns True if the timer cancelled it and nothing else has
+        cancelled ``task`` since the read began (``cancelling``: its count then)."""
+        self._reader = None
+        if not self._expired:
+            return False
+        self._expired = False
+        return task.uncancel() <= cancelling
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def _within_deadline(spec: ModelSpec, work: Awaitable[T]) -> T:
@@ -97,29 +152,7 @@ class ReplicaBackend:
         return {self._server.spec.name: ModelHealth(ready=True, state="serving", replicas=1)}
 
 
-REPLICA_HEADER = b"x-orch-replica"
-
-
-class ReplicaHeader:
-    """ASGI middleware: every HTTP response of this replica names it in ``x-orch-replica``
-    (Serve's replica id, the last part of its actor's name), so a client or test sees which
-    replica of the model answered (session and prefix affinity, orchestrator/ingress.py)."""
-
-    def __init__(self, app: Any, replica: str) -> None:
-        self.app = app
-        self._header = (REPLICA_HEADER, replica.encode())
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def named(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self._header]}
-            await send(message)
-
-        await self.app(scope, receive, named)
+REPLICA_HEADER = "x-orch-replica"
 
 
 class RoutedModelServer(ServedModelServer):
@@ -136,15 +169,19 @@ class RoutedModelServer(ServedModelServer):
         if not self.settings.open_access:
             instance = instance_of(current_app_name(), self.spec.deployment_name)
             gateway = instance_gateway(instance, self.settings.gateway_timeout_seconds, sink)
-        app = route_app(self, gateway, sink)
-        app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
-        return app
+        return route_app(self, gateway, sink, replica=serve.get_replica_context().replica_id.unique_id)
 
 
-def route_app(server: ModelServer, gateway: Gateway | None, sink: Sink | None = None) -> FastAPI:
+def route_app(
+    server: ModelServer, gateway: Gateway | None, sink: Sink | None = None, replica: str | None = None
+) -> FastAPI:
     """The HTTP app of ``server``'s model route: its model and that model's LoRA adapters,
     the catalog's and, with a gateway, those added at run time (read through the gateway
-    every ``key_cache_seconds``, as routers read them from the database)."""
+    every ``key_cache_seconds``, as routers read them from the database).
+
+    With ``replica`` (Serve's replica id, the last part of its actor's name), every HTTP
+    response, errors included, names it in ``x-orch-replica``, so a client or test sees which
+    replica of the model answered (session and prefix affinity, orchestrator/ingress.py)."""
     spec = server.spec
 
     async def adapters_of_this_model() -> list[AdapterEntry]:
@@ -158,6 +195,7 @@ def route_app(server: ModelServer, gateway: Gateway | None, sink: Sink | None = 
         gateway=gateway,
         admin_routes=False,
         echo_request_id=False,
+        response_headers=None if replica is None else {REPLICA_HEADER: replica},
         metrics=sink,
         adapter_source=None if gateway is None or spec.lora is None else adapters_of_this_model,
     )

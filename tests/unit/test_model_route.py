@@ -6,17 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
 from orchestrator.api import create_app
-from orchestrator.catalog import Catalog
+from orchestrator.catalog import Catalog, ModelSpec
+from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.gateway.records import KeyLimits
-from orchestrator.serving.model_route import ModelRouteDeployment, ReplicaBackend
+from orchestrator.serving.model_route import IdleBoundStream, ModelRouteDeployment, ReplicaBackend
 from orchestrator.serving.model_server import ModelServer
 from orchestrator.settings import Settings
 from tests.fakes import FakeEngine
@@ -186,3 +187,50 @@ async def test_the_route_keeps_the_routers_deadlines(catalog: Catalog) -> None:
                 events = [json.loads(e[6:]) for e in streamed.text.splitlines() if e.startswith("data: {")]
                 assert streamed.status_code == 200 and events[-1]["error"]["code"] == "provider_timeout"
         assert srv.in_flight == 0 and engine.running == 0
+
+
+def _idle_bound(catalog: Catalog, seconds: float) -> ModelSpec:
+    spec = catalog.resolve("tiny-a").model_dump(mode="json")
+    return ModelSpec.model_validate({**spec, "overload": {"stream_idle_timeout_s": seconds}})
+
+
+async def test_the_idle_bound_is_per_batch_not_per_stream(catalog: Catalog) -> None:
+    """Each batch comes within the bound, the whole stream takes longer than it, and the reader
+    pausing between batches for longer than it does not count: no timeout."""
+    gaps = [0.06] * 8  # 0.48 s in all against a bound of 0.3 s
+
+    async def source() -> AsyncGenerator[list[str]]:
+        for i, gap in enumerate(gaps):
+            await asyncio.sleep(gap)
+            yield [f"data: {i}\n\n"]
+
+    stream = IdleBoundStream(source(), _idle_bound(catalog, 0.3))
+    got = [await anext(stream), await anext(stream)]
+    await asyncio.sleep(0.4)  # the reader is busy elsewhere: the source is not waited on
+    got += [batch async for batch in stream]
+    assert got == [[f"data: {i}\n\n"] for i in range(len(gaps))]
+
+
+async def test_a_stream_stalling_after_a_few_batches_times_out_and_is_closed(catalog: Catalog) -> None:
+    closed = asyncio.Event()
+
+    async def source() -> AsyncGenerator[list[str]]:
+        try:
+            for i in range(3):
+                yield [f"data: {i}\n\n"]
+            await asyncio.sleep(3600)
+            yield ["data: never\n\n"]
+        finally:
+            closed.set()  # where ModelServer's stream aborts the request in the engine
+
+    stream = IdleBoundStream(source(), _idle_bound(catalog, 0.05))
+    got = [await anext(stream) for _ in range(3)]
+    with pytest.raises(OrchestratorError) as raised:
+        await anext(stream)
+    assert got == [[f"data: {i}\n\n"] for i in range(3)]
+    assert raised.value.status == 504 and raised.value.code is ErrorCode.PROVIDER_TIMEOUT
+    assert closed.is_set()
+    # The reading task is not left cancelled: the edge goes on to send the error event.
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)

@@ -3,11 +3,20 @@ router and the engine's stat logger feed into them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from orchestrator.metrics import PREFIX_CACHE_HIT_RATE, PREFIX_CACHE_QUERY_RATE, MemorySink, PrefixCacheMetrics
+from orchestrator.metrics import (
+    PREFIX_CACHE_HIT_RATE,
+    PREFIX_CACHE_QUERY_RATE,
+    Labels,
+    MemorySink,
+    MetricSpec,
+    PrefixCacheMetrics,
+)
 from orchestrator.rates import RecentRates
 
 
@@ -84,6 +93,40 @@ def test_prefix_cache_lookups_feed_both_rates() -> None:
     metrics.observe(queries=16, hits=0)
     assert sink.get(PREFIX_CACHE_QUERY_RATE.name, model="tiny-a") == 80
     assert sink.get(PREFIX_CACHE_HIT_RATE.name, model="tiny-a") == 48
+
+
+class _Unsortable(Labels):
+    """A label set whose pairs cannot be read again once made: recording it must use its key."""
+
+    def items(self) -> Any:
+        raise AssertionError("the series key was built again")
+
+
+def test_a_label_set_made_once_counts_under_its_key_without_building_it_again() -> None:
+    clock = Clock()
+    rates, plain = RecentRates(Gauge(), window_s=10.0, clock=clock), RecentRates(Gauge(), window_s=10.0, clock=clock)
+    rates.add(30.0, _Unsortable(model="a", route="/v1/completions"))
+    rates.add(10.0, {"route": "/v1/completions", "model": "a"})  # the same series
+    plain.add(40.0, {"model": "a", "route": "/v1/completions"})
+    assert rates.rates() == plain.rates() and list(plain.rates()) == [(("model", "a"), ("route", "/v1/completions"))]
+
+
+def test_the_prefix_cache_label_set_is_made_once_per_model() -> None:
+    received: list[Mapping[str, str]] = []
+
+    class Recorder:
+        def record(self, value: float, tags: Mapping[str, str]) -> None:
+            received.append(tags)
+
+    class Sink:
+        def instrument(self, spec: MetricSpec) -> Recorder:
+            return Recorder()
+
+    metrics = PrefixCacheMetrics(Sink(), "tiny-a")
+    for step in range(3):
+        metrics.observe(queries=16, hits=step)
+    assert len(received) == 6 and all(tags is received[0] for tags in received)
+    assert isinstance(received[0], Labels) and received[0].key == (("model", "tiny-a"),)
 
 
 @pytest.mark.engine  # imports vLLM
