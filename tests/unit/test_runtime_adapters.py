@@ -192,6 +192,12 @@ def test_the_cli_adds_lists_and_removes(
     from orchestrator.cli import main
 
     monkeypatch.setenv("ORCH_DATABASE_URL", table.url)
+    calls: list[str] = []
+    for method in ("open", "close"):
+        real = getattr(AdapterTable, method)
+        monkeypatch.setattr(
+            AdapterTable, method, lambda self, real=real, method=method: (calls.append(method), real(self))[1]
+        )
     catalog = ["--catalog", str(two_models[0])]
     add = ["adapters", "add", "tiny-a-chef", "--base", "tiny-a", "--path", "/adapters/chef", "--alias", "chef"]
     assert main([*add, "--input-price", "2", *catalog]) == 0
@@ -205,6 +211,7 @@ def test_the_cli_adds_lists_and_removes(
     ]
     assert main(["adapters", "remove", "tiny-a-chef"]) == 0
     assert main(["adapters", "remove", "tiny-a-chef"]) == 1
+    assert calls == ["open", "close"] * 6  # each command closes its table, the refused ones too
     assert table.list() == []
 
 
