@@ -607,17 +607,28 @@ def _explain(err: Any) -> str:
     return str(err["msg"]).removeprefix("Value error, ")
 
 
-def check_runtime_adapter(base: ModelSpec | None, base_name: str, adapter: AdapterSpec, taken: Collection[str]) -> str:
+def check_runtime_adapter(
+    base: ModelSpec | None, base_name: str, adapter: AdapterSpec, taken: Collection[str]
+) -> OrchestratorError | None:
     """Returns why ``adapter`` cannot be added to the model named ``base_name`` (``base``, the
-    entry that name resolves to, if any) beside the names in ``taken`` (lower case); "" if it can."""
+    entry that name resolves to, if any) beside the names in ``taken`` (lower case), as the
+    refusal to answer: ``model_not_found`` (404) when ``base_name`` names no base model,
+    ``capability_not_supported`` (400) when it serves no adapters (no ``lora``),
+    ``invalid_request`` (400) when a name of the adapter is taken; None if it can be added."""
     if base is None or base.parent is not None:
-        return f"adapter {adapter.name!r}: {base_name!r} is not a base model of the catalog"
+        return OrchestratorError(
+            ErrorCode.MODEL_NOT_FOUND, f"{base_name!r} is not a base model of the catalog.", param="base"
+        )
     if base.lora is None:
-        return f"adapter {adapter.name!r}: model {base.name!r} serves no adapters (its catalog entry sets no `lora`)"
+        return OrchestratorError(
+            ErrorCode.CAPABILITY_NOT_SUPPORTED,
+            f"Model {base.name} serves no adapters: its catalog entry sets no `lora`.",
+            param="base",
+        )
     clash = next((n for n in (adapter.name, *adapter.aliases) if n.lower() in taken), None)
     if clash is not None:
-        return f"adapter {adapter.name!r}: the name {clash!r} is already used"
-    return ""
+        return OrchestratorError(ErrorCode.INVALID_REQUEST, f"The name {clash!r} is already used.", param="name")
+    return None
 
 
 class Catalog:
@@ -648,8 +659,8 @@ class Catalog:
         for base_name, adapter in adapters:
             base = by_name.get(base_name.lower())
             problem = check_runtime_adapter(base, base_name, adapter, names)
-            if problem:
-                problems.append(problem)
+            if problem is not None:
+                problems.append(f"adapter {adapter.name!r}: {problem.message}")
                 continue
             assert base is not None
             spec = base.model_copy(update={"adapters": (adapter,)}).adapter_specs()[0]
@@ -657,6 +668,21 @@ class Catalog:
             names.update({n.lower(): spec for n in spec.names})
         self.adapters, self._by_name = (*static, *added), names
         return problems
+
+    def check_runtime_adapter(self, base_name: str, adapter: AdapterSpec) -> ModelSpec:
+        """Returns the base model ``adapter`` can be added to at run time, by the rules
+        :meth:`set_runtime_adapters` keeps to (every name of this catalog taken, those of the
+        adapters added at run time too).
+
+        Raises:
+            OrchestratorError: as :func:`check_runtime_adapter` returns it.
+        """
+        base = self._by_name.get(base_name.lower())
+        problem = check_runtime_adapter(base, base_name, adapter, self._by_name)
+        if problem is not None:
+            raise problem
+        assert base is not None
+        return base
 
     @property
     def listed(self) -> tuple[ModelSpec, ...]:

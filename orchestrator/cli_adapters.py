@@ -5,21 +5,19 @@ gateway database (``ORCH_DATABASE_URL``). Running routers serve the change withi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator.catalog import CatalogError, load_catalog
-from orchestrator.cli_gateway import _guard, _usd
+from orchestrator.cli_gateway import guard, opened, print_json, usd
 from orchestrator.gateway.adapters import AdapterEntry, AdapterPricing, AdapterTable, checked
 from orchestrator.settings import Settings
 
 
-def _table() -> AdapterTable:
-    table = AdapterTable(Settings().resolved_database_url(), migrate=True)
-    table.open()
-    return table
+def _table() -> AbstractContextManager[AdapterTable]:
+    return opened(AdapterTable(Settings().resolved_database_url(), migrate=True))
 
 
 def _add(ns: argparse.Namespace) -> int:
@@ -35,24 +33,18 @@ def _add(ns: argparse.Namespace) -> int:
     entry = AdapterEntry(
         name=ns.name, base=ns.base, path=ns.path, aliases=ns.alias or [], description=ns.description, pricing=pricing
     )
-    table = _table()
-    try:
+    with _table() as table:
         catalog.set_runtime_adapters((a.base, a.spec()) for a in table.list())  # their names are taken too
         stored = table.add(checked(catalog, entry), datetime.now(UTC))
-    finally:
-        table.close()
     print(f"added adapter {stored.name} on {stored.base}", file=sys.stderr)
     return 0
 
 
 def _list(ns: argparse.Namespace) -> int:
-    table = _table()
-    try:
+    with _table() as table:
         entries = table.list()
-    finally:
-        table.close()
     if ns.json:
-        print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
+        print_json([e.model_dump(mode="json") for e in entries])
         return 0
     for e in entries:
         print(f"{e.name:<32} {e.base:<32} {e.path}")
@@ -60,11 +52,8 @@ def _list(ns: argparse.Namespace) -> int:
 
 
 def _remove(ns: argparse.Namespace) -> int:
-    table = _table()
-    try:
+    with _table() as table:
         removed = table.remove(ns.name)
-    finally:
-        table.close()
     print(f"removed adapter {removed.name} from {removed.base}", file=sys.stderr)
     return 0
 
@@ -79,13 +68,13 @@ def add_commands(sub: Any) -> None:
     add.add_argument("--path", required=True, help="Its PEFT folder, readable on the base's replicas' nodes.")
     add.add_argument("--alias", action="append", help="Another name for it (repeatable).")
     add.add_argument("--description", default="", help="One line for humans.")
-    add.add_argument("--input-price", type=_usd, help="USD per million prompt tokens (default: the base's prices).")
-    add.add_argument("--output-price", type=_usd, help="USD per million output tokens.")
+    add.add_argument("--input-price", type=usd, help="USD per million prompt tokens (default: the base's prices).")
+    add.add_argument("--output-price", type=usd, help="USD per million output tokens.")
     add.add_argument("--catalog", action="append", help="Catalog files or folders to check against (ORCH_CATALOG).")
-    add.set_defaults(func=_guard(_add))
+    add.set_defaults(func=guard(_add))
     listing = actions.add_parser("list", help="List the adapters added at run time.")
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=_guard(_list))
+    listing.set_defaults(func=guard(_list))
     remove = actions.add_parser("remove", help="Remove an adapter added at run time.")
     remove.add_argument("name")
-    remove.set_defaults(func=_guard(_remove))
+    remove.set_defaults(func=guard(_remove))

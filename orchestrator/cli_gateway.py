@@ -8,10 +8,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
@@ -22,17 +22,32 @@ from orchestrator.gateway.store import SQLStore
 from orchestrator.settings import Settings
 
 
+class _Closable(Protocol):
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_Resource = TypeVar("_Resource", bound=_Closable)
+
+
 @contextmanager
-def _store() -> Iterator[SQLStore]:
-    store = SQLStore(Settings().resolved_database_url())
-    store.open()
+def opened(resource: _Resource) -> Iterator[_Resource]:
+    """Yields ``resource`` (a store or table of the gateway database) opened, and closes it
+    when the block ends, however it ends."""
+    resource.open()
     try:
-        yield store
+        yield resource
     finally:
-        store.close()
+        resource.close()
 
 
-def _usd(text: str) -> Decimal:
+def _store() -> AbstractContextManager[SQLStore]:
+    return opened(SQLStore(Settings().resolved_database_url()))
+
+
+def usd(text: str) -> Decimal:
+    """Returns ``text`` as an amount in USD (argparse's ``type``: a bad one is a usage error)."""
     try:
         return Decimal(text)
     except InvalidOperation:
@@ -55,7 +70,8 @@ def _limits(ns: argparse.Namespace) -> KeyLimits:
     )
 
 
-def _print_json(data: Any) -> None:
+def print_json(data: Any) -> None:
+    """Prints ``data`` as indented JSON (dates and amounts as strings)."""
     print(json.dumps(data, indent=2, default=str))
 
 
@@ -74,7 +90,7 @@ def _keys_list(ns: argparse.Namespace) -> int:
     with _store() as store:
         keys = store.list_keys()
     if ns.json:
-        _print_json([k.info().model_dump(mode="json") for k in keys])
+        print_json([k.info().model_dump(mode="json") for k in keys])
         return 0
     print(f"{'id':<22} {'name':<16} {'workspace':<12} {'hint':<16} {'rpm':>6} {'tpm':>8} {'credits':>12} state")
     for k in keys:
@@ -87,14 +103,14 @@ def _keys_list(ns: argparse.Namespace) -> int:
 
 def _keys_show(ns: argparse.Namespace) -> int:
     with _store() as store:
-        _print_json(admin.get_key(store, ns.id).model_dump(mode="json"))
+        print_json(admin.get_key(store, ns.id).model_dump(mode="json"))
     return 0
 
 
 def _keys_update(ns: argparse.Namespace) -> int:
     with _store() as store:
         info = admin.update_key(store, ns.id, _limits(ns), clear=frozenset(ns.clear or ()), add_credits=ns.add_credits)
-    _print_json(info.model_dump(mode="json"))
+    print_json(info.model_dump(mode="json"))
     return 0
 
 
@@ -122,7 +138,7 @@ def _usage(ns: argparse.Namespace) -> int:
     with _store() as store:
         rows = store.usage_report(**filters)
     if ns.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     print(
         "  ".join(f"{g:<22}" for g in groups) + f"  {'requests':>9} {'prompt':>10} {'completion':>10} {'cost USD':>14}"
@@ -139,12 +155,15 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rpm", type=int, help="Requests per minute.")
     parser.add_argument("--tpm", type=int, help="Tokens per minute (prompt + max output).")
     parser.add_argument("--max-concurrent", type=int, help="Requests running at once.")
-    parser.add_argument("--credits", type=_usd, help="Credit balance, USD.")
-    parser.add_argument("--daily-limit", type=_usd, help="Spend limit per UTC day, USD.")
-    parser.add_argument("--monthly-limit", type=_usd, help="Spend limit per UTC month, USD.")
+    parser.add_argument("--credits", type=usd, help="Credit balance, USD.")
+    parser.add_argument("--daily-limit", type=usd, help="Spend limit per UTC day, USD.")
+    parser.add_argument("--monthly-limit", type=usd, help="Spend limit per UTC month, USD.")
 
 
-def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Returns ``fn`` answering an ``OrchestratorError`` with its message on stderr and exit
+    code 1, and a pydantic ``ValidationError`` with exit code 2."""
+
     def run(ns: argparse.Namespace) -> int:
         try:
             return fn(ns)
@@ -165,29 +184,29 @@ def add_commands(sub: Any) -> None:
     create = actions.add_parser("create", help="Create a key; its last stdout line is the key.")
     _limit_flags(create)
     create.add_argument("--workspace", default=admin.DEFAULT_WORKSPACE, help="Workspace (created if new).")
-    create.set_defaults(func=_guard(_keys_create))
+    create.set_defaults(func=guard(_keys_create))
     listing = actions.add_parser("list", help="List keys (never the secrets).")
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=_guard(_keys_list))
+    listing.set_defaults(func=guard(_keys_list))
     show = actions.add_parser("show", help="Show one key as JSON.")
     show.add_argument("id")
-    show.set_defaults(func=_guard(_keys_show))
+    show.set_defaults(func=guard(_keys_show))
     upd = actions.add_parser("update", help="Change a key's limits, models or state.")
     upd.add_argument("id")
     _limit_flags(upd)
     upd.add_argument("--enable", dest="state", action="store_const", const="enable")
     upd.add_argument("--disable", dest="state", action="store_const", const="disable")
     upd.add_argument("--clear", action="append", choices=admin.CLEARABLE, help="Make this limit unlimited.")
-    upd.add_argument("--add-credits", type=_usd, help="Top the balance up by this many USD (safe while serving).")
-    upd.set_defaults(func=_guard(_keys_update))
+    upd.add_argument("--add-credits", type=usd, help="Top the balance up by this many USD (safe while serving).")
+    upd.set_defaults(func=guard(_keys_update))
     revoke = actions.add_parser("revoke", help="Revoke a key for good.")
     revoke.add_argument("id")
-    revoke.set_defaults(func=_guard(_keys_revoke))
+    revoke.set_defaults(func=guard(_keys_revoke))
 
     ws = sub.add_parser("workspaces", help="List, lock or unlock workspaces.")
     ws.add_argument("action", choices=["list", "enable", "disable"])
     ws.add_argument("id", nargs="?", default=admin.DEFAULT_WORKSPACE)
-    ws.set_defaults(func=_guard(_workspaces))
+    ws.set_defaults(func=guard(_workspaces))
 
     usage = sub.add_parser("usage", help="Requests, tokens and cost per key, model and day.")
     usage.add_argument("--key", help="Key id.")
@@ -196,4 +215,4 @@ def add_commands(sub: Any) -> None:
     usage.add_argument("--to", dest="end", help="Last UTC day, YYYY-MM-DD (included).")
     usage.add_argument("--group-by", default="key,model,day", help="Comma-separated: key, model, day.")
     usage.add_argument("--json", action="store_true")
-    usage.set_defaults(func=_guard(_usage))
+    usage.set_defaults(func=guard(_usage))

@@ -242,7 +242,7 @@ def _snapshot_writer(address: str) -> SnapshotWriter:
     from orchestrator.serving.cluster import RayCluster
 
     cluster = RayCluster()  # this process is connected already: it reads, never connects
-    return SnapshotWriter(default_directory(), address, cluster.nodes, cluster.deployments)
+    return SnapshotWriter(default_directory(), address, cluster.nodes, cluster.serve_deployments)
 
 
 def _write_if_due(snapshot: SnapshotWriter) -> None:

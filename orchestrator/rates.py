@@ -61,12 +61,6 @@ class RecentRates:
         covered = now - oldest * self._slot_s
         return sum(amounts.values()) / covered if covered > 0 else 0.0
 
-    def rates(self) -> dict[SeriesKey, float]:
-        """Returns each known label set's rate now (without publishing it)."""
-        now = self._clock()
-        with self._lock:
-            return {key: self._rate(amounts, now) for key, amounts in self._amounts.items()}
-
     def publish(self) -> None:
         """Sets the gauge of every label set to its rate now. A label set whose rate is 0 is
         set to 0 and then forgotten, until an amount is added to it again."""

@@ -1,13 +1,15 @@
-"""Every private or internal vLLM interface the orchestrator relies on, one small function each.
+"""Every private or internal vLLM interface the orchestrator relies on, one small function (or
+mixin) each.
 
-vLLM 0.32 has no public API for these; each function names the public one it waits for. The
-engine (``engine/vllm_engine.py``) and the catalog check call only these functions, so a vLLM
-upgrade that moves one breaks here, and ``tests/unit/test_vllm_internals.py`` checks the
-installed vLLM still provides each (the name, the parameters passed, the shape used), failing
-with a message that names the use.
+vLLM 0.32 has no public API for these; each names the public one it waits for. The engine
+(``engine/vllm_engine.py``, ``engine/vllm_embedding.py``) and the catalog check use only these,
+so a vLLM upgrade that moves one breaks here, and ``tests/unit/test_vllm_internals.py`` checks
+the installed vLLM still provides each (the name, the parameters passed, the shape used),
+failing with a message that names the use.
 
 Nothing from vLLM is imported here, at module level or in a function: the functions take vLLM's
-objects from the engine, and :func:`engine_arg_names` reads vLLM's source. So the catalog check
+objects from the engine, the engine mixes :class:`TokenizedEmbeddingCheck` into vLLM's class,
+and :func:`engine_arg_names` reads vLLM's source. So the catalog check
 in ``orchestrator.serving.builder`` (the router's package, which must not import vLLM) can use
 this module.
 """
@@ -82,3 +84,25 @@ def rendered_completion_inputs(result: Any) -> list[Any] | None:
     Relies on that return shape, as :func:`rendered_chat_inputs`. Waits for: the same hook.
     """
     return list(result) if isinstance(result, list) else None
+
+
+class TokenizedEmbeddingCheck:
+    """A mixin for vLLM's ``ServingEmbedding`` (list it first among the bases): once vLLM has
+    tokenized a request's inputs, and before any reaches the engine, calls
+    :meth:`check_prompt_tokens` with their prompt tokens together, so that it can refuse the
+    request by raising.
+
+    Overrides ``PoolingServing._preprocessing(io_processor, ctx)`` (private; ``__call__`` calls it
+    before generation) and reads ``ctx.engine_inputs`` (each a ``PoolingEngineInput`` whose
+    ``prompts`` holds ``prompt_token_ids``). Waits for: a public hook that sees each tokenized
+    pooling input before generation.
+    """
+
+    async def _preprocessing(self, io_processor: Any, ctx: Any) -> None:
+        await super()._preprocessing(io_processor, ctx)  # type: ignore[misc]
+        inputs = ctx.engine_inputs or ()
+        self.check_prompt_tokens(sum(len(i["prompts"].get("prompt_token_ids") or ()) for i in inputs))
+
+    def check_prompt_tokens(self, tokens: int) -> None:
+        """Raises to refuse a request of ``tokens`` prompt tokens (all its inputs together)."""
+        raise NotImplementedError

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
+from fastapi.requests import HTTPConnection
 
 from orchestrator.api.errors import error_body, route_path
 from orchestrator.errors import ErrorCode, OrchestratorError
@@ -21,9 +22,10 @@ from orchestrator.gateway.throttle import FailureThrottle
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def bearer_token(request: Request) -> str | None:
+def bearer_token(request: HTTPConnection) -> str | None:
     """Returns the token of ``Authorization: Bearer <token>`` (also ``x-api-key``, as the
-    Anthropic SDK sends it), or None."""
+    Anthropic SDK sends it), or None. ``request``: a route's request, or the
+    ``HTTPConnection`` of a middleware's scope."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -109,7 +111,7 @@ class AuthFailureGuard:
         self._vouched = ExpiringSet(vouch_s, 100_000, monotonic)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        token = _token(scope) if scope["type"] == "http" else None
+        token = bearer_token(HTTPConnection(scope)) if scope["type"] == "http" else None
         if token is None or route_path(scope).startswith("/health"):
             # No credentials, nothing for the database to look up (and health checks, which a
             # load balancer sends from the address of every client behind it, always pass).
@@ -140,14 +142,6 @@ class AuthFailureGuard:
             self.throttle.failed(address)
         elif status is not None and 200 <= status < 300 and _under_v1(scope):
             self._vouched.add(digest)
-
-
-def _token(scope: Mapping[str, Any]) -> str | None:
-    headers = {k: v for k, v in scope.get("headers") or []}
-    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return headers.get(b"x-api-key", b"").decode("latin-1") or None
 
 
 def _under_v1(scope: Mapping[str, Any]) -> bool:

@@ -60,7 +60,26 @@ def parse(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Any
     spec = catalog.resolve(parsed.model)
     if spec.task != dialect.task:
         raise _kind_mismatch(spec, dialect)
-    missing = sorted(parsed.capabilities_used() - spec.capabilities.enabled())
+    # Looked up on the class, as Dialect.forwarded is: a body field may be named `media`.
+    media = getattr(type(parsed), "media", None)
+    if media is None:
+        check_capabilities(parsed.capabilities_used(), spec)
+    else:
+        parts = media(parsed)  # read once, for both checks
+        check_capabilities(parsed.capabilities_used(parts), spec)
+        check_images(parts, spec)
+    dialect.check(parsed, spec)
+    return parsed, spec
+
+
+def check_capabilities(used: set[str], spec: ModelSpec) -> None:
+    """Refuses a request that needs capabilities (catalog names) ``spec`` does not have.
+
+    Raises:
+        OrchestratorError: ``capability_not_supported`` (400), naming what is missing and
+        what the model can do.
+    """
+    missing = sorted(used - spec.capabilities.enabled())
     if missing:
         raise OrchestratorError(
             ErrorCode.CAPABILITY_NOT_SUPPORTED,
@@ -69,12 +88,6 @@ def parse(dialect: Dialect, body: dict[str, Any], catalog: Catalog) -> tuple[Any
             "GET /v1/models lists each model's capabilities.",
             param="model",
         )
-    # Looked up on the class, as Dialect.forwarded is: a body field may be named `media`.
-    media = getattr(type(parsed), "media", None)
-    if media is not None:
-        check_images(media(parsed), spec)
-    dialect.check(parsed, spec)
-    return parsed, spec
 
 
 def _kind_mismatch(spec: ModelSpec, dialect: Dialect) -> OrchestratorError:

@@ -15,13 +15,12 @@ from pydantic import BaseModel, ValidationError
 from orchestrator.api.auth import bearer_token
 from orchestrator.api.backend import Backend
 from orchestrator.api.contract import request_body
-from orchestrator.api.generation import read_json
+from orchestrator.api.generation import check_capabilities, read_json
 from orchestrator.api.images import check_images
 from orchestrator.catalog import Catalog, ModelSpec
-from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.errors import OrchestratorError
+from orchestrator.gateway.admission import check_model
 from orchestrator.gateway.base import RequestGateway
-from orchestrator.gateway.ledger import model_allowed
-from orchestrator.gateway.records import KeyInfo
 from orchestrator.protocol.media import MediaPart, chat_media, media_capabilities
 from orchestrator.protocol.tokens import (
     DetokenizeRequest,
@@ -32,18 +31,6 @@ from orchestrator.protocol.tokens import (
 )
 
 
-def check_scope(key: KeyInfo | None, spec: ModelSpec) -> None:
-    """Refuses a model outside the key's model scope (no key: open mode, every model).
-
-    Raises:
-        OrchestratorError: ``model_not_allowed`` (403).
-    """
-    if key is not None and not model_allowed(key.models, spec.names):
-        raise OrchestratorError(
-            ErrorCode.MODEL_NOT_ALLOWED, f"This API key may not use the model {spec.name!r}.", param="model"
-        )
-
-
 def check_media(parts: list[MediaPart], spec: ModelSpec) -> None:
     """Checks the media of messages to tokenize as a chat request's: the model must take
     images (and nothing else), and each image must pass :func:`check_images`, since the
@@ -52,13 +39,7 @@ def check_media(parts: list[MediaPart], spec: ModelSpec) -> None:
     Raises:
         OrchestratorError: ``capability_not_supported``, or an image's error.
     """
-    missing = sorted(media_capabilities(parts) - spec.capabilities.enabled())
-    if missing:
-        raise OrchestratorError(
-            ErrorCode.CAPABILITY_NOT_SUPPORTED,
-            f"Model {spec.name} does not support {', '.join(missing)}. GET /v1/models lists each model's capabilities.",
-            param="model",
-        )
+    check_capabilities(media_capabilities(parts), spec)
     check_images(parts, spec)
 
 
@@ -73,7 +54,7 @@ def tokens_router(catalog: Catalog, backend: Backend, gateway: RequestGateway) -
         except ValidationError as exc:
             raise OrchestratorError.from_validation(exc) from None
         spec = catalog.resolve(parsed.model)
-        check_scope(key, spec)
+        check_model(key, spec.names)
         if isinstance(parsed, TokenizeRequest) and parsed.messages:
             check_media(list(chat_media(parsed.messages)), spec)
         return await backend.tokens(spec, op, {**parsed.forwarded(), "model": spec.name})

@@ -17,11 +17,12 @@ from vllm.renderers.chat_utils import ChatTemplateConfig
 
 from orchestrator.catalog import ModelSpec
 from orchestrator.errors import ErrorCode, OrchestratorError
+from orchestrator.vllm_internals import TokenizedEmbeddingCheck
 
 _REQUEST: TypeAdapter[Any] = TypeAdapter(EmbeddingRequest)
 
 
-class _BoundedEmbedding(ServingEmbedding):  # type: ignore[misc]
+class _BoundedEmbedding(TokenizedEmbeddingCheck, ServingEmbedding):  # type: ignore[misc]
     """vLLM's embedding serving, refusing a request whose inputs together exceed the
     catalog's token bound once they are tokenized (before any reaches the engine)."""
 
@@ -29,9 +30,7 @@ class _BoundedEmbedding(ServingEmbedding):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.spec = spec
 
-    async def _preprocessing(self, io_processor: Any, ctx: Any) -> None:
-        await super()._preprocessing(io_processor, ctx)
-        tokens = sum(len(i["prompts"].get("prompt_token_ids") or ()) for i in ctx.engine_inputs or ())
+    def check_prompt_tokens(self, tokens: int) -> None:
         bound = self.spec.embedding.max_tokens
         if tokens > bound:
             raise OrchestratorError(

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.catalog import NAME_PATTERN as _NAME_PATTERN
-from orchestrator.catalog import AdapterSpec, Catalog, LocalSource, ModelSpec, Pricing
+from orchestrator.catalog import AdapterSpec, Catalog, LocalSource, Pricing
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.database import upgrade
 from orchestrator.gateway.records import Usd
@@ -103,35 +103,15 @@ def _entry(row: Any) -> AdapterEntry:
     )
 
 
-def _known(catalog: Catalog, name: str) -> ModelSpec | None:
-    try:
-        return catalog.resolve(name)
-    except OrchestratorError:
-        return None
-
-
 def checked(catalog: Catalog, entry: AdapterEntry) -> AdapterEntry:
     """Returns the entry with its base by display name.
 
     Raises:
         OrchestratorError: ``model_not_found`` (404) when ``base`` is no base model here,
             ``capability_not_supported`` (400) when it serves no adapters, ``invalid_request``
-            (400) when a name of the adapter is taken.
+            (400) when a name of the adapter is taken (:meth:`Catalog.check_runtime_adapter`).
     """
-    base = _known(catalog, entry.base)
-    if base is None or base.parent is not None:
-        raise OrchestratorError(
-            ErrorCode.MODEL_NOT_FOUND, f"{entry.base!r} is not a base model of the catalog.", param="base"
-        )
-    if base.lora is None:
-        raise OrchestratorError(
-            ErrorCode.CAPABILITY_NOT_SUPPORTED,
-            f"Model {base.name} serves no adapters: its catalog entry sets no `lora`.",
-            param="base",
-        )
-    clash = next((n for n in (entry.name, *entry.aliases) if _known(catalog, n) is not None), None)
-    if clash is not None:
-        raise OrchestratorError(ErrorCode.INVALID_REQUEST, f"The name {clash!r} is already used.", param="name")
+    base = catalog.check_runtime_adapter(entry.base, entry.spec())
     return entry.model_copy(update={"base": base.name})
 
 

@@ -10,7 +10,7 @@ from decimal import Decimal
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway.books import Funds
 from orchestrator.gateway.limiter import LimitDecision, concurrency_headers
-from orchestrator.gateway.records import KeyRecord
+from orchestrator.gateway.records import KeyInfo, KeyRecord
 
 
 def model_allowed(patterns: Sequence[str], names: Sequence[str]) -> bool:
@@ -30,9 +30,10 @@ def handing_over() -> OrchestratorError:
     )
 
 
-def check_model(key: KeyRecord, model_names: Sequence[str]) -> None:
-    """Raises 403 ``model_not_allowed`` unless the key may use the model."""
-    if not model_allowed(key.models, model_names):
+def check_model(key: KeyInfo | None, model_names: Sequence[str]) -> None:
+    """Raises 403 ``model_not_allowed`` unless the key may use the model named ``model_names``
+    (all its names; the first is the one the message gives). No key (open mode): every model."""
+    if key is not None and not model_allowed(key.models, model_names):
         raise OrchestratorError(
             ErrorCode.MODEL_NOT_ALLOWED, f"This API key may not use the model {model_names[0]!r}.", param="model"
         )

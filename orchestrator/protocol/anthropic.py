@@ -8,6 +8,7 @@ Anthropic translation. Fields Anthropic does not define are dropped, not forward
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -105,12 +106,13 @@ class _MessagesFields(BaseModel):
                     parts.extend(_result_images(extra["content"], f"messages[{i}].content[{j}].content"))
         return parts
 
-    def capabilities_used(self) -> set[str]:
-        """What of the model's capabilities the request needs (catalog names)."""
+    def capabilities_used(self, media: Sequence[MediaPart] | None = None) -> set[str]:
+        """What of the model's capabilities the request needs (catalog names); ``media``: its
+        media parts, when the caller has read them already (:meth:`media`)."""
         used = set()
         if self.tools and (self.tool_choice is None or self.tool_choice.type != "none"):
             used.add("tools")
-        used |= media_capabilities(self.media())
+        used |= media_capabilities(self.media() if media is None else media)
         if self.thinking and self.thinking.get("type") in ("enabled", "adaptive"):
             used.add("reasoning")
         if self.output_config and self.output_config.get("format"):

@@ -10,6 +10,7 @@ what the router reads from the body is what it validated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -160,14 +161,15 @@ class ChatCompletionRequest(_SamplingFields):
     def output_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def capabilities_used(self) -> set[str]:
-        """What of the model's capabilities the request needs (catalog names)."""
+    def capabilities_used(self, media: Sequence[MediaPart] | None = None) -> set[str]:
+        """What of the model's capabilities the request needs (catalog names); ``media``: its
+        media parts, when the caller has read them already (:meth:`media`)."""
         used = set()
         if self.tools and self.tool_choice != "none":
             used.add("tools")
         if self.response_format is not None and self.response_format.get("type") in _GUIDED_FORMATS:
             used.add("json")
-        used |= media_capabilities(self.media())
+        used |= media_capabilities(self.media() if media is None else media)
         if getattr(self, "reasoning_effort", None) is not None:
             used.add("reasoning")
         return used

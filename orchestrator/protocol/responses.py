@@ -11,6 +11,7 @@ here they are kept in the gateway's database (gateway/responses.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -132,14 +133,15 @@ class ResponsesRequest(BaseModel):
     def output_budget(self) -> int | None:
         return self.max_output_tokens
 
-    def capabilities_used(self) -> set[str]:
-        """What of the model's capabilities the request needs (catalog names)."""
+    def capabilities_used(self, media: Sequence[MediaPart] | None = None) -> set[str]:
+        """What of the model's capabilities the request needs (catalog names); ``media``: its
+        media parts, when the caller has read them already (:meth:`media`)."""
         used = set()
         if self.tools and self.tool_choice != "none":
             used.add("tools")
         if self.text and self.text.format and self.text.format.type != "text":
             used.add("json")
-        used |= media_capabilities(self.media())
+        used |= media_capabilities(self.media() if media is None else media)
         return used
 
     def media(self) -> list[MediaPart]:

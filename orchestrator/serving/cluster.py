@@ -169,13 +169,24 @@ class RayCluster:
 
         return list(ray.nodes())
 
-    def deployments(self) -> dict[DeploymentKey, dict[str, Any]]:
-        """Returns the connected cluster's Serve deployments (see :func:`deployments_from_serve_status`);
-        empty, after a warning on stderr, when Serve's controller cannot be asked."""
+    def serve_deployments(self) -> dict[DeploymentKey, dict[str, Any]]:
+        """Returns the connected cluster's Serve deployments (see :func:`deployments_from_serve_status`).
+
+        Raises:
+            ClusterUnreachable: Serve's controller cannot be asked (the message says why, in one line).
+        """
         from ray import serve
 
         try:
             return deployments_from_serve_status(serve.status())
         except Exception as exc:
-            print(f"warning: Serve status unavailable ({type(exc).__name__}: {exc})".splitlines()[0], file=sys.stderr)
+            raise ClusterUnreachable(f"Serve status unavailable ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+
+    def deployments(self) -> dict[DeploymentKey, dict[str, Any]]:
+        """Returns :meth:`serve_deployments`; empty, after a warning on stderr, when Serve's
+        controller cannot be asked."""
+        try:
+            return self.serve_deployments()
+        except ClusterUnreachable as exc:
+            print(f"warning: {exc}", file=sys.stderr)
             return {}

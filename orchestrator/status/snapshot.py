@@ -4,20 +4,24 @@ Serve's deployments, in a file, so that the command reads them without joining R
 ``orchestrator serve`` is a Ray driver already; every :data:`WRITE_INTERVAL_S` it writes what
 :class:`orchestrator.serving.cluster.RayCluster` would read (``ray.nodes()`` and
 ``serve.status()``) to ``<directory>/<host>_<port>.json``, named by its cluster's address, and
-removes the file when it stops. :class:`PublishedCluster` reads such a file when it is fresh
-(written in the last :data:`FRESH_S` seconds by a process that is still alive); otherwise the
-command joins the cluster as before.
+removes the file when it stops. While the cluster cannot be read (Serve's controller does not
+answer) it writes nothing, so the last good file ages. :class:`PublishedCluster` reads such a
+file when it is fresh (written in the last :data:`FRESH_S` seconds by a process that is still
+alive); otherwise the command joins the cluster as before.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 
@@ -48,8 +52,9 @@ def _alive(pid: int) -> bool:
 
 class SnapshotWriter:
     """Writes the snapshot of the cluster at ``address``: ``nodes()`` and ``deployments()``
-    (as :class:`~orchestrator.serving.cluster.RayCluster` gives them), stamped with ``clock()``
-    (seconds since the epoch) and this process's id. The constructor does no I/O."""
+    (as :class:`~orchestrator.serving.cluster.RayCluster` gives them; either raises
+    ``ConnectionError`` when the cluster cannot be read), stamped with ``clock()`` (seconds
+    since the epoch) and this process's id. The constructor does no I/O."""
 
     def __init__(
         self,
@@ -64,10 +69,15 @@ class SnapshotWriter:
         self._nodes = nodes
         self._deployments = deployments
         self._clock = clock
-        self._written = -float("inf")
+        self._tried = -float("inf")
+        self._unreadable = False
 
     def write(self) -> None:
-        """Writes the snapshot now (atomically: readers see the old file or the new one)."""
+        """Writes the snapshot now (atomically: readers see the old file or the new one).
+
+        Raises:
+            ConnectionError: the cluster cannot be read; nothing is written.
+        """
         body = {
             "address": self._address,
             "pid": os.getpid(),
@@ -81,12 +91,29 @@ class SnapshotWriter:
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         partial.write_text(json.dumps(body, default=str), encoding="utf-8")
         os.replace(partial, self.path)
-        self._written = self._clock()
 
     def write_if_due(self) -> None:
-        """Writes the snapshot when the last was written :data:`WRITE_INTERVAL_S` or more ago."""
-        if self._clock() - self._written >= WRITE_INTERVAL_S:
+        """Writes the snapshot when the last try was :data:`WRITE_INTERVAL_S` or more ago. When
+        the cluster cannot be read, writes nothing (the last snapshot ages until readers ignore
+        it) and logs a warning, once until a snapshot is written again."""
+        if self._clock() - self._tried < WRITE_INTERVAL_S:
+            return
+        self._tried = self._clock()
+        try:
             self.write()
+        except ConnectionError as exc:
+            if not self._unreadable:
+                logger.warning(
+                    "not publishing the cluster's status for orchestrator status while it cannot be read (%s); "
+                    "the command joins Ray once the last snapshot is %g s old",
+                    exc,
+                    FRESH_S,
+                )
+            self._unreadable = True
+            return
+        if self._unreadable:
+            logger.info("publishing the cluster's status for orchestrator status again")
+        self._unreadable = False
 
     def remove(self) -> None:
         """Removes the snapshot, if written."""

@@ -345,5 +345,22 @@ async def test_a_trusted_proxys_forwarded_for_names_the_throttled_client(
         assert [await status(direct, f"203.0.113.{n}") for n in range(10, 14)] == [401, 401, 401, 429]
 
 
+async def test_the_throttle_vouches_for_the_token_the_gateway_checked(
+    catalog: Catalog, ledger: Ledger, clock: Clock
+) -> None:
+    """With two Authorization headers the gateway checks the first; the throttle reads the same one."""
+    client = throttled_app(catalog, ledger, clock)
+    valid = (await ledger.create_key(KeyLimits())).key
+    async with client("198.51.100.1") as caller:
+        twice = httpx.Headers([("authorization", f"Bearer {valid}"), ("authorization", f"Bearer {random_key()}")])
+        assert (await caller.post("/v1/chat/completions", json=CHAT, headers=twice)).status_code == 200
+        for _ in range(3):
+            assert (
+                await caller.post("/v1/chat/completions", json=CHAT, headers=bearer(random_key()))
+            ).status_code == 401
+        # The address is throttled now; the key that succeeded is vouched for.
+        assert (await caller.post("/v1/chat/completions", json=CHAT, headers=bearer(valid))).status_code == 200
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}

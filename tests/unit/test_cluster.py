@@ -133,3 +133,22 @@ def test_host_and_port(address: str, parsed: tuple[str, int] | None) -> None:
 )  # fmt: skip
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_serve_status_unavailable_raises_or_warns(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serve_deployments raises (the snapshot writer keeps its last snapshot); deployments, as
+    orchestrator status uses it, warns on stderr and shows no rows."""
+    from ray import serve
+
+    def down() -> None:
+        raise RuntimeError("the controller died\nstack")
+
+    monkeypatch.setattr(serve, "status", down)
+    first_line = "Serve status unavailable (RuntimeError: the controller died"  # of the exception's text
+    with pytest.raises(ClusterUnreachable) as unreachable:
+        RayCluster().serve_deployments()
+    assert str(unreachable.value) == first_line
+    assert RayCluster().deployments() == {}
+    assert capsys.readouterr().err == f"warning: {first_line}\n"

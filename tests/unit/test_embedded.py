@@ -98,3 +98,26 @@ def test_serve_refuses_a_clashing_port_before_starting_anything(tmp_path: Path) 
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: --port 8500 is") and done.stderr.count("\n") == 1, done.stderr
     assert "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT" in done.stderr and "catalog" not in done.stdout + done.stderr
+
+
+def test_serve_publishes_nothing_while_serves_controller_does_not_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The snapshot writer `orchestrator serve` builds reads Serve's status with the call that
+    raises (not RayCluster.deployments, which answers {} after a warning, and would publish an
+    empty list as if fresh)."""
+    import ray
+    from ray import serve
+
+    from orchestrator.embedded import _snapshot_writer
+
+    def down() -> None:
+        raise RuntimeError("the controller died\nstack")
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "127.0.0.1"}])
+    monkeypatch.setattr(serve, "status", down)
+    writer = _snapshot_writer("127.0.0.1:6379")
+    writer.write_if_due()
+    assert not writer.path.exists()
+    assert capsys.readouterr().err == ""  # no per-tick warning on stderr (one log record instead)

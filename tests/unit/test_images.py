@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 from orchestrator.api import create_app
+from orchestrator.api.dialect import CHAT, MESSAGES, RESPONSES, Dialect
+from orchestrator.api.generation import parse
 from orchestrator.api.images import check_images
 from orchestrator.catalog import Catalog, CatalogError, load_catalog
 from orchestrator.errors import ErrorCode, OrchestratorError
@@ -295,6 +297,40 @@ def test_responses_input_images_are_read_and_forwarded_as_chat_image_parts() -> 
     assert content[:2] == [{"type": "text", "text": "what is it?"}, chat_image(PNG_URL)]
 
 
+@pytest.mark.parametrize(
+    ("dialect", "body"),
+    [
+        (CHAT, {"messages": [{"role": "user", "content": [chat_image(PNG_URL), chat_image(PNG_URL)]}]}),
+        (
+            MESSAGES,
+            {
+                "max_tokens": 4,
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": PNG_URL}}]}
+                ],
+            },
+        ),
+        (RESPONSES, {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": PNG_URL}]}]}),
+    ],
+)
+def test_the_router_reads_a_requests_media_once_for_both_checks(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch, dialect: Dialect, body: dict[str, Any]
+) -> None:
+    reads: list[int] = []
+    media = dialect.schema.media  # type: ignore[attr-defined]
+
+    def counted(request: Any) -> list[MediaPart]:
+        reads.append(1)
+        return media(request)
+
+    monkeypatch.setattr(dialect.schema, "media", counted)
+    parse(dialect, {**body, "model": "v"}, catalog)
+    with pytest.raises(OrchestratorError) as text_model:  # the capability check saw the images
+        parse(dialect, {**body, "model": "a"}, catalog)
+    assert text_model.value.code is ErrorCode.CAPABILITY_NOT_SUPPORTED
+    assert len(reads) == 2  # once a request
+
+
 # ----------------------------------------------------------------------------- at the HTTP edge
 
 
@@ -401,6 +437,19 @@ async def test_refused_images_never_reach_the_engine(
     error = resp.json()["error"]
     assert error["code"] == code
     assert engines["tiny-v"].bodies == [] and engines["tiny-a"].bodies == []
+
+
+async def test_tokenize_refuses_media_as_the_chat_route_does(app_client: Any) -> None:
+    """/tokenize runs the generation routes' capability check, not a copy of it."""
+    messages = [{"role": "user", "content": [chat_image(PNG_URL)]}]
+    errors = [
+        (resp.status_code, {k: v for k, v in resp.json()["error"].items() if k != "request_id"})
+        for resp in [
+            await app_client.post(path, json={"model": "a", "messages": messages})
+            for path in ("/v1/chat/completions", "/tokenize")
+        ]
+    ]
+    assert errors[0] == errors[1] and errors[0][0] == 400 and errors[0][1]["code"] == "capability_not_supported"
 
 
 async def test_anthropic_and_responses_images_reach_the_engine(app_client: Any, engines: dict[str, FakeEngine]) -> None:

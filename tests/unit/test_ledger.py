@@ -14,9 +14,10 @@ import pytest
 
 from orchestrator.errors import ErrorCode, OrchestratorError
 from orchestrator.gateway import books
+from orchestrator.gateway.admission import check_model
 from orchestrator.gateway.journal import UsageJournal
 from orchestrator.gateway.ledger import Ledger, model_allowed
-from orchestrator.gateway.records import Admission, KeyLimits, UsageRecord
+from orchestrator.gateway.records import Admission, KeyInfo, KeyLimits, UsageRecord
 from orchestrator.gateway.store import SQLStore
 from orchestrator.metrics import GatewayMetrics, MemorySink
 from tests.postgres import PostgresServer
@@ -54,6 +55,19 @@ def test_model_patterns() -> None:
     assert model_allowed([], NAMES)
     assert model_allowed(["tiny-*"], NAMES) and model_allowed(["A"], NAMES)
     assert not model_allowed(["smollm2", "tiny-b"], NAMES)
+
+
+def test_model_scope_check_of_admissions_and_the_free_routes() -> None:
+    """check_model: the ledger's admission and /tokenize, /detokenize and count_tokens (which
+    pass None in open mode) refuse the same way."""
+    created = datetime(2026, 11, 23, tzinfo=UTC)
+    key = KeyInfo(id="k", hint="h", name="n", workspace_id="w", models=["smollm2"], created_at=created)
+    check_model(None, NAMES)  # open mode: every model
+    check_model(key.model_copy(update={"models": ["tiny-*"]}), NAMES)
+    with pytest.raises(OrchestratorError) as denied:
+        check_model(key, NAMES)
+    assert (denied.value.code, denied.value.status, denied.value.param) == (ErrorCode.MODEL_NOT_ALLOWED, 403, "model")
+    assert denied.value.message == "This API key may not use the model 'tiny-a'."
 
 
 async def test_key_errors(ledger: Ledger) -> None:

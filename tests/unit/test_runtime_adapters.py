@@ -19,7 +19,7 @@ from orchestrator.api.adapters import AdapterRefresher, table_source
 from orchestrator.catalog import load_catalog
 from orchestrator.engine.base import Engine
 from orchestrator.errors import OrchestratorError
-from orchestrator.gateway.adapters import AdapterEntry, AdapterTable
+from orchestrator.gateway.adapters import AdapterEntry, AdapterTable, checked
 from orchestrator.gateway.ledger import Ledger
 from orchestrator.serving.adapters import adapter_id
 from orchestrator.serving.model_route import route_app
@@ -87,6 +87,27 @@ def test_run_time_adapters_resolve_beside_the_catalogs_and_misfits_are_left_out(
     catalog.set_runtime_adapters([])  # removed from the database
     with pytest.raises(OrchestratorError):
         catalog.resolve("chef")
+
+
+@pytest.mark.parametrize(
+    ("base", "name", "code"),
+    [
+        ("nowhere", "x", "model_not_found"),
+        ("tiny-b", "tiny-b-x", "capability_not_supported"),
+        ("tiny-a", "b", "invalid_request"),
+    ],
+)
+def test_an_added_adapter_and_one_read_from_the_database_are_refused_by_the_same_rule(
+    two_models: list[Path], base: str, name: str, code: str
+) -> None:
+    """The admin API and the CLI (checked) refuse what every router leaves out when it reads the
+    table (set_runtime_adapters), for the same reason in the same words."""
+    catalog = load_catalog(two_models)
+    added = entry(name, base=base)
+    with pytest.raises(OrchestratorError) as refused:
+        checked(catalog, added)
+    assert refused.value.code.value == code
+    assert catalog.set_runtime_adapters([(base, added.spec())]) == [f"adapter {name!r}: {refused.value.message}"]
 
 
 @pytest.fixture
@@ -171,6 +192,12 @@ def test_the_cli_adds_lists_and_removes(
     from orchestrator.cli import main
 
     monkeypatch.setenv("ORCH_DATABASE_URL", table.url)
+    calls: list[str] = []
+    for method in ("open", "close"):
+        real = getattr(AdapterTable, method)
+        monkeypatch.setattr(
+            AdapterTable, method, lambda self, real=real, method=method: (calls.append(method), real(self))[1]
+        )
     catalog = ["--catalog", str(two_models[0])]
     add = ["adapters", "add", "tiny-a-chef", "--base", "tiny-a", "--path", "/adapters/chef", "--alias", "chef"]
     assert main([*add, "--input-price", "2", *catalog]) == 0
@@ -184,6 +211,7 @@ def test_the_cli_adds_lists_and_removes(
     ]
     assert main(["adapters", "remove", "tiny-a-chef"]) == 0
     assert main(["adapters", "remove", "tiny-a-chef"]) == 1
+    assert calls == ["open", "close"] * 6  # each command closes its table, the refused ones too
     assert table.list() == []
 
 

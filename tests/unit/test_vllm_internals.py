@@ -209,7 +209,62 @@ def test_translation_of_a_tool_conversation() -> None:
     assert chat["tool_choice"] == "required" and chat["max_tokens"] == 5
 
 
-_PRIVATE_VLLM = re.compile(r"\._(?:merge_inline_system|extract_prompt_len)\b|\bimport ast\b|arg_utils\.py")
+@pytest.mark.engine
+def test_the_embedding_preprocessing_hook_is_called_and_fills_what_is_read() -> None:
+    """engine/vllm_embedding.py mixes vllm_internals.TokenizedEmbeddingCheck into ServingEmbedding;
+    the mixin overrides _preprocessing and reads each ctx.engine_inputs[i]["prompts"]["prompt_token_ids"]."""
+    import dataclasses
+    import typing
+
+    from vllm.entrypoints.pooling.embed.serving import ServingEmbedding
+    from vllm.entrypoints.pooling.typing import PoolingEngineInput, PoolingServeContext
+    from vllm.inputs.engine import TokensInput
+
+    from orchestrator.engine.vllm_embedding import _BoundedEmbedding
+
+    use = "vllm_internals.TokenizedEmbeddingCheck (the embedding token bound)"
+    hook = getattr(ServingEmbedding, "_preprocessing", None)
+    assert hook is not None, f"{use}: ServingEmbedding no longer has _preprocessing"
+    assert inspect.iscoroutinefunction(hook), f"{use}: ServingEmbedding._preprocessing is no longer async"
+    parameters = list(inspect.signature(hook).parameters)
+    assert parameters == ["self", "io_processor", "ctx"], f"{use}: _preprocessing now takes {parameters}"
+    call = inspect.getsource(ServingEmbedding.__call__)
+    assert "self._preprocessing(" in call, f"{use}: ServingEmbedding.__call__ no longer calls _preprocessing"
+    assert call.index("self._preprocessing(") < call.index("self._prepare_generators("), (
+        f"{use}: _preprocessing no longer runs before the inputs go to the engine"
+    )
+    fields = {f.name for f in dataclasses.fields(PoolingServeContext)}
+    assert "engine_inputs" in fields, f"{use}: PoolingServeContext has no engine_inputs"
+    assert "prompts" in typing.get_type_hints(PoolingEngineInput), f"{use}: PoolingEngineInput has no prompts"
+    assert "prompt_token_ids" in TokensInput.__annotations__, f"{use}: TokensInput has no prompt_token_ids"
+    mro = _BoundedEmbedding.__mro__
+    assert vllm_internals.TokenizedEmbeddingCheck in mro and mro.index(vllm_internals.TokenizedEmbeddingCheck) < (
+        mro.index(ServingEmbedding)
+    ), f"{use}: the mixin must come before ServingEmbedding to override its _preprocessing"
+
+
+async def test_the_embedding_check_sees_every_tokenized_input_after_vllms_preprocessing() -> None:
+    """What vllm_internals.TokenizedEmbeddingCheck does over a stand-in for vLLM's serving class."""
+
+    class Serving:
+        async def _preprocessing(self, io_processor: Any, ctx: Any) -> None:
+            ctx.engine_inputs = [{"prompts": {"prompt_token_ids": [1, 2, 3]}}, {"prompts": {"prompt": "no ids"}}]
+            ctx.engine_inputs.append({"prompts": {"prompt_token_ids": [4, 5]}})
+
+    seen: list[int] = []
+
+    class Checked(vllm_internals.TokenizedEmbeddingCheck, Serving):
+        def check_prompt_tokens(self, tokens: int) -> None:
+            seen.append(tokens)
+
+    ctx = SimpleNamespace(engine_inputs=None)
+    await Checked()._preprocessing(None, ctx)
+    assert seen == [5] and len(ctx.engine_inputs) == 3
+
+
+_PRIVATE_VLLM = re.compile(
+    r"\._(?:merge_inline_system|extract_prompt_len|preprocessing)\b|\bimport ast\b|arg_utils\.py"
+)
 
 
 def test_only_vllm_internals_reaches_into_vllm() -> None:

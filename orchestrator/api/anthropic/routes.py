@@ -13,8 +13,8 @@ from orchestrator.api.backend import Backend
 from orchestrator.api.contract import request_body
 from orchestrator.api.dialect import COUNT_TOKENS, MESSAGES, Dialect
 from orchestrator.api.generation import parse, read_json
-from orchestrator.api.tokens import check_scope
 from orchestrator.catalog import Catalog
+from orchestrator.gateway.admission import check_model
 from orchestrator.gateway.base import RequestGateway
 from orchestrator.protocol.anthropic import CountTokensRequest, CountTokensResponse, MessageResponse, MessagesRequest
 
@@ -49,7 +49,7 @@ def messages_router(
         tools included). Free: nothing is generated, held or billed."""
         key = await gateway.authenticate(bearer_token(request))
         parsed, spec = parse(COUNT_TOKENS, await read_json(request), catalog)
-        check_scope(key, spec)
+        check_model(key, spec.names)
         body = {**parsed.forwarded(), "model": spec.name}
         return CountTokensResponse(input_tokens=await backend.count_tokens(spec, body))
 

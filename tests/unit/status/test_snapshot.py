@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -87,6 +88,59 @@ def test_writes_when_due_and_removes(tmp_path: Path) -> None:
     published.remove()
     assert not published.path.exists()
     published.remove()  # twice is fine
+
+
+class Serve:
+    """Serve's deployments, or ConnectionError while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def __call__(self) -> dict[tuple[str, str], dict[str, object]]:
+        if self.down:
+            raise ConnectionError("Serve status unavailable (RayActorError: the controller died)")
+        return DEPLOYMENTS
+
+
+def test_an_unreadable_cluster_leaves_the_last_snapshot_to_age(tmp_path: Path) -> None:
+    clock, serve = Clock(), Serve()
+    published = SnapshotWriter(tmp_path, ADDRESS, lambda: NODES, serve, clock)
+    published.write_if_due()
+    before = published.path.read_text()
+    serve.down = True
+    for _ in range(int(FRESH_S // WRITE_INTERVAL_S)):
+        clock.now += WRITE_INTERVAL_S
+        published.write_if_due()
+        assert published.path.read_text() == before  # the deployments it had, not an empty list
+    assert find_snapshot(tmp_path, ADDRESS, clock) is None  # stale: status joins Ray instead
+    serve.down = False
+    clock.now += WRITE_INTERVAL_S
+    published.write_if_due()
+    assert PublishedCluster(published.path, clock).deployments() == DEPLOYMENTS
+
+
+def test_an_unreadable_cluster_is_warned_about_once_per_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock, serve = Clock(), Serve()
+    published = SnapshotWriter(tmp_path, ADDRESS, lambda: NODES, serve, clock)
+
+    def ticks(count: int) -> list[str]:
+        caplog.clear()
+        for _ in range(count):
+            published.write_if_due()
+            clock.now += WRITE_INTERVAL_S
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    with caplog.at_level(logging.INFO, logger="orchestrator.status.snapshot"):
+        assert ticks(2) == []
+        serve.down = True
+        warned = ticks(5)
+        assert len(warned) == 1 and "the controller died" in warned[0]
+        serve.down = False
+        assert ticks(2) == []
+        serve.down = True
+        assert len(ticks(3)) == 1  # a new outage
 
 
 def test_auto_means_the_only_fresh_snapshot(tmp_path: Path) -> None:
