@@ -1,28 +1,28 @@
 """Affinity (orchestrator/ingress.py) against Serve's default balancing, one model with two
 replicas, one sitting.
 
-    .venv/bin/python benchmarks/affinity.py [--model smollm2|tiny] [--groups 24]
-        [--per-group 3] [--prefix-words 300] [--turns 4] [--cache-fraction 0.75]
+    .venv/bin/python benchmarks/affinity.py [--model smollm2|tiny] [--groups 48]
+        [--per-group 3] [--prefix-words 220] [--turns 3] [--cache-fraction 0.65]
         [--concurrency 4]
 
 Starts ``orchestrator serve`` (open mode, on the router's ``/v1``) twice with the same
-catalog, a model at two replicas whose engines each get a KV cache of ``--cache-fraction``
-of the distinct tokens of the shared-prefix load's prompts (``kv_cache_memory_bytes``, from
-the tokenizer's count and the model's shape: each system prompt once, and each conversation's
-own part at its last turn): first with affinity, then with
+catalog, a model at two replicas whose engines each get a KV cache
+(``kv_cache_memory_bytes``, from the tokenizer's count and the model's shape) of
+``--cache-fraction`` of the tokens of all the system prompts below, plus room for
+``--concurrency`` of the load's longest prompts in flight: first with affinity, then with
 ``ORCH_INGRESS_AFFINITY=0`` (Serve's ``leastconn``). Against each it runs:
 
-* shared prefix: ``--groups`` long system prompts (``--prefix-words`` words), each shared
-  by ``--per-group`` conversations of ``--turns`` turns, every turn resending all before
-  it, ``--concurrency`` requests at a time over all of them; 4 tokens out. The conversations
-  are interleaved across groups (the first of every group, then the second of every group,
-  and so on), so that between two requests that share a system prompt every other system
-  prompt comes by once: what one replica would have to keep to hit every time under Serve's
-  balancing, which sends each request to either replica. The distinct tokens are more than
-  one replica's KV cache holds and fit in the two (affinity keeps each system prompt, its
-  key, on one replica). Figures: TTFT p50 of the turns after the first of each conversation
-  (a group's first turns also miss on both sides), and the cached fraction of their prompt
-  tokens (``usage.prompt_tokens_details.cached_tokens``).
+* shared prefix: ``--groups`` long system prompts (``--prefix-words`` words, more than the
+  affinity key's 1,024 bytes, so the key is the system prompt), each shared by
+  ``--per-group`` conversations of ``--turns`` turns, every turn resending all before it,
+  ``--concurrency`` requests at a time over all of them; 4 tokens out. A group's
+  conversations are listed together, so their turns come in bursts, and every other group's
+  burst comes between two of one group's. With affinity a replica keeps its own groups' system
+  prompts (half of them, which its cache holds); under Serve's balancing a burst reaches both
+  replicas, so each would have to keep nearly all of them, more than its cache holds, and a
+  burst's first request on each replica finds its prompt evicted. Figures: TTFT p50 of the
+  turns after the first of each conversation, and the cached fraction of their prompt tokens
+  (``usage.prompt_tokens_details.cached_tokens``).
 * no prefix: ``--no-prefix-requests`` requests whose prompts all differ from their first
   word, ``--no-prefix-concurrency`` at a time, 16 tokens out: output tokens per second.
 * slowed: one replica's engine processes share a core with a busy loop (the other's get the
@@ -242,10 +242,9 @@ def conversation_messages(system: str, turn: int, answers: list[str], number: in
 
 
 def conversations(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """The shared-prefix load's conversations as (system prompt, number), interleaved: the
-    first of every group, then the second of every group, and so on."""
+    """The shared-prefix load's conversations as (system prompt, number), a group's together."""
     prompts = system_prompts(args.groups, args.prefix_words)
-    return [(prompts[g], k * args.groups + g) for k in range(args.per_group) for g in range(args.groups)]
+    return [(prompts[g], g * args.per_group + k) for g in range(args.groups) for k in range(args.per_group)]
 
 
 # --- one request ---------------------------------------------------------------------------
@@ -377,9 +376,9 @@ def model_dir(args: argparse.Namespace, work: Path) -> Path:
 
 
 def kv_cache_bytes(args: argparse.Namespace, folder: Path) -> tuple[int, int]:
-    """Returns (the KV cache bytes per engine, the distinct tokens of the shared-prefix load's
-    prompts: each system prompt once, and what each conversation adds to it by its last
-    turn): ``cache_fraction`` of those tokens, at the model's bytes per token (float32 keys
+    """Returns (the KV cache bytes per engine, the tokens of all the system prompts):
+    ``cache_fraction`` of those tokens plus ``concurrency`` times the longest prompt of the
+    shared-prefix load (its requests in flight), at the model's bytes per token (float32 keys
     and values of every layer)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -391,12 +390,12 @@ def kv_cache_bytes(args: argparse.Namespace, folder: Path) -> tuple[int, int]:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     answers = ["word " * 4] * args.turns
-    system = {s: tokens([{"role": "system", "content": s}]) for s in system_prompts(args.groups, args.prefix_words)}
-    own = sum(tokens(conversation_messages(s, args.turns - 1, answers, n)) - system[s] for s, n in conversations(args))
-    total = sum(system.values()) + own
+    systems = sum(tokens([{"role": "system", "content": s}]) for s in system_prompts(args.groups, args.prefix_words))
+    longest = max(tokens(conversation_messages(s, args.turns - 1, answers, n)) for s, n in conversations(args))
+    kv_tokens = args.cache_fraction * systems + args.concurrency * longest
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
-    return int(args.cache_fraction * total * per_token), total
+    return int(kv_tokens * per_token), systems
 
 
 @dataclass
@@ -568,12 +567,12 @@ def run_side(args: argparse.Namespace, catalog: Path, work: Path, affinity: bool
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
-    parser.add_argument("--groups", type=int, default=24, help="system prompts, each shared by --per-group")
+    parser.add_argument("--groups", type=int, default=48, help="system prompts, each shared by --per-group")
     parser.add_argument("--per-group", type=int, default=3, help="conversations that share a system prompt")
-    parser.add_argument("--prefix-words", type=int, default=300, help="words of each system prompt")
-    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--prefix-words", type=int, default=220, help="words of each system prompt")
+    parser.add_argument("--turns", type=int, default=3)
     parser.add_argument(
-        "--cache-fraction", type=float, default=0.75, help="KV cache per engine over the distinct prompt tokens"
+        "--cache-fraction", type=float, default=0.65, help="KV cache per engine over all the system prompts' tokens"
     )
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--no-prefix-requests", type=int, default=32)
@@ -589,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="affinity-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     kv_bytes, tokens = kv_cache_bytes(args, model_dir(args, work))
-    print(f"shared-prefix prompts: {tokens} tokens in all; KV cache per engine: {kv_bytes} bytes", flush=True)
+    print(f"system prompts: {tokens} tokens in all; KV cache per engine: {kv_bytes} bytes", flush=True)
     catalog = work / "catalog.yaml"
     catalog.write_text(yaml.safe_dump(catalog_entry(args, work, kv_bytes)))
     affinity = run_side(args, catalog, work, affinity=True)

@@ -15,6 +15,7 @@ from benchmarks.affinity import (
     summary,
     system_prompts,
 )
+from orchestrator.ingress import PREFIX_BYTES
 
 
 def turn(ttft: float, cached: int, replica: str = "r1", number: int = 1, began: float = 0, ended: float = 0) -> Turn:
@@ -23,7 +24,7 @@ def turn(ttft: float, cached: int, replica: str = "r1", number: int = 1, began: 
 
 def test_defaults_and_overrides() -> None:
     args = parse_args([])
-    assert (args.model, args.groups, args.per_group, args.turns, args.cache_fraction) == ("smollm2", 24, 3, 4, 0.75)
+    assert (args.model, args.groups, args.per_group, args.turns, args.cache_fraction) == ("smollm2", 48, 3, 3, 0.65)
     assert parse_args(["--model", "tiny", "--groups", "3"]).groups == 3
 
 
@@ -35,15 +36,16 @@ def test_a_conversation_keeps_its_beginning_and_groups_differ_from_their_first_w
     assert conversation_messages(prompts[0], 0, [], 1)[1] != first[1]  # each conversation asks its own
 
 
-def test_conversations_share_system_prompts_and_come_interleaved_across_groups() -> None:
+def test_conversations_share_system_prompts_and_a_groups_come_together() -> None:
     args = parse_args(["--groups", "3", "--per-group", "2"])
     prompts = system_prompts(3, args.prefix_words)
+    assert min(len(p.encode()) for p in prompts) > PREFIX_BYTES  # the key is the system prompt
     assert conversations(args) == [
         (prompts[0], 0),
-        (prompts[1], 1),
-        (prompts[2], 2),
-        (prompts[0], 3),
-        (prompts[1], 4),
+        (prompts[0], 1),
+        (prompts[1], 2),
+        (prompts[1], 3),
+        (prompts[2], 4),
         (prompts[2], 5),
     ]
 
