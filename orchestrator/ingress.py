@@ -50,6 +50,7 @@ import os
 import re
 import signal
 import sys
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,7 +309,30 @@ def affinity_balance(section: str) -> str:
     first_server = _SERVER.search(section)
     at = first_server.start() if first_server else len(section)
     # Before the first server: `default-server` applies to the servers after it.
-    return section[:at] + "\n".join(lines) + "\n" + section[at:].lstrip("\n")
+    return section[:at] + "\n".join(lines) + "\n" + _with_ids(section[at:].lstrip("\n"))
+
+
+def server_id(name: str) -> int:
+    """A server's HAProxy id, from its name alone (Serve's replica id is in it): positive and
+    below 2**31."""
+    return zlib.crc32(name.encode()) % (2**31 - 1) + 1
+
+
+def _with_ids(servers: str) -> str:
+    """Gives each server line that names no ``id`` the :func:`server_id` of its name (unless
+    two names share one). HAProxy places a server's points on the consistent-hash ring by its
+    id, which is otherwise its position in the list: Serve may list a model's replicas in
+    another order at its next reload, or a new replica before the others, and every key whose
+    point moved would leave its cached prefix behind."""
+    names = [name for name, _, rest in _SERVER.findall(servers) if " id " not in f" {rest} "]
+    ids = [server_id(name) for name in names]
+    unique = {name for name, number in zip(names, ids, strict=True) if ids.count(number) == 1}
+
+    def add(line: re.Match[str]) -> str:
+        name = line.group(1)
+        return f"{line.group(0)} id {server_id(name)}" if name in unique else line.group(0)
+
+    return _SERVER.sub(add, servers)
 
 
 def with_model_routes(config: str, routes: ModelRoutes, map_path: str, affinity: bool = True) -> str:

@@ -217,6 +217,29 @@ def test_many_keys_split_evenly_between_two_replicas(tmp_path: Path) -> None:
         assert len(counts) == 2 and max(counts.values()) <= 560, counts
 
 
+def _listed_the_other_way(config: str) -> str:
+    """Serve's config with the model's two replicas listed in the other order."""
+    lines = config.splitlines(keepends=True)
+    first, second = (
+        next(i for i, line in enumerate(lines) if f"server SERVE_REPLICA__orchestrator-model-tiny-e-{n} " in line)
+        for n in (0, 1)
+    )
+    lines[first], lines[second] = lines[second], lines[first]
+    return "".join(lines)
+
+
+def test_keys_keep_their_replica_when_serve_lists_the_replicas_in_another_order(tmp_path: Path) -> None:
+    """HAProxy places a server on the ring by its id, by default its place in the list; the
+    wrapper gives each an id from its name, so a reload that lists them otherwise moves no key."""
+    keys = [f"key {i}" for i in range(40)]
+    found = []
+    for number, change in enumerate((lambda config: config, _listed_the_other_way)):
+        for ingress in run_ingress(tmp_path / str(number), "/", health=TWO, serve_config=change):
+            found.append({k: asked(ingress, "", {"model": "e"}, {"x-session-id": k}) for k in keys})
+    assert found[0] == found[1]
+    assert len(set(found[0].values())) == 2
+
+
 def test_turned_off_every_request_is_balanced_as_serve_balances_it(tmp_path: Path) -> None:
     config = with_model_routes(render(tmp_path, catalog_apps(9001, [9002, 9003])), ROUTES, "/m.map", affinity=False)
     assert "balance hash" not in config and "orch_key" not in config and "set-path /models/tiny-e" in config

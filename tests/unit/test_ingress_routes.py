@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -279,12 +279,14 @@ def run_ingress(
     health: list[list[bool]] | None = None,
     environ: dict[str, str] | None = None,
     killable: int = 0,
+    serve_config: Callable[[str], str] = lambda config: config,
 ) -> Iterator[Ingress]:
     """HAProxy with Serve's config for the router (under ``prefix``), a model with two
     replicas (or one for each of ``health``, the replicas' changeable health) and a model
     with none, rewritten by the wrapper with their names (and ``environ``), in front of
     stand-ins; with ``killable``, that many healthy replicas, each in a child process
-    (:attr:`Ingress.children`)."""
+    (:attr:`Ingress.children`). ``serve_config`` may change Serve's config before the wrapper
+    reads it."""
     router = stand_in("router")
     health = health or [[model_healthy], [model_healthy]]
     replicas = [] if killable else [stand_in(f"replica-{i}", healthy) for i, healthy in enumerate(health)]
@@ -296,7 +298,11 @@ def run_ingress(
     routes = {"router": prefix, "models": {name: under + route for name, route in ROUTES.models.items()}}
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(
-        rewrite(render(tmp_path, apps, port), cfg, {"ORCH_INGRESS_ROUTES": json.dumps(routes), **(environ or {})})
+        rewrite(
+            serve_config(render(tmp_path, apps, port)),
+            cfg,
+            {"ORCH_INGRESS_ROUTES": json.dumps(routes), **(environ or {})},
+        )
     )
     haproxy = subprocess.Popen([real_haproxy(), "-db", "-f", str(cfg)], stderr=subprocess.DEVNULL)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
