@@ -24,7 +24,7 @@ def turn(ttft: float, cached: int, replica: str = "r1", number: int = 1, began: 
 
 def test_defaults_and_overrides() -> None:
     args = parse_args([])
-    assert (args.model, args.groups, args.per_group, args.turns, args.cache_fraction) == ("smollm2", 48, 3, 3, 0.65)
+    assert (args.model, args.groups, args.per_group, args.turns, args.cache_fraction) == ("smollm2", 48, 3, 3, 0.75)
     assert parse_args(["--model", "tiny", "--groups", "3"]).groups == 3
 
 
