@@ -8,9 +8,8 @@ replicas, one sitting.
 Starts ``orchestrator serve`` (open mode, on the router's ``/v1``) twice with the same
 catalog, a model at two replicas whose engines each get a KV cache
 (``kv_cache_memory_bytes``, from the tokenizer's count and the model's shape) of
-``--cache-fraction`` of the tokens of all the system prompts below, plus half of what every
-conversation adds to its system prompt by its last turn (a replica's share of those tails
-with affinity): first with affinity, then with
+``--cache-fraction`` of the tokens of all the system prompts below (plus ``--tails-share`` of
+what the conversations add to them, none by default: vLLM's LRU evicts those first): first with affinity, then with
 ``ORCH_INGRESS_AFFINITY=0`` (Serve's ``leastconn``). Against each it runs:
 
 * shared prefix: ``--groups`` long system prompts (``--prefix-words`` words, more than the
@@ -378,10 +377,10 @@ def model_dir(args: argparse.Namespace, work: Path) -> Path:
 
 def kv_cache_bytes(args: argparse.Namespace, folder: Path) -> tuple[int, int]:
     """Returns (the KV cache bytes per engine, the tokens of all the system prompts):
-    ``cache_fraction`` of those tokens plus half of what every conversation adds to its system
-    prompt by its last turn (the tails, which compete with the system prompts for the cache:
-    with affinity a replica serves half of them), at the model's bytes per token (float32 keys
-    and values of every layer)."""
+    ``cache_fraction`` of those tokens plus ``tails_share`` of what every conversation adds to
+    its system prompt by its last turn (the tails: each is used once a turn, so vLLM's LRU
+    evicts them before the system prompts, which come back with every burst), at the model's
+    bytes per token (float32 keys and values of every layer)."""
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -396,7 +395,7 @@ def kv_cache_bytes(args: argparse.Namespace, folder: Path) -> tuple[int, int]:
     tails = sum(
         tokens(conversation_messages(s, args.turns - 1, answers, n)) - system[s] for s, n in conversations(args)
     )
-    kv_tokens = args.cache_fraction * sum(system.values()) + tails / 2
+    kv_tokens = args.cache_fraction * sum(system.values()) + args.tails_share * tails
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
     return int(kv_tokens * per_token), sum(system.values())
@@ -575,6 +574,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--per-group", type=int, default=3, help="conversations that share a system prompt")
     parser.add_argument("--prefix-words", type=int, default=400, help="words of each system prompt")
     parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument(
+        "--tails-share", type=float, default=0.0, help="KV cache per engine over the conversations' own tokens, added"
+    )
     parser.add_argument(
         "--cache-fraction", type=float, default=0.75, help="KV cache per engine over all the system prompts' tokens"
     )
