@@ -324,13 +324,13 @@ def _with_ids(servers: str) -> str:
     id, which is otherwise its position in the list: Serve may list a model's replicas in
     another order at its next reload, or a new replica before the others, and every key whose
     point moved would leave its cached prefix behind."""
-    names = [name for name, _, rest in _SERVER.findall(servers) if " id " not in f" {rest} "]
-    ids = [server_id(name) for name in names]
-    unique = {name for name, number in zip(names, ids, strict=True) if ids.count(number) == 1}
+    ids = [(name, server_id(name)) for name, _, rest in _SERVER.findall(servers) if " id " not in f" {rest} "]
+    taken = [number for _, number in ids]
+    unique = {name: number for name, number in ids if taken.count(number) == 1}
 
     def add(line: re.Match[str]) -> str:
-        name = line.group(1)
-        return f"{line.group(0)} id {server_id(name)}" if name in unique else line.group(0)
+        number = unique.get(line.group(1))
+        return line.group(0) if number is None else f"{line.group(0)} id {number}"
 
     return _SERVER.sub(add, servers)
 
